@@ -1,0 +1,32 @@
+# The README's two commands: `make run` (set up, fetch the model, serve) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 50051
+DATA_DIR ?= ./data
+
+.PHONY: venv run test test-slow proto bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/memsvc serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+proto: venv
+	$(PY) -m memsvc.proto.build
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,164 @@
+"""The codec contract shared by every compression method in `memsvc.kernels`.
+
+A codec turns a block of keys or values `x: [..., T, D]` into a `Packed` record
+of real packed bytes (uint8 codes, fp16 scales, norms, ...) and back. It is
+stateless apart from its frozen config (and, for low-rank, a fitted basis that
+is stored inside the Packed record), so the same codec object serves every
+session, layer and head.
+
+This module knows nothing about sessions, tiers, storage or models. It defines:
+- `Packed`: the encoded block, with an exact byte serialization (`to_bytes` /
+  `from_bytes`) so that `nbytes(p) == len(p.to_bytes())`: what we report is
+  what would be stored;
+- `Codec`: the protocol each codec file implements;
+- `use_reference()`: the switch that forces the pure-torch path everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+_MAGIC = b"MKVP"
+_FORMAT_VERSION = 1
+# magic(4) version(u16) json_len(u32) n_tensors(u16)
+_HEAD = struct.Struct("<4sHIH")
+# per tensor: name_len(u8) dtype_code(u8) ndim(u8) then ndim x u32 dims, then name bytes
+_TENSOR_HEAD = struct.Struct("<BBB")
+
+_DTYPES: dict[torch.dtype, int] = {
+    torch.uint8: 1,
+    torch.int8: 2,
+    torch.int16: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+    torch.float16: 6,
+    torch.bfloat16: 7,
+    torch.float32: 8,
+}
+_DTYPE_BY_CODE = {v: k for k, v in _DTYPES.items()}
+_DTYPE_NAMES = {str(k).removeprefix("torch."): k for k in _DTYPES}
+
+
+def use_reference() -> bool:
+    """True when the pure-torch reference path must be used instead of Triton.
+
+    Set `MEMSVC_KERNELS=reference` to force it; without a CUDA device and
+    without `TRITON_INTERPRET=1` the reference path is the only one that runs.
+    """
+    if os.environ.get("MEMSVC_KERNELS", "").lower() == "reference":
+        return True
+    if os.environ.get("MEMSVC_KERNELS", "").lower() == "triton":
+        return False
+    return not torch.cuda.is_available()
+
+
+@dataclass
+class Packed:
+    """One encoded block.
+
+    codec:   registry name of the codec that made it
+    shape:   the original shape [..., T, D]
+    dtype:   the original floating dtype (decode returns it)
+    tensors: the stored arrays (codes as uint8, scales/norms as fp16, ...)
+    meta:    small JSON-serializable parameters needed to decode
+    """
+
+    codec: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def _header_json(self) -> bytes:
+        doc = {
+            "codec": self.codec,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "meta": self.meta,
+        }
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+    def nbytes(self) -> int:
+        """Every byte `to_bytes` writes: headers, metadata and all tensors."""
+        total = _HEAD.size + len(self._header_json())
+        for name, t in self.tensors.items():
+            total += _TENSOR_HEAD.size + 4 * t.dim() + len(name.encode())
+            total += t.numel() * t.element_size()
+        return total
+
+    def to_bytes(self) -> bytes:
+        head = self._header_json()
+        parts = [_HEAD.pack(_MAGIC, _FORMAT_VERSION, len(head), len(self.tensors)), head]
+        for name, t in self.tensors.items():
+            if t.dtype not in _DTYPES:
+                raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+            nb = name.encode()
+            parts.append(_TENSOR_HEAD.pack(len(nb), _DTYPES[t.dtype], t.dim()))
+            parts.append(struct.pack(f"<{t.dim()}I", *t.shape))
+            parts.append(nb)
+            parts.append(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | memoryview) -> "Packed":
+        buf = memoryview(buf)
+        if len(buf) < _HEAD.size:
+            raise ValueError("packed record is truncated")
+        magic, version, json_len, n = _HEAD.unpack_from(buf, 0)
+        if magic != _MAGIC:
+            raise ValueError("not a packed KV record (bad magic)")
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"packed record format version {version} is not supported (expected {_FORMAT_VERSION})")
+        off = _HEAD.size
+        doc = json.loads(bytes(buf[off : off + json_len]))
+        off += json_len
+        tensors: dict[str, torch.Tensor] = {}
+        for _ in range(n):
+            name_len, code, ndim = _TENSOR_HEAD.unpack_from(buf, off)
+            off += _TENSOR_HEAD.size
+            dims = struct.unpack_from(f"<{ndim}I", buf, off)
+            off += 4 * ndim
+            name = bytes(buf[off : off + name_len]).decode()
+            off += name_len
+            dtype = _DTYPE_BY_CODE[code]
+            count = 1
+            for d in dims:
+                count *= d
+            size = count * torch.empty((), dtype=dtype).element_size()
+            raw = bytearray(buf[off : off + size])
+            off += size
+            if len(raw) != size:
+                raise ValueError(f"packed record is truncated in tensor {name!r}")
+            tensors[name] = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(dims) if size else torch.empty(dims, dtype=dtype)
+        if off != len(buf):
+            raise ValueError("packed record has trailing bytes")
+        return cls(
+            codec=doc["codec"],
+            shape=tuple(doc["shape"]),
+            dtype=_DTYPE_NAMES[doc["dtype"]],
+            tensors=tensors,
+            meta=doc["meta"],
+        )
+
+
+class Codec(Protocol):
+    """What every codec file provides (a frozen dataclass config is the codec)."""
+
+    name: str
+
+    def encode(self, x: torch.Tensor) -> Packed:
+        """x: [..., T, D] floating -> Packed."""
+        ...
+
+    def decode(self, p: Packed) -> torch.Tensor:
+        """Packed -> x_hat: p.shape, p.dtype."""
+        ...
+
+    def nbytes(self, p: Packed) -> int:
+        """All bytes stored for p (== len(p.to_bytes()))."""
+        ...
