@@ -1,0 +1,182 @@
+"""Low-rank keys (Palu / LoRC style): project each head's vectors onto a PCA basis.
+
+Per leading index (layer, KV head), `fit(x [..., T, D])` returns an orthonormal
+basis `[..., D, r]` of the principal directions of the vectors seen, with the
+rank `r` chosen by a rank budget or by the fraction of (uncentered, or centered
+when `center=True`) variance it explains. `encode` projects a block onto a basis
+(a given one, typically fitted on the keys a session has seen so far, or one
+fitted on the block itself) and stores the latent `[..., T, r]` -- as fp16, or
+through another registered codec named by `latent_codec` -- *together with* the
+basis (fp16) and the mean, so a Packed record decodes on its own.
+
+At full rank (the default) the basis is square and orthogonal, so the round
+trip is exact up to fp16 storage of latent and basis.
+
+This module knows nothing of sessions or layers: whoever keeps a session's
+running basis passes it in. Nesting helpers (`nest_packed`, `unnest_packed`)
+let one codec store another codec's Packed record inside its own; the
+dense-and-sparse codec reuses them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .codec import Packed
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# composition: a Packed record inside another one
+
+
+def nest_packed(prefix: str, inner: Packed) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten `inner` into (tensors, meta) entries of an outer record under `prefix.`."""
+    tensors = {f"{prefix}.{k}": v for k, v in inner.tensors.items()}
+    meta = {
+        "codec": inner.codec,
+        "shape": list(inner.shape),
+        "dtype": str(inner.dtype).removeprefix("torch."),
+        "meta": inner.meta,
+    }
+    return tensors, meta
+
+
+def unnest_packed(prefix: str, outer: Packed, meta: dict) -> Packed:
+    """Inverse of `nest_packed`: rebuild the inner record from `outer`."""
+    cut = len(prefix) + 1
+    tensors = {k[cut:]: v for k, v in outer.tensors.items() if k.startswith(prefix + ".")}
+    return Packed(
+        codec=meta["codec"],
+        shape=tuple(meta["shape"]),
+        dtype=getattr(torch, meta["dtype"]),
+        tensors=tensors,
+        meta=meta["meta"],
+    )
+
+
+def _latent_codec(name: str):
+    from .registry import get_codec  # late: the registry imports this module
+
+    return get_codec(name)
+
+
+# ---------------------------------------------------------------------------
+# the codec
+
+
+@dataclass(frozen=True)
+class LowRankCodec:
+    """PCA projection of keys; `rank` (a budget) wins over `explained_variance`.
+
+    rank:               keep exactly min(rank, D) directions; None -> by variance
+    explained_variance: keep the fewest directions explaining at least this
+                        fraction of the energy (max over heads, so every head
+                        reaches it); 1.0 -> full rank
+    center:             subtract (and store) the per-head mean before projecting
+    latent_codec:       registry name of a codec for the latent [..., T, r];
+                        None stores it as fp16
+    """
+
+    rank: int | None = None
+    explained_variance: float = 1.0
+    center: bool = False
+    latent_codec: str | None = None
+    name: str = "lowrank"
+
+    def __post_init__(self):
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank must be a positive int or None, got {self.rank!r}")
+        if not 0.0 < self.explained_variance <= 1.0:
+            raise ValueError(f"explained_variance must be in (0, 1], got {self.explained_variance!r}")
+        if self.latent_codec is not None:
+            _latent_codec(self.latent_codec)  # unknown name -> ValueError listing valid ones
+
+    # -- basis ---------------------------------------------------------------
+
+    def fit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [..., T, D] -> (basis [..., D, r] fp32 orthonormal columns, mean [..., 1, D] or None)."""
+        _check_block(x)
+        xf = x.float()
+        mean = xf.mean(dim=-2, keepdim=True) if self.center else None
+        if mean is not None:
+            xf = xf - mean
+        # cov: [..., D, D]; eigh returns ascending eigenvalues -> flip to descending
+        cov = xf.transpose(-1, -2) @ xf
+        evals, evecs = torch.linalg.eigh(cov.double())
+        evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
+        r = self._rank(evals)
+        return evecs[..., :r].float().contiguous(), mean
+
+    def _rank(self, evals: torch.Tensor) -> int:
+        # evals: [..., D] descending
+        d = evals.shape[-1]
+        if self.rank is not None:
+            return min(self.rank, d)
+        if self.explained_variance >= 1.0:
+            return d
+        total = evals.sum(-1, keepdim=True)
+        frac = evals.cumsum(-1) / total.clamp_min(torch.finfo(torch.float64).tiny)
+        # per head: first index reaching the threshold (all-zero heads need 1)
+        need = (frac < self.explained_variance).sum(-1) + 1
+        need = torch.where(total.squeeze(-1) > 0, need, torch.ones_like(need))
+        return int(need.max().clamp(max=d)) if need.numel() else 1
+
+    # -- codec ---------------------------------------------------------------
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        basis: torch.Tensor | None = None,
+        mean: torch.Tensor | None = None,
+    ) -> Packed:
+        """x: [..., T, D]; basis: [..., D, r] (broadcastable), fitted on x when None."""
+        _check_block(x)
+        if basis is None:
+            basis, mean = self.fit(x)
+        elif basis.dim() < 2 or basis.shape[-2] != x.shape[-1]:
+            raise ValueError(f"basis must be [..., D={x.shape[-1]}, r], got {tuple(basis.shape)}")
+        if self.center and mean is None:
+            raise ValueError("center=True needs the mean that goes with a given basis")
+        basis16 = basis.to(torch.float16)
+        xf = x.float()
+        if self.center:
+            mean16 = mean.to(torch.float16)
+            xf = xf - mean16.float()
+        # latent: [..., T, r]  (project with the stored fp16 basis: decode sees the same one)
+        latent = xf @ basis16.float()
+        tensors = {"basis": basis16.contiguous()}
+        meta: dict = {"rank": int(basis.shape[-1]), "center": self.center}
+        if self.center:
+            tensors["mean"] = mean16.contiguous()
+        if self.latent_codec is None:
+            tensors["latent"] = latent.to(torch.float16).contiguous()
+        else:
+            inner_t, inner_m = nest_packed("latent", _latent_codec(self.latent_codec).encode(latent))
+            tensors.update(inner_t)
+            meta["latent"] = inner_m
+        return Packed(codec=self.name, shape=tuple(x.shape), dtype=x.dtype, tensors=tensors, meta=meta)
+
+    def decode(self, p: Packed) -> torch.Tensor:
+        if "latent" in p.meta:
+            inner = unnest_packed("latent", p, p.meta["latent"])
+            latent = _latent_codec(inner.codec).decode(inner).float()
+        else:
+            latent = p.tensors["latent"].float()
+        # x_hat: [..., T, D] = latent [..., T, r] @ basis^T [..., r, D]
+        x = latent @ p.tensors["basis"].float().transpose(-1, -2)
+        if p.meta.get("center"):
+            x = x + p.tensors["mean"].float()
+        return x.reshape(p.shape).to(p.dtype)
+
+    def nbytes(self, p: Packed) -> int:
+        return p.nbytes()
+
+
+def _check_block(x: torch.Tensor) -> None:
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"expected a float16/bfloat16/float32 block, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"expected a block [..., T, D], got shape {tuple(x.shape)}")
