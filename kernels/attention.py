@@ -8,7 +8,7 @@ sinks); the two mix freely. Blocks are dequantized one at a time and folded into
 an online softmax (running max m, running sum l, accumulator acc), so
 full-precision keys for the whole block set never exist at once.
 
-Rotated codecs (TurboQuant: `rotate`, `unrotate`, `decode_rotated`) are read
+Rotated codecs (TurboQuant: `rotate(x)`, `unrotate(y, d)`, `decode_rotated(p)`) are read
 in their rotated basis: the query is rotated once (⟨Rq, Rk⟩ = ⟨q, k⟩) and the
 rotated-value accumulator is unrotated once at the end (Σ p·Rv = R·Σ p·v);
 plain and non-rotated blocks accumulate separately in the original basis.
@@ -135,7 +135,9 @@ def packed_attention_reference(q, keys, values, *, key_codec, value_codec, scale
 
 
 def _rotates(codec) -> bool:
-    return all(hasattr(codec, a) for a in ("rotate", "unrotate", "decode_rotated"))
+    # TurboQuant's hooks; with outlier channels it has two rotated spaces and reads via decode()
+    hooks = all(hasattr(codec, a) for a in ("rotate", "unrotate", "decode_rotated"))
+    return hooks and not getattr(codec, "outlier_channels", 0)
 
 
 def _decode(block: Block, codec, rotated_ok: bool, device) -> tuple[torch.Tensor, bool]:
@@ -234,5 +236,5 @@ def attend(q, keys, values, key_codec, value_codec, scale, v_skip_threshold, ops
     if False in accs:
         out += accs[False]
     if True in accs:
-        out += value_codec.unrotate(accs[True])[..., :d].float()
+        out += value_codec.unrotate(accs[True], d).float()
     return (out / norm).reshape(h_q, d).to(q.dtype), stats
