@@ -154,7 +154,7 @@ class TurboQuant:
         d = p.shape[-1]
         if m["outliers"]:
             out = _decode_outliers(p, d)
-        elif _triton_ok(m):
+        elif _triton_ok(m) and next_pow2(d) >= 8:
             from .turboquant_triton import decode_mse_triton
 
             out = decode_mse_triton(p.tensors["codes"], p.tensors["scales"], m["bits"], m["seed"], m["layer"], p.shape)
@@ -180,7 +180,7 @@ class TurboQuant:
         codes, scales = _unpack_mse(p.tensors, "", m, lead, d)
         cent = lloyd_max.centroids(_mse_bits(m), next_pow2(d))
         c = cent[codes.long()]  # [..., H, T, Dp]
-        est = scales * torch.einsum("...td,...d->...t", c, qr)
+        est = scales.squeeze(-1) * torch.einsum("...td,...d->...t", c, qr)
         if m["qjl"]:
             dp = next_pow2(d)
             s = gaussian_sketch(dp, dp, m["seed"], m["layer"], _n_heads(p.shape))  # [H, m, Dp]
@@ -196,7 +196,7 @@ class TurboQuant:
         # x: [..., H, T, D]
         d = x.shape[-1]
         dp = next_pow2(d)
-        if not self.qjl and self.rotation == "hadamard" and not use_reference():
+        if not self.qjl and self.rotation == "hadamard" and dp >= 8 and not use_reference():
             from .turboquant_triton import encode_mse_triton
 
             codes_packed, scales = encode_mse_triton(x, bits, self.seed, self.layer, self.norm_correction)
