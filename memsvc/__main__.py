@@ -1,0 +1,3 @@
+from memsvc.cli import main
+
+main()

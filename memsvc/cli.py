@@ -1,0 +1,226 @@
+"""The `memsvc` command line: serve, model pull, chat, sessions ls|show|rm.
+
+`sessions` reads the LMDB data directory directly (ls and show open it
+read-only), so an operator can inspect a store with or without a server
+running. Nothing imports this module.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import sys
+
+import click
+
+DEFAULT_DATA_DIR = "./data"
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def main(verbose: bool) -> None:
+    """memsvc: long-term KV-cache memory for LLM agents and chatbots."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=50051, show_default=True, type=int, help="0 picks a free port (printed).")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, help="LMDB data directory.")
+@click.option("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--max-new-tokens", default=4096, show_default=True, type=int, help="Upper bound per Generate.")
+def serve(host: str, port: int, data_dir: str, model: str | None, device: str, max_new_tokens: int) -> None:
+    """Serve MemoryService over gRPC (fetches the default model on first use)."""
+    from .server import serve as _serve
+
+    _serve(host, port, data_dir=data_dir, model=model, device=device, max_new_tokens=max_new_tokens)
+
+
+@main.group()
+def model() -> None:
+    """Model cache commands."""
+
+
+@model.command("pull")
+@click.option("--model", "spec", default=None, help="A .gguf file to convert instead of the default model.")
+def model_pull(spec: str | None) -> None:
+    """Fetch and convert the default model (or convert SPEC) into $MEMSVC_HOME."""
+    from .model import fingerprint, resolve_model
+
+    path = resolve_model(spec)
+    click.echo(f"{path}  fingerprint {fingerprint(path)[:12]}")
+
+
+@main.command()
+@click.argument("session")
+@click.option("--address", default="127.0.0.1:50051", show_default=True)
+@click.option("--max-new-tokens", default=256, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float)
+@click.option("--system", default=None, help="A system message for a new session.")
+def chat(session: str, address: str, max_new_tokens: int, temperature: float, system: str | None) -> None:
+    """Chat in SESSION (created if missing), streaming each reply. Ctrl-D ends."""
+    import grpc
+
+    from memsvc.clients import MemoryClient
+
+    with MemoryClient(address) as client:
+        try:
+            s = client.resume(session)
+            click.echo(f"[resumed {s.id}: {s.tokens} tokens, {s.messages} messages]", err=True)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise click.ClickException(f"{exc.code().name}: {exc.details()}")
+            s = client.create_session(session)
+            click.echo(f"[new session {s.id}]", err=True)
+            if system:
+                client.append(s.id, messages=[{"role": "system", "content": system}])
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                click.echo("", err=True)
+                return
+            if not line.strip():
+                continue
+            try:
+                client.append(session, messages=[{"role": "user", "content": line}])
+                click.echo("model> ", nl=False)
+                for chunk in client.generate(session, max_new_tokens=max_new_tokens, temperature=temperature,
+                                             commit=True):
+                    click.echo(chunk.text, nl=False)
+                    sys.stdout.flush()
+                click.echo("")
+            except grpc.RpcError as exc:
+                raise click.ClickException(f"{exc.code().name}: {exc.details()}")
+
+
+@main.group()
+def sessions() -> None:
+    """Inspect stored sessions straight from the LMDB data directory."""
+
+
+def _open_store(data_dir: str, readonly: bool):
+    from memsvc.store.errors import StoreError
+    from memsvc.store.lmdb_store import Store
+
+    try:
+        return Store(data_dir, readonly=readonly)
+    except StoreError as exc:
+        raise click.ClickException(str(exc))
+
+
+def _record_dict(rec) -> dict:
+    return {
+        "id": rec.id, "model": rec.model_name, "model_fingerprint": rec.model_fingerprint, "policy": rec.policy,
+        "tokens": rec.n_tokens, "bytes_stored": rec.stored_bytes, "messages": len(rec.messages),
+        "created": rec.created, "updated": rec.updated, "labels": rec.labels, "layout": rec.layout,
+        "format_version": rec.format_version,
+    }
+
+
+@sessions.command("ls")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE; all must match.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def sessions_ls(data_dir: str, labels: tuple[str, ...], as_json: bool) -> None:
+    """List stored sessions with tokens and bytes."""
+    wanted = {}
+    for item in labels:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--label")
+        k, v = item.split("=", 1)
+        wanted[k] = v
+    with _open_store(data_dir, readonly=True) as store:
+        recs, after = [], ""
+        while True:
+            page = store.list(after=after, limit=1000, labels=wanted or None)
+            recs.extend(page)
+            if len(page) < 1000:
+                break
+            after = page[-1].id
+    if as_json:
+        for rec in recs:
+            click.echo(json.dumps(_record_dict(rec)))
+        return
+    rows = [("ID", "POLICY", "TOKENS", "STORED", "B/TOKEN", "MODEL", "UPDATED")]
+    for rec in recs:
+        per = f"{rec.stored_bytes / rec.n_tokens:.0f}" if rec.n_tokens else "-"
+        rows.append((rec.id, rec.policy, str(rec.n_tokens), _human_bytes(rec.stored_bytes), per,
+                     f"{rec.model_name} ({rec.model_fingerprint[:8]})", _when(rec.updated)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    total_tokens = sum(r.n_tokens for r in recs)
+    total_bytes = sum(r.stored_bytes for r in recs)
+    click.echo(f"{len(recs)} sessions, {total_tokens} tokens, {_human_bytes(total_bytes)} stored")
+
+
+@sessions.command("show")
+@click.argument("session_id")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
+    """Show one stored session."""
+    with _open_store(data_dir, readonly=True) as store:
+        rec = store.get(session_id)
+        if rec is None:
+            raise click.ClickException(f"no session {session_id!r} in {data_dir}")
+        doc = _record_dict(rec)
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    lay = rec.layout
+    elem = {"float32": 4, "float16": 2, "bfloat16": 2}.get(lay.get("dtype"), 0)
+    fp16 = rec.n_tokens * 2 * lay.get("layers", 0) * lay.get("kv_heads", 0) * lay.get("head_dim", 0) * 2
+    lines = [
+        ("id", rec.id),
+        ("model", f"{rec.model_name}  fingerprint {rec.model_fingerprint[:16]}"),
+        ("policy", rec.policy),
+        ("tokens", str(rec.n_tokens)),
+        ("messages", str(len(rec.messages))),
+        ("bytes stored", f"{rec.stored_bytes} ({_human_bytes(rec.stored_bytes)})"),
+        ("bytes / token", f"{rec.stored_bytes / rec.n_tokens:.0f}" if rec.n_tokens else "-"),
+        ("vs fp16 cache", f"{rec.stored_bytes / fp16:.2f}x of {_human_bytes(fp16)}" if fp16 else "-"),
+        ("kv layout", f"{lay.get('layers')} layers x {lay.get('kv_heads')} kv heads x {lay.get('head_dim')} dims, "
+                      f"{lay.get('dtype')} ({elem} B), blocks of {lay.get('block_tokens')} tokens"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(rec.labels.items())) or "-"),
+        ("created", _when(rec.created)),
+        ("updated", _when(rec.updated)),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        click.echo(f"{k.ljust(width)}  {v}")
+
+
+@sessions.command("rm")
+@click.argument("session_ids", nargs=-1, required=True)
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+def sessions_rm(session_ids: tuple[str, ...], data_dir: str) -> None:
+    """Delete stored sessions (a running server keeps its in-memory copy until restart)."""
+    missing = []
+    with _open_store(data_dir, readonly=False) as store:
+        for sid in session_ids:
+            if store.delete(sid):
+                click.echo(f"deleted {sid}")
+            else:
+                missing.append(sid)
+    if missing:
+        raise click.ClickException(f"no such session: {', '.join(missing)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The session manager: one model, many sessions, each a KV cache kept in the store.
+
+A session is its token ids (the ground truth), its chat messages, and the KV
+cache of every token but the last: the last token is *pending* and is fed to
+the model with the next call (an Append's first chunk or a Generate's prompt),
+so no token is ever run through the model twice and no logits need storing.
+
+Every call that changes a session computes in memory first, then writes the
+new token ids, the touched KV blocks and the record in one store transaction;
+if anything fails the in-memory cache is cropped back, so a failed call leaves
+both memory and disk as they were. Calls on one session are serialized by a
+per-session lock; different sessions run concurrently over the shared model.
+
+Knows the model, the cache and the store; knows nothing about gRPC.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing
+from memsvc.store.lmdb_store import Store
+from memsvc.store.records import SessionRecord
+
+from . import chat
+from .errors import AlreadyExists, Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from .kvcache import SessionKV, dtype_name
+from .model import LoadedModel
+from .policies import get_policy
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    max_new_tokens: int = 0  # 0 = the manager's default
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.0  # 0 or 1 = no nucleus truncation
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    commit: bool = False
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str = ""
+    record: SessionRecord | None = None
+
+
+@dataclass
+class Counters:
+    model_tokens_processed: int = 0
+    tokens_appended: int = 0
+    tokens_generated: int = 0
+    resumes: int = 0
+
+
+@dataclass
+class _Live:
+    record: SessionRecord
+    tokens: list[int]
+    kv: SessionKV  # holds every token but the last (the pending one)
+
+
+@dataclass
+class SessionView:
+    record: SessionRecord
+    resident: bool
+    resident_bytes: int = 0
+
+
+class SessionManager:
+    def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
+                 max_new_tokens: int = 4096, prefill_chunk: int = 512):
+        if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
+            raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
+        self.store = store
+        self.model = model
+        self.default_new_tokens = min(default_new_tokens, max_new_tokens)
+        self.max_new_tokens = max_new_tokens
+        self.prefill_chunk = prefill_chunk
+        self.chat_format = chat.ChatFormat.of(model.tokenizer)
+        self.counters = Counters()
+        self._counter_lock = threading.Lock()
+        self._live: dict[str, _Live] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._global = threading.Lock()
+
+    # ---- bookkeeping -------------------------------------------------------------
+
+    def _lock(self, sid: str) -> threading.Lock:
+        with self._global:
+            return self._locks.setdefault(sid, threading.Lock())
+
+    def _count(self, **deltas: int) -> None:
+        with self._counter_lock:
+            for name, d in deltas.items():
+                setattr(self.counters, name, getattr(self.counters, name) + d)
+
+    def _new_kv(self, block_tokens: int) -> SessionKV:
+        m = self.model
+        return SessionKV(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, block_tokens)
+
+    def _check_model(self, rec: SessionRecord) -> None:
+        if rec.model_fingerprint != self.model.fingerprint:
+            raise FailedPrecondition(
+                f"session {rec.id!r} was built for model {rec.model_name!r} (fingerprint "
+                f"{rec.model_fingerprint[:12]}), but this server runs {self.model.name!r} (fingerprint "
+                f"{self.model.short_fingerprint}); serve it with that model (memsvc serve --model ...)"
+            )
+
+    def _stored(self, sid: str) -> SessionRecord:
+        try:
+            rec = self.store.get(sid)
+        except CorruptRecord as exc:
+            raise DataLoss(f"the stored record of session {sid!r} is damaged: {exc}") from exc
+        if rec is None:
+            raise NotFound(f"no session {sid!r}")
+        return rec
+
+    def _load(self, sid: str) -> _Live:
+        """The resident session, loading it from the store if needed (caller holds its lock)."""
+        live = self._live.get(sid)
+        if live is not None:
+            return live
+        rec = self._stored(sid)
+        self._check_model(rec)
+        policy = get_policy(rec.policy)
+        try:
+            tokens = self.store.tokens(sid)
+            blocks = self.store.kv_blocks(sid)
+            kv_len = max(rec.n_tokens - 1, 0)
+            kv = SessionKV.from_blocks(blocks, kv_len, rec.layout, self.model.device) if kv_len else \
+                self._new_kv(rec.layout.get("block_tokens", policy.block_tokens))
+        except (CorruptRecord, ValueError) as exc:
+            raise DataLoss(f"session {sid!r} cannot be read back: {exc}") from exc
+        if len(tokens) != rec.n_tokens or kv.length != kv_len:
+            raise DataLoss(
+                f"session {sid!r} is inconsistent: record says {rec.n_tokens} tokens, "
+                f"{len(tokens)} token ids and {kv.length} cached positions are stored"
+            )
+        live = _Live(rec, tokens, kv)
+        with self._global:
+            self._live[sid] = live
+        return live
+
+    # ---- model -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _forward(self, kv: SessionKV, ids: Sequence[int]) -> torch.Tensor:
+        """Run ids through the model on top of kv (in chunks); return the last logits [V]."""
+        logits = None
+        for lo in range(0, len(ids), self.prefill_chunk):
+            part = torch.tensor([list(ids[lo:lo + self.prefill_chunk])], dtype=torch.long, device=self.model.device)
+            out = self.model.model(input_ids=part, past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[0, -1]
+            self._count(model_tokens_processed=part.shape[1])
+        if logits is None:
+            raise ValueError("nothing to run through the model")
+        return logits.float()
+
+    def _extend(self, live: _Live, new_ids: list[int], messages: list[dict], feed: list[int]) -> SessionRecord:
+        """Feed `feed` (so the cache covers all tokens but the new last one), store, update."""
+        n0 = live.kv.length
+        first_token = live.record.n_tokens
+        try:
+            if feed:
+                self._forward(live.kv, feed)
+            payloads, counts = live.kv.blocks_since(n0)
+            rec = dataclasses.replace(live.record, messages=messages, updated=time.time())
+            stored = self.store.commit(rec, first_token=first_token, tokens=new_ids, blocks=payloads,
+                                       block_tokens=counts)
+        except BaseException:
+            live.kv.crop(n0)
+            raise
+        live.record = stored
+        live.tokens.extend(new_ids)
+        return stored
+
+    # ---- API ---------------------------------------------------------------------
+
+    def create(self, sid: str = "", policy: str = "", labels: dict[str, str] | None = None) -> SessionRecord:
+        try:
+            pol = get_policy(policy)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        sid = sid or uuid.uuid4().hex
+        now = time.time()
+        kv = self._new_kv(pol.block_tokens)
+        try:
+            rec = SessionRecord(
+                id=sid, model_name=self.model.name, model_fingerprint=self.model.fingerprint, policy=pol.name,
+                created=now, updated=now, labels=dict(labels or {}), messages=[], layout=kv.layout(),
+            )
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        with self._lock(sid):
+            try:
+                return self.store.create(rec)
+            except SessionExists as exc:
+                raise AlreadyExists(f"session {sid!r} already exists") from exc
+
+    def view(self, sid: str) -> SessionView:
+        live = self._live.get(sid)
+        if live is not None:
+            return SessionView(live.record, True, live.kv.resident_bytes())
+        return SessionView(self._stored(sid), False)
+
+    def list(self, *, after: str = "", limit: int = 100, labels: dict[str, str] | None = None
+             ) -> tuple[list[SessionView], str]:
+        if not 0 <= limit <= 1000:
+            raise InvalidArgument(f"page_size must be between 0 and 1000, got {limit}")
+        limit = limit or 100
+        recs = self.store.list(after=after, limit=limit + 1, labels=labels or None)
+        more = len(recs) > limit
+        recs = recs[:limit]
+        views = []
+        for rec in recs:
+            live = self._live.get(rec.id)
+            views.append(SessionView(live.record, True, live.kv.resident_bytes()) if live else SessionView(rec, False))
+        return views, (recs[-1].id if more else "")
+
+    def resume(self, sid: str) -> SessionView:
+        with self._lock(sid):
+            self._load(sid)
+            self._count(resumes=1)
+            return self.view(sid)
+
+    def append(self, sid: str, *, messages: list[dict] | None = None, text: str | None = None,
+               tokens: Sequence[int] | None = None) -> tuple[SessionRecord, list[int]]:
+        given = [x for x in (messages, text, tokens) if x is not None]
+        if len(given) != 1:
+            raise InvalidArgument("append exactly one of: chat messages, text, token ids")
+        with self._lock(sid):
+            live = self._load(sid)
+            new_messages = live.record.messages
+            if messages is not None:
+                if not messages:
+                    raise InvalidArgument("empty append: no chat messages given")
+                msgs = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
+                try:
+                    ids = chat.continuation_ids(self.model.tokenizer, live.record.messages, msgs)
+                except chat.TemplateError as exc:
+                    raise InvalidArgument(str(exc)) from exc
+                new_messages = live.record.messages + msgs
+            elif text is not None:
+                if not text:
+                    raise InvalidArgument("empty append: the text is empty")
+                ids = chat.encode_text(self.model.tokenizer, text)
+            else:
+                ids = [int(t) for t in tokens]
+                if not ids:
+                    raise InvalidArgument("empty append: no token ids given")
+                bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+                if bad:
+                    raise InvalidArgument(
+                        f"token id {bad[0]} is outside the model's vocabulary [0, {self.model.vocab_size})"
+                        + (f" ({len(bad)} such ids)" if len(bad) > 1 else "")
+                    )
+            if not ids:
+                raise InvalidArgument("empty append: the content tokenizes to no tokens")
+            total = live.record.n_tokens + len(ids)
+            if total > self.model.max_positions:
+                raise InvalidArgument(
+                    f"appending {len(ids)} tokens would make session {sid!r} {total} tokens long, past the "
+                    f"model's context of {self.model.max_positions}; start a new session or fork a shorter one"
+                )
+            pending = live.tokens[-1:]  # fed now, with all new tokens but the last
+            rec = self._extend(live, ids, new_messages, pending + ids[:-1])
+            self._count(tokens_appended=len(ids))
+            return rec, ids
+
+    def _check_params(self, p: GenerateParams) -> int:
+        n = p.max_new_tokens or self.default_new_tokens
+        if p.max_new_tokens < 0 or n > self.max_new_tokens:
+            raise InvalidArgument(
+                f"max_new_tokens must be between 1 and {self.max_new_tokens} (0 picks {self.default_new_tokens}), "
+                f"got {p.max_new_tokens}"
+            )
+        if not (p.temperature >= 0 and p.temperature <= 100):
+            raise InvalidArgument(f"temperature must be between 0 and 100, got {p.temperature}")
+        if not (0 <= p.top_p <= 1):
+            raise InvalidArgument(f"top_p must be between 0 and 1, got {p.top_p}")
+        if len(p.stop) > MAX_STOP_STRINGS or any(not s for s in p.stop):
+            raise InvalidArgument(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+        return n
+
+    def generate(self, sid: str, params: GenerateParams,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+        """Stream a reply. Bad parameters raise here, before any chunk."""
+        budget = self._check_params(params)
+        return self._generate(sid, params, budget, cancelled)
+
+    def _generate(self, sid: str, p: GenerateParams, budget: int,
+                  cancelled: Callable[[], bool]) -> Iterator[Chunk]:
+        with self._lock(sid):
+            live = self._load(sid)
+            yield from self._generate_locked(live, p, budget, cancelled)
+
+    def _generate_locked(self, live: _Live, p: GenerateParams, budget: int,
+                         cancelled: Callable[[], bool]) -> Iterator[Chunk]:
+        tok = self.model.tokenizer
+        kv = live.kv
+        n0 = kv.length
+        committed = False
+        try:
+            prompt = chat.generation_prompt_ids(tok, live.record.messages)
+            feed = live.tokens[-1:] + prompt
+            if not feed:
+                raise FailedPrecondition(f"session {live.record.id!r} is empty: append something before generating")
+            room = self.model.max_positions - live.record.n_tokens - len(prompt) - len(self.chat_format.end_of_turn)
+            budget = min(budget, room)
+            if budget < 1:
+                raise FailedPrecondition(
+                    f"session {live.record.id!r} has reached the model's context of {self.model.max_positions} tokens"
+                )
+            gen = torch.Generator().manual_seed(int(p.seed))
+            logits = self._forward(kv, feed)
+            generated: list[int] = []
+            emitted = ""
+            hold = max((len(s) for s in p.stop), default=1) - 1
+            finish = "length"
+            text = ""
+            while True:
+                nxt = _sample(logits, p.temperature, p.top_p, gen)
+                generated.append(nxt)
+                if nxt in self.model.eos_ids:
+                    finish = "stop"
+                text = tok.decode(generated, skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop_string"
+                done = finish != "length" or len(generated) >= budget
+                safe = len(text) if done else max(len(text) - hold, len(emitted))
+                delta = text[len(emitted):safe]
+                if delta.endswith("\ufffd") and not done:
+                    delta = ""
+                emitted += delta
+                if done:
+                    break
+                yield Chunk(delta, [nxt])
+                if cancelled():
+                    raise Cancelled("the client cancelled the generation")
+                logits = self._forward(kv, [nxt])
+            self._count(tokens_generated=len(generated))
+            if p.commit:
+                rec = self._commit_reply(live, n0, prompt, generated, finish, text)
+                committed = True
+            else:
+                rec = live.record
+            yield Chunk(delta, [nxt], finish, rec)
+        finally:
+            if not committed:
+                kv.crop(n0)
+
+    def _commit_reply(self, live: _Live, n0: int, prompt: list[int], generated: list[int], finish: str,
+                      text: str) -> SessionRecord:
+        chat_turn = bool(prompt)
+        eot = list(self.chat_format.end_of_turn) if chat_turn else []
+        reply = list(generated)
+        if chat_turn and finish == "stop" and eot and eot[0] == reply[-1]:
+            eot = eot[1:]  # the model emitted the template's end-of-turn token itself
+        elif chat_turn and finish == "stop" and eot:
+            reply.pop()  # another end token: the template's end of turn replaces it
+        new_ids = prompt + reply + eot
+        # The cache now covers pending + prompt + generated[:-1]; after the commit it
+        # must cover every token of the session but the new last one.
+        covered = prompt + generated[:-1]
+        if len(new_ids) <= len(covered) or new_ids[: len(covered)] != covered:
+            raise RuntimeError("internal error: the committed reply does not extend the generated tokens")
+        messages = live.record.messages + ([{"role": "assistant", "content": text}] if chat_turn else [])
+        return self._extend(live, new_ids, messages, new_ids[len(covered):-1])
+
+    def fork(self, sid: str, new_sid: str = "", labels: dict[str, str] | None = None) -> SessionRecord:
+        new_sid = new_sid or uuid.uuid4().hex
+        with self._lock(sid):
+            src = self._stored(sid)
+            now = time.time()
+            try:
+                rec = dataclasses.replace(src, id=new_sid, created=now, updated=now,
+                                          labels=dict(labels) if labels else dict(src.labels))
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            try:
+                return self.store.fork(sid, rec)
+            except SessionExists as exc:
+                raise AlreadyExists(f"session {new_sid!r} already exists") from exc
+            except SessionMissing as exc:
+                raise NotFound(f"no session {sid!r}") from exc
+
+    def delete(self, sid: str) -> None:
+        with self._lock(sid):
+            if not self.store.delete(sid):
+                raise NotFound(f"no session {sid!r}")
+            with self._global:
+                self._live.pop(sid, None)
+
+    def resident(self) -> tuple[int, int]:
+        """(sessions in memory, bytes of KV cache they hold)."""
+        with self._global:
+            lives = list(self._live.values())
+        return len(lives), sum(l.kv.resident_bytes() for l in lives)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """logits: [V] -> one token id (greedy when temperature is 0)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if 0 < top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real model (fetched once into $MEMSVC_HOME), tiny random
+models that reuse its tokenizer, and in-process servers bound to port 0."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    from memsvc.model import pull_default
+
+    return pull_default(quiet=True)
+
+
+def make_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int, max_positions: int = 512) -> Path:
+    """A 2-layer random Llama with the real tokenizer and chat template (GQA 4/2, head dim 16)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, real_model_dir) -> tuple[Path, Path]:
+    """Two tiny models that differ only in their random weights."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return (make_tiny_model(root / "tiny-a", real_model_dir, seed=1),
+            make_tiny_model(root / "tiny-b", real_model_dir, seed=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dirs):
+    from memsvc.model import load_model
+
+    return load_model(str(tiny_model_dirs[0]))
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_dir):
+    from memsvc.model import load_model
+
+    return load_model(str(real_model_dir))
+
+
+@contextlib.contextmanager
+def running_server(data_dir: Path, model, **options):
+    """An in-process server on 127.0.0.1:0; yields (client, server)."""
+    from memsvc.clients import MemoryClient
+    from memsvc.server import create_server
+
+    server, port = create_server("127.0.0.1:0", data_dir=data_dir, model=model, **options)
+    server.start()
+    client = MemoryClient(f"127.0.0.1:{port}", timeout=600)
+    try:
+        yield client, server
+    finally:
+        client.close()
+        server.stop(grace=None).wait()
+        server.memsvc_store.close()
+
+
+@pytest.fixture
+def tiny_server(tmp_path, tiny_model):
+    with running_server(tmp_path / "data", tiny_model) as pair:
+        yield pair

@@ -1,0 +1,48 @@
+"""The operator CLI against a data dir a test server filled."""
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from memsvc.cli import main
+from tests.conftest import running_server
+
+
+def test_sessions_ls_show_rm(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    with running_server(data, tiny_model) as (client, _):
+        client.create_session("alpha", labels={"team": "red"})
+        client.append("alpha", text="The quick brown fox jumps over the lazy dog. " * 10)
+        client.create_session("beta")
+        client.append("beta", messages=[{"role": "user", "content": "hi"}])
+        want = {s.id: s for s in client.list_sessions()}
+    runner = CliRunner()
+
+    out = runner.invoke(main, ["sessions", "ls", "--data-dir", str(data)])
+    assert out.exit_code == 0, out.output
+    for sid, s in want.items():
+        line = next(l for l in out.output.splitlines() if l.startswith(sid))
+        assert str(s.tokens) in line.split() and "full" in line
+    assert "2 sessions" in out.output
+
+    rows = [json.loads(l) for l in runner.invoke(main, ["sessions", "ls", "--data-dir", str(data), "--json"]).output.splitlines()]
+    assert {r["id"]: (r["tokens"], r["bytes_stored"]) for r in rows} == \
+        {sid: (s.tokens, s.bytes_stored) for sid, s in want.items()}
+    red = runner.invoke(main, ["sessions", "ls", "--data-dir", str(data), "--label", "team=red"])
+    assert "alpha" in red.output and "beta" not in red.output
+
+    show = runner.invoke(main, ["sessions", "show", "alpha", "--data-dir", str(data)])
+    assert show.exit_code == 0, show.output
+    assert f"tokens        {want['alpha'].tokens}" in show.output
+    assert str(want["alpha"].bytes_stored) in show.output and "team=red" in show.output
+
+    missing = runner.invoke(main, ["sessions", "show", "nope", "--data-dir", str(data)])
+    assert missing.exit_code != 0 and "no session 'nope'" in missing.output
+    nodir = runner.invoke(main, ["sessions", "ls", "--data-dir", str(tmp_path / "absent")])
+    assert nodir.exit_code != 0 and "does not exist" in nodir.output
+
+    rm = runner.invoke(main, ["sessions", "rm", "beta", "--data-dir", str(data)])
+    assert rm.exit_code == 0 and "deleted beta" in rm.output
+    after = runner.invoke(main, ["sessions", "ls", "--data-dir", str(data), "--json"])
+    assert [json.loads(l)["id"] for l in after.output.splitlines()] == ["alpha"]
