@@ -78,71 +78,90 @@ def _trim(t: torch.Tensor, length: int) -> torch.Tensor:
     return t if t.shape[-1] == length else t[..., :length].contiguous()
 
 
-def _pieces(bits: int):
-    """For each byte j of a cell, the codes i overlapping it and the shift taking code i to byte j.
+def _int64(mask: int) -> int:
+    # a 64-bit pattern as the signed int64 torch expects
+    return mask - (1 << 64) if mask >= (1 << 63) else mask
 
-    shift > 0: (code << shift) truncated to a byte; shift < 0: code >> -shift.
+
+def _steps(bits: int) -> list[tuple[int, int, int]]:
+    """(shift, low, high) of the three steps that squeeze 8 byte-wide codes into 8*bits bits.
+
+    A word holds 8 codes, code k in byte k (a little-endian int64). Step s joins
+    neighbouring units of u = 8 * 2**s bits that each hold f = bits * 2**s code
+    bits at their bottom: w = (w & low) | ((w >> (u - f)) & high), where `low`
+    and `high` are bits [0, f) and [f, 2f) of every 2u-bit unit. After three
+    steps the word's low 8*bits bits are the packed stream of its 8 codes,
+    little-endian. Unpacking undoes a step with
+    w = (w & low) | ((w & high) << (u - f)).
     """
-    g, nb = cell(bits)
     out = []
-    for j in range(nb):
-        row = []
-        for i in range(g):
-            lo, hi = i * bits, (i + 1) * bits  # stream bits of code i
-            if hi > 8 * j and lo < 8 * (j + 1):
-                row.append((i, lo - 8 * j))
-        out.append(row)
+    for s in range(3):
+        u, f = 8 << s, bits << s
+        low = high = 0
+        for k in range(0, 64, 2 * u):
+            low |= ((1 << f) - 1) << k
+            high |= ((1 << f) - 1) << (k + f)
+        out.append((u - f, _int64(low), _int64(high)))
     return out
 
 
+# widths whose 8 packed codes fill a native integer: 1 -> 1 byte, 2 -> 2 bytes, 4 -> 4 bytes
+_NATIVE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # contiguous with an 8-byte aligned storage offset, so it can be viewed as int64
+    t = t.contiguous()
+    return t if t.storage_offset() % 8 == 0 else t.clone()
+
+
 def pack_bits_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: uint8 [..., N], values < 2**bits -> packed uint8 [..., ceil(N * bits / 8)]."""
+    """codes: uint8 [..., N], values < 2**bits -> packed uint8 [..., ceil(N * bits / 8)].
+
+    Vectorized over 64-bit words of 8 codes (see `_steps`); no loop over elements.
+    """
     _check_codes(codes, bits, check_range=True)
     n = codes.shape[-1]
     if bits == 8:
         return codes.contiguous().clone()
-    g, nb = cell(bits)
-    # c: [..., cells, g]; all arithmetic stays in uint8 (left shifts drop the high bits)
-    c = _pad_last(codes, g).unflatten(-1, (-1, g))
-    out = torch.empty(c.shape[:-1] + (nb,), dtype=torch.uint8, device=codes.device)
-    for j, row in enumerate(_pieces(bits)):
-        acc = out[..., j]
-        for k, (i, shift) in enumerate(row):
-            term = c[..., i] << shift if shift >= 0 else c[..., i] >> -shift
-            if k == 0:
-                acc.copy_(term)
-            else:
-                acc.bitwise_or_(term)
-    return _trim(out.flatten(-2), packed_size(n, bits))
+    if codes.numel() == 0:
+        return codes.new_empty(codes.shape[:-1] + (packed_size(n, bits),))
+    w = _aligned(_pad_last(codes, 8)).view(torch.int64)  # [..., words]
+    for k, (shift, low, high) in enumerate(_steps(bits)):
+        hi = (w >> shift).bitwise_and_(high)
+        w = (w & low) if k == 0 else w.bitwise_and_(low)  # step 0 must not write the caller's codes
+        w.bitwise_or_(hi)
+    # the low `bits` bytes of each word are the stream of its 8 codes
+    if bits in _NATIVE:  # a truncating cast keeps exactly those bytes (little-endian)
+        out = w.to(_NATIVE[bits]).view(torch.uint8)
+    else:
+        out = w.view(torch.uint8).unflatten(-1, (-1, 8))[..., :bits].flatten(-2)
+    return _trim(out, packed_size(n, bits))
 
 
 def unpack_bits_reference(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """packed: uint8 [..., ceil(n * bits / 8)] -> codes uint8 [..., n]."""
+    """packed: uint8 [..., ceil(n * bits / 8)] -> codes uint8 [..., n].
+
+    The three steps of `pack_bits_reference`, undone in reverse order.
+    """
     _check_packed(packed, bits, n)
     if bits == 8:
         return packed.contiguous().clone()
-    g, nb = cell(bits)
-    mask = (1 << bits) - 1
-    # b: [..., cells, nb]
-    b = _pad_last(packed, nb).unflatten(-1, (-1, nb))
-    out = torch.empty(b.shape[:-1] + (g,), dtype=torch.uint8, device=packed.device)
-    for i in range(g):
-        acc = out[..., i]
-        first = True
-        for j, row in enumerate(_pieces(bits)):
-            for i2, shift in row:
-                if i2 != i:
-                    continue
-                # inverse of the pack shift: byte j moved back to code i's position
-                term = b[..., j] >> shift if shift >= 0 else b[..., j] << -shift
-                if first:
-                    acc.copy_(term)
-                    first = False
-                else:
-                    acc.bitwise_or_(term)
-        if bits * g != 8 or i != g - 1:  # the top code of a 1/2/4-bit byte needs no mask
-            acc.bitwise_and_(mask)
-    return _trim(out.flatten(-2), n)
+    if packed.numel() == 0:
+        return packed.new_empty(packed.shape[:-1] + (n,))
+    b = _pad_last(packed, bits)  # [..., words * bits]
+    if bits in _NATIVE:
+        # sign extension fills bits >= 8*bits, which the first undo step masks off
+        w = _aligned(b).view(_NATIVE[bits]).to(torch.int64)  # [..., words]
+    else:
+        words = b.shape[-1] // bits
+        buf = torch.zeros(b.shape[:-1] + (words, 8), dtype=torch.uint8, device=packed.device)
+        buf[..., :bits] = b.unflatten(-1, (words, bits))
+        w = buf.flatten(-2).view(torch.int64)  # [..., words]
+    for shift, low, high in reversed(_steps(bits)):
+        hi = (w & high).bitwise_left_shift_(shift)
+        w.bitwise_and_(low).bitwise_or_(hi)
+    return _trim(w.view(torch.uint8), n)
 
 
 def pack_bits_triton(codes: torch.Tensor, bits: int) -> torch.Tensor:
