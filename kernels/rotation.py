@@ -111,6 +111,20 @@ def haar_matrices(d_pad: int, seed: int, layer: int, n_heads: int) -> torch.Tens
     return torch.stack(mats).to(torch.float32).contiguous()
 
 
+@functools.lru_cache(maxsize=256)
+def rotation_matrices(kind: str, d_pad: int, seed: int, layer: int, n_heads: int) -> torch.Tensor:
+    """The rotations as dense matrices R: [n_heads, d_pad, d_pad], y = R x (rotate), x = R^T y.
+
+    For "hadamard" this is H·diag(s)/sqrt(d_pad), built with the butterfly; a
+    dense matmul is the fastest CPU inverse when bit-exactness is not needed.
+    """
+    if kind == "haar":
+        return haar_matrices(d_pad, seed, layer, n_heads)
+    eye = torch.eye(d_pad).expand(n_heads, d_pad, d_pad)  # [H, D, D] rows e_j
+    # rows of rotate(eye) are (R e_j)^T, i.e. the matrix R^T
+    return rotate(eye, kind, seed, layer).transpose(-1, -2).contiguous()
+
+
 def gaussian_sketch(m: int, d_pad: int, seed: int, layer: int, n_heads: int) -> torch.Tensor:
     """QJL sketch matrices S: [n_heads, m, d_pad] float32, i.i.d. N(0, 1), seeded per head."""
     return _gaussian_sketch(m, d_pad, seed, layer, n_heads)
@@ -168,8 +182,12 @@ def rotate(x: torch.Tensor, kind: str, seed: int, layer: int, head_axis: int = -
     return _per_head_matmul(xf, haar_matrices(d_pad, seed, layer, h).transpose(-1, -2), head_axis)
 
 
-def unrotate(y: torch.Tensor, kind: str, seed: int, layer: int, d: int, head_axis: int = -3) -> torch.Tensor:
-    """Inverse of `rotate`: y: [..., H, T, D_pad] -> [..., H, T, d] float32."""
+def unrotate(y: torch.Tensor, kind: str, seed: int, layer: int, d: int, head_axis: int = -3, dense: bool = False) -> torch.Tensor:
+    """Inverse of `rotate`: y: [..., H, T, D_pad] -> [..., H, T, d] float32.
+
+    dense=True multiplies by the cached matrix (cropped to d columns) instead
+    of running the butterfly: faster on CPU, equal up to float rounding.
+    """
     if kind not in ROTATIONS:
         raise ValueError(f"unknown rotation {kind!r}; valid: {', '.join(ROTATIONS)}")
     d_pad = y.shape[-1]
@@ -177,6 +195,9 @@ def unrotate(y: torch.Tensor, kind: str, seed: int, layer: int, d: int, head_axi
         raise ValueError(f"rotated dim {d_pad} does not match head_dim {d} (expected {next_pow2(d)})")
     h = n_heads_of(y, head_axis)
     yf = y.to(torch.float32)
+    if dense:
+        # x = R^T y per head: x_row = y_row @ R, keeping only the first d columns
+        return _per_head_matmul(yf, rotation_matrices(kind, d_pad, seed, layer, h)[..., :d], head_axis)
     if kind == "hadamard":
         s = _heads_view(hadamard_signs(d_pad, seed, layer, h), y.dim(), head_axis)
         x = fwht(yf).mul_(s)

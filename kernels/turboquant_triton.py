@@ -4,7 +4,7 @@ Same contract and the same operation order as the torch reference in
 turboquant.py / rotation.py, so packed codes are bit-identical:
   encode: load x (zero-pad D to D_pad) · signs -> butterfly stages h = 1, 2, 4, ...
           (a+b, a-b) -> · 1/sqrt(D_pad) -> n = ||y||, u = y · (1/n) ->
-          code = #{boundaries < u} -> (norm-corrected) fp16 scale, codes packed
+          code = #{boundaries < u} (by symmetry, as bucketize_codes) -> (norm-corrected) fp16 scale, codes packed
           little-endian in cells exactly as packing.py lays them out;
   decode: unpack -> centroid lookup -> · scale -> butterfly -> · 1/sqrt(D_pad)
           -> · signs -> crop to D.
@@ -46,9 +46,9 @@ def _butterfly(y, BT: tl.constexpr, DP: tl.constexpr, LOG: tl.constexpr):
 
 @triton.jit
 def _encode_kernel(
-    x_ptr, signs_ptr, bounds_ptr, cent_ptr, codes_ptr, scales_ptr,
+    x_ptr, signs_ptr, pos_ptr, cent_ptr, codes_ptr, scales_ptr,
     T, H, inv_sqrt,
-    D: tl.constexpr, DP: tl.constexpr, LOG: tl.constexpr, NBOUND: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, LOG: tl.constexpr, NPOS: tl.constexpr, HALF: tl.constexpr,
     BITS: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, NORM_CORR: tl.constexpr,
     BT: tl.constexpr,
 ):
@@ -65,9 +65,12 @@ def _encode_kernel(
     norm = tl.sqrt(tl.sum(y * y, axis=1))  # [BT]
     inv = tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
     u = y * inv[:, None]
-    code = tl.zeros((BT, DP), dtype=tl.int32)
-    for i in tl.static_range(NBOUND):
-        code += (u > tl.load(bounds_ptr + i)).to(tl.int32)
+    # bucketize by symmetry, as turboquant.bucketize_codes: m = #{positive boundaries < |u|}
+    a = tl.abs(u)
+    m = tl.zeros((BT, DP), dtype=tl.int32)
+    for i in tl.static_range(NPOS):
+        m += (a > tl.load(pos_ptr + i)).to(tl.int32)
+    code = tl.where(u > 0, HALF + m, HALF - 1 - m)
     if NORM_CORR:
         c = tl.load(cent_ptr + code)
         cn = tl.sqrt(tl.sum(c * c, axis=1))
@@ -132,7 +135,8 @@ def encode_mse_triton(x: torch.Tensor, bits: int, seed: int, layer: int, norm_co
     g, nb = cell(bits)
     dev = x.device
     signs = hadamard_signs(dp, seed, layer, h).to(dev)
-    bounds = lloyd_max.boundaries(bits, dp).to(dev)
+    half = 1 << (bits - 1)
+    pos = lloyd_max.boundaries(bits, dp)[half:].contiguous().to(dev)  # positive boundaries
     cent = lloyd_max.centroids(bits, dp).to(dev)
     xc = x.contiguous()
     codes = torch.empty(*x.shape[:-1], dp * bits // 8, dtype=torch.uint8, device=dev)
@@ -140,8 +144,8 @@ def encode_mse_triton(x: torch.Tensor, bits: int, seed: int, layer: int, norm_co
     if bh and t:
         grid = (triton.cdiv(t, BLOCK_T), bh)
         _encode_kernel[grid](
-            xc, signs, bounds, cent, codes, scales, t, h, 1.0 / math.sqrt(dp),
-            D=d, DP=dp, LOG=dp.bit_length() - 1, NBOUND=(1 << bits) - 1,
+            xc, signs, pos, cent, codes, scales, t, h, 1.0 / math.sqrt(dp),
+            D=d, DP=dp, LOG=dp.bit_length() - 1, NPOS=half - 1, HALF=half,
             BITS=bits, G=g, NB=nb, NORM_CORR=bool(norm_correction), BT=BLOCK_T,
         )
     return codes, scales
