@@ -183,7 +183,9 @@ def attend(q, keys, values, key_codec, value_codec, scale, v_skip_threshold, ops
     qg = q.float().reshape(h_kv, g, d).contiguous()
     k_rot = _rotates(key_codec)
     v_rot = _rotates(value_codec)
-    qg_rot = key_codec.rotate(qg).to(device=dev, dtype=torch.float32).contiguous() if k_rot and any(isinstance(b, Packed) for b in keys) else None
+    qg_rot = None
+    if k_rot and any(isinstance(b, Packed) for b in keys):
+        qg_rot = key_codec.rotate(qg).to(device=dev, dtype=torch.float32).contiguous()  # [H_kv, G, D_pad]
 
     stats = AttentionStats(blocks=len(keys), v_rows_total=h_kv * sum(_shape_of(b)[1] for b in keys))
     accs: dict[bool, torch.Tensor] = {}  # rotated? -> accumulator [H_kv, G, Dv]
