@@ -246,19 +246,17 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
     norms = torch.linalg.vector_norm(y, dim=-1)  # [...]
     inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
     u = y * inv.unsqueeze(-1)
-    codes, counts = bucketize_codes(u, lloyd_max.boundaries(bits, dp), with_counts=norm_correction)
+    codes, mag = bucketize_codes(u, lloyd_max.boundaries(bits, dp), with_magnitude=norm_correction)
     if norm_correction:
-        # ||c[code]||^2 from the per-vector counts of |u| above each positive boundary:
-        # sum_j c2[m_j] = dp * c2[0] + sum_i count_i * (c2[i+1] - c2[i]), c2 = squared positive centroids
-        c2 = lloyd_max.centroids(bits, dp)[(1 << bits) // 2 :].double() ** 2
-        cn2 = dp * c2[0] + sum(cnt * float(c2[i + 1] - c2[i]) for i, cnt in enumerate(counts))
-        scales = norms / torch.as_tensor(cn2, dtype=torch.float32).sqrt()
+        # ||c[code]||^2 = sum_j c2[m_j]: |c[code]| depends only on the magnitude index m (symmetry)
+        c2 = lloyd_max.centroids(bits, dp)[(1 << bits) // 2 :] ** 2
+        scales = norms / torch.take(c2, mag.long()).sum(-1).sqrt()
     else:
         scales = norms
     return codes, scales.to(torch.float16)
 
 
-def bucketize_codes(u: torch.Tensor, bounds: torch.Tensor, with_counts: bool = False):
+def bucketize_codes(u: torch.Tensor, bounds: torch.Tensor, with_magnitude: bool = False):
     """code = #{b in bounds : b < u}, uint8 [...] (== torch.bucketize(u, bounds), right=False).
 
     Uses the symmetry of the Lloyd–Max boundaries (b[L/2 - 1] == 0, b[L/2 + i] ==
@@ -266,22 +264,19 @@ def bucketize_codes(u: torch.Tensor, bounds: torch.Tensor, with_counts: bool = F
     L/2 - 1 - m for u <= 0; half the comparisons of a plain count, and ~8x
     faster than torch.bucketize's binary search on CPU. The two differ only
     when |u| equals a boundary exactly. The Triton kernel follows this order.
-    Returns (codes, counts); with_counts=True fills counts[i] [...] = #{j : |u_j| > positive b_i}.
+    Returns (codes, m): m (uint8, the magnitude index) only with with_magnitude=True, else None.
     """
     half = (bounds.numel() + 1) // 2
     pos = bounds[half:].tolist()  # the positive boundaries, ascending
     a = u.abs()
     m = torch.zeros(u.shape, dtype=torch.uint8, device=u.device)
-    counts = []
     for b in pos:
-        gt = torch.gt(a, b).view(torch.uint8)
-        m.add_(gt)
-        if with_counts:
-            counts.append(gt.sum(-1, dtype=torch.int32).to(torch.float32))
+        m.add_(torch.gt(a, b).view(torch.uint8))
+    mag = m.clone() if with_magnitude else None
     neg = torch.le(u, 0).view(torch.uint8)
     # u > 0: half + m; u <= 0: half + (255 - m) == half - 1 - m (mod 256)
     codes = m.bitwise_xor_(neg.mul_(255)).add_(half)
-    return codes, counts
+    return codes, mag
 
 
 # -- decoding internals -----------------------------------------------------------
