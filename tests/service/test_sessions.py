@@ -32,7 +32,7 @@ def test_chat_turns_continue_exactly_as_one_rendering(tiny_server, tiny_model):
         so_far += turn
         assert ids == _render_ids(tok, so_far)
     assert client.get_session("c").tokens == len(ids)
-    assert client.get_session("c").messages == 5
+    assert client.get_session("c").messages == 6
 
 
 def test_commit_appends_reply_with_end_of_turn(tiny_server, tiny_model):
