@@ -48,9 +48,9 @@ def _append_request(session_id: str, messages, text, tokens) -> pb.AppendRequest
 
 
 def _generate_request(session_id: str, max_new_tokens: int, temperature: float, top_p: float,
-                      stop: Sequence[str], seed: int, commit: bool) -> pb.GenerateRequest:
+                      stop: Sequence[str], seed: int, commit: bool, prefix: str) -> pb.GenerateRequest:
     return pb.GenerateRequest(session_id=session_id, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, stop=list(stop), seed=seed, commit=commit)
+                              top_p=top_p, stop=list(stop), seed=seed, commit=commit, prefix=prefix)
 
 
 def _collect(result: GenerateResult, chunk: pb.GenerateChunk) -> None:
@@ -93,8 +93,9 @@ class MemoryClient:
         return self._stub.Append(_append_request(session_id, messages, text, tokens), timeout=self.timeout)
 
     def generate(self, session_id: str, *, max_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 0.0,
-                 stop: Sequence[str] = (), seed: int = 0, commit: bool = False) -> Iterator[pb.GenerateChunk]:
-        req = _generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit)
+                 stop: Sequence[str] = (), seed: int = 0, commit: bool = False, prefix: str = ""
+                 ) -> Iterator[pb.GenerateChunk]:
+        req = _generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit, prefix)
         return self._stub.Generate(req, timeout=self.timeout)
 
     def generate_text(self, session_id: str, **kwargs) -> GenerateResult:
@@ -161,9 +162,9 @@ class AsyncMemoryClient:
         return await self._stub.Append(_append_request(session_id, messages, text, tokens), timeout=self.timeout)
 
     async def generate(self, session_id: str, *, max_new_tokens: int = 0, temperature: float = 0.0,
-                       top_p: float = 0.0, stop: Sequence[str] = (), seed: int = 0, commit: bool = False
-                       ) -> AsyncIterator[pb.GenerateChunk]:
-        req = _generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit)
+                       top_p: float = 0.0, stop: Sequence[str] = (), seed: int = 0, commit: bool = False,
+                       prefix: str = "") -> AsyncIterator[pb.GenerateChunk]:
+        req = _generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit, prefix)
         async for chunk in self._stub.Generate(req, timeout=self.timeout):
             yield chunk
 

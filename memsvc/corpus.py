@@ -62,10 +62,12 @@ def passkey_prompt(tokenizer, n_tokens: int, passkey: str, depth: float, home: P
     """The classic passkey task: essays of about n_tokens with the key at `depth` (0..1)."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    needle = f" The pass key is {passkey}. Remember it. {passkey} is the pass key. "
-    body = haystack_tokens(tokenizer, n_tokens, home)
+    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+    body = tokenizer.decode(haystack_tokens(tokenizer, n_tokens, home))
+    # Put the needle at the sentence boundary nearest below the depth, as the classic task does.
     at = int(len(body) * depth)
-    before = tokenizer.decode(body[:at])
-    after = tokenizer.decode(body[at:])
+    cut = body.rfind(". ", 0, at)
+    cut = 0 if cut < 0 or at == 0 else cut + 2
+    before, after = body[:cut], body[cut:]
     return ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
             "I will quiz you about the important information there.\n\n" + before + needle + after)

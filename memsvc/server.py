@@ -99,6 +99,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             stop=tuple(request.stop),
             seed=request.seed,
             commit=request.commit,
+            prefix=request.prefix,
         )
         try:
             for chunk in self.m.generate(request.session_id, params, cancelled=lambda: not context.is_active()):

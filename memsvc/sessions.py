@@ -45,6 +45,7 @@ class GenerateParams:
     stop: tuple[str, ...] = ()
     seed: int = 0
     commit: bool = False
+    prefix: str = ""  # text the reply starts with (fed, not generated); part of a committed reply
 
 
 @dataclass
@@ -313,10 +314,12 @@ class SessionManager:
         committed = False
         try:
             prompt = chat.generation_prompt_ids(tok, live.record.messages)
-            feed = live.tokens[-1:] + prompt
+            chat_turn = bool(prompt)
+            lead = prompt + (chat.encode_text(tok, p.prefix) if p.prefix else [])
+            feed = live.tokens[-1:] + lead
             if not feed:
                 raise FailedPrecondition(f"session {live.record.id!r} is empty: append something before generating")
-            room = self.model.max_positions - live.record.n_tokens - len(prompt) - len(self.chat_format.end_of_turn)
+            room = self.model.max_positions - live.record.n_tokens - len(lead) - len(self.chat_format.end_of_turn)
             budget = min(budget, room)
             if budget < 1:
                 raise FailedPrecondition(
@@ -352,7 +355,7 @@ class SessionManager:
                 logits = self._forward(kv, [nxt])
             self._count(tokens_generated=len(generated))
             if p.commit:
-                rec = self._commit_reply(live, n0, prompt, generated, finish, text)
+                rec = self._commit_reply(live, chat_turn, lead, generated, finish, p.prefix + text)
                 committed = True
             else:
                 rec = live.record
@@ -361,19 +364,19 @@ class SessionManager:
             if not committed:
                 kv.crop(n0)
 
-    def _commit_reply(self, live: _Live, n0: int, prompt: list[int], generated: list[int], finish: str,
+    def _commit_reply(self, live: _Live, chat_turn: bool, lead: list[int], generated: list[int], finish: str,
                       text: str) -> SessionRecord:
-        chat_turn = bool(prompt)
+        """lead: the generation prompt and the caller's prefix, fed before the generated tokens."""
         eot = list(self.chat_format.end_of_turn) if chat_turn else []
         reply = list(generated)
         if chat_turn and finish == "stop" and eot and eot[0] == reply[-1]:
             eot = eot[1:]  # the model emitted the template's end-of-turn token itself
         elif chat_turn and finish == "stop" and eot:
             reply.pop()  # another end token: the template's end of turn replaces it
-        new_ids = prompt + reply + eot
-        # The cache now covers pending + prompt + generated[:-1]; after the commit it
+        new_ids = lead + reply + eot
+        # The cache now covers pending + lead + generated[:-1]; after the commit it
         # must cover every token of the session but the new last one.
-        covered = prompt + generated[:-1]
+        covered = lead + generated[:-1]
         if len(new_ids) <= len(covered) or new_ids[: len(covered)] != covered:
             raise RuntimeError("internal error: the committed reply does not extend the generated tokens")
         messages = live.record.messages + ([{"role": "assistant", "content": text}] if chat_turn else [])

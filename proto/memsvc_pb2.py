@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memsvc/proto/memsvc.proto\x12\tmemsvc.v1\"\xbc\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x07 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x08 \x01(\x01\x12\x14\n\x0cupdated_unix\x18\t \x01(\x01\x12.\n\x06labels\x18\n \x03(\x0b\x32\x1e.memsvc.v1.Session.LabelsEntry\x12\x10\n\x08resident\x18\x0b \x01(\x08\x12\x10\n\x08messages\x18\x0c \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.memsvc.v1.CreateSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.memsvc.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x92\x01\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.memsvc.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12%\n\x06tokens\x18\x04 \x01(\x0b\x32\x13.memsvc.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"H\n\x0e\x41ppendResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.memsvc.v1.Session\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"\x8d\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\"l\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x07session\x18\x04 \x01(\x0b\x32\x12.memsvc.v1.Session\"#\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa7\x01\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.memsvc.v1.ListSessionsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.memsvc.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xaa\x01\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).memsvc.v1.ForkSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xc8\x01\n\x05Stats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1e\n\x16model_tokens_processed\x18\x03 \x01(\x04\x12\x17\n\x0ftokens_appended\x18\x04 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\x0f\n\x07resumes\x18\x06 \x01(\x04\x12\x19\n\x11sessions_resident\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x08 \x01(\x04\x32\xf1\x04\n\rMemoryService\x12\x44\n\rCreateSession\x12\x1f.memsvc.v1.CreateSessionRequest\x1a\x12.memsvc.v1.Session\x12=\n\x06\x41ppend\x12\x18.memsvc.v1.AppendRequest\x1a\x19.memsvc.v1.AppendResponse\x12\x42\n\x08Generate\x12\x1a.memsvc.v1.GenerateRequest\x1a\x18.memsvc.v1.GenerateChunk0\x01\x12\x36\n\x06Resume\x12\x18.memsvc.v1.ResumeRequest\x1a\x12.memsvc.v1.Session\x12>\n\nGetSession\x12\x1c.memsvc.v1.GetSessionRequest\x1a\x12.memsvc.v1.Session\x12O\n\x0cListSessions\x12\x1e.memsvc.v1.ListSessionsRequest\x1a\x1f.memsvc.v1.ListSessionsResponse\x12@\n\x0b\x46orkSession\x12\x1d.memsvc.v1.ForkSessionRequest\x1a\x12.memsvc.v1.Session\x12R\n\rDeleteSession\x12\x1f.memsvc.v1.DeleteSessionRequest\x1a .memsvc.v1.DeleteSessionResponse\x12\x38\n\x08GetStats\x12\x1a.memsvc.v1.GetStatsRequest\x1a\x10.memsvc.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memsvc/proto/memsvc.proto\x12\tmemsvc.v1\"\xbc\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x07 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x08 \x01(\x01\x12\x14\n\x0cupdated_unix\x18\t \x01(\x01\x12.\n\x06labels\x18\n \x03(\x0b\x32\x1e.memsvc.v1.Session.LabelsEntry\x12\x10\n\x08resident\x18\x0b \x01(\x08\x12\x10\n\x08messages\x18\x0c \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.memsvc.v1.CreateSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.memsvc.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x92\x01\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.memsvc.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12%\n\x06tokens\x18\x04 \x01(\x0b\x32\x13.memsvc.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"H\n\x0e\x41ppendResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.memsvc.v1.Session\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"\x9d\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x0e\n\x06prefix\x18\x08 \x01(\t\"l\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x07session\x18\x04 \x01(\x0b\x32\x12.memsvc.v1.Session\"#\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa7\x01\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.memsvc.v1.ListSessionsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.memsvc.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xaa\x01\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).memsvc.v1.ForkSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xc8\x01\n\x05Stats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1e\n\x16model_tokens_processed\x18\x03 \x01(\x04\x12\x17\n\x0ftokens_appended\x18\x04 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\x0f\n\x07resumes\x18\x06 \x01(\x04\x12\x19\n\x11sessions_resident\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x08 \x01(\x04\x32\xf1\x04\n\rMemoryService\x12\x44\n\rCreateSession\x12\x1f.memsvc.v1.CreateSessionRequest\x1a\x12.memsvc.v1.Session\x12=\n\x06\x41ppend\x12\x18.memsvc.v1.AppendRequest\x1a\x19.memsvc.v1.AppendResponse\x12\x42\n\x08Generate\x12\x1a.memsvc.v1.GenerateRequest\x1a\x18.memsvc.v1.GenerateChunk0\x01\x12\x36\n\x06Resume\x12\x18.memsvc.v1.ResumeRequest\x1a\x12.memsvc.v1.Session\x12>\n\nGetSession\x12\x1c.memsvc.v1.GetSessionRequest\x1a\x12.memsvc.v1.Session\x12O\n\x0cListSessions\x12\x1e.memsvc.v1.ListSessionsRequest\x1a\x1f.memsvc.v1.ListSessionsResponse\x12@\n\x0b\x46orkSession\x12\x1d.memsvc.v1.ForkSessionRequest\x1a\x12.memsvc.v1.Session\x12R\n\rDeleteSession\x12\x1f.memsvc.v1.DeleteSessionRequest\x1a .memsvc.v1.DeleteSessionResponse\x12\x38\n\x08GetStats\x12\x1a.memsvc.v1.GetStatsRequest\x1a\x10.memsvc.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,31 +58,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDRESPONSE']._serialized_start=806
   _globals['_APPENDRESPONSE']._serialized_end=878
   _globals['_GENERATEREQUEST']._serialized_start=881
-  _globals['_GENERATEREQUEST']._serialized_end=1022
-  _globals['_GENERATECHUNK']._serialized_start=1024
-  _globals['_GENERATECHUNK']._serialized_end=1132
-  _globals['_RESUMEREQUEST']._serialized_start=1134
-  _globals['_RESUMEREQUEST']._serialized_end=1169
-  _globals['_GETSESSIONREQUEST']._serialized_start=1171
-  _globals['_GETSESSIONREQUEST']._serialized_end=1210
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1213
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1380
+  _globals['_GENERATEREQUEST']._serialized_end=1038
+  _globals['_GENERATECHUNK']._serialized_start=1040
+  _globals['_GENERATECHUNK']._serialized_end=1148
+  _globals['_RESUMEREQUEST']._serialized_start=1150
+  _globals['_RESUMEREQUEST']._serialized_end=1185
+  _globals['_GETSESSIONREQUEST']._serialized_start=1187
+  _globals['_GETSESSIONREQUEST']._serialized_end=1226
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1229
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1396
   _globals['_LISTSESSIONSREQUEST_LABELSENTRY']._serialized_start=312
   _globals['_LISTSESSIONSREQUEST_LABELSENTRY']._serialized_end=357
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1382
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1467
-  _globals['_FORKSESSIONREQUEST']._serialized_start=1470
-  _globals['_FORKSESSIONREQUEST']._serialized_end=1640
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1398
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1483
+  _globals['_FORKSESSIONREQUEST']._serialized_start=1486
+  _globals['_FORKSESSIONREQUEST']._serialized_end=1656
   _globals['_FORKSESSIONREQUEST_LABELSENTRY']._serialized_start=312
   _globals['_FORKSESSIONREQUEST_LABELSENTRY']._serialized_end=357
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1642
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1684
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1686
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1726
-  _globals['_GETSTATSREQUEST']._serialized_start=1728
-  _globals['_GETSTATSREQUEST']._serialized_end=1745
-  _globals['_STATS']._serialized_start=1748
-  _globals['_STATS']._serialized_end=1948
-  _globals['_MEMORYSERVICE']._serialized_start=1951
-  _globals['_MEMORYSERVICE']._serialized_end=2576
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1658
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1700
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1702
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1742
+  _globals['_GETSTATSREQUEST']._serialized_start=1744
+  _globals['_GETSTATSREQUEST']._serialized_end=1761
+  _globals['_STATS']._serialized_start=1764
+  _globals['_STATS']._serialized_end=1964
+  _globals['_MEMORYSERVICE']._serialized_start=1967
+  _globals['_MEMORYSERVICE']._serialized_end=2592
 # @@protoc_insertion_point(module_scope)

@@ -24,6 +24,7 @@ from memsvc.clients import MemoryClient
 from memsvc.corpus import haystack_tokens, passkey_prompt
 
 PASSKEY = "71432"
+ANSWER_PREFIX = "The pass key is"  # the classic passkey task prefixes the answer
 
 
 class ServerProcess:
@@ -64,11 +65,10 @@ class ServerProcess:
 @pytest.fixture
 def conversation(real_model):
     tok = real_model.tokenizer
-    intro = tok.decode(haystack_tokens(tok, 400))
     return [
-        {"role": "user", "content": "Please read this essay excerpt carefully.\n\n" + intro},
-        {"role": "assistant", "content": "I have read it. What would you like to know?"},
-        {"role": "user", "content": passkey_prompt(tok, 1200, PASSKEY, 0.4) + "\n\nWhat is the pass key?"},
+        {"role": "user", "content": "I am going to give you a long text with something hidden in it."},
+        {"role": "assistant", "content": "Sure, send it over. I will read it carefully."},
+        {"role": "user", "content": passkey_prompt(tok, 1600, PASSKEY, 0.8) + "\n\nWhat is the pass key?"},
     ]
 
 
@@ -82,12 +82,13 @@ def test_resume_after_sigkill_replays_identically_without_recompute(tmp_path, re
             n_history = appended.session.tokens
             assert n_history >= 1500
             assert c.stats().model_tokens_processed == n_history - 1  # the last token waits for the next call
-            reference = c.generate_text("pk", max_new_tokens=12)
+            reference = c.generate_text("pk", max_new_tokens=8, prefix=ANSWER_PREFIX)
             assert reference.token_ids and reference.session.tokens == n_history
     finally:
         first.kill()
-    print(f"\nreference reply ({n_history} history tokens): {reference.text!r}; "
-          f"passkey {'found' if PASSKEY in reference.text else 'not found'}")
+    print(f"\nreference reply ({n_history} history tokens): {reference.text!r}")
+    # With the full cache this small model finds a late needle when the answer is prefixed.
+    assert PASSKEY in reference.text
 
     second = ServerProcess(data)
     try:
@@ -98,12 +99,13 @@ def test_resume_after_sigkill_replays_identically_without_recompute(tmp_path, re
             resume_s = time.perf_counter() - t0
             assert resumed.tokens == n_history and resumed.resident
             assert c.stats().model_tokens_processed == 0
-            again = c.generate_text("pk", max_new_tokens=12)
+            again = c.generate_text("pk", max_new_tokens=8, prefix=ANSWER_PREFIX)
             assert again.token_ids == reference.token_ids
             assert again.text == reference.text
-            prompt = generation_prompt_ids(real_model.tokenizer, conversation)
-            # pending last history token + generation prompt + every generated token but the last
-            assert c.stats().model_tokens_processed == len(prompt) + len(again.token_ids)
+            tok = real_model.tokenizer
+            lead = generation_prompt_ids(tok, conversation) + tok(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+            # pending last history token + generation prompt + prefix + every generated token but the last
+            assert c.stats().model_tokens_processed == len(lead) + len(again.token_ids)
             # the conversation goes on after the resume
             c.generate_text("pk", max_new_tokens=12, commit=True)
             more = c.append("pk", messages=[{"role": "user", "content": "Thank you. Say it once more."}])
