@@ -186,6 +186,7 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
     if port == 0:
         store.close()
         raise OSError(f"could not bind {address}")
+    server.memsvc_port = port
     server.memsvc_manager = manager
     server.memsvc_store = store
     server.memsvc_health = health_servicer

@@ -2,7 +2,7 @@
 versioned header with checksums of both the compressed and the raw bytes.
 
     magic "MSBK" | version u16 | kind u8 | layer u16 | index u32 | n_tokens u32 |
-    raw length u64 | crc32(compressed) u32 | crc32(raw) u32 | zstd payload
+    raw length u64 | crc32(header fields + compressed) u32 | crc32(raw) u32 | zstd payload
 
 Knows bytes only. zstd contexts are not thread-safe: one per thread.
 """
@@ -21,7 +21,9 @@ FORMAT_VERSION = 1
 KIND_TOKENS = 0
 KIND_KV = 1
 _MAGIC = b"MSBK"
-_HEAD = struct.Struct("<4sHBHIIQII")
+_FIELDS = struct.Struct("<4sHBHIIQ")
+_CRCS = struct.Struct("<II")
+_HEAD_SIZE = _FIELDS.size + _CRCS.size
 _local = threading.local()
 
 
@@ -55,23 +57,23 @@ def encode_block(payload: bytes, *, kind: int, layer: int, index: int, n_tokens:
     if kind not in (KIND_TOKENS, KIND_KV):
         raise ValueError(f"unknown block kind {kind}")
     comp = _ctx(level).compress(payload)
-    head = _HEAD.pack(_MAGIC, FORMAT_VERSION, kind, layer, index, n_tokens, len(payload),
-                      zlib.crc32(comp), zlib.crc32(payload))
-    return head + comp
+    fields = _FIELDS.pack(_MAGIC, FORMAT_VERSION, kind, layer, index, n_tokens, len(payload))
+    return fields + _CRCS.pack(zlib.crc32(comp, zlib.crc32(fields)), zlib.crc32(payload)) + comp
 
 
 def decode_block(buf: bytes, key: bytes | None = None) -> tuple[BlockHeader, bytes]:
     buf = memoryview(buf)
-    if len(buf) < _HEAD.size:
+    if len(buf) < _HEAD_SIZE:
         raise CorruptBlock("block is truncated (no header)", key)
-    magic, version, kind, layer, index, n_tokens, raw_len, crc_comp, crc_raw = _HEAD.unpack_from(buf)
+    magic, version, kind, layer, index, n_tokens, raw_len = _FIELDS.unpack_from(buf)
+    crc_all, crc_raw = _CRCS.unpack_from(buf, _FIELDS.size)
     if magic != _MAGIC:
         raise CorruptBlock("block has a bad magic number", key)
     if version != FORMAT_VERSION:
         raise CorruptBlock(f"block format {version} is not supported (expected {FORMAT_VERSION})", key)
-    comp = buf[_HEAD.size:]
-    if zlib.crc32(comp) != crc_comp:
-        raise CorruptBlock("block payload fails its checksum (compressed bytes)", key)
+    comp = buf[_HEAD_SIZE:]
+    if zlib.crc32(comp, zlib.crc32(buf[:_FIELDS.size])) != crc_all:
+        raise CorruptBlock("block fails its checksum (header fields and compressed bytes)", key)
     try:
         raw = _dctx().decompress(comp, max_output_size=raw_len) if raw_len else b""
     except zstandard.ZstdError as exc:

@@ -1,0 +1,15 @@
+# memsvc service image (CPU). For CUDA, install a CUDA torch build before `pip install .`.
+FROM python:3.11-slim
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 MEMSVC_HOME=/var/lib/memsvc/home
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY memsvc memsvc
+COPY store store
+COPY kernels kernels
+COPY proto proto
+COPY clients clients
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu . \
+ && memsvc model pull
+VOLUME ["/var/lib/memsvc"]
+EXPOSE 50051
+CMD ["memsvc", "serve", "--host", "0.0.0.0", "--port", "50051", "--data-dir", "/var/lib/memsvc/data"]
