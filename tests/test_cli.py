@@ -47,3 +47,17 @@ def test_sessions_ls_show_rm(tmp_path, tiny_model):
     assert rm.exit_code == 0 and "deleted beta" in rm.output
     after = runner.invoke(main, ["sessions", "ls", "--data-dir", str(data), "--json"])
     assert [json.loads(l)["id"] for l in after.output.splitlines()] == ["alpha"]
+
+
+def test_chat_streams_replies_and_commits_turns(tiny_server):
+    client, server = tiny_server
+    runner = CliRunner()
+    addr = f"127.0.0.1:{server.memsvc_port}"
+    out = runner.invoke(main, ["chat", "talk", "--address", addr, "--max-new-tokens", "4", "--system", "Be brief."],
+                        input="Hello!\nHow are you?\n")
+    assert out.exit_code == 0, out.output
+    assert out.output.count("model> ") == 2
+    s = client.get_session("talk")
+    assert s.messages == 5  # system, then two user/assistant pairs
+    again = runner.invoke(main, ["chat", "talk", "--address", addr], input="")
+    assert again.exit_code == 0 and "resumed talk" in again.output
