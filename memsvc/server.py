@@ -8,6 +8,7 @@ Knows gRPC and the session manager; knows nothing about tensors or LMDB.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -61,6 +62,19 @@ def _abort(context: grpc.ServicerContext, exc: Exception):
     context.abort(code, str(exc) or type(exc).__name__)
 
 
+def _unary(method):
+    """Wrap a unary handler so every domain error becomes its status code."""
+
+    @functools.wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+
+    return handler
+
+
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def __init__(self, manager: SessionManager):
         self.m = manager
@@ -68,28 +82,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def _view(self, sid: str) -> pb.Session:
         return _session_pb(self.m.view(sid))
 
+    @_unary
     def CreateSession(self, request, context):
-        try:
-            rec = self.m.create(request.session_id, request.policy, dict(request.labels))
-            return self._view(rec.id)
-        except Exception as exc:
-            _abort(context, exc)
+        rec = self.m.create(request.session_id, request.policy, dict(request.labels))
+        return self._view(rec.id)
 
+    @_unary
     def Append(self, request, context):
-        try:
-            kind = request.WhichOneof("content")
-            if kind == "messages":
-                msgs = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-                rec, ids = self.m.append(request.session_id, messages=msgs)
-            elif kind == "text":
-                rec, ids = self.m.append(request.session_id, text=request.text)
-            elif kind == "tokens":
-                rec, ids = self.m.append(request.session_id, tokens=list(request.tokens.ids))
-            else:
-                raise ValueError("empty append: set one of messages, text or tokens")
-            return pb.AppendResponse(session=self._view(rec.id), token_ids=ids)
-        except Exception as exc:
-            _abort(context, exc)
+        kind = request.WhichOneof("content")
+        if kind == "messages":
+            msgs = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+            rec, ids = self.m.append(request.session_id, messages=msgs)
+        elif kind == "text":
+            rec, ids = self.m.append(request.session_id, text=request.text)
+        elif kind == "tokens":
+            rec, ids = self.m.append(request.session_id, tokens=list(request.tokens.ids))
+        else:
+            raise ValueError("empty append: set one of messages, text or tokens")
+        return pb.AppendResponse(session=self._view(rec.id), token_ids=ids)
 
     def Generate(self, request, context):
         params = GenerateParams(
@@ -110,40 +120,31 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         except Exception as exc:
             _abort(context, exc)
 
+    @_unary
     def Resume(self, request, context):
-        try:
-            return _session_pb(self.m.resume(request.session_id))
-        except Exception as exc:
-            _abort(context, exc)
+        return _session_pb(self.m.resume(request.session_id))
 
+    @_unary
     def GetSession(self, request, context):
-        try:
-            return self._view(request.session_id)
-        except Exception as exc:
-            _abort(context, exc)
+        return self._view(request.session_id)
 
+    @_unary
     def ListSessions(self, request, context):
-        try:
-            views, token = self.m.list(after=request.page_token, limit=request.page_size,
-                                       labels=dict(request.labels))
-            return pb.ListSessionsResponse(sessions=[_session_pb(v) for v in views], next_page_token=token)
-        except Exception as exc:
-            _abort(context, exc)
+        views, token = self.m.list(after=request.page_token, limit=request.page_size,
+                                   labels=dict(request.labels))
+        return pb.ListSessionsResponse(sessions=[_session_pb(v) for v in views], next_page_token=token)
 
+    @_unary
     def ForkSession(self, request, context):
-        try:
-            rec = self.m.fork(request.session_id, request.new_session_id, dict(request.labels))
-            return self._view(rec.id)
-        except Exception as exc:
-            _abort(context, exc)
+        rec = self.m.fork(request.session_id, request.new_session_id, dict(request.labels))
+        return self._view(rec.id)
 
+    @_unary
     def DeleteSession(self, request, context):
-        try:
-            self.m.delete(request.session_id)
-            return pb.DeleteSessionResponse(deleted=True)
-        except Exception as exc:
-            _abort(context, exc)
+        self.m.delete(request.session_id)
+        return pb.DeleteSessionResponse(deleted=True)
 
+    @_unary
     def GetStats(self, request, context):
         c = self.m.counters
         n, nbytes = self.m.resident()
