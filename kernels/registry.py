@@ -11,9 +11,20 @@ from typing import Callable
 from .codec import Codec
 from .lowrank import LowRankCodec
 from .turboquant import TurboQuant
+from .uniform import UniformCodec
 
 CODECS: dict[str, Callable[..., Codec]] = {
     # filled in by the codec files' entries below, one line each
+    # uniform asymmetric (min/max, fp16 scale + min per group); _k / _v: for keys / values
+    "uniform": UniformCodec,  # generic: 8 bits, per-token, whole row; takes any config
+    "kivi2_k": partial(UniformCodec, name="kivi2_k", bits=2, group_size=32, axis="channel"),
+    "kivi2_v": partial(UniformCodec, name="kivi2_v", bits=2, group_size=32, axis="token"),
+    "kivi4_k": partial(UniformCodec, name="kivi4_k", bits=4, group_size=32, axis="channel"),
+    "kivi4_v": partial(UniformCodec, name="kivi4_v", bits=4, group_size=32, axis="token"),
+    "k8v8_k": partial(UniformCodec, name="k8v8_k", bits=8, axis="token"),
+    "k8v8_v": partial(UniformCodec, name="k8v8_v", bits=8, axis="token"),
+    "k6v4_k": partial(UniformCodec, name="k6v4_k", bits=6, axis="token"),
+    "k6v4_v": partial(UniformCodec, name="k6v4_v", bits=4, axis="token"),
     "lowrank": LowRankCodec,  # full rank, fp16 latent: exact up to fp16
     "lowrank_ev99": partial(LowRankCodec, name="lowrank_ev99", explained_variance=0.99),
     # TurboQuant: keys and values are named separately by a policy (e.g. K "turbo4", V "turbo3")
