@@ -13,6 +13,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Kernel tests use small shapes; one intra-op thread keeps them fast and repeatable on a
+# shared machine. (Measured here: batched torch.linalg.eigh on [6, 128, 128] float64 takes
+# ~5.5 s with 2 threads against ~0.01 s with 1: an oversubscription pathology, not the math.)
+torch.set_num_threads(1)
+
 
 def _kv_like(shape, seed=0, heavy=(3, 17), scale=8.0, dtype=torch.float32):
     """Real-ish keys/values: Gaussian with a few heavy (outlier) channels along D, seeded."""
