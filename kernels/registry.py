@@ -10,6 +10,7 @@ from typing import Callable
 
 from .codec import Codec
 from .lowrank import LowRankCodec
+from .sparse_outliers import SparseOutlierCodec
 from .turboquant import TurboQuant
 from .uniform import UniformCodec
 
@@ -27,6 +28,10 @@ CODECS: dict[str, Callable[..., Codec]] = {
     "k6v4_v": partial(UniformCodec, name="k6v4_v", bits=4, axis="token"),
     "lowrank": LowRankCodec,  # full rank, fp16 latent: exact up to fp16
     "lowrank_ev99": partial(LowRankCodec, name="lowrank_ev99", explained_variance=0.99),
+    "lowrank_ev99_k8": partial(LowRankCodec, name="lowrank_ev99_k8", explained_variance=0.99, latent_codec="k8v8_k"),
+    # dense-and-sparse (KVQuant): 1% largest |x| exact, the rest 4-bit KIVI (keys per-channel, values per-token)
+    "sparse_outliers": SparseOutlierCodec,
+    "sparse_outliers_v": partial(SparseOutlierCodec, name="sparse_outliers_v", dense="kivi4_v"),
     # TurboQuant: keys and values are named separately by a policy (e.g. K "turbo4", V "turbo3")
     "turbo": TurboQuant,  # 3-bit MSE, Hadamard, norm-corrected
     "turbo2": partial(TurboQuant, name="turbo2", bits=2),
