@@ -99,3 +99,23 @@ def test_session_built_for_another_model_is_refused(tmp_path, tiny_model_dirs):
         # inspection still works, and nothing changed
         assert client.get_session("mine").model == "tiny-a"
         assert server.memsvc_store.dump() == before
+
+
+def test_a_failed_store_write_rolls_the_session_back(seeded, monkeypatch):
+    client, server = seeded
+    before_tokens = client.get_session("s1").tokens
+    expected = client.generate_text("s1", max_new_tokens=6).token_ids
+    before = server.memsvc_store.dump()
+
+    def broken_commit(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(server.memsvc_store, "commit", broken_commit)
+    _fails(lambda: client.append("s1", text=" and a turn the disk never sees"), grpc.StatusCode.INTERNAL, "disk full")
+    _fails(lambda: client.generate("s1", max_new_tokens=3, commit=True), grpc.StatusCode.INTERNAL, "disk full")
+    monkeypatch.undo()
+
+    assert server.memsvc_store.dump() == before
+    assert client.get_session("s1").tokens == before_tokens
+    # the in-memory cache was cropped back: the session answers exactly as before
+    assert client.generate_text("s1", max_new_tokens=6).token_ids == expected
