@@ -1,26 +1,42 @@
-"""Errors of the store. Plain exceptions; the service maps them to status codes."""
+"""Errors of the store. Plain exceptions; the service maps them to status codes.
+
+Knows which database, key and field a damaged value came from; knows nothing
+about gRPC or models.
+"""
 from __future__ import annotations
 
 
 class StoreError(Exception):
-    """Anything the store cannot do (missing data dir, refused write, ...)."""
+    """Anything the store cannot do (missing data dir, refused write, closed store, ...)."""
 
 
 class SessionExists(StoreError):
-    pass
+    """A create or fork names an id that is already stored."""
 
 
 class SessionMissing(StoreError):
-    pass
+    """A write names a session that is not stored."""
 
 
 class CorruptRecord(StoreError, ValueError):
-    """A stored value failed its magic, version, length or checksum check."""
+    """A stored value failed its magic, version, length or checksum check.
 
-    def __init__(self, message: str, key: bytes | None = None):
-        super().__init__(message)
-        self.key = key
+    `key` is the LMDB key of the damaged value (None when decoding loose bytes),
+    `db` the database it lives in, `field` the check that failed.
+    """
+
+    def __init__(self, message: str, key: bytes | None = None, *, db: str | None = None,
+                 field: str | None = None):
+        where = []
+        if db is not None:
+            where.append(f"db {db}")
+        if key is not None:
+            where.append(f"key {bytes(key)!r}")
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+        self.key = None if key is None else bytes(key)
+        self.db = db
+        self.field = field
 
 
 class CorruptBlock(CorruptRecord):
-    pass
+    """A token or KV block failed a check (see `field`: magic, version, crc, raw_len, ...)."""
