@@ -40,6 +40,7 @@ no outliers) on `codec.use_reference()`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -158,6 +159,8 @@ class TurboQuant:
             from .turboquant_triton import decode_mse_triton
 
             out = decode_mse_triton(p.tensors["codes"], p.tensors["scales"], m["bits"], m["seed"], m["layer"], p.shape)
+        elif not m["qjl"] and m["bits"] in _LUT_BITS and next_pow2(d) >= 8:
+            return _decode_lut(p.tensors["codes"], p.tensors["scales"], m, tuple(p.shape), p.dtype)
         else:
             y = _decode_rotated_part(p.tensors, "", m, tuple(p.shape[:-1]), d)
             out = unrotate(y, m["rotation"], m["seed"], m["layer"], d, dense=True)
@@ -321,6 +324,46 @@ def _decode_rotated_part(tensors, prefix, m, lead, d, bits=None) -> torch.Tensor
         z = _unpack_signs(tensors, prefix, lead, dp)
         y = y + (tensors[prefix + "rnorms"].float().unsqueeze(-1) * (math.sqrt(math.pi / 2) / dp)) * torch.matmul(z, s)
     return y
+
+
+_LUT_BITS = (1, 2, 3, 4)
+
+
+@functools.lru_cache(maxsize=64)
+def _byte_lut(bits: int, dp: int) -> torch.Tensor:
+    """Packed index -> centroids: [2^(k*bits), k] float32, k codes per index (little-endian).
+
+    1/2/4 bits: one byte holds k = 8/4/2 codes; 3 bits: a 12-bit half of a 3-byte cell, k = 4.
+    """
+    k = 4 if bits == 3 else 8 // bits
+    idx = torch.arange(1 << (k * bits), dtype=torch.int64)
+    shifts = torch.arange(k, dtype=torch.int64) * bits
+    codes = (idx[:, None] >> shifts[None, :]) & ((1 << bits) - 1)
+    return lloyd_max.centroids(bits, dp)[codes].contiguous()
+
+
+def _lut_indices(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed uint8 [..., B] -> flat int64 indices into _byte_lut(bits), in code order."""
+    if bits != 3:
+        return codes.reshape(-1).to(torch.int64)
+    b = codes.reshape(-1, 3).to(torch.int32)  # one 3-byte cell (8 codes) per row
+    idx = torch.empty(b.shape[0], 2, dtype=torch.int32)
+    torch.bitwise_and(b[:, 1], 15, out=idx[:, 0]).bitwise_left_shift_(8).bitwise_or_(b[:, 0])
+    torch.bitwise_left_shift(b[:, 2], 4, out=idx[:, 1]).bitwise_or_(b[:, 1].bitwise_right_shift(4))
+    return idx.view(-1)
+
+
+def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple, dtype) -> torch.Tensor:
+    """The CPU fast path of decode (MSE, no outliers, 1-4 bits, D_pad >= 8): one table gather
+    from the packed bytes, one dense matmul by R (signs folded in, cropped to D) per head, and
+    one multiply by the scales that writes the output dtype."""
+    bits, d = m["bits"], shape[-1]
+    dp = next_pow2(d)
+    lead = shape[:-1]
+    y = torch.index_select(_byte_lut(bits, dp), 0, _lut_indices(codes, bits)).view(*lead, dp)
+    x = unrotate(y, m["rotation"], m["seed"], m["layer"], d, dense=True)  # [..., T, d] float32
+    out = torch.empty(shape, dtype=dtype)
+    return torch.mul(x, scales.unsqueeze(-1), out=out)
 
 
 def _decode_outliers(p: Packed, d: int) -> torch.Tensor:
