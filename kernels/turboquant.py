@@ -49,7 +49,7 @@ import torch
 from . import lloyd_max
 from .codec import Packed, use_reference
 from .packing import SUPPORTED_BITS, pack_bits, unpack_bits
-from .rotation import ROTATIONS, gaussian_sketch, next_pow2, rotate, unrotate
+from .rotation import ROTATIONS, gaussian_sketch, hadamard_signs, next_pow2, rotate, unrotate
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -204,6 +204,9 @@ class TurboQuant:
 
             codes_packed, scales = encode_mse_triton(x, bits, self.seed, self.layer, self.norm_correction)
             return {prefix + "codes": codes_packed, prefix + "scales": scales}
+        if not self.qjl and self.rotation == "hadamard" and dp >= 8:
+            codes_packed, scales = _encode_hadamard_cpu(x, bits, self.seed, self.layer, self.norm_correction)
+            return {prefix + "codes": codes_packed, prefix + "scales": scales}
         mse_bits = bits - 1 if self.qjl else bits
         y = rotate(x, self.rotation, self.seed, self.layer)  # [..., H, T, Dp] float32
         codes, scales = quantize_rotated(y, mse_bits, self.norm_correction)
@@ -257,6 +260,106 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
     else:
         scales = norms
     return codes, scales.to(torch.float16)
+
+
+def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm_correction: bool):
+    """The CPU fast path of the Hadamard MSE encode: x [..., H, T, D] -> (packed codes, fp16 scales).
+
+    Same operations as rotate() + quantize_rotated() (sign flip, butterfly stages
+    h = 1, 2, 4, ... in the same order, · 1/sqrt(D_pad), u = y · (1/n), symmetric
+    bucketize), so the rotated values and codes are the same floats; but it works
+    coordinate-major ([BH, D_pad, T]: every butterfly operand is a contiguous run
+    of T floats), reuses two float buffers instead of allocating per step, and
+    gets ||c[code]||² from per-boundary counts instead of a gather. The norm is
+    summed in numpy's pairwise order (_pairwise_rows), as the Triton interpreter's
+    tl.sum does, so codes match the interpreted kernel even next to a boundary.
+    """
+    d, t = x.shape[-1], x.shape[-2]
+    dp = next_pow2(d)
+    h = x.shape[-3] if x.dim() >= 3 else 1
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, h, t, d)
+    nb = xs.shape[0]
+    signs = hadamard_signs(dp, seed, layer, h)  # [H, Dp]
+    buf_a = torch.empty(nb, h, dp, t, dtype=torch.float32)
+    buf_b = torch.empty(nb, h, dp, t, dtype=torch.float32)
+    torch.mul(xs.transpose(-1, -2), signs[:, :d, None], out=buf_a[:, :, :d])
+    if dp != d:
+        buf_a[:, :, d:].zero_()
+    src, dst = buf_a.view(-1, dp, t), buf_b.view(-1, dp, t)
+    bh = src.shape[0]
+    step = 1
+    while step < dp:
+        v = src.view(bh, dp // (2 * step), 2, step * t)
+        o = dst.view(bh, dp // (2 * step), 2, step * t)
+        torch.add(v[:, :, 0], v[:, :, 1], out=o[:, :, 0])
+        torch.sub(v[:, :, 0], v[:, :, 1], out=o[:, :, 1])
+        src, dst = dst, src
+        step *= 2
+    y = src.mul_(1.0 / math.sqrt(dp))  # [BH, Dp, T]
+    norms = _pairwise_rows(torch.mul(y, y, out=dst), 0, dp).sqrt()  # [BH, T]
+    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    u = y.mul_(inv.unsqueeze(1))
+    a = torch.abs(u, out=dst)
+    bounds = lloyd_max.boundaries(bits, dp)
+    half = (bounds.numel() + 1) // 2
+    pos = bounds[half:].tolist()
+    m = torch.zeros(bh, dp, t, dtype=torch.uint8)
+    mask = torch.empty(bh, dp, t, dtype=torch.bool)
+    if norm_correction:
+        c2 = (lloyd_max.centroids(bits, dp)[half:].double() ** 2).tolist()
+        energy = torch.full((bh, t), dp * c2[0], dtype=torch.float64)
+    for i, b in enumerate(pos):
+        torch.gt(a, b, out=mask)
+        mu = mask.view(torch.uint8)
+        m.add_(mu)
+        if norm_correction:
+            cnt = mu.sum(dim=1, dtype=torch.uint8 if dp < 256 else torch.int32)  # [BH, T] coordinates above boundary i
+            energy.add_(cnt, alpha=c2[i + 1] - c2[i])
+    torch.le(u, 0, out=mask)
+    codes = m.bitwise_xor_(mask.view(torch.uint8).mul_(255)).add_(half)  # as bucketize_codes
+    if norm_correction:
+        scales = norms / energy.sqrt_().to(torch.float32)
+    else:
+        scales = norms
+    return _pack_coordinate_major(codes, bits).view(*lead, -1), scales.to(torch.float16).view(lead)
+
+
+def _pack_coordinate_major(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes uint8 [B, N, T] (coordinate-major, N >= 8 a power of two) -> packed [B, T, N*bits/8],
+    byte for byte what pack_bits(codes.transpose(1, 2)) returns. Codes are joined into int32 words of
+    g codes (code k of a word at bits [k*bits, (k+1)*bits)) while still coordinate-major, and only the
+    words are transposed (a uint8 transpose of the codes costs more than all the rest)."""
+    b, n, t = codes.shape
+    if bits in (3, 6):
+        g = 24 // bits  # one 3-byte cell per word
+    else:
+        g = min(32 // bits, n)
+    nbw = g * bits // 8  # bytes used per word
+    cw = codes.view(b, n // g, g, t).to(torch.int32)
+    word = cw[:, :, 0].clone()
+    for k in range(1, g):
+        word.bitwise_or_(cw[:, :, k].bitwise_left_shift(k * bits))
+    rows = word.transpose(1, 2).contiguous().view(torch.uint8).view(b, t, n // g, 4)
+    if nbw == 4:
+        return rows.view(b, t, -1)
+    return rows[..., :nbw].reshape(b, t, -1)
+
+
+def _pairwise_rows(sq: torch.Tensor, lo: int, n: int) -> torch.Tensor:
+    """Sum of rows lo .. lo+n of sq [B, N, T] over dim 1 in numpy's pairwise order (n a multiple
+    of 8): 8 running partial sums r_j += sq[i + j], combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7));
+    blocks over 128 split in halves. Overwrites sq's rows; returns [B, T]."""
+    if n > 128:
+        n2 = n // 2
+        n2 -= n2 % 8
+        return _pairwise_rows(sq, lo, n2).add_(_pairwise_rows(sq, lo + n2, n - n2))
+    r = sq[:, lo : lo + 8]
+    for i in range(lo + 8, lo + n, 8):
+        r.add_(sq[:, i : i + 8])
+    pairs = r[:, 0::2] + r[:, 1::2]  # r0+r1, r2+r3, r4+r5, r6+r7
+    quads = pairs[:, 0::2] + pairs[:, 1::2]
+    return quads[:, 0] + quads[:, 1]
 
 
 def bucketize_codes(u: torch.Tensor, bounds: torch.Tensor, with_magnitude: bool = False):
