@@ -16,6 +16,11 @@ This module knows nothing of sessions or layers: whoever keeps a session's
 running basis passes it in. Nesting helpers (`nest_packed`, `unnest_packed`)
 let one codec store another codec's Packed record inside its own; the
 dense-and-sparse codec reuses them.
+
+The two matmuls, `project` (encode) and `reconstruct` (decode), dispatch on
+`codec.use_reference()` between the pure-torch references here and the Triton
+kernels in `lowrank_triton.py` (imported lazily); both paths give the same
+result within float rounding and the stored record is the same format.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import Packed
+from .codec import Packed, use_reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -61,6 +66,58 @@ def _latent_codec(name: str):
     from .registry import get_codec  # late: the registry imports this module
 
     return get_codec(name)
+
+
+# ---------------------------------------------------------------------------
+# the two matmuls: torch reference, Triton kernel, dispatch
+
+
+def project_reference(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """x [..., T, D], basis [..., D, r], mean [..., 1, D] or None -> latent [..., T, r] fp32.
+
+    latent = (x - mean) @ basis in fp32; leading dims broadcast as in torch.
+    """
+    xf = x.float()
+    if mean is not None:
+        xf = xf - mean.float()
+    return xf @ basis.float()
+
+
+def reconstruct_reference(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """latent [..., T, r], basis [..., D, r], mean [..., 1, D] or None -> x_hat [..., T, D] of `dtype`.
+
+    x_hat = latent @ basis^T (+ mean) in fp32, cast once to `dtype`.
+    """
+    x = latent.float() @ basis.float().transpose(-1, -2)
+    if mean is not None:
+        x = x + mean.float()
+    return x.to(dtype)
+
+
+def project_triton(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """Same contract as `project_reference`, computed by a Triton kernel."""
+    from .lowrank_triton import project_triton as impl
+
+    return impl(x, basis, mean)
+
+
+def reconstruct_triton(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Same contract as `reconstruct_reference`, computed by a Triton kernel."""
+    from .lowrank_triton import reconstruct_triton as impl
+
+    return impl(latent, basis, mean, dtype)
+
+
+def project(x, basis, mean):
+    if use_reference():
+        return project_reference(x, basis, mean)
+    return project_triton(x, basis, mean)
+
+
+def reconstruct(latent, basis, mean, dtype):
+    if use_reference():
+        return reconstruct_reference(latent, basis, mean, dtype)
+    return reconstruct_triton(latent, basis, mean, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -141,12 +198,9 @@ class LowRankCodec:
         if self.center and mean is None:
             raise ValueError("center=True needs the mean that goes with a given basis")
         basis16 = basis.to(torch.float16)
-        xf = x.float()
-        if self.center:
-            mean16 = mean.to(torch.float16)
-            xf = xf - mean16.float()
-        # latent: [..., T, r]  (project with the stored fp16 basis: decode sees the same one)
-        latent = xf @ basis16.float()
+        mean16 = mean.to(torch.float16) if self.center else None
+        # latent: [..., T, r]  (project with the stored fp16 basis and mean: decode sees the same ones)
+        latent = project(x, basis16, mean16)
         tensors = {"basis": basis16.contiguous()}
         meta: dict = {"rank": int(basis.shape[-1]), "center": self.center}
         if self.center:
@@ -162,14 +216,12 @@ class LowRankCodec:
     def decode(self, p: Packed) -> torch.Tensor:
         if "latent" in p.meta:
             inner = unnest_packed("latent", p, p.meta["latent"])
-            latent = _latent_codec(inner.codec).decode(inner).float()
+            latent = _latent_codec(inner.codec).decode(inner)
         else:
-            latent = p.tensors["latent"].float()
-        # x_hat: [..., T, D] = latent [..., T, r] @ basis^T [..., r, D]
-        x = latent @ p.tensors["basis"].float().transpose(-1, -2)
-        if p.meta.get("center"):
-            x = x + p.tensors["mean"].float()
-        return x.reshape(p.shape).to(p.dtype)
+            latent = p.tensors["latent"]
+        # x_hat: [..., T, D] = latent [..., T, r] @ basis^T [..., r, D] (+ mean)
+        mean = p.tensors["mean"] if p.meta.get("center") else None
+        return reconstruct(latent, p.tensors["basis"], mean, p.dtype).reshape(p.shape)
 
     def nbytes(self, p: Packed) -> int:
         return p.nbytes()

@@ -10,6 +10,13 @@ writes the outliers back over it.
 
 This module knows nothing of which tensor (keys or values) it holds; pick the
 dense codec's axis accordingly (per-channel for keys, per-token for values).
+
+The data movement -- `split_outliers` (gather the outliers, zero them in the
+dense copy) and `merge_outliers` (scatter them back on decode) -- dispatches on
+`codec.use_reference()` between the pure-torch references here and the Triton
+kernels in `sparse_outliers_triton.py` (imported lazily); both paths are bit-exact
+with each other. The selection itself (`select_outliers`) is torch.topk on both
+paths.
 """
 from __future__ import annotations
 
@@ -18,11 +25,78 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import Packed
+from .codec import Packed, use_reference
 from .lowrank import nest_packed, unnest_packed
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _U16_MAX_ENTRIES = 1 << 16
+
+
+def outlier_value_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The stored dtype of the outlier values: bf16/fp16 as they are (bit-exact), anything else fp16."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+# ---------------------------------------------------------------------------
+# selection (torch), split and merge (torch reference, Triton kernel, dispatch)
+
+
+def select_outliers(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., T, D] -> int64 [k]: flat positions of the k largest |x|, ascending (a canonical list).
+
+    Stays torch.topk on both paths: a selection kernel (a k-th-largest threshold
+    per block) is a later GPU optimization; the Triton path starts at the split.
+    """
+    return torch.topk(x.reshape(-1).float().abs(), k, sorted=False).indices.sort().values
+
+
+def split_outliers_reference(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., T, D] float, index [k] distinct flat positions -> (values [k], inliers like x).
+
+    values: x at `index`, in `outlier_value_dtype(x.dtype)`; inliers: a copy of x
+    with those entries set to +0.
+    """
+    flat = x.reshape(-1)
+    values = flat[index].to(outlier_value_dtype(x.dtype))
+    inliers = flat.clone()
+    inliers[index] = 0
+    return values, inliers.reshape(x.shape)
+
+
+def merge_outliers_reference(dense: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """dense [..., T, D] in the output dtype, index [k] (int16 holding uint16 bits, or int32/int64),
+    values [k] -> a copy of dense with the values (cast to its dtype) written at the flat positions."""
+    x = dense.reshape(-1).clone()
+    if index.dtype == torch.int16:
+        index = index.to(torch.int64) & 0xFFFF
+    x[index.long()] = values.to(dense.dtype)
+    return x.reshape(dense.shape)
+
+
+def split_outliers_triton(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract and bit-exact result as `split_outliers_reference`, by a Triton kernel."""
+    from .sparse_outliers_triton import split_outliers_triton as impl
+
+    return impl(x, index)
+
+
+def merge_outliers_triton(dense: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Same contract and bit-exact result as `merge_outliers_reference`, by a Triton kernel."""
+    from .sparse_outliers_triton import merge_outliers_triton as impl
+
+    return impl(dense, index, values)
+
+
+def split_outliers(x, index):
+    if use_reference():
+        return split_outliers_reference(x, index)
+    return split_outliers_triton(x, index)
+
+
+def merge_outliers(dense, index, values):
+    if use_reference():
+        return merge_outliers_reference(dense, index, values)
+    return merge_outliers_triton(dense, index, values)
 
 
 def _codec(name: str):
@@ -53,16 +127,13 @@ class SparseOutlierCodec:
             raise ValueError(f"expected a float16/bfloat16/float32 block, got {x.dtype}")
         if x.dim() < 2:
             raise ValueError(f"expected a block [..., T, D], got shape {tuple(x.shape)}")
-        flat = x.reshape(-1)
-        k = min(math.ceil(self.outlier_fraction * flat.numel()), flat.numel())
+        n = x.numel()
+        k = min(math.ceil(self.outlier_fraction * n), n)
         # idx: [k] flat positions of the largest |x|, sorted so the list is canonical
-        idx = torch.topk(flat.float().abs(), k, sorted=False).indices.sort().values
-        val_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        values = flat[idx].to(val_dtype)
-        inliers = flat.clone()
-        inliers[idx] = 0
-        dense_t, dense_m = nest_packed("dense", _codec(self.dense).encode(inliers.reshape(x.shape)))
-        if flat.numel() <= _U16_MAX_ENTRIES:
+        idx = select_outliers(x, k)
+        values, inliers = split_outliers(x, idx)
+        dense_t, dense_m = nest_packed("dense", _codec(self.dense).encode(inliers))
+        if n <= _U16_MAX_ENTRIES:
             # the Packed format has no uint16: store its bits as int16 (two's complement)
             index = torch.where(idx >= 1 << 15, idx - (1 << 16), idx).to(torch.int16)
         else:
@@ -73,12 +144,8 @@ class SparseOutlierCodec:
 
     def decode(self, p: Packed) -> torch.Tensor:
         inner = unnest_packed("dense", p, p.meta["dense"])
-        x = _codec(inner.codec).decode(inner).to(p.dtype).reshape(-1).clone()
-        index = p.tensors["outlier_index"]
-        if index.dtype == torch.int16:
-            index = index.to(torch.int64) & 0xFFFF
-        x[index.long()] = p.tensors["outlier_value"].to(p.dtype)
-        return x.reshape(p.shape)
+        dense = _codec(inner.codec).decode(inner).to(p.dtype).reshape(p.shape)
+        return merge_outliers(dense, p.tensors["outlier_index"], p.tensors["outlier_value"])
 
     def nbytes(self, p: Packed) -> int:
         return p.nbytes()
