@@ -340,7 +340,8 @@ def _pack_coordinate_major(codes: torch.Tensor, bits: int) -> torch.Tensor:
     word = cw[:, :, 0].clone()
     for k in range(1, g):
         word.bitwise_or_(cw[:, :, k].bitwise_left_shift(k * bits))
-    rows = word.transpose(1, 2).contiguous().view(torch.uint8).view(b, t, n // g, 4)
+    rows = torch.empty(b, t, n // g, dtype=torch.int32)  # (not .contiguous(): size-1 dims keep odd strides)
+    rows = rows.copy_(word.transpose(1, 2)).view(torch.uint8).view(b, t, n // g, 4)
     if nbw == 4:
         return rows.view(b, t, -1)
     return rows[..., :nbw].reshape(b, t, -1)
