@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -204,7 +205,7 @@ class TurboQuant:
 
             codes_packed, scales = encode_mse_triton(x, bits, self.seed, self.layer, self.norm_correction)
             return {prefix + "codes": codes_packed, prefix + "scales": scales}
-        if not self.qjl and self.rotation == "hadamard" and dp >= 8:
+        if not self.qjl and self.rotation == "hadamard" and 8 <= dp < 256:
             codes_packed, scales = _encode_hadamard_cpu(x, bits, self.seed, self.layer, self.norm_correction)
             return {prefix + "codes": codes_packed, prefix + "scales": scales}
         mse_bits = bits - 1 if self.qjl else bits
@@ -262,6 +263,25 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
     return codes, scales.to(torch.float16)
 
 
+_SCRATCH = threading.local()
+_SCRATCH_MAX_BYTES = 32 << 20
+
+
+def _scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized work buffer, reused across calls by this thread (fresh pages cost more
+    than the arithmetic here). Never returned to callers; buffers over 32 MiB are not kept."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > _SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < nbytes:
+        buf = bufs[slot] = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf[:nbytes].view(dtype).view(shape)
+
+
 def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm_correction: bool):
     """The CPU fast path of the Hadamard MSE encode: x [..., H, T, D] -> (packed codes, fp16 scales).
 
@@ -281,8 +301,8 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     xs = x.reshape(-1, h, t, d)
     nb = xs.shape[0]
     signs = hadamard_signs(dp, seed, layer, h)  # [H, Dp]
-    buf_a = torch.empty(nb, h, dp, t, dtype=torch.float32)
-    buf_b = torch.empty(nb, h, dp, t, dtype=torch.float32)
+    buf_a = _scratch(0, (nb, h, dp, t), torch.float32)
+    buf_b = _scratch(1, (nb, h, dp, t), torch.float32)
     torch.mul(xs.transpose(-1, -2), signs[:, :d, None], out=buf_a[:, :, :d])
     if dp != d:
         buf_a[:, :, d:].zero_()
@@ -300,25 +320,43 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     norms = _pairwise_rows(torch.mul(y, y, out=dst), 0, dp).sqrt()  # [BH, T]
     inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
     u = y.mul_(inv.unsqueeze(1))
-    a = torch.abs(u, out=dst)
+    # codes in int32 on the float bits (a float comparison into bool is 4x slower than these):
+    # for a = |u| >= 0 the int32 bit patterns order like the floats, and u <= 0 <=> bits(u) <= 0
+    ui = u.view(torch.int32)
+    ai = torch.bitwise_and(ui, 0x7FFFFFFF, out=dst.view(torch.int32))
     bounds = lloyd_max.boundaries(bits, dp)
     half = (bounds.numel() + 1) // 2
-    pos = bounds[half:].tolist()
-    m = torch.zeros(bh, dp, t, dtype=torch.uint8)
-    mask = torch.empty(bh, dp, t, dtype=torch.bool)
+    pos = bounds[half:].view(torch.int32).tolist()  # positive boundaries as bit patterns
+    m = _scratch(2, (bh, dp, t), torch.int32)
+    ind = _scratch(3, (bh, dp, t), torch.int32)
+    # with norm correction, indicators are also summed three per int32 (one byte per boundary;
+    # a byte counts at most D_pad < 256 coordinates) to get #{coordinates above boundary i} per row
+    accs = [_scratch(4 + k, (bh, dp, t), torch.int32) for k in range((len(pos) + 2) // 3)] if norm_correction else []
+    if not pos:
+        m.zero_()
+    for i, b in enumerate(pos):
+        torch.gt(ai, b, out=m if i == 0 else ind)
+        if i:
+            m.add_(ind)
+        if accs:
+            if i % 3 == 0:
+                accs[i // 3].copy_(m if i == 0 else ind)
+            else:
+                accs[i // 3].add_(ind, alpha=1 << (8 * (i % 3)))
+    neg = torch.le(ui, 0, out=ind).neg_()  # -1 where u <= 0
+    codes = m.bitwise_xor_(neg).add_(half)  # u > 0: half + m; u <= 0: half - 1 - m (as bucketize_codes)
     if norm_correction:
         c2 = (lloyd_max.centroids(bits, dp)[half:].double() ** 2).tolist()
         energy = torch.full((bh, t), dp * c2[0], dtype=torch.float64)
-    for i, b in enumerate(pos):
-        torch.gt(a, b, out=mask)
-        mu = mask.view(torch.uint8)
-        m.add_(mu)
-        if norm_correction:
-            cnt = mu.sum(dim=1, dtype=torch.uint8 if dp < 256 else torch.int32)  # [BH, T] coordinates above boundary i
-            energy.add_(cnt, alpha=c2[i + 1] - c2[i])
-    torch.le(u, 0, out=mask)
-    codes = m.bitwise_xor_(mask.view(torch.uint8).mul_(255)).add_(half)  # as bucketize_codes
-    if norm_correction:
+        for k, acc in enumerate(accs):
+            n = dp
+            while n > 1:  # integer row sums: exact in any order
+                n //= 2
+                acc[:, :n].add_(acc[:, n : 2 * n])
+            row = acc[:, 0]
+            for j in range(3 * k, min(3 * k + 3, len(pos))):
+                cnt = row.bitwise_right_shift(8 * (j - 3 * k)).bitwise_and_(0xFF)
+                energy.add_(cnt, alpha=c2[j + 1] - c2[j])
         scales = norms / energy.sqrt_().to(torch.float32)
     else:
         scales = norms
