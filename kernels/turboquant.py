@@ -50,7 +50,7 @@ import torch
 from . import lloyd_max
 from .codec import Packed, use_reference
 from .packing import SUPPORTED_BITS, pack_bits, unpack_bits
-from .rotation import ROTATIONS, gaussian_sketch, hadamard_signs, next_pow2, rotate, unrotate
+from .rotation import ROTATIONS, gaussian_sketch, hadamard_signs, next_pow2, rotate, rotation_matrices, unrotate
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -488,10 +488,13 @@ def _lut_indices(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Packed uint8 [..., B] -> flat int64 indices into _byte_lut(bits), in code order."""
     if bits != 3:
         return codes.reshape(-1).to(torch.int64)
-    b = codes.reshape(-1, 3).to(torch.int32)  # one 3-byte cell (8 codes) per row
-    idx = torch.empty(b.shape[0], 2, dtype=torch.int32)
-    torch.bitwise_and(b[:, 1], 15, out=idx[:, 0]).bitwise_left_shift_(8).bitwise_or_(b[:, 0])
-    torch.bitwise_left_shift(b[:, 2], 4, out=idx[:, 1]).bitwise_or_(b[:, 1].bitwise_right_shift(4))
+    cells = codes.reshape(-1, 3)  # one 3-byte cell (8 codes) per row
+    w = torch.zeros(cells.shape[0], 4, dtype=torch.uint8)
+    w[:, :3] = cells
+    w = w.view(torch.int32).view(-1)  # the cell's 24 bits, little-endian
+    idx = torch.empty(w.shape[0], 2, dtype=torch.int32)
+    torch.bitwise_and(w, 0xFFF, out=idx[:, 0])
+    torch.bitwise_right_shift(w, 12, out=idx[:, 1])
     return idx.view(-1)
 
 
@@ -502,10 +505,18 @@ def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple
     bits, d = m["bits"], shape[-1]
     dp = next_pow2(d)
     lead = shape[:-1]
-    y = torch.index_select(_byte_lut(bits, dp), 0, _lut_indices(codes, bits)).view(*lead, dp)
-    x = unrotate(y, m["rotation"], m["seed"], m["layer"], d, dense=True)  # [..., T, d] float32
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    lut = _byte_lut(bits, dp)
+    idx = _lut_indices(codes, bits)
+    y = torch.index_select(lut, 0, idx, out=_scratch(10, (idx.shape[0], lut.shape[1]), torch.float32))
+    t = shape[-2]
+    h = shape[-3] if len(shape) >= 3 else 1
+    rot = rotation_matrices(m["rotation"], dp, m["seed"], m["layer"], h)[..., :d]  # [H, Dp, d]: x_row = y_row @ R
+    x = _scratch(11, (math.prod(lead) // (h * t) if t else 0, h, t, d), torch.float32)
+    torch.matmul(y.view(-1, h, t, dp), rot, out=x)  # [..., H, T, d] float32
     out = torch.empty(shape, dtype=dtype)
-    return torch.mul(x, scales.unsqueeze(-1), out=out)
+    return torch.mul(x.view(shape), scales.unsqueeze(-1), out=out)
 
 
 def _decode_outliers(p: Packed, d: int) -> torch.Tensor:
