@@ -160,6 +160,8 @@ class TurboQuant:
             from .turboquant_triton import decode_mse_triton
 
             out = decode_mse_triton(p.tensors["codes"], p.tensors["scales"], m["bits"], m["seed"], m["layer"], p.shape)
+        elif not m["qjl"] and m["rotation"] == "hadamard" and m["bits"] in _LUT_BITS and next_pow2(d) >= 32:
+            return _decode_kron(p.tensors["codes"], p.tensors["scales"], m, tuple(p.shape), p.dtype)
         elif not m["qjl"] and m["bits"] in _LUT_BITS and next_pow2(d) >= 8:
             return _decode_lut(p.tensors["codes"], p.tensors["scales"], m, tuple(p.shape), p.dtype)
         else:
@@ -517,6 +519,63 @@ def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple
     torch.matmul(y.view(-1, h, t, dp), rot, out=x)  # [..., H, T, d] float32
     out = torch.empty(shape, dtype=dtype)
     return torch.mul(x.view(shape), scales.unsqueeze(-1), out=out)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    """The unnormalized Sylvester Hadamard matrix [n, n]: H[i, j] = (-1)^popcount(i & j)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+@functools.lru_cache(maxsize=64)
+def _kron_tables(bits: int, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lut, H_A) for _decode_kron: lut[idx] = H_4 · c[4 codes of idx] (code k at bits [k*bits, ..)),
+    [2^(4*bits), 4] float32; H_A the Sylvester matrix of order A = D_pad / 4."""
+    idx = torch.arange(1 << (4 * bits), dtype=torch.int64)
+    codes = (idx[:, None] >> (torch.arange(4) * bits)[None, :]) & ((1 << bits) - 1)
+    c = lloyd_max.centroids(bits, dp).double()[codes]  # [n, 4]
+    lut = (c @ _sylvester(4).double().T).to(torch.float32).contiguous()
+    return lut, _sylvester(dp // 4)
+
+
+def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple, dtype) -> torch.Tensor:
+    """The CPU fast path of the Hadamard decode (MSE, no outliers, 1-4 bits, D_pad >= 32).
+
+    With i = a + A·b (A = D_pad/4, b < 4) the Walsh–Hadamard matrix factors as
+    H[i, i'] = H_A[a, a'] · H_4[b, b']. One table gather per (token, a') looks up
+    the four codes at a' + A·b' (b' = 0..3) and returns H_4 applied to their
+    centroids; one matmul with K = A (4x fewer multiply-adds than the dense
+    rotation) applies H_A. The gather is laid out [a', (t, b)] so that the
+    matmul's output rows are (t, b) with a contiguous: exactly x[t, a + A·b].
+    Equal to the butterfly decode up to float rounding.
+    """
+    bits, d = m["bits"], shape[-1]
+    dp = next_pow2(d)
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    t = shape[-2]
+    h = shape[-3] if len(shape) >= 3 else 1
+    bh = math.prod(shape[:-2])
+    a = dp // 4
+    lut, ha = _kron_tables(bits, dp)
+    cu = unpack_bits(codes.reshape(bh * t, -1), bits, dp).view(bh, t, 4, a)
+    w = cu[:, :, 3].to(torch.int32)  # [BH, T, A]: the 4 codes of group a', code b' at bits b'*bits
+    for k in (2, 1, 0):
+        w.bitwise_left_shift_(bits).bitwise_or_(cu[:, :, k])
+    idx = _scratch(12, (bh, a, t), torch.int32)
+    idx.copy_(w.transpose(1, 2))
+    v = torch.index_select(lut, 0, idx.view(-1), out=_scratch(10, (bh * a * t, 4), torch.float32))
+    scale4 = scales.reshape(bh, t, 1).to(torch.float32).expand(bh, t, 4).reshape(bh, 1, t * 4)
+    v = v.view(bh, a, t * 4).mul_(scale4)
+    x = _scratch(11, (bh, t * 4, a), torch.float32)
+    torch.matmul(v.transpose(1, 2), ha, out=x)  # [BH, (T, 4), A] = [BH, T, D_pad]
+    signs = hadamard_signs(dp, m["seed"], m["layer"], h) * (1.0 / math.sqrt(dp))  # [H, Dp]
+    x = x.view(-1, h, t, dp).mul_(signs[:, None, :])
+    out = torch.empty(shape, dtype=dtype)
+    out.view(-1, h, t, d).copy_(x[..., :d])
+    return out
 
 
 def _decode_outliers(p: Packed, d: int) -> torch.Tensor:
