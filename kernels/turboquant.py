@@ -266,6 +266,7 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
 
 
 _SCRATCH = threading.local()
+_ONE64 = torch.ones((), dtype=torch.int64)
 _SCRATCH_MAX_BYTES = 32 << 20
 
 
@@ -333,7 +334,9 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     ind = _scratch(3, (bh, dp, t), torch.int32)
     # with norm correction, indicators are also summed three per int32 (one byte per boundary;
     # a byte counts at most D_pad < 256 coordinates) to get #{coordinates above boundary i} per row
-    accs = [_scratch(4 + k, (bh, dp, t), torch.int32) for k in range((len(pos) + 2) // 3)] if norm_correction else []
+    # (with 4 bits, 7 boundaries: a per-row histogram of m instead, one byte per level in an int64)
+    hist = norm_correction and bits == 4
+    accs = [_scratch(4 + k, (bh, dp, t), torch.int32) for k in range((len(pos) + 2) // 3)] if norm_correction and not hist else []
     if not pos:
         m.zero_()
     for i, b in enumerate(pos):
@@ -345,11 +348,26 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
                 accs[i // 3].copy_(m if i == 0 else ind)
             else:
                 accs[i // 3].add_(ind, alpha=1 << (8 * (i % 3)))
+    if hist:
+        # 1 << 8m per coordinate, summed over the row: byte k counts the coordinates with m == k
+        # (a row holds < 256 coordinates, and level 7 can never hold them all: no carries)
+        e = _scratch(4, (bh, dp, t), torch.int64)
+        e.copy_(m).bitwise_left_shift_(3)
+        torch.bitwise_left_shift(_ONE64, e, out=e)
+        n = dp
+        while n > 1:
+            n //= 2
+            e[:, :n].add_(e[:, n : 2 * n])
+        hrow = e[:, 0]
     neg = torch.le(ui, 0, out=ind).neg_()  # -1 where u <= 0
     codes = m.bitwise_xor_(neg).add_(half)  # u > 0: half + m; u <= 0: half - 1 - m (as bucketize_codes)
     if norm_correction:
         c2 = (lloyd_max.centroids(bits, dp)[half:].double() ** 2).tolist()
         energy = torch.full((bh, t), dp * c2[0], dtype=torch.float64)
+        if hist:
+            energy.zero_()
+            for k in range(len(c2)):
+                energy.add_(hrow.bitwise_right_shift(8 * k).bitwise_and_(0xFF), alpha=c2[k])
         for k, acc in enumerate(accs):
             n = dp
             while n > 1:  # integer row sums: exact in any order
