@@ -578,8 +578,9 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
     bh = math.prod(shape[:-2])
     a = dp // 4
     lut, ha = _kron_tables(bits, dp)
-    cu = unpack_bits(codes.reshape(bh * t, -1), bits, dp).view(bh, t, 4, a)
-    w = cu[:, :, 3].to(torch.int32)  # [BH, T, A]: the 4 codes of group a', code b' at bits b'*bits
+    wide = torch.int16 if bits < 4 else torch.int32  # 4 codes take 4*bits bits: no sign overflow
+    cu = unpack_bits(codes.reshape(bh * t, -1), bits, dp).view(bh, t, 4, a).to(wide)
+    w = cu[:, :, 3].clone()  # [BH, T, A]: the 4 codes of group a', code b' at bits b'*bits
     for k in (2, 1, 0):
         w.bitwise_left_shift_(bits).bitwise_or_(cu[:, :, k])
     idx = _scratch(12, (bh, a, t), torch.int32)
