@@ -579,8 +579,9 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
     a = dp // 4
     lut, ha = _kron_tables(bits, dp)
     wide = torch.int16 if bits < 4 else torch.int32  # 4 codes take 4*bits bits: no sign overflow
-    cu = unpack_bits(codes.reshape(bh * t, -1), bits, dp).view(bh, t, 4, a).to(wide)
-    w = cu[:, :, 3].clone()  # [BH, T, A]: the 4 codes of group a', code b' at bits b'*bits
+    cu = _scratch(13, (bh, t, 4, a), wide)
+    cu.view(bh * t, dp).copy_(unpack_bits(codes.reshape(bh * t, -1), bits, dp))
+    w = _scratch(14, (bh, t, a), wide).copy_(cu[:, :, 3])  # the 4 codes of group a', code b' at bits b'*bits
     for k in (2, 1, 0):
         w.bitwise_left_shift_(bits).bitwise_or_(cu[:, :, k])
     idx = _scratch(12, (bh, a, t), torch.int32)
