@@ -306,7 +306,12 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     signs = hadamard_signs(dp, seed, layer, h)  # [H, Dp]
     buf_a = _scratch(0, (nb, h, dp, t), torch.float32)
     buf_b = _scratch(1, (nb, h, dp, t), torch.float32)
-    torch.mul(xs.transpose(-1, -2), signs[:, :d, None], out=buf_a[:, :, :d])
+    # fp16 input and D_pad a power of 4: 1/sqrt(D_pad) is a power of two and every butterfly value a
+    # multiple of 2^-24, so scaling first is exact and gives the same floats as scaling last
+    fold = x.dtype == torch.float16 and (dp.bit_length() - 1) % 2 == 0
+    if fold:
+        signs = signs * (1.0 / math.sqrt(dp))
+    buf_a[:, :, :d].copy_(xs.transpose(-1, -2)).mul_(signs[:, :d, None])  # (faster than one mul from the transpose)
     if dp != d:
         buf_a[:, :, d:].zero_()
     src, dst = buf_a.view(-1, dp, t), buf_b.view(-1, dp, t)
@@ -319,7 +324,7 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
         torch.sub(v[:, :, 0], v[:, :, 1], out=o[:, :, 1])
         src, dst = dst, src
         step *= 2
-    y = src.mul_(1.0 / math.sqrt(dp))  # [BH, Dp, T]
+    y = src if fold else src.mul_(1.0 / math.sqrt(dp))  # [BH, Dp, T]
     norms = _pairwise_rows(torch.mul(y, y, out=dst), 0, dp).sqrt()  # [BH, T]
     inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
     u = y.mul_(inv.unsqueeze(1))
