@@ -544,6 +544,23 @@ def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple
     return torch.mul(x.view(shape), scales.unsqueeze(-1), out=out)
 
 
+@functools.lru_cache(maxsize=8)
+def _unpack_table(bits: int) -> torch.Tensor:
+    """Packed index -> its k codes as k bytes of one integer (k = 8/bits per byte; 3 bits: 4 per 12-bit half-cell)."""
+    k = 4 if bits == 3 else 8 // bits
+    idx = torch.arange(1 << (k * bits), dtype=torch.int64)
+    codes = ((idx[:, None] >> (torch.arange(k) * bits)[None, :]) & ((1 << bits) - 1)).to(torch.uint8)
+    return codes.contiguous().view({1: torch.int64, 2: torch.int32, 3: torch.int32, 4: torch.int16}[bits]).view(-1)
+
+
+def _unpack_lut(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """unpack_bits for 1-4 bits and rows of whole bytes (3 bits: whole 3-byte cells), by one table gather."""
+    if n * bits % (24 if bits == 3 else 8):
+        return unpack_bits(packed, bits, n)
+    idx = _lut_indices(packed, bits) if bits == 3 else packed.reshape(-1).to(torch.int32)
+    return torch.index_select(_unpack_table(bits), 0, idx).view(torch.uint8).view(*packed.shape[:-1], n)
+
+
 def _sylvester(n: int) -> torch.Tensor:
     """The unnormalized Sylvester Hadamard matrix [n, n]: H[i, j] = (-1)^popcount(i & j)."""
     h = torch.ones(1, 1)
@@ -585,7 +602,7 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
     lut, ha = _kron_tables(bits, dp)
     wide = torch.int16 if bits < 4 else torch.int32  # 4 codes take 4*bits bits: no sign overflow
     cu = _scratch(13, (bh, t, 4, a), wide)
-    cu.view(bh * t, dp).copy_(unpack_bits(codes.reshape(bh * t, -1), bits, dp))
+    cu.view(bh * t, dp).copy_(_unpack_lut(codes.reshape(bh * t, -1), bits, dp))
     w = _scratch(14, (bh, t, a), wide).copy_(cu[:, :, 3])  # the 4 codes of group a', code b' at bits b'*bits
     for k in (2, 1, 0):
         w.bitwise_left_shift_(bits).bitwise_or_(cu[:, :, k])
