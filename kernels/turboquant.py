@@ -160,6 +160,9 @@ class TurboQuant:
             from .turboquant_triton import decode_mse_triton
 
             out = decode_mse_triton(p.tensors["codes"], p.tensors["scales"], m["bits"], m["seed"], m["layer"], p.shape)
+        elif not m["qjl"] and m["bits"] in _LUT_BITS and p.tensors["codes"].device.type != "cpu":
+            y = _decode_rotated_part(p.tensors, "", m, tuple(p.shape[:-1]), d)
+            out = unrotate(y, m["rotation"], m["seed"], m["layer"], d, dense=True)
         elif not m["qjl"] and m["rotation"] == "hadamard" and m["bits"] in _LUT_BITS and next_pow2(d) >= 32:
             return _decode_kron(p.tensors["codes"], p.tensors["scales"], m, tuple(p.shape), p.dtype)
         elif not m["qjl"] and m["bits"] in _LUT_BITS and next_pow2(d) >= 8:
@@ -207,7 +210,7 @@ class TurboQuant:
 
             codes_packed, scales = encode_mse_triton(x, bits, self.seed, self.layer, self.norm_correction)
             return {prefix + "codes": codes_packed, prefix + "scales": scales}
-        if not self.qjl and self.rotation == "hadamard" and 8 <= dp < 256:
+        if not self.qjl and self.rotation == "hadamard" and 8 <= dp < 256 and bits <= 4 and x.device.type == "cpu":
             codes_packed, scales = _encode_hadamard_cpu(x, bits, self.seed, self.layer, self.norm_correction)
             return {prefix + "codes": codes_packed, prefix + "scales": scales}
         mse_bits = bits - 1 if self.qjl else bits
@@ -267,12 +270,12 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
 
 _SCRATCH = threading.local()
 _ONE64 = torch.ones((), dtype=torch.int64)
-_SCRATCH_MAX_BYTES = 32 << 20
+_SCRATCH_MAX_BYTES = 16 << 20
 
 
 def _scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized work buffer, reused across calls by this thread (fresh pages cost more
-    than the arithmetic here). Never returned to callers; buffers over 32 MiB are not kept."""
+    than the arithmetic here). Never returned to callers; buffers over 16 MiB are not kept."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes > _SCRATCH_MAX_BYTES:
         return torch.empty(shape, dtype=dtype)
