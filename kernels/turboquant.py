@@ -37,6 +37,12 @@ codecs, e.g. keys "turbo4" and values "turbo3"; `turbo_kv(4, 3)` builds the pair
 This module knows nothing of sessions, tiers or models. Encode/decode dispatch
 between this pure-torch reference and turboquant_triton.py (Hadamard, MSE,
 no outliers) on `codec.use_reference()`.
+
+CPU throughput (the reference path, Hadamard MSE, 1-4 bits): encode works
+coordinate-major with the same float operations as rotate() + quantize_rotated()
+(`_encode_hadamard_cpu`: same codes, bit for bit); decode factors the
+Walsh–Hadamard matrix as H_{D/4} ⊗ H_4 (`_decode_kron`: one table gather, one
+small matmul); both keep per-thread scratch buffers (`_scratch`).
 """
 from __future__ import annotations
 
