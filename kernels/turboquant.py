@@ -532,6 +532,23 @@ def _lut_indices(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return idx.view(-1)
 
 
+_ROW_AS_ONE = {8: torch.int64, 16: torch.complex128}  # a table row moved as one element
+
+
+def _gather_rows(table: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """table[idx] for a contiguous float32 table [n, k]: rows of 8 or 16 bytes are gathered as single
+    int64 / complex128 elements (a 1-D gather is ~3x faster than index_select over 2-D rows; the bits
+    are only moved, never computed on)."""
+    k = table.shape[1]
+    one = _ROW_AS_ONE.get(4 * k)
+    if one is None:
+        return torch.index_select(table, 0, idx, out=out)
+    if out is None:
+        out = torch.empty(idx.shape[0], k, dtype=table.dtype)
+    torch.index_select(table.view(one).view(-1), 0, idx, out=out.view(one).view(-1))
+    return out
+
+
 def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple, dtype) -> torch.Tensor:
     """The CPU fast path of decode (MSE, no outliers, 1-4 bits, D_pad >= 8): one table gather
     from the packed bytes, one dense matmul by R (signs folded in, cropped to D) per head, and
@@ -543,7 +560,7 @@ def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple
         return torch.empty(shape, dtype=dtype)
     lut = _byte_lut(bits, dp)
     idx = _lut_indices(codes, bits)
-    y = torch.index_select(lut, 0, idx, out=_scratch(10, (idx.shape[0], lut.shape[1]), torch.float32))
+    y = _gather_rows(lut, idx, out=_scratch(10, (idx.shape[0], lut.shape[1]), torch.float32))
     t = shape[-2]
     h = shape[-3] if len(shape) >= 3 else 1
     rot = rotation_matrices(m["rotation"], dp, m["seed"], m["layer"], h)[..., :d]  # [H, Dp, d]: x_row = y_row @ R
@@ -617,7 +634,7 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
         w.bitwise_left_shift_(bits).bitwise_or_(cu[:, :, k])
     idx = _scratch(12, (bh, a, t), torch.int32)
     idx.copy_(w.transpose(1, 2))
-    v = torch.index_select(lut, 0, idx.view(-1), out=_scratch(10, (bh * a * t, 4), torch.float32))
+    v = _gather_rows(lut, idx.view(-1), out=_scratch(10, (bh * a * t, 4), torch.float32))
     scale4 = scales.reshape(bh, t, 1).to(torch.float32).expand(bh, t, 4).reshape(bh, 1, t * 4)
     v = v.view(bh, a, t * 4).mul_(scale4)
     x = _scratch(11, (bh, t * 4, a), torch.float32)
