@@ -571,20 +571,14 @@ def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple
 
 
 @functools.lru_cache(maxsize=8)
-def _unpack_table(bits: int) -> torch.Tensor:
-    """Packed index -> its k codes as k bytes of one integer (k = 8/bits per byte; 3 bits: 4 per 12-bit half-cell)."""
+def _unpack_table_wide(bits: int) -> torch.Tensor:
+    """Packed index (a byte; 3 bits: a 12-bit half-cell) -> its codes widened to int16 (1-3 bits) or int32 (4 bits), as
+    one 8-byte (int64) or 16-byte (complex128, 1 bit) element holding its codes in order."""
     k = 4 if bits == 3 else 8 // bits
     idx = torch.arange(1 << (k * bits), dtype=torch.int64)
-    codes = ((idx[:, None] >> (torch.arange(k) * bits)[None, :]) & ((1 << bits) - 1)).to(torch.uint8)
-    return codes.contiguous().view({1: torch.int64, 2: torch.int32, 3: torch.int32, 4: torch.int16}[bits]).view(-1)
-
-
-def _unpack_lut(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """unpack_bits for 1-4 bits and rows of whole bytes (3 bits: whole 3-byte cells), by one table gather."""
-    if n * bits % (24 if bits == 3 else 8):
-        return unpack_bits(packed, bits, n)
-    idx = _lut_indices(packed, bits) if bits == 3 else packed.reshape(-1).to(torch.int32)
-    return torch.index_select(_unpack_table(bits), 0, idx).view(torch.uint8).view(*packed.shape[:-1], n)
+    codes = (idx[:, None] >> (torch.arange(k) * bits)[None, :]) & ((1 << bits) - 1)
+    codes = codes.to(torch.int16 if bits < 4 else torch.int32).contiguous()
+    return codes.view(torch.complex128 if bits == 1 else torch.int64).view(-1)
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -628,7 +622,9 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
     lut, ha = _kron_tables(bits, dp)
     wide = torch.int16 if bits < 4 else torch.int32  # 4 codes take 4*bits bits: no sign overflow
     cu = _scratch(13, (bh, t, 4, a), wide)
-    cu.view(bh * t, dp).copy_(_unpack_lut(codes.reshape(bh * t, -1), bits, dp))
+    tbl = _unpack_table_wide(bits)  # unpacks straight into wide codes, 8 or 16 bytes per packed index
+    pidx = _lut_indices(codes, 3) if bits == 3 else codes.reshape(-1).to(torch.int32)
+    torch.index_select(tbl, 0, pidx, out=cu.view(tbl.dtype).view(-1))
     w = _scratch(14, (bh, t, a), wide).copy_(cu[:, :, 3])  # the 4 codes of group a', code b' at bits b'*bits
     for k in (2, 1, 0):
         w.bitwise_left_shift_(bits).bitwise_or_(cu[:, :, k])
