@@ -409,9 +409,15 @@ def _pack_coordinate_major(codes: torch.Tensor, bits: int) -> torch.Tensor:
         g = min(32 // bits, n)
     nbw = g * bits // 8  # bytes used per word
     cw = codes.view(b, n // g, g, t).to(torch.int32)
-    word = cw[:, :, 0].clone()
-    for k in range(1, g):
-        word.bitwise_or_(cw[:, :, k].bitwise_left_shift(k * bits))
+    # a tree of g-1 fused adds (k and k + g/2 first, shifted by their distance): the fields never
+    # overlap, so + is |, and int32 wraps into the sign bit as the shift would
+    k = g // 2
+    word = _scratch(9, (b, n // g, k, t), torch.int32)
+    torch.add(cw[:, :, :k], cw[:, :, k:], alpha=1 << (k * bits), out=word)
+    while k > 1:
+        k //= 2
+        word[:, :, :k].add_(word[:, :, k : 2 * k], alpha=1 << (k * bits))
+    word = word[:, :, 0]
     rows = torch.empty(b, t, n // g, dtype=torch.int32)  # (not .contiguous(): size-1 dims keep odd strides)
     rows = rows.copy_(word.transpose(1, 2)).view(torch.uint8).view(b, t, n // g, 4)
     if nbw == 4:
