@@ -276,6 +276,7 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
 
 _SCRATCH = threading.local()
 _ONE64 = torch.ones((), dtype=torch.int64)
+_ONE32 = torch.ones((), dtype=torch.int32)
 _SCRATCH_MAX_BYTES = 16 << 20
 
 
@@ -348,8 +349,8 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     ind = _scratch(3, (bh, dp, t), torch.int32)
     # with norm correction, indicators are also summed three per int32 (one byte per boundary;
     # a byte counts at most D_pad < 256 coordinates) to get #{coordinates above boundary i} per row
-    # (with 4 bits, 7 boundaries: a per-row histogram of m instead, one byte per level in an int64)
-    hist = norm_correction and bits == 4
+    # (with 3 or 4 bits: a per-row histogram of m instead, one byte per level in an int32 or int64)
+    hist = norm_correction and bits in (3, 4)
     accs = [_scratch(4 + k, (bh, dp, t), torch.int32) for k in range((len(pos) + 2) // 3)] if norm_correction and not hist else []
     if not pos:
         m.zero_()
@@ -364,17 +365,23 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
                 accs[i // 3].add_(ind, alpha=1 << (8 * (i % 3)))
     if hist:
         # 1 << 8m per coordinate, summed over the row: byte k counts the coordinates with m == k
-        # (a row holds < 256 coordinates, and level 7 can never hold them all: no carries)
-        e = _scratch(4, (bh, dp, t), torch.int64)
-        e.copy_(m).bitwise_left_shift_(3)
-        torch.bitwise_left_shift(_ONE64, e, out=e)
+        # (a row holds < 256 coordinates, and level 7 can never hold them all: no carries; with 3 bits
+        # in an int32, whose top byte may wrap into the sign bit, read back masked)
+        if bits == 3:
+            e = torch.bitwise_left_shift(m, 3, out=_scratch(4, (bh, dp, t), torch.int32))
+            torch.bitwise_left_shift(_ONE32, e, out=e)
+        else:
+            e = _scratch(4, (bh, dp, t), torch.int64)
+            e.copy_(m).bitwise_left_shift_(3)
+            torch.bitwise_left_shift(_ONE64, e, out=e)
         n = dp
         while n > 1:
             n //= 2
             e[:, :n].add_(e[:, n : 2 * n])
         hrow = e[:, 0]
-    neg = torch.le(ui, 0, out=ind).neg_()  # -1 where u <= 0
-    codes = m.bitwise_xor_(neg).add_(half)  # u > 0: half + m; u <= 0: half - 1 - m (as bucketize_codes)
+    # m < half (a power of two): u > 0: m ^ half == half + m; u <= 0: m ^ (half - 1) == half - 1 - m (as bucketize_codes)
+    flip = torch.sub(torch.tensor(half, dtype=torch.int32), torch.le(ui, 0, out=ind), out=ind)
+    codes = m.bitwise_xor_(flip)
     if norm_correction:
         c2 = (lloyd_max.centroids(bits, dp)[half:].double() ** 2).tolist()
         energy = torch.full((bh, t), dp * c2[0], dtype=torch.float64)
