@@ -425,6 +425,16 @@ def _pack_coordinate_major(codes: torch.Tensor, bits: int) -> torch.Tensor:
         k //= 2
         word[:, :, :k].add_(word[:, :, k : 2 * k], alpha=1 << (k * bits))
     word = word[:, :, 0]
+    if nbw == 3 and (n // g) % 4 == 0:
+        # four 3-byte cells c0..c3 -> three int32 words (little-endian: the cells' bytes in order), still
+        # coordinate-major; a uint8 slice of the 4-byte words costs more than all the rest
+        c = word.unflatten(1, (n // g // 4, 4))
+        o = _scratch(8, (b, n // g // 4, 3, t), torch.int32)
+        torch.add(c[:, :, 0], c[:, :, 1], alpha=1 << 24, out=o[:, :, 0])
+        torch.bitwise_right_shift(c[:, :, 1], 8, out=o[:, :, 1]).add_(c[:, :, 2], alpha=1 << 16)
+        torch.bitwise_right_shift(c[:, :, 2], 16, out=o[:, :, 2]).add_(c[:, :, 3], alpha=1 << 8)
+        rows = torch.empty(b, t, 3 * (n // g // 4), dtype=torch.int32)
+        return rows.copy_(o.view(b, -1, t).transpose(1, 2)).view(torch.uint8)
     rows = torch.empty(b, t, n // g, dtype=torch.int32)  # (not .contiguous(): size-1 dims keep odd strides)
     rows = rows.copy_(word.transpose(1, 2)).view(torch.uint8).view(b, t, n // g, 4)
     if nbw == 4:
