@@ -36,6 +36,11 @@ from .policies import get_policy
 
 MAX_STOP_STRINGS = 16
 
+# A caller's admission check: admit(record, n) runs under the session's lock before
+# the model reads anything, with n the most tokens the call can add to the session;
+# it raises (e.g. ResourceExhausted) to refuse, and then nothing has changed.
+Admit = Callable[[SessionRecord, int], None]
+
 
 @dataclass(frozen=True)
 class GenerateParams:
@@ -236,7 +241,8 @@ class SessionManager:
             return self.view(sid)
 
     def append(self, sid: str, *, messages: list[dict] | None = None, text: str | None = None,
-               tokens: Sequence[int] | None = None) -> tuple[SessionRecord, list[int]]:
+               tokens: Sequence[int] | None = None, admit: Admit | None = None) -> tuple[SessionRecord, list[int]]:
+        """admit(record, n): see `Admit`; called once the new tokens are known."""
         given = [x for x in (messages, text, tokens) if x is not None]
         if len(given) != 1:
             raise InvalidArgument("append exactly one of: chat messages, text, token ids")
@@ -274,6 +280,8 @@ class SessionManager:
                     f"appending {len(ids)} tokens would make session {sid!r} {total} tokens long, past the "
                     f"model's context of {self.model.max_positions}; start a new session or fork a shorter one"
                 )
+            if admit is not None:
+                admit(live.record, len(ids))
             pending = live.tokens[-1:]  # fed now, with all new tokens but the last
             rec = self._extend(live, ids, new_messages, pending + ids[:-1])
             self._count(tokens_appended=len(ids))
@@ -294,20 +302,21 @@ class SessionManager:
             raise InvalidArgument(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
         return n
 
-    def generate(self, sid: str, params: GenerateParams,
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
-        """Stream a reply. Bad parameters raise here, before any chunk."""
+    def generate(self, sid: str, params: GenerateParams, cancelled: Callable[[], bool] = lambda: False,
+                 admit: Admit | None = None) -> Iterator[Chunk]:
+        """Stream a reply. Bad parameters raise here, before any chunk.
+        admit(record, n): see `Admit`; called for a committing generation only."""
         budget = self._check_params(params)
-        return self._generate(sid, params, budget, cancelled)
+        return self._generate(sid, params, budget, cancelled, admit)
 
     def _generate(self, sid: str, p: GenerateParams, budget: int,
-                  cancelled: Callable[[], bool]) -> Iterator[Chunk]:
+                  cancelled: Callable[[], bool], admit: Admit | None = None) -> Iterator[Chunk]:
         with self._lock(sid):
             live = self._load(sid)
-            yield from self._generate_locked(live, p, budget, cancelled)
+            yield from self._generate_locked(live, p, budget, cancelled, admit)
 
     def _generate_locked(self, live: _Live, p: GenerateParams, budget: int,
-                         cancelled: Callable[[], bool]) -> Iterator[Chunk]:
+                         cancelled: Callable[[], bool], admit: Admit | None = None) -> Iterator[Chunk]:
         tok = self.model.tokenizer
         kv = live.kv
         n0 = kv.length
@@ -325,6 +334,8 @@ class SessionManager:
                 raise FailedPrecondition(
                     f"session {live.record.id!r} has reached the model's context of {self.model.max_positions} tokens"
                 )
+            if p.commit and admit is not None:
+                admit(live.record, len(lead) + budget + len(self.chat_format.end_of_turn))
             gen = torch.Generator().manual_seed(int(p.seed))
             logits = self._forward(kv, feed)
             generated: list[int] = []
