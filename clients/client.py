@@ -7,6 +7,8 @@
             print(chunk.text, end="", flush=True)
 
 Errors surface as `grpc.RpcError` with the service's status code and message.
+A server with auth on wants `api_key=`; one serving TLS wants `tls=True` (the
+system's roots) or `root_certificates=` (PEM bytes, e.g. a self-signed cert).
 """
 from __future__ import annotations
 
@@ -53,6 +55,16 @@ def _generate_request(session_id: str, max_new_tokens: int, temperature: float, 
                               top_p=top_p, stop=list(stop), seed=seed, commit=commit, prefix=prefix)
 
 
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+def _credentials(tls: bool, root_certificates: bytes | None):
+    if root_certificates is not None or tls:
+        return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return None
+
+
 def _collect(result: GenerateResult, chunk: pb.GenerateChunk) -> None:
     result.text += chunk.text
     result.token_ids.extend(chunk.token_ids)
@@ -65,10 +77,19 @@ def _collect(result: GenerateResult, chunk: pb.GenerateChunk) -> None:
 class MemoryClient:
     """Synchronous client."""
 
-    def __init__(self, address: str, *, timeout: float | None = None, channel: grpc.Channel | None = None):
-        self._channel = channel or grpc.insecure_channel(address, options=_OPTIONS)
+    def __init__(self, address: str, *, timeout: float | None = None, channel: grpc.Channel | None = None,
+                 api_key: str | None = None, tls: bool = False, root_certificates: bytes | None = None,
+                 options: Sequence[tuple[str, object]] = ()):
+        creds = _credentials(tls, root_certificates)
+        opts = _OPTIONS + list(options)
+        self._channel = channel or (grpc.secure_channel(address, creds, options=opts) if creds
+                                    else grpc.insecure_channel(address, options=opts))
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
         self.timeout = timeout
+        self._md = _metadata(api_key)
+
+    def _kw(self) -> dict:
+        return {"timeout": self.timeout, "metadata": self._md}
 
     def close(self) -> None:
         self._channel.close()
@@ -86,17 +107,17 @@ class MemoryClient:
                        ) -> pb.Session:
         return self._stub.CreateSession(
             pb.CreateSessionRequest(session_id=session_id, policy=policy, labels=dict(labels or {})),
-            timeout=self.timeout)
+            **self._kw())
 
     def append(self, session_id: str, *, messages: Iterable | None = None, text: str | None = None,
                tokens: Sequence[int] | None = None) -> pb.AppendResponse:
-        return self._stub.Append(_append_request(session_id, messages, text, tokens), timeout=self.timeout)
+        return self._stub.Append(_append_request(session_id, messages, text, tokens), **self._kw())
 
     def generate(self, session_id: str, *, max_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 0.0,
                  stop: Sequence[str] = (), seed: int = 0, commit: bool = False, prefix: str = ""
                  ) -> Iterator[pb.GenerateChunk]:
         req = _generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit, prefix)
-        return self._stub.Generate(req, timeout=self.timeout)
+        return self._stub.Generate(req, **self._kw())
 
     def generate_text(self, session_id: str, **kwargs) -> GenerateResult:
         result = GenerateResult()
@@ -105,17 +126,17 @@ class MemoryClient:
         return result
 
     def resume(self, session_id: str) -> pb.Session:
-        return self._stub.Resume(pb.ResumeRequest(session_id=session_id), timeout=self.timeout)
+        return self._stub.Resume(pb.ResumeRequest(session_id=session_id), **self._kw())
 
     def get_session(self, session_id: str) -> pb.Session:
-        return self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=self.timeout)
+        return self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
 
     def list_sessions(self, *, page_size: int = 100, labels: Mapping[str, str] | None = None) -> Iterator[pb.Session]:
         token = ""
         while True:
             resp = self._stub.ListSessions(
                 pb.ListSessionsRequest(page_size=page_size, page_token=token, labels=dict(labels or {})),
-                timeout=self.timeout)
+                **self._kw())
             yield from resp.sessions
             token = resp.next_page_token
             if not token:
@@ -125,22 +146,31 @@ class MemoryClient:
                      labels: Mapping[str, str] | None = None) -> pb.Session:
         return self._stub.ForkSession(
             pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id, labels=dict(labels or {})),
-            timeout=self.timeout)
+            **self._kw())
 
     def delete_session(self, session_id: str) -> bool:
-        return self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), timeout=self.timeout).deleted
+        return self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw()).deleted
 
     def stats(self) -> pb.Stats:
-        return self._stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+        return self._stub.GetStats(pb.GetStatsRequest(), **self._kw())
 
 
 class AsyncMemoryClient:
     """asyncio client (grpc.aio); same methods as MemoryClient, awaitable."""
 
-    def __init__(self, address: str, *, timeout: float | None = None):
-        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+    def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None,
+                 options: Sequence[tuple[str, object]] = ()):
+        creds = _credentials(tls, root_certificates)
+        opts = _OPTIONS + list(options)
+        self._channel = (grpc.aio.secure_channel(address, creds, options=opts) if creds
+                         else grpc.aio.insecure_channel(address, options=opts))
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
         self.timeout = timeout
+        self._md = _metadata(api_key)
+
+    def _kw(self) -> dict:
+        return {"timeout": self.timeout, "metadata": self._md}
 
     async def close(self) -> None:
         await self._channel.close()
@@ -155,17 +185,17 @@ class AsyncMemoryClient:
                              labels: Mapping[str, str] | None = None) -> pb.Session:
         return await self._stub.CreateSession(
             pb.CreateSessionRequest(session_id=session_id, policy=policy, labels=dict(labels or {})),
-            timeout=self.timeout)
+            **self._kw())
 
     async def append(self, session_id: str, *, messages: Iterable | None = None, text: str | None = None,
                      tokens: Sequence[int] | None = None) -> pb.AppendResponse:
-        return await self._stub.Append(_append_request(session_id, messages, text, tokens), timeout=self.timeout)
+        return await self._stub.Append(_append_request(session_id, messages, text, tokens), **self._kw())
 
     async def generate(self, session_id: str, *, max_new_tokens: int = 0, temperature: float = 0.0,
                        top_p: float = 0.0, stop: Sequence[str] = (), seed: int = 0, commit: bool = False,
                        prefix: str = "") -> AsyncIterator[pb.GenerateChunk]:
         req = _generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit, prefix)
-        async for chunk in self._stub.Generate(req, timeout=self.timeout):
+        async for chunk in self._stub.Generate(req, **self._kw()):
             yield chunk
 
     async def generate_text(self, session_id: str, **kwargs) -> GenerateResult:
@@ -175,10 +205,10 @@ class AsyncMemoryClient:
         return result
 
     async def resume(self, session_id: str) -> pb.Session:
-        return await self._stub.Resume(pb.ResumeRequest(session_id=session_id), timeout=self.timeout)
+        return await self._stub.Resume(pb.ResumeRequest(session_id=session_id), **self._kw())
 
     async def get_session(self, session_id: str) -> pb.Session:
-        return await self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=self.timeout)
+        return await self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
 
     async def list_sessions(self, *, page_size: int = 100, labels: Mapping[str, str] | None = None
                             ) -> list[pb.Session]:
@@ -186,7 +216,7 @@ class AsyncMemoryClient:
         while True:
             resp = await self._stub.ListSessions(
                 pb.ListSessionsRequest(page_size=page_size, page_token=token, labels=dict(labels or {})),
-                timeout=self.timeout)
+                **self._kw())
             out.extend(resp.sessions)
             token = resp.next_page_token
             if not token:
@@ -196,11 +226,11 @@ class AsyncMemoryClient:
                            labels: Mapping[str, str] | None = None) -> pb.Session:
         return await self._stub.ForkSession(
             pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id, labels=dict(labels or {})),
-            timeout=self.timeout)
+            **self._kw())
 
     async def delete_session(self, session_id: str) -> bool:
-        resp = await self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), timeout=self.timeout)
+        resp = await self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw())
         return resp.deleted
 
     async def stats(self) -> pb.Stats:
-        return await self._stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+        return await self._stub.GetStats(pb.GetStatsRequest(), **self._kw())

@@ -1,4 +1,4 @@
-"""The `memsvc` command line: serve, model pull, chat, sessions ls|show|rm.
+"""The `memsvc` command line: serve, keys new, model pull, chat, sessions ls|show|rm.
 
 `sessions` reads the LMDB data directory directly (ls and show open it
 read-only), so an operator can inspect a store with or without a server
@@ -43,11 +43,74 @@ def main(verbose: bool) -> None:
 @click.option("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--max-new-tokens", default=4096, show_default=True, type=int, help="Upper bound per Generate.")
-def serve(host: str, port: int, data_dir: str, model: str | None, device: str, max_new_tokens: int) -> None:
+@click.option("--auth", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="API keys: auto = on when keys are given or the host is not loopback.")
+@click.option("--api-keys-file", default=None, envvar="MEMSVC_API_KEYS_FILE", type=click.Path(dir_okay=False),
+              help="TENANT=sha256:<hex> lines (see `memsvc keys new`); $MEMSVC_API_KEYS adds TENANT=KEY entries.")
+@click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain.")
+@click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
+@click.option("--metrics-port", default=None, type=int, help="Serve Prometheus /metrics on this port (0 picks one).")
+@click.option("--metrics-host", default=None, help="Address of the metrics endpoint (default: --host).")
+@click.option("--max-append-tokens", default=0, show_default=True, type=int, help="Per Append (0 = no limit).")
+@click.option("--max-session-tokens", default=0, show_default=True, type=int, help="Per session (0 = no limit).")
+@click.option("--max-request-bytes", default=16 << 20, show_default=True, type=int, help="Per request message.")
+@click.option("--max-sessions-per-tenant", default=0, show_default=True, type=int, help="0 = no limit.")
+@click.option("--max-bytes-per-tenant", default=0, show_default=True, type=int,
+              help="Stored bytes of a tenant's sessions (0 = no limit).")
+@click.option("--log-rpcs/--no-log-rpcs", default=True, show_default=True,
+              help="One JSON line per RPC on stderr (no conversation content).")
+def serve(host: str, port: int, data_dir: str, model: str | None, device: str, max_new_tokens: int, auth: str,
+          api_keys_file: str | None, tls_cert: str | None, tls_key: str | None, metrics_port: int | None,
+          metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
+          max_sessions_per_tenant: int, max_bytes_per_tenant: int, log_rpcs: bool) -> None:
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
+    from .auth import KeyRing
+    from .limits import Limits
+    from .logs import configure_rpc_log
     from .server import serve as _serve
 
-    _serve(host, port, data_dir=data_dir, model=model, device=device, max_new_tokens=max_new_tokens)
+    try:
+        keys = KeyRing.load(api_keys_file)
+        limits = Limits(max_append_tokens=max_append_tokens, max_session_tokens=max_session_tokens,
+                        max_request_bytes=max_request_bytes, max_sessions_per_tenant=max_sessions_per_tenant,
+                        max_bytes_per_tenant=max_bytes_per_tenant)
+        configure_rpc_log(enabled=log_rpcs)
+        _serve(host, port, data_dir=data_dir, model=model, device=device, max_new_tokens=max_new_tokens,
+               auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
+               metrics_port=metrics_port, metrics_host=metrics_host)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+
+
+@main.group()
+def keys() -> None:
+    """API keys for `serve` (stored hashed)."""
+
+
+@keys.command("new")
+@click.argument("tenant")
+@click.option("--keys-file", default=None, type=click.Path(dir_okay=False),
+              help="Append the hashed entry to this file (created with mode 600).")
+def keys_new(tenant: str, keys_file: str | None) -> None:
+    """Make a key for TENANT: prints the key (shown once) and stores only its hash."""
+    import os
+
+    from .auth import check_tenant, hash_key, new_key
+
+    try:
+        check_tenant(tenant)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="TENANT")
+    key = new_key()
+    line = f"{tenant}={hash_key(key)}"
+    if keys_file:
+        fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        click.echo(f"added tenant {tenant!r} to {keys_file}", err=True)
+    else:
+        click.echo(f"add this line to the keys file: {line}", err=True)
+    click.echo(key)
 
 
 @main.group()

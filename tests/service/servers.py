@@ -1,0 +1,26 @@
+"""An in-process server with the hardening options (auth, limits, metrics), for tests/service."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def served(data_dir: Path, model, address: str = "127.0.0.1:0", **options):
+    """Yield (server, port); stop it, its metrics endpoint and its store afterwards."""
+    from memsvc.server import create_server
+
+    server, port = create_server(address, data_dir=data_dir, model=model, **options)
+    server.start()
+    try:
+        yield server, port
+    finally:
+        server.stop(grace=None).wait()
+        server.memsvc_metrics.close()
+        server.memsvc_store.close()
+
+
+def client(port: int, **kwargs):
+    from memsvc.clients import MemoryClient
+
+    return MemoryClient(f"127.0.0.1:{port}", timeout=120, **kwargs)
