@@ -1,0 +1,405 @@
+"""`TierLayer`: one layer's tiered KV cache, a transformers cache layer.
+
+State (H = KV heads, D = head dim; batch 1):
+    sink_k/v  [H, s, D]   first tokens, exact
+    hot_k/v   [H, h, D]   recent tokens, exact; hot_pos [h]; hot_score [H, h]
+    keep      [H, m, D]   per-head kept tokens (exact, or 8-bit codes + fp16 scale/min);
+                          keep_pos [H, m]; keep_score [H, m]
+    cold      blocks of B tokens in a `ColdStore`, packed by the plan's codecs;
+              sum_min/sum_max [nb, H, D] key summaries, live [nb, H, B]
+              (False where the token's head holds it in `keep`: each token is
+              attended exactly once per head)
+
+`update()` (called by the model before attention) appends the new tokens to
+the hot window. The registered attention function then calls `attend()`,
+which reads every tier — cold blocks dequantized by the codec kernels, only the
+blocks retrieval picks — and afterwards `settle()` moves tokens between tiers:
+sink fill, hot overflow a block at a time into cold (or eviction), the kept set
+competing by score. State tensors are replaced, never written in place, so a
+snapshot is a shallow copy of the attributes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import CacheLayerMixin
+
+from memsvc.kernels.registry import get_codec
+
+from .cold import ColdStore
+from .policies.plan import LayerPlan
+
+_STATE = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_k", "keep_v", "keep_pos",
+          "keep_score", "sum_min", "sum_max", "live", "n_blocks", "seen", "evicted", "q_window")
+
+
+def _codec(name: str, layer: int):
+    try:
+        return get_codec(name, layer=layer)
+    except TypeError:
+        return get_codec(name)
+
+
+def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token asymmetric 8-bit: x [H, m, D] -> codes uint8, scale fp16 [H, m, 1], min fp16 [H, m, 1]."""
+    x = x.float()
+    mn = x.amin(-1, keepdim=True)
+    scale = ((x.amax(-1, keepdim=True) - mn) / 255.0).to(torch.float16)
+    mn16 = mn.to(torch.float16)
+    s = scale.float()
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    codes = ((x - mn16.float()) * inv).round_().clamp_(0, 255).to(torch.uint8)
+    return codes, scale, mn16
+
+
+def _dq8(q: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    codes, scale, mn = q
+    return codes.float() * scale.float() + mn.float()
+
+
+class TierLayer(CacheLayerMixin):
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, plan: LayerPlan, layer_idx: int, cold: ColdStore, dtype: torch.dtype):
+        super().__init__()
+        self.plan = plan
+        self.layer_idx = layer_idx
+        self.cold = cold
+        self.exact_dtype = plan.dtype(dtype)
+        self.kcodec = _codec(plan.cold_k, layer_idx) if plan.cold_k else None
+        self.vcodec = _codec(plan.cold_v, layer_idx) if plan.cold_v else None
+        self.is_initialized = False
+        self.seen = 0  # tokens this layer has been given (the logical length)
+        self.evicted = 0  # token-heads dropped by an eviction policy
+        self.n_blocks = 0
+        self.q_window = None  # [Hq, w, D] last prompt queries (SnapKV)
+        self.stats = {"cold_blocks_read": 0, "v_blocks_skipped": 0, "attend_calls": 0}
+
+    # ---- transformers Cache API --------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[0] != 1:
+            raise ValueError(f"the tiered cache holds one sequence, got batch {key_states.shape[0]}")
+        _, H, _, D = key_states.shape
+        self.H, self.D, self.Dv = H, D, value_states.shape[-1]
+        self.device = key_states.device
+        self.model_dtype = key_states.dtype
+        e, dev = self.exact_dtype, self.device
+        self.sink_k = torch.empty(H, 0, D, dtype=e, device=dev)
+        self.sink_v = torch.empty(H, 0, self.Dv, dtype=e, device=dev)
+        self.hot_k, self.hot_v = self.sink_k, self.sink_v
+        self.hot_pos = torch.empty(0, dtype=torch.long, device=dev)
+        self.hot_score = torch.empty(H, 0, device=dev)
+        self.keep_k = self._keep_store(torch.empty(H, 0, D, device=dev))
+        self.keep_v = self._keep_store(torch.empty(H, 0, self.Dv, device=dev))
+        self.keep_pos = torch.empty(H, 0, dtype=torch.long, device=dev)
+        self.keep_score = torch.empty(H, 0, device=dev)
+        self.sum_min = torch.empty(0, H, D, dtype=torch.float16, device=dev)
+        self.sum_max = self.sum_min
+        self.live = torch.empty(0, H, self.plan.block, dtype=torch.bool, device=dev)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append new tokens to the hot window; returns the hot window as [1, H, h, D]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != 1:
+            raise ValueError(f"the tiered cache holds one sequence, got batch {key_states.shape[0]}")
+        n = key_states.shape[2]
+        e = self.exact_dtype
+        self.hot_k = torch.cat([self.hot_k, key_states[0].to(e)], dim=1)
+        self.hot_v = torch.cat([self.hot_v, value_states[0].to(e)], dim=1)
+        self.hot_pos = torch.cat([self.hot_pos, torch.arange(self.seen, self.seen + n, device=self.device)])
+        self.hot_score = torch.cat([self.hot_score, torch.zeros(self.H, n, device=self.device)], dim=1)
+        self.seen += n
+        return self.hot_k.unsqueeze(0), self.hot_v.unsqueeze(0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # ---- snapshot ----------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        return {name: getattr(self, name) for name in _STATE if hasattr(self, name)} | {"init": self.is_initialized}
+
+    def restore(self, snap: dict) -> None:
+        for name, value in snap.items():
+            if name != "init":
+                setattr(self, name, value)
+        self.is_initialized = snap["init"]
+        self.cold.discard_from(self.layer_idx, self.n_blocks)
+
+    # ---- kept set ----------------------------------------------------------------------
+
+    def _keep_store(self, x: torch.Tensor):
+        """x [H, m, D] float -> the kept-set representation (exact tensor or 8-bit triple)."""
+        return _q8(x) if self.plan.keep_bits == 8 else x.to(self.exact_dtype)
+
+    def _keep_float(self, store) -> torch.Tensor:
+        return _dq8(store) if self.plan.keep_bits == 8 else store.float()
+
+    def _keep_len(self) -> int:
+        return self.keep_pos.shape[1]
+
+    def _keep_gather(self, store, idx: torch.Tensor):
+        """Rows idx [H, m'] of a kept store."""
+        def g(t):
+            return torch.gather(t, 1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        return tuple(g(t) for t in store) if self.plan.keep_bits == 8 else g(store)
+
+    # ---- accounting --------------------------------------------------------------------
+
+    def resident_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        ts = [self.sink_k, self.sink_v, self.hot_k, self.hot_v, self.hot_pos, self.keep_pos, self.sum_min,
+              self.sum_max, self.live]
+        if self.plan.keep_by == "attention":
+            ts += [self.hot_score, self.keep_score]
+        for store in (self.keep_k, self.keep_v):
+            ts += list(store) if isinstance(store, tuple) else [store]
+        if self.q_window is not None:
+            ts.append(self.q_window)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def tier_tokens(self) -> dict[str, int]:
+        """Token-heads per tier, divided by H (so a full head set counts one token)."""
+        if not self.is_initialized:
+            return {"sink": 0, "hot": 0, "warm": 0, "cold": 0, "evicted": 0}
+        H = self.H
+        return {"sink": self.sink_k.shape[1], "hot": self.hot_k.shape[1], "warm": self._keep_len(),
+                "cold": int(self.live.sum()) / H if self.n_blocks else 0, "evicted": self.evicted / H}
+
+    # ---- attention ---------------------------------------------------------------------
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """query [1, Hq, n, D] (the last n tokens of hot are its own) -> output [1, n, Hq, Dv]."""
+        p = self.plan
+        _, Hq, n, D = query.shape
+        H = self.H
+        if Hq % H:
+            raise ValueError(f"{Hq} query heads do not group over {H} KV heads")
+        G = Hq // H
+        q = query[0].float().reshape(H, G, n, D)
+        qpos = torch.arange(self.seen - n, self.seen, device=self.device)  # [n]
+        self.stats["attend_calls"] += 1
+
+        # exact tiers: sink, kept, hot (hot is causal by position)
+        ks = [self.sink_k.float(), self._keep_float(self.keep_k), self.hot_k.float()]
+        vs = [self.sink_v.float(), self._keep_float(self.keep_v), self.hot_v.float()]
+        n_sink, n_keep, n_hot = ks[0].shape[1], ks[1].shape[1], ks[2].shape[1]
+        k_ex = torch.cat(ks, 1)  # [H, Te, D]
+        v_ex = torch.cat(vs, 1)
+        logits = torch.einsum("hgnd,htd->hgnt", q, k_ex) * scaling  # [H, G, n, Te]
+        hot_ok = self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
+        if not bool(hot_ok.all()):
+            mask = torch.ones(n, k_ex.shape[1], dtype=torch.bool, device=self.device)
+            mask[:, n_sink + n_keep:] = hot_ok
+            logits = logits.masked_fill(~mask, float("-inf"))
+
+        # cold tier: the blocks retrieval picks for each query (all of them without retrieval)
+        cold = None
+        if self.n_blocks:
+            cold = self._cold_keys(q, scaling)  # (block ids [U], k [H, U*B, D], visible [H, n, U*B])
+            ids, k_cold, visible = cold
+            lc = torch.einsum("hgnd,htd->hgnt", q, k_cold) * scaling
+            lc = lc.masked_fill(~visible.unsqueeze(1), float("-inf"))
+            logits = torch.cat([logits, lc], dim=-1)
+
+        probs = torch.softmax(logits, dim=-1)  # [H, G, n, T]
+        te = k_ex.shape[1]
+        out = torch.einsum("hgnt,htd->hgnd", probs[..., :te], v_ex)
+        if cold is not None:
+            out = out + self._cold_values(ids, probs[..., te:])
+
+        if p.keep_by == "attention":  # H2O-style cumulative attention of exact tokens
+            got = probs[..., :te].sum(dim=(1, 2))  # [H, Te]
+            self.keep_score = self.keep_score + got[:, n_sink:n_sink + n_keep]
+            self.hot_score = self.hot_score + got[:, n_sink + n_keep:]
+        if p.keep_by == "window":  # remember the last `window` queries for end_prompt
+            fresh = query[0, :, -p.window:].float()  # [Hq, w, D]
+            if self.q_window is not None and fresh.shape[1] < p.window:
+                fresh = torch.cat([self.q_window, fresh], 1)[:, -p.window:]
+            self.q_window = fresh
+        out = out.reshape(Hq, n, -1).transpose(0, 1).unsqueeze(0)  # [1, n, Hq, Dv]
+        return out.to(query.dtype)
+
+    def _cold_keys(self, q: torch.Tensor, scaling: float):
+        p, H, B = self.plan, self.H, self.plan.block
+        n = q.shape[2]
+        nb = self.n_blocks
+        dev = self.device
+        if p.retrieve and nb * B > p.retrieve:
+            k_sel = p.retrieve // B
+            # Quest upper bound per block: sum_d max(q_d * min_d, q_d * max_d), summed over the group's queries
+            mn, mx = self.sum_min.float(), self.sum_max.float()  # [nb, H, D]
+            ub = torch.einsum("hgnd,bhd->hnb", q.clamp(min=0), mx) + torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn)
+            pick = ub.topk(k_sel, dim=-1).indices  # [H, n, k]
+            chosen = torch.zeros(H, n, nb, dtype=torch.bool, device=dev)
+            chosen.scatter_(2, pick, True)
+            ids = chosen.any(dim=1).any(dim=0).nonzero().flatten()  # [U]
+            chosen = chosen[:, :, ids]  # [H, n, U]
+        else:
+            ids = torch.arange(nb, device=dev)
+            chosen = None
+        ks = []
+        for b in ids.tolist():
+            kp, _ = self.cold.get(self.layer_idx, b)
+            ks.append(self.kcodec.decode(kp).float())  # [H, B, D]
+        self.stats["cold_blocks_read"] += len(ks)
+        k_cold = torch.cat(ks, dim=1)
+        live = self.live[ids]  # [U, H, B]
+        visible = live.permute(1, 0, 2).reshape(H, 1, -1).expand(H, n, -1)
+        if chosen is not None:
+            visible = visible & chosen.repeat_interleave(B, dim=2)
+        return ids, k_cold, visible
+
+    def _cold_values(self, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """probs [H, G, n, U*B] -> Σ p·v over the picked cold blocks [H, G, n, Dv]."""
+        H, B = self.H, self.plan.block
+        U = ids.numel()
+        pb = probs.reshape(*probs.shape[:3], U, B)
+        need = pb.amax(dim=(1, 2, 4)) >= self.plan.v_skip if self.plan.v_skip > 0 else None  # [H, U]
+        out = torch.zeros(*probs.shape[:3], self.Dv, device=self.device)
+        for u, b in enumerate(ids.tolist()):
+            if need is not None and not bool(need[:, u].any()):
+                self.stats["v_blocks_skipped"] += 1
+                continue
+            _, vp = self.cold.get(self.layer_idx, b)
+            v = self.vcodec.decode(vp).float()  # [H, B, Dv]
+            out = out + torch.einsum("hgnt,htd->hgnd", pb[:, :, :, u], v)
+        return out
+
+    # ---- moving tokens between tiers ---------------------------------------------------
+
+    def settle(self) -> None:
+        """After attention: fill the sink, age the hot window's overflow."""
+        p = self.plan
+        if p.sink and self.sink_k.shape[1] < p.sink:
+            take = int((self.hot_pos < p.sink).sum())
+            if take:
+                self.sink_k = torch.cat([self.sink_k, self.hot_k[:, :take]], 1)
+                self.sink_v = torch.cat([self.sink_v, self.hot_v[:, :take]], 1)
+                self._drop_hot(take)
+        if p.hot is None:
+            return
+        step = p.block if p.cold_k else 1
+        while self.hot_k.shape[1] >= p.hot + step:
+            m = p.block if p.cold_k else self.hot_k.shape[1] - p.hot
+            self._age(m)
+
+    def _drop_hot(self, m: int) -> None:
+        self.hot_k, self.hot_v = self.hot_k[:, m:], self.hot_v[:, m:]
+        self.hot_pos, self.hot_score = self.hot_pos[m:], self.hot_score[:, m:]
+
+    def _age(self, m: int) -> None:
+        """The oldest m hot tokens leave the hot window."""
+        p, H = self.plan, self.H
+        k, v = self.hot_k[:, :m], self.hot_v[:, :m]  # [H, m, D]
+        pos = self.hot_pos[:m].unsqueeze(0).expand(H, m)
+        score = self.hot_score[:, :m]
+        self._drop_hot(m)
+        won = torch.zeros(H, m, dtype=torch.bool, device=self.device)  # aged tokens that enter the kept set
+        if p.keep and p.keep_by == "attention":
+            won = self._compete(k, v, pos, score)
+        if p.cold_k:
+            self._add_block(k, v, pos[0, 0].item(), ~won)
+        else:
+            self.evicted += int((~won).sum())
+
+    def _compete(self, k, v, pos, score) -> torch.Tensor:
+        """Aged tokens [H, m] and the kept set compete per head; the top `keep` scores stay kept.
+        Kept tokens that lose go back to their cold block (or are evicted); returns which aged tokens won."""
+        p, H = self.plan, self.H
+        m, old = k.shape[1], self._keep_len()
+        all_score = torch.cat([self.keep_score, score], 1)  # [H, old + m]
+        top = min(p.keep, old + m)
+        idx = all_score.topk(top, dim=1).indices.sort(dim=1).values  # [H, top]
+        chosen = torch.zeros(H, old + m, dtype=torch.bool, device=self.device)
+        chosen.scatter_(1, idx, True)
+        lost_old = ~chosen[:, :old]
+        if bool(lost_old.any()):
+            if p.cold_k:
+                self._revive(self.keep_pos[lost_old], lost_old.nonzero()[:, 0])
+            else:
+                self.evicted += int(lost_old.sum())
+        new_k = self._keep_store(k.float())
+        new_v = self._keep_store(v.float())
+        if p.keep_bits == 8:
+            both_k = tuple(torch.cat([a, b], 1) for a, b in zip(self.keep_k, new_k))
+            both_v = tuple(torch.cat([a, b], 1) for a, b in zip(self.keep_v, new_v))
+        else:
+            both_k, both_v = torch.cat([self.keep_k, new_k], 1), torch.cat([self.keep_v, new_v], 1)
+        self.keep_k = self._keep_gather(both_k, idx)
+        self.keep_v = self._keep_gather(both_v, idx)
+        self.keep_pos = torch.gather(torch.cat([self.keep_pos, pos], 1), 1, idx)
+        self.keep_score = torch.gather(all_score, 1, idx)
+        return chosen[:, old:]
+
+    def _revive(self, positions: torch.Tensor, heads: torch.Tensor) -> None:
+        """Tokens leaving the kept set become live again in their cold blocks."""
+        B = self.plan.block
+        rel = positions - self.plan.sink
+        live = self.live.clone()
+        live[rel // B, heads, rel % B] = True
+        self.live = live
+
+    def _add_block(self, k: torch.Tensor, v: torch.Tensor, start: int, live: torch.Tensor) -> None:
+        """Encode one block of B aged tokens [H, B, D] as cold block `n_blocks`."""
+        p = self.plan
+        if start != p.sink + self.n_blocks * p.block:
+            raise RuntimeError(f"cold block {self.n_blocks} would start at token {start}, expected "
+                               f"{p.sink + self.n_blocks * p.block}")
+        kf = k.to(self.model_dtype)
+        self.cold.put(self.layer_idx, self.n_blocks, self.kcodec.encode(kf), self.vcodec.encode(v.to(self.model_dtype)))
+        kk = k.float()
+        self.sum_min = torch.cat([self.sum_min, kk.amin(1).to(torch.float16).unsqueeze(0)])
+        self.sum_max = torch.cat([self.sum_max, kk.amax(1).to(torch.float16).unsqueeze(0)])
+        self.live = torch.cat([self.live, live.unsqueeze(0)])
+        self.n_blocks += 1
+
+    def end_prompt(self) -> None:
+        """SnapKV/PyramidKV: the last prompt queries pick which earlier tokens stay."""
+        p = self.plan
+        if p.keep_by != "window" or not self.is_initialized or self.q_window is None:
+            return
+        w = min(p.window, self.hot_k.shape[1])
+        cand_hot = self.hot_k.shape[1] - w
+        old = self._keep_len()
+        if old + cand_hot <= p.keep:
+            return
+        H, D = self.H, self.D
+        G = self.q_window.shape[0] // H
+        qw = self.q_window[:, -w:].reshape(H, G, w, D)
+        ck = torch.cat([self._keep_float(self.keep_k), self.hot_k[:, :cand_hot].float()], 1)  # [H, C, D]
+        cv = torch.cat([self._keep_float(self.keep_v), self.hot_v[:, :cand_hot].float()], 1)
+        cpos = torch.cat([self.keep_pos, self.hot_pos[:cand_hot].unsqueeze(0).expand(H, -1)], 1)
+        wk = self.hot_k[:, cand_hot:].float()  # [H, w, D]
+        scale = 1.0 / math.sqrt(D)
+        lc = torch.einsum("hgwd,hcd->hgwc", qw, ck) * scale
+        lw = torch.einsum("hgwd,hjd->hgwj", qw, wk) * scale
+        causal = torch.ones(w, w, dtype=torch.bool, device=self.device).tril()
+        lw = lw.masked_fill(~causal, float("-inf"))
+        pr = torch.softmax(torch.cat([lc, lw], -1), -1)[..., :ck.shape[1]]  # [H, G, w, C]
+        vote = pr.sum(dim=(1, 2))  # [H, C]
+        order = cpos.argsort(dim=1)  # pool over neighbours in position order
+        vote_sorted = torch.gather(vote, 1, order)
+        pooled = F.avg_pool1d(vote_sorted.unsqueeze(1), p.pool, stride=1, padding=p.pool // 2,
+                              count_include_pad=False).squeeze(1)
+        top = pooled.topk(p.keep, dim=1).indices
+        idx = torch.gather(order, 1, top).sort(dim=1).values  # [H, keep] into the candidates
+        self.evicted += H * (ck.shape[1] - p.keep)
+        self.keep_k = self._keep_store(torch.gather(ck, 1, idx.unsqueeze(-1).expand(-1, -1, D)))
+        self.keep_v = self._keep_store(torch.gather(cv, 1, idx.unsqueeze(-1).expand(-1, -1, cv.shape[-1])))
+        self.keep_pos = torch.gather(cpos, 1, idx)
+        self.keep_score = torch.zeros(H, p.keep, device=self.device)
+        self._drop_hot(cand_hot)

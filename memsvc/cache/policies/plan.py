@@ -1,0 +1,77 @@
+"""`LayerPlan`: what one layer's cache keeps, in the terms `TierLayer` understands.
+
+Every policy is a small dataclass whose `plan(layer, n_layers)` returns one of
+these per layer; the layer class knows nothing about policy names.
+
+    sink     first tokens kept exact forever (StreamingLLM's attention sinks)
+    hot      exact recent window in tokens; None = unbounded (nothing ages)
+    block    tokens per cold block (aged tokens leave the hot window B at a time)
+    cold_k / cold_v
+             codec names for aged tokens; None = aged tokens not kept are evicted
+    retrieve cold tokens each query attends (top blocks by summary score);
+             0 = every cold block (dense attention over packed blocks)
+    keep     tokens per head in the kept set (warm tier / heavy hitters / SnapKV picks)
+    keep_by  "attention": cumulative attention decides as tokens age (H2O);
+             "window": the last `window` prompt queries decide at end of prompt (SnapKV)
+    keep_bits  16 = kept tokens exact; 8 = per-token 8-bit (the warm tier)
+    window, pool  SnapKV's observation window and pooling kernel
+    v_skip   sparse-V: cold value blocks whose every weight is below this are not decoded
+    exact_dtype  dtype of the exact tiers (None: the model's)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KEEP_BY = ("none", "attention", "window")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    sink: int = 0
+    hot: int | None = None
+    block: int = 64
+    cold_k: str | None = None
+    cold_v: str | None = None
+    retrieve: int = 0
+    keep: int = 0
+    keep_by: str = "none"
+    keep_bits: int = 16
+    window: int = 32
+    pool: int = 7
+    v_skip: float = 0.0
+    exact_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.sink < 0 or self.block < 1 or self.keep < 0 or self.retrieve < 0:
+            raise ValueError("sink, keep and retrieve must be >= 0 and block >= 1")
+        if self.hot is not None and self.hot < 1:
+            raise ValueError(f"hot window must be >= 1 token (never empty a head), got {self.hot}")
+        if (self.cold_k is None) != (self.cold_v is None):
+            raise ValueError("name both cold codecs (keys and values) or neither")
+        if self.keep_by not in KEEP_BY:
+            raise ValueError(f"keep_by must be one of {KEEP_BY}, got {self.keep_by!r}")
+        if self.keep_bits not in (8, 16):
+            raise ValueError(f"keep_bits must be 8 or 16, got {self.keep_bits}")
+        if self.keep and self.keep_by == "none":
+            raise ValueError("a kept set needs keep_by 'attention' or 'window'")
+        if self.retrieve and self.cold_k is None:
+            raise ValueError("retrieval needs cold blocks (cold_k/cold_v)")
+        if self.retrieve and self.retrieve < self.block:
+            raise ValueError(f"retrieve ({self.retrieve}) must cover at least one block ({self.block})")
+        if self.window < 1 or self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError("window must be >= 1 and pool an odd number >= 1")
+        if not 0.0 <= self.v_skip < 1.0:
+            raise ValueError(f"v_skip must be in [0, 1), got {self.v_skip}")
+        if self.exact_dtype is not None and self.exact_dtype not in _DTYPES:
+            raise ValueError(f"exact_dtype must be one of {sorted(_DTYPES)} or None")
+
+    def dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return _DTYPES[self.exact_dtype] if self.exact_dtype else model_dtype
+
+
+def check_budget(name: str, value: int, least: int = 1) -> None:
+    if not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")

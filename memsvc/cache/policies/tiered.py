@@ -1,0 +1,59 @@
+"""`tiered` (the default): sink + hot exact, warm 8-bit, cold packed blocks with retrieval.
+
+Per layer and KV head:
+- sink: the first `sink` tokens, exact;
+- hot: the last `hot` tokens (plus a partial block), exact;
+- warm: up to `warm` tokens per head whose cumulative attention (H2O-style,
+  summed while they were hot or warm) is highest, at 8 bits per value;
+- cold: everything else, `block_tokens` at a time, TurboQuant-packed, each
+  block with a resident key summary (per-channel min/max, Quest); every query
+  attends the `retrieve` cold tokens whose blocks score highest for it.
+Nothing is evicted. `boundary` layers (default the first and the last) keep
+their cold tier at `boundary_codec` precision, as public TurboQuant ports found
+they need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import LayerPlan, check_budget
+
+
+@dataclass(frozen=True)
+class TieredPolicy:
+    name: str = "tiered"
+    sink: int = 4
+    hot: int = 256
+    warm: int = 64
+    retrieve: int = 1024
+    block_tokens: int = 64
+    key_codec: str = "turbo4"
+    value_codec: str = "turbo3"
+    boundary: tuple[int, ...] = (0, -1)
+    boundary_key_codec: str = "k8v8_k"
+    boundary_value_codec: str = "k8v8_v"
+    v_skip: float = 1e-4
+    exact_dtype: str | None = "float16"
+
+    def __post_init__(self):
+        check_budget("sink", self.sink, 0)
+        check_budget("hot", self.hot)
+        check_budget("warm", self.warm, 0)
+        check_budget("block_tokens", self.block_tokens)
+        check_budget("retrieve", self.retrieve, 0)
+        if self.retrieve and self.retrieve < self.block_tokens:
+            raise ValueError(f"retrieve must be 0 or at least one block ({self.block_tokens}), got {self.retrieve}")
+        from memsvc.kernels.registry import CODECS
+        for c in (self.key_codec, self.value_codec, self.boundary_key_codec, self.boundary_value_codec):
+            if c not in CODECS:
+                raise ValueError(f"unknown codec {c!r}; valid codecs: {', '.join(sorted(CODECS))}")
+
+    def plan(self, layer: int, n_layers: int) -> LayerPlan:
+        edge = layer in {b % n_layers for b in self.boundary}
+        return LayerPlan(
+            sink=self.sink, hot=self.hot, block=self.block_tokens,
+            cold_k=self.boundary_key_codec if edge else self.key_codec,
+            cold_v=self.boundary_value_codec if edge else self.value_codec,
+            retrieve=self.retrieve, keep=self.warm, keep_by="attention" if self.warm else "none", keep_bits=8,
+            v_skip=self.v_skip, exact_dtype=self.exact_dtype,
+        )
