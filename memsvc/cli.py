@@ -66,7 +66,6 @@ def serve(host: str, port: int, data_dir: str, model: str | None, device: str, m
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
     from .auth import KeyRing
     from .limits import Limits
-    from .logs import configure_rpc_log
     from .server import serve as _serve
 
     try:
@@ -74,9 +73,8 @@ def serve(host: str, port: int, data_dir: str, model: str | None, device: str, m
         limits = Limits(max_append_tokens=max_append_tokens, max_session_tokens=max_session_tokens,
                         max_request_bytes=max_request_bytes, max_sessions_per_tenant=max_sessions_per_tenant,
                         max_bytes_per_tenant=max_bytes_per_tenant)
-        configure_rpc_log(enabled=log_rpcs)
         _serve(host, port, data_dir=data_dir, model=model, device=device, max_new_tokens=max_new_tokens,
-               auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
+               log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                metrics_port=metrics_port, metrics_host=metrics_host)
     except ValueError as exc:
         raise click.ClickException(str(exc))

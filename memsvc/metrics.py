@@ -87,7 +87,8 @@ class Metrics:
             registry=r)
         self.quota_refusals = Counter("memsvc_limit_refusals", "Calls refused by a limit or quota.", ["limit"],
                                       registry=r)
-        r.register(_ServiceCollector(manager, store_stats, store_every))
+        self.collector = _ServiceCollector(manager, store_stats, store_every)
+        r.register(self.collector)
         self._http = None
         self.port: int | None = None
 

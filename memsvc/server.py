@@ -37,7 +37,7 @@ from memsvc.store.lmdb_store import Store
 from .auth import KeyRing, Tenant, bearer_key, is_loopback
 from .errors import Cancelled, InvalidArgument, ServiceError
 from .limits import LimitExceeded, Limits, Quotas
-from .logs import log_rpc
+from .logs import configure_rpc_log, log_rpc
 from .metrics import Metrics
 from .model import LoadedModel, load_model
 from .sessions import GenerateParams, SessionManager, SessionView
@@ -82,6 +82,16 @@ def _session_pb(view: SessionView, tenant: Tenant) -> pb.Session:
         resident=view.resident,
         messages=len(rec.messages),
     )
+
+
+def _stopped(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The code of a call that stopped early: DEADLINE_EXCEEDED once its deadline passed, else CANCELLED."""
+    try:
+        remaining = context.time_remaining()
+    except Exception:
+        remaining = None
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0.001 \
+        else grpc.StatusCode.CANCELLED
 
 
 class MemoryServicer:
@@ -140,9 +150,7 @@ class MemoryServicer:
             if self.metrics:
                 self.metrics.quota_refusals.labels(exc.limit).inc()
         if isinstance(exc, Cancelled):
-            remaining = context.time_remaining()
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-                else grpc.StatusCode.CANCELLED
+            code = _stopped(context)
         elif isinstance(exc, ServiceError):
             code = getattr(grpc.StatusCode, exc.code)
         elif isinstance(exc, ValueError):
@@ -190,8 +198,9 @@ class MemoryServicer:
             try:
                 call.tenant = self._authenticate(context)
                 yield from impl(self._parse(req_cls, raw, context), context, call)
-            except GeneratorExit:  # gRPC dropped the stream: the client went away
-                code, message = grpc.StatusCode.CANCELLED, "the client cancelled the call"
+            except GeneratorExit:  # gRPC dropped the stream: the client went away or the deadline passed
+                code = _stopped(context)
+                message = "the call was cancelled" if code == grpc.StatusCode.CANCELLED else "the deadline passed"
                 self._finish(call, code, started, context, message)
                 raise
             except Exception as exc:
@@ -462,11 +471,12 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
 
 
 def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = None, device: str = "cpu",
-          **options) -> None:
+          log_rpcs: bool = True, **options) -> None:
     """Serve until SIGTERM or SIGINT; in-flight calls get a grace period, then the store closes.
-    options: those of create_server (auth, api_keys, tls_cert, tls_key, limits, metrics_port, ...)
-    and of SessionManager."""
+    log_rpcs: one JSON line per RPC on stderr. options: those of create_server (auth, api_keys,
+    tls_cert, tls_key, limits, metrics_port, ...) and of SessionManager."""
     server, bound = create_server(f"{host}:{port}", data_dir=data_dir, model=model, device=device, **options)
+    configure_rpc_log(enabled=log_rpcs)
     stop = threading.Event()
 
     def _on_signal(signum, _frame):

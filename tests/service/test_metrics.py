@@ -1,0 +1,124 @@
+"""The Prometheus endpoint moves as RPCs happen; the RPC log is one JSON line per
+call with no conversation content."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from memsvc.auth import KeyRing, hash_key
+from tests.service.servers import client, served
+
+KEY = "tenant-key-0123456789abcdef"
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _get(m, name, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_endpoint_counts_rpcs_tokens_and_bytes(tmp_path, tiny_model):
+    with served(tmp_path / "data", tiny_model, metrics_port=0) as (server, port), client(port) as c:
+        mport = server.memsvc_metrics_port
+        assert mport and mport != port
+        server.memsvc_metrics.collector.store_every = 0  # read the store on every scrape
+        m0 = _scrape(mport)
+        assert _get(m0, "memsvc_tokens_appended_total") == 0
+        c.create_session("s")
+        appended = len(c.append("s", tokens=list(range(10, 40))).token_ids)
+        out = c.generate_text("s", max_new_tokens=4)
+        c.resume("s")
+        with pytest.raises(grpc.RpcError):
+            c.get_session("missing")
+        with pytest.raises(grpc.RpcError):
+            c.append("s", tokens=[-1])
+        m1 = _scrape(mport)
+        ok = {"code": "OK"}
+        for method in ("CreateSession", "Append", "Generate", "Resume"):
+            assert _get(m1, "memsvc_rpc_total", method=method, **ok) == 1, method
+            assert _get(m1, "memsvc_rpc_duration_seconds_count", method=method, **ok) == 1, method
+            assert _get(m1, "memsvc_rpc_duration_seconds_sum", method=method, **ok) > 0, method
+        assert _get(m1, "memsvc_rpc_total", method="GetSession", code="NOT_FOUND") == 1
+        assert _get(m1, "memsvc_rpc_total", method="Append", code="INVALID_ARGUMENT") == 1
+        assert _get(m1, "memsvc_rpc_duration_seconds_bucket", method="Append", code="OK", le="+Inf") == 1
+        assert _get(m1, "memsvc_tokens_appended_total") == appended == 30
+        assert _get(m1, "memsvc_tokens_generated_total") == len(out.token_ids)
+        assert _get(m1, "memsvc_model_tokens_processed_total") >= appended
+        assert _get(m1, "memsvc_resumes_total") == 1
+        assert _get(m1, "memsvc_sessions_resident") == 1
+        assert _get(m1, "memsvc_bytes_resident") == c.get_session("s").bytes_resident > 0
+        assert _get(m1, "memsvc_sessions_stored") == 1
+        assert _get(m1, "memsvc_bytes_stored") > _get(m0, "memsvc_bytes_stored")
+        c.append("s", text="more")
+        m2 = _scrape(mport)
+        assert _get(m2, "memsvc_rpc_total", method="Append", **ok) == 2
+        assert _get(m2, "memsvc_tokens_appended_total") > appended
+    with pytest.raises(OSError):  # the endpoint closes with the server
+        urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2)
+
+
+def test_auth_failures_are_counted(tmp_path, tiny_model):
+    ring = KeyRing.parse(f"t={hash_key(KEY)}", source="test", allow_plain=False)
+    with served(tmp_path / "data", tiny_model, api_keys=ring, metrics_port=0) as (server, port), \
+            client(port, api_key="wrong-key-0123456789") as c:
+        with pytest.raises(grpc.RpcError):
+            c.stats()
+        m = _scrape(server.memsvc_metrics_port)
+        assert _get(m, "memsvc_auth_failures_total") == 1
+        assert _get(m, "memsvc_rpc_total", method="GetStats", code="UNAUTHENTICATED") == 1
+
+
+@pytest.fixture
+def rpc_log():
+    logger = logging.getLogger("memsvc.rpc")
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield buf
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def test_one_json_line_per_rpc_without_content(tmp_path, tiny_model, rpc_log):
+    ring = KeyRing.parse(f"acme={hash_key(KEY)}", source="test", allow_plain=False)
+    secret = "my locker code is 4512"
+    with served(tmp_path / "data", tiny_model, api_keys=ring) as (_, port), client(port, api_key=KEY) as c:
+        c.create_session("chat")
+        r = c.append("chat", messages=[{"role": "user", "content": secret}])
+        g = c.generate_text("chat", max_new_tokens=3, commit=True, prefix="Sure: ")
+        with pytest.raises(grpc.RpcError):
+            c.append("chat", text="")
+        with pytest.raises(grpc.RpcError):
+            c.resume("other")
+    lines = [json.loads(line) for line in rpc_log.getvalue().splitlines()]
+    assert [(d["method"], d["code"]) for d in lines] == [
+        ("CreateSession", "OK"), ("Append", "OK"), ("Generate", "OK"), ("Append", "INVALID_ARGUMENT"),
+        ("Resume", "NOT_FOUND")]
+    for d in lines:
+        assert d["tenant"] == "acme" and d["ms"] >= 0 and d["peer"]
+    assert lines[1]["session"] == "chat" and lines[1]["tokens_in"] == len(r.token_ids)
+    assert lines[2]["tokens_out"] == len(g.token_ids) and lines[2]["finish"] == g.finish_reason
+    assert "error" not in lines[3]  # INVALID_ARGUMENT messages may quote the request
+    assert lines[4]["error"] == "no session 'other'"
+    text = rpc_log.getvalue()
+    assert secret not in text and "4512" not in text and "Sure" not in text and KEY not in text
