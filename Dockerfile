@@ -11,5 +11,10 @@ COPY clients clients
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu . \
  && memsvc model pull
 VOLUME ["/var/lib/memsvc"]
-EXPOSE 50051
-CMD ["memsvc", "serve", "--host", "0.0.0.0", "--port", "50051", "--data-dir", "/var/lib/memsvc/data"]
+# Binding 0.0.0.0 turns API keys on: the server refuses to start without them.
+# Mount a keys file (TENANT=sha256:<hex> lines, made by `memsvc keys new`) here,
+# or set MEMSVC_API_KEYS.
+ENV MEMSVC_API_KEYS_FILE=/run/secrets/memsvc_api_keys
+EXPOSE 50051 9464
+CMD ["memsvc", "serve", "--host", "0.0.0.0", "--port", "50051", "--data-dir", "/var/lib/memsvc/data", \
+     "--metrics-port", "9464"]
