@@ -234,11 +234,13 @@ class MemoryServicer:
         m = self.m.model  # keys and values at the model's precision, plus the token id
         return 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize + 4
 
-    def _admitter(self, call: _Call, stack: contextlib.ExitStack, before: dict, *, generate: bool):
+    def _admitter(self, call: _Call, context, stack: contextlib.ExitStack, before: dict, *, generate: bool):
         """The admit(record, n) hook of one Append or committing Generate."""
         lim = self.limits
 
         def admit(rec, n: int) -> None:
+            if not context.is_active():  # it may have waited for the session's lock: don't start late work
+                raise Cancelled("the call was cancelled or its deadline passed before the model ran")
             sid = call.tenant.outer(rec.id)
             if not generate and lim.max_append_tokens and n > lim.max_append_tokens:
                 raise LimitExceeded("max_append_tokens",
@@ -283,7 +285,7 @@ class MemoryServicer:
                                 f"tokens per Append (max_append_tokens); split it into smaller Appends")
         before: dict = {}
         with contextlib.ExitStack() as stack:
-            admit = self._admitter(call, stack, before, generate=False)
+            admit = self._admitter(call, context, stack, before, generate=False)
             if kind == "messages":
                 msgs = [{"role": m.role, "content": m.content} for m in request.messages.messages]
                 rec, ids = self.m.append(inner, messages=msgs, admit=admit)
@@ -313,7 +315,7 @@ class MemoryServicer:
         call.tokens_out = 0
         before: dict = {}
         with contextlib.ExitStack() as stack:
-            admit = self._admitter(call, stack, before, generate=True)
+            admit = self._admitter(call, context, stack, before, generate=True)
             for chunk in self.m.generate(inner, params, cancelled=lambda: not context.is_active(), admit=admit):
                 call.tokens_out += len(chunk.token_ids)
                 msg = pb.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason)

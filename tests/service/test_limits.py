@@ -181,3 +181,22 @@ def test_limits_are_validated():
         Limits(max_request_bytes=0)
     with pytest.raises(ValueError, match="max_bytes_per_tenant"):
         Limits(max_bytes_per_tenant=1.5)
+
+
+def test_an_append_whose_deadline_passes_while_it_waits_does_not_run(tmp_path, tiny_model):
+    with served(tmp_path / "data", tiny_model) as (server, port), client(port) as c, client(port) as c2:
+        c.create_session("s")
+        c.append("s", text="Some history.")
+        before = server.memsvc_store.dump()
+        appended = c.stats().tokens_appended
+        _slow_model(server, 0.02)
+        gen = threading.Thread(target=lambda: c.generate_text("s", max_new_tokens=60))
+        gen.start()  # holds the session's lock for >= 1.2 s
+        time.sleep(0.2)
+        c2.timeout = 0.3
+        _fails(lambda: c2.append("s", text="too late"), grpc.StatusCode.DEADLINE_EXCEEDED)
+        gen.join()
+        assert server.memsvc_store.dump() == before
+        assert c.stats().tokens_appended == appended
+        m = server.memsvc_metrics.rpcs
+        _wait(lambda: m.labels("Append", "DEADLINE_EXCEEDED")._value.get() == 1)
