@@ -249,3 +249,26 @@ def test_tls_serves_with_a_certificate(tmp_path, tiny_model):
             plain.timeout = 5
             code, _ = _code(lambda: plain.get_session("over-tls"))
             assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_async_client_sends_its_key(tenants):
+    import asyncio
+
+    from memsvc.clients import AsyncMemoryClient
+
+    _, port, alice, _ = tenants
+    alice.create_session("a")
+
+    async def go():
+        async with AsyncMemoryClient(f"127.0.0.1:{port}", timeout=60, api_key=ALICE_KEY) as c:
+            assert [s.id for s in await c.list_sessions()] == ["a"]
+        async with AsyncMemoryClient(f"127.0.0.1:{port}", timeout=60, api_key=BOB_KEY) as c:
+            with pytest.raises(grpc.RpcError) as info:
+                await c.get_session("a")
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        async with AsyncMemoryClient(f"127.0.0.1:{port}", timeout=60) as c:
+            with pytest.raises(grpc.RpcError) as info:
+                await c.stats()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    asyncio.run(go())
