@@ -283,5 +283,13 @@ def sessions_rm(session_ids: tuple[str, ...], data_dir: str) -> None:
         raise click.ClickException(f"no such session: {', '.join(missing)}")
 
 
+def _eval_group():
+    from memsvc.eval.cli import eval_cmd
+    return eval_cmd
+
+
+main.add_command(_eval_group(), "eval")
+
+
 if __name__ == "__main__":
     main()

@@ -19,6 +19,8 @@ import threading
 from collections import OrderedDict
 from typing import Protocol
 
+import torch
+
 from memsvc.kernels.codec import Packed
 
 _LEN = struct.Struct("<I")
@@ -197,3 +199,25 @@ class ColdStore:
 
     def stored_bytes(self) -> int:
         return self.backend.nbytes() + sum(len(b) for b in self.pending.values())
+
+
+def stack_packed(blocks: list[Packed]) -> Packed:
+    """Blocks encoded alike, [..., T, D] each -> one Packed of shape [U, ..., T, D] that decodes in one call.
+
+    Shaped tensors (TurboQuant codes, every codec's scales) stack on a new first
+    axis; flat tensors (uniform codes, bit-packed over the whole block) are
+    concatenated, which is the same bytes the stacked input would pack to when
+    each block fills whole bytes. Codecs, shapes and metadata must match.
+    """
+    first = blocks[0]
+    if len(blocks) == 1:
+        return Packed(first.codec, (1, *first.shape), first.dtype,
+                      {k: t.unsqueeze(0) if t.dim() > 1 else t for k, t in first.tensors.items()}, first.meta)
+    for b in blocks[1:]:
+        if b.codec != first.codec or b.shape != first.shape or b.meta != first.meta:
+            raise ValueError("stack_packed needs blocks of one codec, shape and metadata")
+    tensors = {}
+    for name, t in first.tensors.items():
+        parts = [b.tensors[name] for b in blocks]
+        tensors[name] = torch.cat(parts) if t.dim() == 1 else torch.stack(parts)
+    return Packed(first.codec, (len(blocks), *first.shape), first.dtype, tensors, first.meta)

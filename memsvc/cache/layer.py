@@ -28,7 +28,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from memsvc.kernels.registry import get_codec
 
-from .cold import ColdStore
+from .cold import ColdStore, stack_packed
 from .policies.plan import LayerPlan
 
 _STATE = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_k", "keep_v", "keep_pos",
@@ -189,37 +189,34 @@ class TierLayer(CacheLayerMixin):
         if Hq % H:
             raise ValueError(f"{Hq} query heads do not group over {H} KV heads")
         G = Hq // H
-        q = query[0].float().reshape(H, G, n, D)
+        q = query[0].float().reshape(H, G * n, D)  # rows (g, i)
         qpos = torch.arange(self.seen - n, self.seen, device=self.device)  # [n]
         self.stats["attend_calls"] += 1
 
         # exact tiers: sink, kept, hot (hot is causal by position)
-        ks = [self.sink_k.float(), self._keep_float(self.keep_k), self.hot_k.float()]
-        vs = [self.sink_v.float(), self._keep_float(self.keep_v), self.hot_v.float()]
-        n_sink, n_keep, n_hot = ks[0].shape[1], ks[1].shape[1], ks[2].shape[1]
-        k_ex = torch.cat(ks, 1)  # [H, Te, D]
-        v_ex = torch.cat(vs, 1)
-        logits = torch.einsum("hgnd,htd->hgnt", q, k_ex) * scaling  # [H, G, n, Te]
+        k_ex = torch.cat([self.sink_k.float(), self._keep_float(self.keep_k), self.hot_k.float()], 1)  # [H, Te, D]
+        v_ex = torch.cat([self.sink_v.float(), self._keep_float(self.keep_v), self.hot_v.float()], 1)
+        n_sink, n_keep = self.sink_k.shape[1], self._keep_len()
+        te = k_ex.shape[1]
+        logits = torch.bmm(q, k_ex.transpose(1, 2)).mul_(scaling).view(H, G, n, te)
         hot_ok = self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
         if not bool(hot_ok.all()):
-            mask = torch.ones(n, k_ex.shape[1], dtype=torch.bool, device=self.device)
-            mask[:, n_sink + n_keep:] = hot_ok
-            logits = logits.masked_fill(~mask, float("-inf"))
+            logits[..., n_sink + n_keep:].masked_fill_(~hot_ok, float("-inf"))
 
         # cold tier: the blocks retrieval picks for each query (all of them without retrieval)
         cold = None
         if self.n_blocks:
-            cold = self._cold_keys(q, scaling)  # (block ids [U], k [H, U*B, D], visible [H, n, U*B])
-            ids, k_cold, visible = cold
-            lc = torch.einsum("hgnd,htd->hgnt", q, k_cold) * scaling
-            lc = lc.masked_fill(~visible.unsqueeze(1), float("-inf"))
+            ids, k_cold, visible = self._cold_keys(q.view(H, G, n, D))  # [U], [H, U*B, D], [H, n, U*B] or None
+            lc = torch.bmm(q, k_cold.transpose(1, 2)).mul_(scaling).view(H, G, n, -1)
+            if visible is not None:
+                lc.masked_fill_(~visible.unsqueeze(1), float("-inf"))
             logits = torch.cat([logits, lc], dim=-1)
+            cold = ids
 
         probs = torch.softmax(logits, dim=-1)  # [H, G, n, T]
-        te = k_ex.shape[1]
-        out = torch.einsum("hgnt,htd->hgnd", probs[..., :te], v_ex)
+        out = torch.bmm(probs[..., :te].reshape(H, G * n, te), v_ex)  # [H, G*n, Dv]
         if cold is not None:
-            out = out + self._cold_values(ids, probs[..., te:])
+            out = out + self._cold_values(cold, probs[..., te:])
 
         if p.keep_by == "attention":  # H2O-style cumulative attention of exact tokens
             got = probs[..., :te].sum(dim=(1, 2))  # [H, Te]
@@ -230,10 +227,17 @@ class TierLayer(CacheLayerMixin):
             if self.q_window is not None and fresh.shape[1] < p.window:
                 fresh = torch.cat([self.q_window, fresh], 1)[:, -p.window:]
             self.q_window = fresh
-        out = out.reshape(Hq, n, -1).transpose(0, 1).unsqueeze(0)  # [1, n, Hq, Dv]
+        out = out.view(Hq, n, -1).transpose(0, 1).unsqueeze(0)  # [1, n, Hq, Dv]
         return out.to(query.dtype)
 
-    def _cold_keys(self, q: torch.Tensor, scaling: float):
+    def _decode(self, codec, packs: list) -> torch.Tensor:
+        """Packed blocks [H, B, D] -> [H, U*B, D] float, one decode call."""
+        x = codec.decode(stack_packed(packs)).float()  # [U, H, B, D]
+        U, H, B, D = x.shape
+        return x.permute(1, 0, 2, 3).reshape(H, U * B, D)
+
+    def _cold_keys(self, q: torch.Tensor):
+        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D], visible [H, n, U*B] or None when all are)."""
         p, H, B = self.plan, self.H, self.plan.block
         n = q.shape[2]
         nb = self.n_blocks
@@ -251,33 +255,35 @@ class TierLayer(CacheLayerMixin):
         else:
             ids = torch.arange(nb, device=dev)
             chosen = None
-        ks = []
-        for b in ids.tolist():
-            kp, _ = self.cold.get(self.layer_idx, b)
-            ks.append(self.kcodec.decode(kp).float())  # [H, B, D]
-        self.stats["cold_blocks_read"] += len(ks)
-        k_cold = torch.cat(ks, dim=1)
+        packs = [self.cold.get(self.layer_idx, b)[0] for b in ids.tolist()]
+        self.stats["cold_blocks_read"] += len(packs)
+        k_cold = self._decode(self.kcodec, packs)
         live = self.live[ids]  # [U, H, B]
-        visible = live.permute(1, 0, 2).reshape(H, 1, -1).expand(H, n, -1)
-        if chosen is not None:
-            visible = visible & chosen.repeat_interleave(B, dim=2)
+        visible = None
+        if chosen is not None or not bool(live.all()):
+            visible = live.permute(1, 0, 2).reshape(H, 1, -1).expand(H, n, -1)
+            if chosen is not None:
+                visible = visible & chosen.repeat_interleave(B, dim=2)
         return ids, k_cold, visible
 
     def _cold_values(self, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """probs [H, G, n, U*B] -> Σ p·v over the picked cold blocks [H, G, n, Dv]."""
+        """probs [H, G, n, U*B] -> Σ p·v over the picked cold blocks, [H, G*n, Dv].
+
+        Sparse-V: a block whose every weight (all heads, queries) is below v_skip is never decoded."""
         H, B = self.H, self.plan.block
+        G, n = probs.shape[1], probs.shape[2]
         U = ids.numel()
-        pb = probs.reshape(*probs.shape[:3], U, B)
-        need = pb.amax(dim=(1, 2, 4)) >= self.plan.v_skip if self.plan.v_skip > 0 else None  # [H, U]
-        out = torch.zeros(*probs.shape[:3], self.Dv, device=self.device)
-        for u, b in enumerate(ids.tolist()):
-            if need is not None and not bool(need[:, u].any()):
-                self.stats["v_blocks_skipped"] += 1
-                continue
-            _, vp = self.cold.get(self.layer_idx, b)
-            v = self.vcodec.decode(vp).float()  # [H, B, Dv]
-            out = out + torch.einsum("hgnt,htd->hgnd", pb[:, :, :, u], v)
-        return out
+        pb = probs.reshape(H, G, n, U, B)
+        keep = torch.arange(U, device=self.device)
+        if self.plan.v_skip > 0:
+            keep = (pb.amax(dim=(0, 1, 2, 4)) >= self.plan.v_skip).nonzero().flatten()
+            self.stats["v_blocks_skipped"] += U - keep.numel()
+            if not keep.numel():
+                return torch.zeros(H, G * n, self.Dv, device=self.device)
+        packs = [self.cold.get(self.layer_idx, b)[1] for b in ids[keep].tolist()]
+        v = self._decode(self.vcodec, packs)  # [H, K*B, Dv]
+        pk = pb[:, :, :, keep].reshape(H, G * n, -1)
+        return torch.bmm(pk, v)
 
     # ---- moving tokens between tiers ---------------------------------------------------
 

@@ -17,6 +17,7 @@ class H2OPolicy:
     budget: int = 512  # resident tokens per head
     recent_fraction: float = 0.5
     block_tokens: int = 64
+    exact_dtype: str | None = "float16"  # exact tiers; None: the model's dtype
 
     def __post_init__(self):
         check_budget("budget", self.budget, 2)
@@ -25,4 +26,4 @@ class H2OPolicy:
 
     def plan(self, layer: int, n_layers: int) -> LayerPlan:
         recent = max(1, round(self.budget * self.recent_fraction))
-        return LayerPlan(hot=recent, keep=self.budget - recent, keep_by="attention", block=self.block_tokens)
+        return LayerPlan(hot=recent, keep=self.budget - recent, keep_by="attention", block=self.block_tokens, exact_dtype=self.exact_dtype)

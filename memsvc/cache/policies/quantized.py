@@ -18,6 +18,7 @@ class QuantizedPolicy:
     value_codec: str = "k6v4_v"
     hot: int = 128
     block_tokens: int = 64
+    exact_dtype: str | None = "float16"  # exact tiers; None: the model's dtype
 
     def __post_init__(self):
         check_budget("hot", self.hot)
@@ -28,7 +29,7 @@ class QuantizedPolicy:
                 raise ValueError(f"unknown codec {c!r}; valid codecs: {', '.join(sorted(CODECS))}")
 
     def plan(self, layer: int, n_layers: int) -> LayerPlan:
-        return LayerPlan(hot=self.hot, block=self.block_tokens, cold_k=self.key_codec, cold_v=self.value_codec)
+        return LayerPlan(hot=self.hot, block=self.block_tokens, cold_k=self.key_codec, cold_v=self.value_codec, exact_dtype=self.exact_dtype)
 
 
 def quantized(name: str, key_codec: str, value_codec: str):

@@ -20,6 +20,7 @@ class SnapKVPolicy:
     window: int = 32
     pool: int = 7
     block_tokens: int = 64
+    exact_dtype: str | None = "float16"  # exact tiers; None: the model's dtype
 
     def __post_init__(self):
         check_budget("window", self.window)
@@ -33,4 +34,4 @@ class SnapKVPolicy:
     def plan(self, layer: int, n_layers: int) -> LayerPlan:
         b = self.layer_budget(layer, n_layers)
         return LayerPlan(hot=None, keep=b - self.window, keep_by="window", window=self.window, pool=self.pool,
-                         block=self.block_tokens)
+                         block=self.block_tokens, exact_dtype=self.exact_dtype)

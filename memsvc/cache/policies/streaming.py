@@ -16,10 +16,11 @@ class StreamingPolicy:
     budget: int = 512  # resident tokens per head
     sink: int = 4
     block_tokens: int = 64
+    exact_dtype: str | None = "float16"  # exact tiers; None: the model's dtype
 
     def __post_init__(self):
         check_budget("sink", self.sink, 0)
         check_budget("budget", self.budget, self.sink + 1)
 
     def plan(self, layer: int, n_layers: int) -> LayerPlan:
-        return LayerPlan(sink=self.sink, hot=self.budget - self.sink, block=self.block_tokens)
+        return LayerPlan(sink=self.sink, hot=self.budget - self.sink, block=self.block_tokens, exact_dtype=self.exact_dtype)

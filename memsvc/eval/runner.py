@@ -1,0 +1,112 @@
+"""Run token ids through the real model on any policy's cache (the eval harness's engine).
+
+`PolicyRun(loaded, "tiered", **overrides)` builds a fresh cache per prompt:
+`full` is transformers' DynamicCache (SDPA), every other policy a `TierCache`
+whose cold blocks go to a temporary file when it retrieves (so they are not
+resident) and stay in memory when every query reads them all.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from memsvc.cache import ColdStore, FileBlocks, TierCache, active, fp16_bytes_per_token, get_policy, use_memsvc_attention
+
+
+@dataclass
+class RunResult:
+    resident_bytes: int = 0
+    stored_bytes: int = 0
+    tokens: int = 0
+    tiers: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class PolicyRun:
+    def __init__(self, loaded, policy: str, chunk: int = 512, **overrides):
+        self.m = loaded
+        self.name = policy
+        self.policy = get_policy(policy, **overrides)
+        self.chunk = chunk
+        use_memsvc_attention(loaded.model)
+
+    def new_cache(self):
+        if self.name == "full":
+            return DynamicCache()
+        retrieves = any(self.policy.plan(i, self.m.num_layers).retrieve for i in range(self.m.num_layers))
+        cold = ColdStore(FileBlocks()) if retrieves else ColdStore()
+        return TierCache(self.policy, self.m.num_layers, self.m.dtype, cold)
+
+    @torch.no_grad()
+    def forward(self, cache, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Feed ids in chunks; returns logits [n, V] (all_logits) or [V] for the last token."""
+        outs = []
+        with active(cache if isinstance(cache, TierCache) else None):
+            for lo in range(0, len(ids), self.chunk):
+                part = torch.tensor([ids[lo:lo + self.chunk]], device=self.m.device)
+                out = self.m.model(input_ids=part, past_key_values=cache, use_cache=True,
+                                   logits_to_keep=0 if all_logits else 1)
+                outs.append(out.logits[0].float())
+        return torch.cat(outs) if all_logits else outs[-1][-1]
+
+    def end_prompt(self, cache) -> None:
+        if isinstance(cache, TierCache):
+            cache.end_prompt()
+            if isinstance(cache.cold.backend, FileBlocks):
+                cache.cold.flush()
+
+    def flush(self, cache) -> None:
+        if isinstance(cache, TierCache) and isinstance(cache.cold.backend, FileBlocks):
+            cache.cold.flush()
+
+    def measure(self, cache) -> RunResult:
+        if isinstance(cache, TierCache):
+            return RunResult(cache.resident_bytes(), cache.stored_bytes(), cache.get_seq_length(), cache.tier_tokens())
+        n = cache.get_seq_length()
+        b = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
+                for l in cache.layers)
+        return RunResult(b, b, n, {"hot": n})
+
+    def fp16_per_token(self) -> int:
+        return fp16_bytes_per_token(self.m.num_layers, self.m.num_kv_heads, self.m.head_dim)
+
+    @torch.no_grad()
+    def greedy(self, cache, prompt: list[int], n_new: int, eos: set[int] | None = None) -> tuple[list[int], float]:
+        """Greedy continuation of prompt; returns (tokens, decode tokens/s after the first)."""
+        logits = self.forward(cache, prompt)
+        self.end_prompt(cache)
+        out = [int(logits.argmax())]
+        t0 = time.perf_counter()
+        while len(out) < n_new and not (eos and out[-1] in eos):
+            logits = self.forward(cache, out[-1:])
+            out.append(int(logits.argmax()))
+        dt = time.perf_counter() - t0
+        return out, (len(out) - 1) / dt if len(out) > 1 and dt > 0 else 0.0
+
+    @torch.no_grad()
+    def answer_logprob(self, cache, prompt: list[int], answer: list[int]) -> tuple[float, list[int]]:
+        """Sum of log p(answer | prompt) teacher-forced, and the greedy tokens at each answer step."""
+        logits = self.forward(cache, prompt)
+        self.end_prompt(cache)
+        total, greedy = 0.0, []
+        for i, t in enumerate(answer):
+            lp = torch.log_softmax(logits, -1)
+            total += float(lp[t])
+            greedy.append(int(logits.argmax()))
+            if i + 1 < len(answer):
+                logits = self.forward(cache, [t])
+        return total, greedy
+
+
+def snapshot(cache):
+    return cache.snapshot() if isinstance(cache, TierCache) else cache.get_seq_length()
+
+
+def restore(cache, snap) -> None:
+    if isinstance(cache, TierCache):
+        cache.restore(snap)
+    elif cache.get_seq_length() > snap:
+        cache.crop(snap - cache.get_seq_length())
