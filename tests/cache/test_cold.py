@@ -1,0 +1,72 @@
+"""Cold block storage: byte round trips, batched decode equal to per-block decode, LRU bounds."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memsvc.cache.cold import ColdStore, FileBlocks, MemoryBlocks, block_bytes, block_from_bytes, stack_packed
+from memsvc.kernels.registry import get_codec
+
+POLICY_CODECS = ["turbo3", "turbo4", "k8v8_k", "k8v8_v", "k6v4_k", "k6v4_v", "kivi2_k", "kivi2_v", "kivi4_k",
+                 "kivi4_v"]
+
+
+@pytest.mark.parametrize("name", POLICY_CODECS)
+@pytest.mark.parametrize("shape", [(3, 64, 64), (2, 32, 16), (1, 64, 96)])
+def test_stacked_decode_equals_each_block(name, shape):
+    codec = get_codec(name)
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    packs = [codec.encode(torch.randn(*shape, generator=g)) for _ in range(5)]
+    together = codec.decode(stack_packed(packs))
+    assert torch.equal(together, torch.stack([codec.decode(p) for p in packs]))
+    assert torch.equal(codec.decode(stack_packed(packs[:1]))[0], codec.decode(packs[0]))
+
+
+def test_stack_refuses_mixed_blocks():
+    a = get_codec("turbo3").encode(torch.randn(2, 8, 16))
+    b = get_codec("turbo4").encode(torch.randn(2, 8, 16))
+    with pytest.raises(ValueError):
+        stack_packed([a, b])
+
+
+def test_block_bytes_round_trip_and_truncation():
+    k = get_codec("turbo4").encode(torch.randn(3, 64, 64))
+    v = get_codec("turbo3").encode(torch.randn(3, 64, 64))
+    raw = block_bytes(k, v)
+    k2, v2 = block_from_bytes(raw)
+    assert k2.to_bytes() == k.to_bytes() and v2.to_bytes() == v.to_bytes()
+    with pytest.raises(ValueError):
+        block_from_bytes(raw[:-3])
+    with pytest.raises(ValueError):
+        block_from_bytes(raw[:2])
+
+
+def test_file_backend_lru_and_discard():
+    codec = get_codec("turbo3")
+    store = ColdStore(FileBlocks(), cache_bytes=25_000)
+    blocks = {i: (codec.encode(torch.randn(3, 64, 64)), codec.encode(torch.randn(3, 64, 64))) for i in range(6)}
+    for i, (k, v) in blocks.items():
+        store.put(0, i, k, v)
+    assert store.resident_bytes() >= store.stored_bytes() > 0  # pending: in memory
+    store.flush()
+    assert store.stored_bytes() == store.backend.nbytes()
+    assert store.resident_bytes() <= 25_000  # only the LRU stays
+    for i in (0, 1, 0, 5):
+        k, v = store.get(0, i)
+        assert k.to_bytes() == blocks[i][0].to_bytes()
+    assert store.resident_bytes() <= 25_000
+    store.put(0, 6, *blocks[0])
+    store.discard_from(0, 6)
+    with pytest.raises(KeyError):
+        store.get(0, 6)
+    with pytest.raises(ValueError):
+        ColdStore(cache_bytes=-1)
+
+
+def test_memory_backend_counts_everything_resident():
+    codec = get_codec("k8v8_k")
+    store = ColdStore(MemoryBlocks())
+    k = codec.encode(torch.randn(2, 8, 16))
+    store.put(1, 0, k, k)
+    assert store.resident_bytes() == store.stored_bytes() == len(block_bytes(k, k))
+    assert store.get(1, 0)[0] is k

@@ -1,0 +1,182 @@
+"""Contract tests over every policy, on a tiny random Llama (2 layers, GQA 4/2, head dim 16).
+
+Small budgets make every tier engage within a few hundred tokens: token counts,
+tier invariants (each token of each head in exactly one tier, or evicted by an
+eviction baseline), budgets, snapshot/restore, and `tiered` with budgets larger
+than the context equal to `full`.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from memsvc.cache import EVICTION, POLICIES, ColdStore, FileBlocks, TierCache, active, get_policy, use_memsvc_attention
+
+SMALL = {
+    "full": {},
+    "k8v8": {"hot": 16, "block_tokens": 8},
+    "k6v4": {"hot": 16, "block_tokens": 8},
+    "kivi2": {"hot": 16, "block_tokens": 32},
+    "kivi4": {"hot": 16, "block_tokens": 32},
+    "turbo3": {"hot": 16, "block_tokens": 8},
+    "tiered": {"sink": 2, "hot": 16, "warm": 8, "retrieve": 24, "block_tokens": 8},
+    "streaming": {"budget": 40, "sink": 2},
+    "h2o": {"budget": 40},
+    "snapkv": {"budget": 40, "window": 8},
+    "pyramidkv": {"budget": 40, "window": 8},
+}
+
+
+def _ids(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 2000, (n,), generator=g).tolist()
+
+
+@torch.no_grad()
+def _run(model, cache, ids, chunk=37):
+    """Feed ids in chunks; return logits of the last token [V]."""
+    out = None
+    with active(cache if isinstance(cache, TierCache) else None):
+        for lo in range(0, len(ids), chunk):
+            part = torch.tensor([ids[lo:lo + chunk]])
+            out = model(input_ids=part, past_key_values=cache, use_cache=True).logits[0, -1]
+    return out
+
+
+def _cache(tiny, name, cold=None, **over):
+    return TierCache(get_policy(name, **{**SMALL[name], **over}), tiny.num_layers, tiny.dtype, cold)
+
+
+def _positions(layer) -> list[list[int]]:
+    """Per head: every position the layer can attend (sink, kept, hot, live cold)."""
+    out = []
+    B, S = layer.plan.block, layer.sink_k.shape[1]
+    for h in range(layer.H):
+        pos = list(range(S)) + layer.keep_pos[h].tolist() + layer.hot_pos.tolist()
+        for b in range(layer.n_blocks):
+            start = layer.plan.sink + b * B
+            pos += [start + t for t in range(B) if bool(layer.live[b, h, t])]
+        out.append(pos)
+    return out
+
+
+def test_registry_lists_valid_names_and_rejects_bad_settings():
+    with pytest.raises(ValueError, match="valid policies: .*tiered"):
+        get_policy("nope")
+    for name in POLICIES:
+        assert get_policy(name).name == name
+    for bad in ({"hot": 0}, {"retrieve": 10}, {"key_codec": "nope"}, {"warm": -1}):
+        with pytest.raises(ValueError):
+            get_policy("tiered", **bad)
+    with pytest.raises(ValueError):
+        get_policy("snapkv", budget=8, window=32)
+    with pytest.raises(ValueError, match="bad settings"):
+        get_policy("h2o", hot=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    use_memsvc_attention(tiny_model.model)
+    return tiny_model
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_tier_invariants_and_budgets(tiny, name):
+    cache = _cache(tiny, name)
+    ids = _ids(230)
+    _run(tiny.model, cache, ids[:200])
+    cache.end_prompt()
+    for t in ids[200:]:  # decode steps, one token at a time
+        _run(tiny.model, cache, [t])
+    n = len(ids)
+    assert cache.get_seq_length() == n
+    for layer in cache.layers:
+        plan = layer.plan
+        per_head = _positions(layer)
+        for pos in per_head:
+            assert len(pos) == len(set(pos)), "a token is in two tiers"
+            assert min(pos) >= 0 and max(pos) == n - 1 and len(pos) >= 1
+        attended = len(per_head[0])
+        if name not in EVICTION:
+            assert all(sorted(p) == list(range(n)) for p in per_head), "a non-eviction policy lost a token"
+            assert layer.evicted == 0
+        else:
+            assert layer.evicted == layer.H * (n - attended)
+            assert all(len(p) == attended for p in per_head)
+        if plan.hot is not None:
+            step = plan.block if plan.cold_k else 1
+            assert layer.hot_k.shape[1] < plan.hot + step
+        assert layer._keep_len() <= plan.keep
+        if name in ("streaming", "h2o"):
+            assert attended <= SMALL[name]["budget"]
+        if name in ("snapkv", "pyramidkv"):  # budget after the prompt, plus the 30 decoded tokens
+            assert attended <= layer.plan.keep + layer.plan.window + 30
+    tiers = cache.tier_tokens()
+    if name == "tiered":
+        assert tiers["sink"] == 2 and tiers["warm"] == 8 and tiers["cold"] > 150
+        assert cache.stats()["cold_blocks_read"] > 0
+
+
+def test_pyramid_budgets_shrink_with_depth():
+    p = get_policy("pyramidkv", budget=100, window=8)
+    budgets = [p.layer_budget(i, 10) for i in range(10)]
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 100 > budgets[-1]
+    assert abs(sum(budgets) / 10 - 100) <= 1
+
+
+@torch.no_grad()
+def test_tiered_with_huge_budgets_equals_full(tiny):
+    ids = _ids(150, seed=3)
+    ref = DynamicCache()
+    big = TierCache(get_policy("tiered", hot=4096, exact_dtype=None), tiny.num_layers, tiny.dtype)
+    a, b = _run(tiny.model, ref, ids), _run(tiny.model, big, ids)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert big.tier_tokens()["cold"] == 0 and big.tier_tokens()["hot"] + big.tier_tokens()["sink"] == 150
+    for _ in range(20):  # greedy continuation: identical tokens
+        ta, tb = int(a.argmax()), int(b.argmax())
+        assert ta == tb
+        a, b = _run(tiny.model, ref, [ta]), _run(tiny.model, big, [tb])
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiered", "h2o", "snapkv", "turbo3"])
+def test_restore_undoes_everything_since_the_snapshot(tiny, name):
+    ids = _ids(180, seed=4)
+    cold = ColdStore(FileBlocks()) if name == "tiered" else None
+    cache = _cache(tiny, name, cold)
+    _run(tiny.model, cache, ids[:120])
+    cache.end_prompt()
+    snap = cache.snapshot()
+    _run(tiny.model, cache, _ids(60, seed=5))  # a detour: more tokens, aging, evictions, new cold blocks
+    cache.end_prompt()
+    cache.restore(snap)
+    twin = _cache(tiny, name, ColdStore(FileBlocks()) if name == "tiered" else None)
+    _run(tiny.model, twin, ids[:120])
+    twin.end_prompt()
+    assert torch.equal(_run(tiny.model, cache, ids[120:]), _run(tiny.model, twin, ids[120:]))
+    assert cache.get_seq_length() == twin.get_seq_length() == 180
+
+
+def test_quest_summary_bounds_every_key_score():
+    """The retrieval score of a block is an upper bound of q·k over its keys (Quest's bound)."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(50, 3, 64, 16, generator=g)  # blocks, heads, tokens, dim
+    q = torch.randn(3, 16, generator=g)
+    mn, mx = k.amin(2), k.amax(2)  # [50, 3, 16]
+    ub = (q.clamp(min=0) * mx).sum(-1) + (q.clamp(max=0) * mn).sum(-1)  # [50, 3]
+    best = torch.einsum("hd,bhtd->bht", q, k).amax(-1)
+    assert bool((ub >= best - 1e-5).all())
+
+
+def test_cold_blocks_on_disk_are_not_resident(tiny):
+    ids = _ids(300, seed=6)
+    mem = _cache(tiny, "tiered")
+    disk = _cache(tiny, "tiered", ColdStore(FileBlocks(), cache_bytes=0))
+    _run(tiny.model, mem, ids)
+    _run(tiny.model, disk, ids)
+    disk.cold.flush()
+    assert disk.stored_bytes() == mem.stored_bytes() > 0
+    assert mem.resident_bytes() - disk.resident_bytes() == mem.cold.backend.nbytes()
+    # same answers wherever the blocks live
+    assert torch.equal(_run(tiny.model, mem, [5]), _run(tiny.model, disk, [5]))
