@@ -169,7 +169,7 @@ class TurboQuant:
         elif not m["qjl"] and m["bits"] in _LUT_BITS and p.tensors["codes"].device.type != "cpu":
             y = _decode_rotated_part(p.tensors, "", m, tuple(p.shape[:-1]), d)
             out = unrotate(y, m["rotation"], m["seed"], m["layer"], d, dense=True)
-        elif not m["qjl"] and m["rotation"] == "hadamard" and m["bits"] in _LUT_BITS and next_pow2(d) >= 32:
+        elif not m["qjl"] and m["rotation"] == "hadamard" and m["bits"] in _LUT_BITS and next_pow2(d) >= 8:
             return _decode_kron(p.tensors["codes"], p.tensors["scales"], m, tuple(p.shape), p.dtype)
         elif not m["qjl"] and m["bits"] in _LUT_BITS and next_pow2(d) >= 8:
             return _decode_lut(p.tensors["codes"], p.tensors["scales"], m, tuple(p.shape), p.dtype)
@@ -295,6 +295,43 @@ def _scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     return buf[:nbytes].view(dtype).view(shape)
 
 
+_UNIT_DTYPES = {16: torch.complex128, 8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}  # n bytes moved as one element
+
+
+@functools.lru_cache(maxsize=256)
+def _sign_bits(d_pad: int, seed: int, layer: int, n_heads: int, itemsize: int) -> torch.Tensor:
+    """The Hadamard signs as sign-bit masks [H, D_pad] int16/int32: x ^ mask == x * sign, bit for bit."""
+    dt = _UNIT_DTYPES[itemsize]
+    neg = hadamard_signs(d_pad, seed, layer, n_heads) < 0
+    return (neg.to(dt) << (8 * itemsize - 1)).contiguous()
+
+
+def _signed_coordinate_major(xs: torch.Tensor, out: torch.Tensor, seed: int, layer: int) -> None:
+    """xs [NB, H, T, D] float -> out [NB·H, D_pad, T] float32 = (xs · signs)^T, zero-padded to D_pad.
+
+    A float transpose costs ~0.6 ns per element; when D = D_pad is a multiple of 16 bytes, this one
+    flips the signs on the input's bits (XOR, exact), transposes whole 16-byte units (k coordinates),
+    and only then transposes within the unit, widening to float32: [D/k, T, k] -> [D/k, k, T]."""
+    nb, h, t, d = xs.shape
+    dp = out.shape[1]
+    es = xs.element_size()
+    k = 16 // es
+    if d == dp and d % k == 0 and es in (2, 4):
+        masks = _sign_bits(dp, seed, layer, h, es)  # [H, D]
+        it = masks.dtype
+        xf = _scratch(20, (nb, h, t, d), xs.dtype)
+        torch.bitwise_xor(xs.view(it), masks[:, None, :], out=xf.view(it))
+        units = _scratch(21, (nb * h, d // k, t), torch.complex128)
+        units.copy_(xf.view(nb * h, t, d).view(torch.complex128).transpose(1, 2))
+        out.view(-1, d // k, k, t).copy_(units.view(xs.dtype).view(-1, d // k, t, k).transpose(2, 3))
+        return
+    signs = hadamard_signs(dp, seed, layer, h)  # [H, Dp]
+    o = out.view(nb, h, dp, t)
+    o[:, :, :d].copy_(xs.transpose(-1, -2)).mul_(signs[:, :d, None])  # (faster than one mul from the transpose)
+    if dp != d:
+        o[:, :, d:].zero_()
+
+
 def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm_correction: bool):
     """The CPU fast path of the Hadamard MSE encode: x [..., H, T, D] -> (packed codes, fp16 scales).
 
@@ -302,30 +339,23 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     h = 1, 2, 4, ... in the same order, · 1/sqrt(D_pad), u = y · (1/n), symmetric
     bucketize), so the rotated values and codes are the same floats; but it works
     coordinate-major ([BH, D_pad, T]: every butterfly operand is a contiguous run
-    of T floats), reuses two float buffers instead of allocating per step, and
-    gets ||c[code]||² from per-boundary counts instead of a gather. The norm is
-    summed in numpy's pairwise order (_pairwise_rows), as the Triton interpreter's
-    tl.sum does, so codes match the interpreted kernel even next to a boundary.
+    of T floats), reuses scratch buffers instead of allocating per step, and
+    gets ||c[code]||² from a per-row histogram of the magnitude index instead of a
+    gather. The norm is summed in numpy's pairwise order (_pairwise_rows), as the
+    Triton interpreter's tl.sum does, so codes match the interpreted kernel even
+    next to a boundary.
     """
     d, t = x.shape[-1], x.shape[-2]
     dp = next_pow2(d)
     h = x.shape[-3] if x.dim() >= 3 else 1
     lead = x.shape[:-1]
+    if x.numel() == 0:
+        return torch.empty(*lead, dp * bits // 8, dtype=torch.uint8), torch.empty(lead, dtype=torch.float16)
     xs = x.reshape(-1, h, t, d)
-    nb = xs.shape[0]
-    signs = hadamard_signs(dp, seed, layer, h)  # [H, Dp]
-    buf_a = _scratch(0, (nb, h, dp, t), torch.float32)
-    buf_b = _scratch(1, (nb, h, dp, t), torch.float32)
-    # fp16 input and D_pad a power of 4: 1/sqrt(D_pad) is a power of two and every butterfly value a
-    # multiple of 2^-24, so scaling first is exact and gives the same floats as scaling last
-    fold = x.dtype == torch.float16 and (dp.bit_length() - 1) % 2 == 0
-    if fold:
-        signs = signs * (1.0 / math.sqrt(dp))
-    buf_a[:, :, :d].copy_(xs.transpose(-1, -2)).mul_(signs[:, :d, None])  # (faster than one mul from the transpose)
-    if dp != d:
-        buf_a[:, :, d:].zero_()
-    src, dst = buf_a.view(-1, dp, t), buf_b.view(-1, dp, t)
-    bh = src.shape[0]
+    bh = xs.shape[0] * h
+    src = _scratch(0, (bh, dp, t), torch.float32)
+    dst = _scratch(1, (bh, dp, t), torch.float32)
+    _signed_coordinate_major(xs, src, seed, layer)
     step = 1
     while step < dp:
         v = src.view(bh, dp // (2 * step), 2, step * t)
@@ -334,73 +364,57 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
         torch.sub(v[:, :, 0], v[:, :, 1], out=o[:, :, 1])
         src, dst = dst, src
         step *= 2
-    y = src if fold else src.mul_(1.0 / math.sqrt(dp))  # [BH, Dp, T]
+    # fp16 input and D_pad a power of 4: 1/sqrt(D_pad) is a power of two and every butterfly value a
+    # multiple of 2^-24, so the scaled y would be exactly y' / sqrt(D_pad): the norm scales exactly,
+    # and u = y' · (1/n') is the same float as y · (1/n). Skip the multiply; rescale the norms.
+    exact = x.dtype == torch.float16 and (dp.bit_length() - 1) % 2 == 0
+    y = src if exact else src.mul_(1.0 / math.sqrt(dp))  # [BH, Dp, T]
     norms = _pairwise_rows(torch.mul(y, y, out=dst), 0, dp).sqrt()  # [BH, T]
     inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-    u = y.mul_(inv.unsqueeze(1))
-    # codes in int32 on the float bits (a float comparison into bool is 4x slower than these):
-    # for a = |u| >= 0 the int32 bit patterns order like the floats, and u <= 0 <=> bits(u) <= 0
-    ui = u.view(torch.int32)
-    ai = torch.bitwise_and(ui, 0x7FFFFFFF, out=dst.view(torch.int32))
+    if exact:
+        norms.mul_(1.0 / math.sqrt(dp))
+    ui = y.mul_(inv.unsqueeze(1)).view(torch.int32)  # u, as int32 bit patterns
     bounds = lloyd_max.boundaries(bits, dp)
     half = (bounds.numel() + 1) // 2
     pos = bounds[half:].view(torch.int32).tolist()  # positive boundaries as bit patterns
-    m = _scratch(2, (bh, dp, t), torch.int32)
+    # codes in int32 on the float bits (a float comparison into bool is 4x slower than these):
+    # u <= 0 <=> bits(u) <= 0, and for a = |u| >= 0 the int32 bit patterns order like the floats.
+    # m < half (a power of two): u > 0: m ^ half == half + m; u <= 0: m ^ (half - 1) == half - 1 - m (as bucketize_codes)
+    flip = _scratch(2, (bh, dp, t), torch.int32)
+    torch.sub(torch.tensor(half, dtype=torch.int32), torch.le(ui, 0, out=flip), out=flip)
+    ai = ui.bitwise_and_(0x7FFFFFFF)
+    m = dst.view(torch.int32)  # m = #{positive boundaries < a}
     ind = _scratch(3, (bh, dp, t), torch.int32)
-    # with norm correction, indicators are also summed three per int32 (one byte per boundary;
-    # a byte counts at most D_pad < 256 coordinates) to get #{coordinates above boundary i} per row
-    # (with 3 or 4 bits: a per-row histogram of m instead, one byte per level in an int32 or int64)
-    hist = norm_correction and bits in (3, 4)
-    accs = [_scratch(4 + k, (bh, dp, t), torch.int32) for k in range((len(pos) + 2) // 3)] if norm_correction and not hist else []
     if not pos:
         m.zero_()
     for i, b in enumerate(pos):
         torch.gt(ai, b, out=m if i == 0 else ind)
         if i:
             m.add_(ind)
-        if accs:
-            if i % 3 == 0:
-                accs[i // 3].copy_(m if i == 0 else ind)
-            else:
-                accs[i // 3].add_(ind, alpha=1 << (8 * (i % 3)))
-    if hist:
-        # 1 << 8m per coordinate, summed over the row: byte k counts the coordinates with m == k
-        # (a row holds < 256 coordinates, and level 7 can never hold them all: no carries; with 3 bits
-        # in an int32, whose top byte may wrap into the sign bit, read back masked)
-        if bits == 3:
-            e = torch.bitwise_left_shift(m, 3, out=_scratch(4, (bh, dp, t), torch.int32))
-            torch.bitwise_left_shift(_ONE32, e, out=e)
-        else:
-            e = _scratch(4, (bh, dp, t), torch.int64)
-            e.copy_(m).bitwise_left_shift_(3)
-            torch.bitwise_left_shift(_ONE64, e, out=e)
-        n = dp
-        while n > 1:
-            n //= 2
-            e[:, :n].add_(e[:, n : 2 * n])
-        hrow = e[:, 0]
-    # m < half (a power of two): u > 0: m ^ half == half + m; u <= 0: m ^ (half - 1) == half - 1 - m (as bucketize_codes)
-    flip = torch.sub(torch.tensor(half, dtype=torch.int32), torch.le(ui, 0, out=ind), out=ind)
-    codes = m.bitwise_xor_(flip)
     if norm_correction:
-        c2 = (lloyd_max.centroids(bits, dp)[half:].double() ** 2).tolist()
-        energy = torch.full((bh, t), dp * c2[0], dtype=torch.float64)
-        if hist:
-            energy.zero_()
-            for k in range(len(c2)):
-                energy.add_(hrow.bitwise_right_shift(8 * k).bitwise_and_(0xFF), alpha=c2[k])
-        for k, acc in enumerate(accs):
+        c2 = lloyd_max.centroids(bits, dp)[half:].double() ** 2  # c[code]^2 by magnitude index
+        if pos:
+            # ||c[code]||^2 = sum_k n_k c2[k], n_k = #{coordinates with m == k}: 1 << 8m summed over the row
+            # puts n_k in byte k (a row holds < 256 coordinates: no carries; a top byte that wraps into
+            # the sign bit still reads back right as a byte)
+            if len(c2) <= 4:
+                e = torch.bitwise_left_shift(m, 3, out=_scratch(4, (bh, dp, t), torch.int32))
+                torch.bitwise_left_shift(_ONE32, e, out=e)
+            else:
+                e = _scratch(4, (bh, dp, t), torch.int64).copy_(m).bitwise_left_shift_(3)
+                torch.bitwise_left_shift(_ONE64, e, out=e)
             n = dp
-            while n > 1:  # integer row sums: exact in any order
+            while n > 1:
                 n //= 2
-                acc[:, :n].add_(acc[:, n : 2 * n])
-            row = acc[:, 0]
-            for j in range(3 * k, min(3 * k + 3, len(pos))):
-                cnt = row.bitwise_right_shift(8 * (j - 3 * k)).bitwise_and_(0xFF)
-                energy.add_(cnt, alpha=c2[j + 1] - c2[j])
+                e[:, :n].add_(e[:, n : 2 * n])
+            counts = e[:, 0].view(torch.uint8).view(bh, t, e.element_size())[..., : len(c2)]
+            energy = torch.matmul(counts.to(torch.float64), c2)
+        else:
+            energy = torch.full((bh, t), dp * c2[0].item(), dtype=torch.float64)
         scales = norms / energy.sqrt_().to(torch.float32)
     else:
         scales = norms
+    codes = m.bitwise_xor_(flip)
     return _pack_coordinate_major(codes, bits).view(*lead, -1), scales.to(torch.float16).view(lead)
 
 
@@ -594,17 +608,6 @@ def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple
     return torch.mul(x.view(shape), scales.unsqueeze(-1), out=out)
 
 
-@functools.lru_cache(maxsize=8)
-def _unpack_table_wide(bits: int) -> torch.Tensor:
-    """Packed index (a byte; 3 bits: a 12-bit half-cell) -> its codes widened to int16 (1-3 bits) or int32 (4 bits), as
-    one 8-byte (int64) or 16-byte (complex128, 1 bit) element holding its codes in order."""
-    k = 4 if bits == 3 else 8 // bits
-    idx = torch.arange(1 << (k * bits), dtype=torch.int64)
-    codes = (idx[:, None] >> (torch.arange(k) * bits)[None, :]) & ((1 << bits) - 1)
-    codes = codes.to(torch.int16 if bits < 4 else torch.int32).contiguous()
-    return codes.view(torch.complex128 if bits == 1 else torch.int64).view(-1)
-
-
 def _sylvester(n: int) -> torch.Tensor:
     """The unnormalized Sylvester Hadamard matrix [n, n]: H[i, j] = (-1)^popcount(i & j)."""
     h = torch.ones(1, 1)
@@ -615,25 +618,68 @@ def _sylvester(n: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _kron_tables(bits: int, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lut, H_A) for _decode_kron: lut[idx] = H_4 · c[4 codes of idx] (code k at bits [k*bits, ..)),
-    [2^(4*bits), 4] float32; H_A the Sylvester matrix of order A = D_pad / 4."""
+    """(lut, H_A) for _decode_kron: lut[j] = H_4 · c[the 4 codes of unit j] (code k at bits [k*bits, ..)), as
+    2^(4*bits) complex128 elements (4 float32 moved as one: a 1-D gather is ~3x faster than rows);
+    H_A the Sylvester matrix of order A = D_pad / 4."""
     idx = torch.arange(1 << (4 * bits), dtype=torch.int64)
     codes = (idx[:, None] >> (torch.arange(4) * bits)[None, :]) & ((1 << bits) - 1)
     c = lloyd_max.centroids(bits, dp).double()[codes]  # [n, 4]
     lut = (c @ _sylvester(4).double().T).to(torch.float32).contiguous()
-    return lut, _sylvester(dp // 4)
+    return lut.view(torch.complex128).view(-1), _sylvester(dp // 4)
+
+
+@functools.lru_cache(maxsize=256)
+def _scaled_signs(dp: int, seed: int, layer: int, n_heads: int) -> torch.Tensor:
+    return (hadamard_signs(dp, seed, layer, n_heads) * (1.0 / math.sqrt(dp))).contiguous()  # [H, Dp]
+
+
+def _byte_rows(codes: torch.Tensor, bh: int, t: int, nbytes: int) -> torch.Tensor:
+    """Packed codes [..., T, nbytes] uint8 -> int32 [BH, nbytes, T]: row j holds byte j of every token.
+    Tokens are transposed as whole 16/8/4-byte units first (cheap), then bytes within a unit."""
+    p = codes.reshape(bh, t, nbytes)
+    if not p.is_contiguous():
+        p = p.contiguous()
+    u = math.gcd(nbytes, 16, p.storage_offset())
+    w = _scratch(15, (bh, nbytes // u, t), _UNIT_DTYPES[u])
+    w.copy_(p.view(_UNIT_DTYPES[u]).transpose(1, 2))
+    rows = _scratch(16, (bh, nbytes, t), torch.int32)
+    rows.view(bh, nbytes // u, u, t).copy_(w.view(torch.uint8).view(bh, nbytes // u, t, u).transpose(2, 3))
+    return rows
+
+
+def _code_units(codes: torch.Tensor, bits: int, bh: int, t: int, a: int) -> torch.Tensor:
+    """Packed codes -> [BH, A, T] int32: unit j of token t is its codes 4j .. 4j+3 as one 4*bits-bit
+    integer (code k at bits [k*bits, ..)), i.e. 4*bits consecutive bits of the packed row."""
+    rows = _byte_rows(codes, bh, t, a * bits // 2)
+    if bits == 2:  # a unit is a byte
+        return rows
+    units = _scratch(12, (bh, a, t), torch.int32)
+    if bits == 4:  # two bytes
+        r = rows.view(bh, a, 2, t)
+        return torch.add(r[:, :, 0], r[:, :, 1], alpha=256, out=units)
+    u2 = units.view(bh, a // 2, 2, t)
+    if bits == 1:  # a nibble
+        torch.bitwise_and(rows, 15, out=u2[:, :, 0])
+        torch.bitwise_right_shift(rows, 4, out=u2[:, :, 1])
+        return units
+    r = rows.view(bh, a // 2, 3, t)  # 3 bits: a 3-byte cell holds units 2i (low 12 bits) and 2i + 1
+    cell = torch.add(r[:, :, 0], r[:, :, 1], alpha=256, out=u2[:, :, 1]).add_(r[:, :, 2], alpha=65536)
+    torch.bitwise_and(cell, 0xFFF, out=u2[:, :, 0])
+    cell.bitwise_right_shift_(12)
+    return units
 
 
 def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple, dtype) -> torch.Tensor:
-    """The CPU fast path of the Hadamard decode (MSE, no outliers, 1-4 bits, D_pad >= 32).
+    """The CPU fast path of the Hadamard decode (MSE, no outliers, 1-4 bits, D_pad >= 8).
 
-    With i = a + A·b (A = D_pad/4, b < 4) the Walsh–Hadamard matrix factors as
-    H[i, i'] = H_A[a, a'] · H_4[b, b']. One table gather per (token, a') looks up
-    the four codes at a' + A·b' (b' = 0..3) and returns H_4 applied to their
-    centroids; one matmul with K = A (4x fewer multiply-adds than the dense
-    rotation) applies H_A. The gather is laid out [a', (t, b)] so that the
-    matmul's output rows are (t, b) with a contiguous: exactly x[t, a + A·b].
-    Equal to the butterfly decode up to float rounding.
+    With i = 4a + b (b < 4, a < A = D_pad/4) the Walsh–Hadamard matrix factors as
+    H[i, i'] = H_A[a, a'] · H_4[b, b']. The four codes at 4a' .. 4a'+3 are 4*bits
+    consecutive bits of the packed row (a byte, two bytes, half a 3-byte cell or a
+    nibble): one table gather per (a', token) returns H_4 applied to their centroids,
+    laid out [a', (t, b)]; one matmul by H_A (K = A: 4x fewer multiply-adds than the
+    dense rotation) gives x[a, (t, b)], and a transpose of whole 16-byte (t, b) runs
+    brings coordinate 4a + b to its place. Equal to the butterfly decode up to float
+    rounding.
     """
     bits, d = m["bits"], shape[-1]
     dp = next_pow2(d)
@@ -644,25 +690,17 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
     bh = math.prod(shape[:-2])
     a = dp // 4
     lut, ha = _kron_tables(bits, dp)
-    wide = torch.int16 if bits < 4 else torch.int32  # 4 codes take 4*bits bits: no sign overflow
-    cu = _scratch(13, (bh, t, 4, a), wide)
-    tbl = _unpack_table_wide(bits)  # unpacks straight into wide codes, 8 or 16 bytes per packed index
-    pidx = _lut_indices(codes, 3) if bits == 3 else codes.reshape(-1).to(torch.int32)
-    torch.index_select(tbl, 0, pidx, out=cu.view(tbl.dtype).view(-1))
-    w = _scratch(14, (bh, t, a), wide).copy_(cu[:, :, 3])  # the 4 codes of group a', code b' at bits b'*bits
-    for k in (2, 1, 0):
-        w.bitwise_left_shift_(bits).bitwise_or_(cu[:, :, k])
-    idx = _scratch(12, (bh, a, t), torch.int32)
-    idx.copy_(w.transpose(1, 2))
-    v = _gather_rows(lut, idx.view(-1), out=_scratch(10, (bh * a * t, 4), torch.float32))
-    scale4 = scales.reshape(bh, t, 1).to(torch.float32).expand(bh, t, 4).reshape(bh, 1, t * 4)
-    v = v.view(bh, a, t * 4).mul_(scale4)
-    x = _scratch(11, (bh, t * 4, a), torch.float32)
-    torch.matmul(v.transpose(1, 2), ha, out=x)  # [BH, (T, 4), A] = [BH, T, D_pad]
-    signs = hadamard_signs(dp, m["seed"], m["layer"], h) * (1.0 / math.sqrt(dp))  # [H, Dp]
-    x = x.view(-1, h, t, dp).mul_(signs[:, None, :])
+    units = _code_units(codes, bits, bh, t, a)  # [BH, A, T]
+    v = _scratch(10, (bh, a, t * 4), torch.float32)
+    torch.index_select(lut, 0, units.view(-1), out=v.view(torch.complex128).view(-1))
+    x = _scratch(11, (bh, a, t * 4), torch.float32)
+    torch.matmul(ha, v, out=x)  # [BH, A, (T, 4)]: coordinate 4a + b at [a, (t, b)]
+    y = v.view(bh, t, dp)  # (v is spent)
+    y.view(torch.complex128).copy_(x.view(torch.complex128).view(bh, a, t).transpose(1, 2))
+    y.mul_(scales.reshape(bh, t, 1))
+    y = y.view(-1, h, t, dp).mul_(_scaled_signs(dp, m["seed"], m["layer"], h)[:, None, :])
     out = torch.empty(shape, dtype=dtype)
-    out.view(-1, h, t, d).copy_(x[..., :d])
+    out.view(-1, h, t, d).copy_(y[..., :d])
     return out
 
 
