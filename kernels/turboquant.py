@@ -276,7 +276,6 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
 
 _SCRATCH = threading.local()
 _ONE64 = torch.ones((), dtype=torch.int64)
-_ONE32 = torch.ones((), dtype=torch.int32)
 _SCRATCH_MAX_BYTES = 16 << 20
 
 
@@ -385,37 +384,72 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     ai = ui.bitwise_and_(0x7FFFFFFF)
     m = dst.view(torch.int32)  # m = #{positive boundaries < a}
     ind = _scratch(3, (bh, dp, t), torch.int32)
+    # with norm correction and 2 or 3 positive boundaries, m also counts per boundary: boundary i >= 1
+    # adds 1 + 2^(8 + 8i), so bits 0-15 hold m and byte i + 1 counts boundary i (summed over a row of
+    # < 256 coordinates: m sums to < 2^16 and each count to < 256, so the fields never carry)
+    fields = norm_correction and len(pos) in (2, 3)
     if not pos:
         m.zero_()
     for i, b in enumerate(pos):
         torch.gt(ai, b, out=m if i == 0 else ind)
         if i:
-            m.add_(ind)
+            m.add_(ind, alpha=1 + (1 << (8 + 8 * i)) if fields else 1)
     if norm_correction:
-        c2 = lloyd_max.centroids(bits, dp)[half:].double() ** 2  # c[code]^2 by magnitude index
-        if pos:
-            # ||c[code]||^2 = sum_k n_k c2[k], n_k = #{coordinates with m == k}: 1 << 8m summed over the row
-            # puts n_k in byte k (a row holds < 256 coordinates: no carries; a top byte that wraps into
-            # the sign bit still reads back right as a byte)
-            if len(c2) <= 4:
-                e = torch.bitwise_left_shift(m, 3, out=_scratch(4, (bh, dp, t), torch.int32))
-                torch.bitwise_left_shift(_ONE32, e, out=e)
-            else:
-                e = _scratch(4, (bh, dp, t), torch.int64).copy_(m).bitwise_left_shift_(3)
-                torch.bitwise_left_shift(_ONE64, e, out=e)
-            n = dp
-            while n > 1:
-                n //= 2
-                e[:, :n].add_(e[:, n : 2 * n])
-            counts = e[:, 0].view(torch.uint8).view(bh, t, e.element_size())[..., : len(c2)]
-            energy = torch.matmul(counts.to(torch.float64), c2)
-        else:
-            energy = torch.full((bh, t), dp * c2[0].item(), dtype=torch.float64)
+        energy = _norm_energy(m, bits, dp, fields)  # ||c[code]||^2 per vector, float64 [BH, T]
         scales = norms / energy.sqrt_().to(torch.float32)
+        if fields:
+            m.bitwise_and_(half - 1)
     else:
         scales = norms
     codes = m.bitwise_xor_(flip)
     return _pack_coordinate_major(codes, bits).view(*lead, -1), scales.to(torch.float16).view(lead)
+
+
+@functools.lru_cache(maxsize=64)
+def _energy_weights(bits: int, dp: int) -> tuple[float, torch.Tensor]:
+    """(base, w) with ||c[code]||^2 = base + bytes @ w for the row sums of _encode_hadamard_cpu's m (fields):
+    base = D_pad·c2[0]; bytes b0 + 256·b1 = sum of m = sum_i #{m > i}, byte i + 1 = #{m > i} for i >= 1."""
+    c2 = lloyd_max.centroids(bits, dp)[(1 << bits) // 2 :].double() ** 2  # c[code]^2 by magnitude index
+    step = c2[1:] - c2[:-1]  # #{m > i} coordinates gain c2[i + 1] - c2[i]
+    w = torch.zeros(4, dtype=torch.float64)
+    w[0], w[1] = step[0], 256 * step[0]
+    for i in range(1, len(step)):
+        w[i + 1] = step[i] - step[0]  # (#{m > 0} = sum of m - the other counts)
+    return dp * c2[0].item(), w
+
+
+def _norm_energy(m: torch.Tensor, bits: int, dp: int, fields: bool) -> torch.Tensor:
+    """m [BH, D_pad, T] int32 (magnitude indices; with fields, _encode_hadamard_cpu's counters above bit 15)
+    -> sum over each row of c2[m] (the squared centroid magnitudes), float64 [BH, T]."""
+    bh, _, t = m.shape
+    if bits == 1:
+        return torch.full((bh, t), dp * lloyd_max.centroids(1, dp)[1].double().item() ** 2, dtype=torch.float64)
+    if bits <= 3:
+        base, w = _energy_weights(bits, dp)
+        s = _row_sums(m, bh, dp, t)  # int32 [BH, T]: with 2 bits, the count #{m > 0} itself
+        if not fields:
+            return torch.mul(s, w[0], out=torch.empty(bh, t, dtype=torch.float64)).add_(base)
+        return torch.matmul(s.view(torch.uint8).view(bh, t, 4).to(torch.float64), w).add_(base)
+    # 4 bits: 1 << 8m summed over the row puts n_k = #{m == k} in byte k (no carries: < 256 coordinates)
+    e = _scratch(4, (bh, dp, t), torch.int64).copy_(m).bitwise_left_shift_(3)
+    counts = _row_sums(torch.bitwise_left_shift(_ONE64, e, out=e), bh, dp, t, in_place=True)
+    c2 = lloyd_max.centroids(bits, dp)[(1 << bits) // 2 :].double() ** 2
+    return torch.matmul(counts.view(torch.uint8).view(bh, t, 8).to(torch.float64), c2)
+
+
+def _row_sums(v: torch.Tensor, bh: int, n: int, t: int, in_place: bool = False) -> torch.Tensor:
+    """Integer sums over dim 1 of v [BH, N, T] (N a power of two) by halving: [BH, T] (a view of a scratch
+    buffer, or of v with in_place=True, which overwrites v)."""
+    if n == 1:
+        return v[:, 0]
+    n //= 2
+    acc = v if in_place else torch.add(v[:, :n], v[:, n:], out=_scratch(5, (bh, n, t), v.dtype))
+    if in_place:
+        acc[:, :n].add_(acc[:, n : 2 * n])
+    while n > 1:
+        n //= 2
+        acc[:, :n].add_(acc[:, n : 2 * n])
+    return acc[:, 0]
 
 
 def _pack_coordinate_major(codes: torch.Tensor, bits: int) -> torch.Tensor:
