@@ -276,6 +276,7 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
 
 _SCRATCH = threading.local()
 _ONE64 = torch.ones((), dtype=torch.int64)
+_PLUS_MINUS = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1)
 _SCRATCH_MAX_BYTES = 16 << 20
 
 
@@ -357,10 +358,10 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     _signed_coordinate_major(xs, src, seed, layer)
     step = 1
     while step < dp:
+        # (a, b) -> (a + b, a - b) as one op, a + b · (±1): the product is exact, so both are the same
+        # floats as an add and a sub (each read a and b once more)
         v = src.view(bh, dp // (2 * step), 2, step * t)
-        o = dst.view(bh, dp // (2 * step), 2, step * t)
-        torch.add(v[:, :, 0], v[:, :, 1], out=o[:, :, 0])
-        torch.sub(v[:, :, 0], v[:, :, 1], out=o[:, :, 1])
+        torch.addcmul(v[:, :, :1], v[:, :, 1:], _PLUS_MINUS, out=dst.view(v.shape))
         src, dst = dst, src
         step *= 2
     # fp16 input and D_pad a power of 4: 1/sqrt(D_pad) is a power of two and every butterfly value a
