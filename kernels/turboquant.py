@@ -262,7 +262,7 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
     """
     dp = y.shape[-1]
     norms = torch.linalg.vector_norm(y, dim=-1)  # [...]
-    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    inv = torch.where(norms > 0, norms.reciprocal(), 0.0)
     u = y * inv.unsqueeze(-1)
     codes, mag = bucketize_codes(u, lloyd_max.boundaries(bits, dp), with_magnitude=norm_correction)
     if norm_correction:
@@ -370,7 +370,7 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     exact = x.dtype == torch.float16 and (dp.bit_length() - 1) % 2 == 0
     y = src if exact else src.mul_(1.0 / math.sqrt(dp))  # [BH, Dp, T]
     norms = _pairwise_rows(torch.mul(y, y, out=dst), 0, dp).sqrt()  # [BH, T]
-    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    inv = torch.where(norms > 0, norms.reciprocal(), 0.0)
     if exact:
         norms.mul_(1.0 / math.sqrt(dp))
     ui = y.mul_(inv.unsqueeze(1)).view(torch.int32)  # u, as int32 bit patterns
@@ -379,9 +379,17 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     pos = bounds[half:].view(torch.int32).tolist()  # positive boundaries as bit patterns
     # codes in int32 on the float bits (a float comparison into bool is 4x slower than these):
     # u <= 0 <=> bits(u) <= 0, and for a = |u| >= 0 the int32 bit patterns order like the floats.
-    # m < half (a power of two): u > 0: m ^ half == half + m; u <= 0: m ^ (half - 1) == half - 1 - m (as bucketize_codes)
+    # m < half (a power of two): u > 0: m ^ half == half + m; u <= 0: m ^ (half - 1) == half - 1 - m
+    # (as bucketize_codes), i.e. code = m ^ flip ^ xor with flip = (2 half - 1)·[u > 0], xor = half - 1.
+    # From fp16 input a nonzero u is at least 2^-53 (|y| >= 2^-28, n < 2^25), so its bits are >= 2 half - 1
+    # and flip is one clamp of the bits; otherwise flip = half - [u <= 0] and xor = 0.
     flip = _scratch(2, (bh, dp, t), torch.int32)
-    torch.sub(torch.tensor(half, dtype=torch.int32), torch.le(ui, 0, out=flip), out=flip)
+    if x.dtype == torch.float16:
+        torch.clamp(ui, 0, 2 * half - 1, out=flip)
+        xor = half - 1
+    else:
+        torch.sub(torch.tensor(half, dtype=torch.int32), torch.le(ui, 0, out=flip), out=flip)
+        xor = 0
     ai = ui.bitwise_and_(0x7FFFFFFF)
     m = dst.view(torch.int32)  # m = #{positive boundaries < a}
     ind = _scratch(3, (bh, dp, t), torch.int32)
@@ -403,7 +411,7 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     else:
         scales = norms
     codes = m.bitwise_xor_(flip)
-    return _pack_coordinate_major(codes, bits).view(*lead, -1), scales.to(torch.float16).view(lead)
+    return _pack_coordinate_major(codes, bits, xor).view(*lead, -1), scales.to(torch.float16).view(lead)
 
 
 @functools.lru_cache(maxsize=64)
@@ -453,10 +461,10 @@ def _row_sums(v: torch.Tensor, bh: int, n: int, t: int, in_place: bool = False) 
     return acc[:, 0]
 
 
-def _pack_coordinate_major(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes uint8 [B, N, T] (coordinate-major, N >= 8 a power of two) -> packed [B, T, N*bits/8],
-    byte for byte what pack_bits(codes.transpose(1, 2)) returns. Codes are joined into int32 words of
-    g codes (code k of a word at bits [k*bits, (k+1)*bits)) while still coordinate-major, and only the
+def _pack_coordinate_major(codes: torch.Tensor, bits: int, xor: int = 0) -> torch.Tensor:
+    """codes int32 [B, N, T] (coordinate-major, N >= 8 a power of two) -> packed [B, T, N*bits/8],
+    byte for byte what pack_bits((codes ^ xor).transpose(1, 2)) returns. Codes are joined into int32 words
+    of g codes (code k of a word at bits [k*bits, (k+1)*bits)) while still coordinate-major, and only the
     words are transposed (a uint8 transpose of the codes costs more than all the rest)."""
     b, n, t = codes.shape
     if bits in (3, 6):
@@ -474,6 +482,9 @@ def _pack_coordinate_major(codes: torch.Tensor, bits: int) -> torch.Tensor:
         k //= 2
         word[:, :, :k].add_(word[:, :, k : 2 * k], alpha=1 << (k * bits))
     word = word[:, :, 0]
+    if xor:
+        pattern = sum(xor << (k * bits) for k in range(g))
+        word.bitwise_xor_(pattern - (1 << 32) if pattern >= 1 << 31 else pattern)  # as an int32
     if nbw == 3 and (n // g) % 4 == 0:
         # four 3-byte cells c0..c3 -> three int32 words (little-endian: the cells' bytes in order), still
         # coordinate-major; a uint8 slice of the 4-byte words costs more than all the rest
