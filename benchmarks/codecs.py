@@ -37,6 +37,7 @@ TurboQuant encode >= 500 MB/s and decode >= 1 GB/s).
     .venv/bin/python benchmarks/codecs.py            # ~6 min on 2 shared cores
     .venv/bin/python benchmarks/codecs.py --quick    # 1k context, 1 window, ~40 s
     .venv/bin/python benchmarks/codecs.py --full     # perplexity after 4096 tokens
+    .venv/bin/python benchmarks/codecs.py --throughput-only [--only turbo3 ...]  # CPU speed only, ~1 min
 
 Prints a table and ends with one JSON line. Progress goes to stderr.
 """
@@ -303,13 +304,13 @@ def packed_check(s: Setting, layer: int, q: torch.Tensor, k: torch.Tensor, v: to
 # throughput
 
 
-def throughput(x: torch.Tensor, runs: int) -> list[dict]:
+def throughput(x: torch.Tensor, runs: int, codecs: list = THROUGHPUT) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
     try:
         mb = x.numel() * x.element_size() / 1e6
-        for name, factory, family in THROUGHPUT:
+        for name, factory, family in codecs:
             c = factory(15)
             p = c.encode(x)
             c.decode(p)  # warm caches (rotations, tables)
@@ -332,6 +333,19 @@ def throughput(x: torch.Tensor, runs: int) -> list[dict]:
     return rows
 
 
+def print_throughput(tput: list[dict], shape: list[int], runs: int) -> None:
+    print(f"\nthroughput, one core, {shape} fp16 real keys (layer 15), MB/s of fp16 input, median of {runs}")
+    head = f"{'codec':<16} {'encode':>8} {'decode':>8}  target (enc / dec)     met"
+    print(head)
+    print("-" * len(head))
+    for r in tput:
+        te, td = r["encode_target_MBps"], r["decode_target_MBps"]
+        tgt = "—" if te is None else f"≥{te:.0f}" + ("" if td is None else f" / ≥{td:.0f}")
+        met = "—" if te is None else ("yes" if r["encode_met"] else "NO") + (
+            "" if td is None else " / " + ("yes" if r["decode_met"] else "NO"))
+        print(f"{r['codec']:<16} {r['encode_MBps']:>8.0f} {r['decode_MBps']:>8.0f}  {tgt:<22} {met}")
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -352,6 +366,9 @@ def main() -> None:
     ap.add_argument("--segments", type=int, default=None,
                     help="disjoint essay windows for perplexity, pooled (default 4; 1 with --quick)")
     ap.add_argument("--runs", type=int, default=None, help="timing runs per codec (median reported)")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="only the CPU throughput part (one forward to capture the keys, ~1 min); "
+                         "--only then names throughput codecs")
     args = ap.parse_args()
     if args.quick and args.full:
         ap.error("--quick and --full exclude each other")
@@ -360,6 +377,11 @@ def main() -> None:
     args.segments = args.segments or (1 if args.quick else 4)
     if args.segments < 1:
         ap.error("--segments must be >= 1")
+    if args.throughput_only:
+        codecs = [c for c in THROUGHPUT if args.only is None or c[0] in args.only]
+        if args.only and len(codecs) != len(args.only):
+            ap.error(f"unknown throughput codec among {args.only}; valid: {', '.join(c[0] for c in THROUGHPUT)}")
+        return throughput_only(ctx, runs, codecs)
     settings = [s for s in SETTINGS if args.only is None or s.label in args.only]
     if args.only and len(settings) != len(args.only):
         ap.error(f"unknown setting among {args.only}; valid: {', '.join(s.label for s in SETTINGS)}")
@@ -481,17 +503,7 @@ def main() -> None:
         print(f"{r['setting']:<18} {r['key_bits']:>6.2f} {r['value_bits']:>6.2f} {r['key_bits_64']:>6.2f} "
               f"{r['value_bits_64']:>6.2f} {r['key_rel_mse']:>9.2e} {r['value_rel_mse']:>9.2e} "
               f"{r['attn_rel_err']:>8.4f} {fmt_pct(r['ppl_change_pct']):>8}  {seg_range(r):<22}")
-    shape = list(keys[15 % n_layers].shape)
-    print(f"\nthroughput, one core, {shape} fp16 real keys (layer 15), MB/s of fp16 input, median of {runs}")
-    head = f"{'codec':<16} {'encode':>8} {'decode':>8}  target (enc / dec)     met"
-    print(head)
-    print("-" * len(head))
-    for r in tput:
-        te, td = r["encode_target_MBps"], r["decode_target_MBps"]
-        tgt = "—" if te is None else f"≥{te:.0f}" + ("" if td is None else f" / ≥{td:.0f}")
-        met = "—" if te is None else ("yes" if r["encode_met"] else "NO") + (
-            "" if td is None else " / " + ("yes" if r["decode_met"] else "NO"))
-        print(f"{r['codec']:<16} {r['encode_MBps']:>8.0f} {r['decode_MBps']:>8.0f}  {tgt:<22} {met}")
+    print_throughput(tput, list(keys[15 % n_layers].shape), runs)
     wall = time.perf_counter() - t_start
     print(f"\nwall time {wall:.0f} s")
     print(json.dumps({
@@ -502,6 +514,29 @@ def main() -> None:
         "query_capture_check": check, "baseline_ppl": base_ppl, "rows": rows, "throughput": tput,
         "wall_s": round(wall, 1),
     }))
+
+
+def throughput_only(ctx: int, runs: int, codecs: list) -> None:
+    """--throughput-only: capture the keys of a ctx-token context, time the codecs, print the table and a JSON line."""
+    t_start = time.perf_counter()
+    m = load_model()
+    info = machine()
+    command = " ".join([".venv/bin/python" if sys.executable.endswith(".venv/bin/python") else sys.executable] + sys.argv)
+    ids = haystack_tokens(m.tokenizer, ctx)
+    log(f"capture: forward over {ctx} tokens")
+    keys, _, _, _ = capture(m, ids[:ctx])
+    x = keys[15 % len(keys)].to(torch.float16).contiguous()
+    log(f"throughput on one core, {runs} runs per codec")
+    tput = throughput(x, runs, codecs)
+    print(f"\nmemsvc codec benchmark (issue 3), throughput only\ncommand: {command}")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} (1 thread), "
+          f"reference path: {info['reference_path']}, commit {info['commit']}")
+    print_throughput(tput, list(x.shape), runs)
+    wall = time.perf_counter() - t_start
+    print(f"\nwall time {wall:.0f} s")
+    print(json.dumps({"bench": "codecs", "command": command, "machine": info,
+                      "config": {"context": ctx, "timing_runs": runs, "throughput_only": True},
+                      "throughput": tput, "wall_s": round(wall, 1)}))
 
 
 if __name__ == "__main__":
