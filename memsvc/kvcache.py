@@ -11,6 +11,8 @@ Knows tensors and the transformers Cache API; knows nothing about LMDB.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import DynamicCache
 
@@ -31,6 +33,7 @@ class SessionKV:
         self.device = device
         self.block_tokens = block_tokens
         self.cache = DynamicCache()
+        self._clean = 0  # tokens already in the store
 
     @property
     def length(self) -> int:
@@ -45,6 +48,31 @@ class SessionKV:
         """Forget every token from position n on (used to undo an uncommitted step)."""
         if self.cache.layers and self.length > n:
             self.cache.crop(n - self.length)  # transformers 5 takes minus the tokens to drop
+
+    # ---- the surface the session manager uses (shared with memsvc.cache.session.TierKV) ----
+
+    def forward_context(self):
+        return contextlib.nullcontext()
+
+    def checkpoint(self) -> int:
+        return self.length
+
+    def restore(self, n: int) -> None:
+        self.crop(n)
+        self._clean = min(self._clean, n)
+
+    def end_prompt(self) -> None:
+        pass
+
+    def dirty_blocks(self) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], int]]:
+        """Blocks holding tokens added since the last commit."""
+        return self.blocks_since(self._clean)
+
+    def mark_clean(self) -> None:
+        self._clean = self.length
+
+    def tier_tokens(self) -> dict[str, float]:
+        return {"hot": float(self.length)}
 
     def resident_bytes(self) -> int:
         if not self.cache.layers:
@@ -106,6 +134,7 @@ class SessionKV:
                 keys[0, :, lo:hi, :] = flat[:half].view(h, hi - lo, d)
                 values[0, :, lo:hi, :] = flat[half:].view(h, hi - lo, d)
             kv.cache.update(keys.to(device), values.to(device), layer)
+        kv._clean = kv.length
         return kv
 
     def layout(self) -> dict:

@@ -30,6 +30,9 @@ from memsvc.store.records import SessionRecord
 
 from . import chat
 from .errors import AlreadyExists, Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from .cache import use_memsvc_attention
+from .cache.cold import ColdStore
+from .cache.session import StoreBlocks, TierKV
 from .kvcache import SessionKV, dtype_name
 from .model import LoadedModel
 from .policies import get_policy
@@ -73,7 +76,7 @@ class Counters:
 class _Live:
     record: SessionRecord
     tokens: list[int]
-    kv: SessionKV  # holds every token but the last (the pending one)
+    kv: SessionKV | TierKV  # holds every token but the last (the pending one)
 
 
 @dataclass
@@ -85,7 +88,7 @@ class SessionView:
 
 class SessionManager:
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
-                 max_new_tokens: int = 4096, prefill_chunk: int = 512):
+                 max_new_tokens: int = 4096, prefill_chunk: int = 512, cold_cache_bytes: int = 4 << 20):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
         self.store = store
@@ -93,6 +96,8 @@ class SessionManager:
         self.default_new_tokens = min(default_new_tokens, max_new_tokens)
         self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk
+        self.cold_cache_bytes = cold_cache_bytes  # per session: LRU of cold blocks read back from the store
+        use_memsvc_attention(model.model)  # tiered sessions attend through it; plain ones get SDPA unchanged
         self.chat_format = chat.ChatFormat.of(model.tokenizer)
         self.counters = Counters()
         self._counter_lock = threading.Lock()
@@ -111,9 +116,12 @@ class SessionManager:
             for name, d in deltas.items():
                 setattr(self.counters, name, getattr(self.counters, name) + d)
 
-    def _new_kv(self, block_tokens: int) -> SessionKV:
+    def _new_kv(self, policy, sid: str):
         m = self.model
-        return SessionKV(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, block_tokens)
+        if policy.name == "full":
+            return SessionKV(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, policy.block_tokens)
+        cold = ColdStore(StoreBlocks(self.store, sid), cache_bytes=self.cold_cache_bytes)
+        return TierKV(policy, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, cold)
 
     def _check_model(self, rec: SessionRecord) -> None:
         if rec.model_fingerprint != self.model.fingerprint:
@@ -139,13 +147,16 @@ class SessionManager:
             return live
         rec = self._stored(sid)
         self._check_model(rec)
-        policy = get_policy(rec.policy)
         try:
+            policy = get_policy(rec.policy)
             tokens = self.store.tokens(sid)
-            blocks = self.store.kv_blocks(sid)
             kv_len = max(rec.n_tokens - 1, 0)
-            kv = SessionKV.from_blocks(blocks, kv_len, rec.layout, self.model.device) if kv_len else \
-                self._new_kv(rec.layout.get("block_tokens", policy.block_tokens))
+            if not kv_len:
+                kv = self._new_kv(policy, sid)
+            elif policy.name == "full":
+                kv = SessionKV.from_blocks(self.store.kv_blocks(sid), kv_len, rec.layout, self.model.device)
+            else:  # layer states only: cold blocks stay in the store until retrieval reads them
+                kv = TierKV.load(policy, self.store, sid, rec.layout, self.model.device, self.cold_cache_bytes)
         except (CorruptRecord, ValueError) as exc:
             raise DataLoss(f"session {sid!r} cannot be read back: {exc}") from exc
         if len(tokens) != rec.n_tokens or kv.length != kv_len:
@@ -166,7 +177,8 @@ class SessionManager:
         logits = None
         for lo in range(0, len(ids), self.prefill_chunk):
             part = torch.tensor([list(ids[lo:lo + self.prefill_chunk])], dtype=torch.long, device=self.model.device)
-            out = self.model.model(input_ids=part, past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
+            with kv.forward_context():
+                out = self.model.model(input_ids=part, past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[0, -1]
             self._count(model_tokens_processed=part.shape[1])
         if logits is None:
@@ -175,18 +187,19 @@ class SessionManager:
 
     def _extend(self, live: _Live, new_ids: list[int], messages: list[dict], feed: list[int]) -> SessionRecord:
         """Feed `feed` (so the cache covers all tokens but the new last one), store, update."""
-        n0 = live.kv.length
+        snap = live.kv.checkpoint()
         first_token = live.record.n_tokens
         try:
             if feed:
                 self._forward(live.kv, feed)
-            payloads, counts = live.kv.blocks_since(n0)
+            payloads, counts = live.kv.dirty_blocks()
             rec = dataclasses.replace(live.record, messages=messages, updated=time.time())
             stored = self.store.commit(rec, first_token=first_token, tokens=new_ids, blocks=payloads,
                                        block_tokens=counts)
         except BaseException:
-            live.kv.crop(n0)
+            live.kv.restore(snap)
             raise
+        live.kv.mark_clean()
         live.record = stored
         live.tokens.extend(new_ids)
         return stored
@@ -200,7 +213,7 @@ class SessionManager:
             raise InvalidArgument(str(exc)) from exc
         sid = sid or uuid.uuid4().hex
         now = time.time()
-        kv = self._new_kv(pol.block_tokens)
+        kv = self._new_kv(pol, sid)
         try:
             rec = SessionRecord(
                 id=sid, model_name=self.model.name, model_fingerprint=self.model.fingerprint, policy=pol.name,
@@ -319,7 +332,7 @@ class SessionManager:
                          cancelled: Callable[[], bool], admit: Admit | None = None) -> Iterator[Chunk]:
         tok = self.model.tokenizer
         kv = live.kv
-        n0 = kv.length
+        snap = kv.checkpoint()
         committed = False
         try:
             prompt = chat.generation_prompt_ids(tok, live.record.messages)
@@ -338,6 +351,7 @@ class SessionManager:
                 admit(live.record, len(lead) + budget + len(self.chat_format.end_of_turn))
             gen = torch.Generator().manual_seed(int(p.seed))
             logits = self._forward(kv, feed)
+            kv.end_prompt()  # SnapKV-style policies compress the prompt here, before decoding
             generated: list[int] = []
             emitted = ""
             hold = max((len(s) for s in p.stop), default=1) - 1
@@ -373,7 +387,7 @@ class SessionManager:
             yield Chunk(delta, [nxt], finish, rec)
         finally:
             if not committed:
-                kv.crop(n0)
+                kv.restore(snap)
 
     def _commit_reply(self, live: _Live, chat_turn: bool, lead: list[int], generated: list[int], finish: str,
                       text: str) -> SessionRecord:

@@ -24,7 +24,7 @@ def test_sessions_ls_show_rm(tmp_path, tiny_model):
     assert out.exit_code == 0, out.output
     for sid, s in want.items():
         line = next(l for l in out.output.splitlines() if l.startswith(sid))
-        assert str(s.tokens) in line.split() and "full" in line
+        assert str(s.tokens) in line.split() and s.policy in line.split()
     assert "2 sessions" in out.output
 
     rows = [json.loads(l) for l in runner.invoke(main, ["sessions", "ls", "--data-dir", str(data), "--json"]).output.splitlines()]

@@ -72,12 +72,14 @@ def conversation(real_model):
     ]
 
 
-def test_resume_after_sigkill_replays_identically_without_recompute(tmp_path, real_model, conversation):
+@pytest.mark.parametrize("policy", ["tiered", "full"])
+def test_resume_after_sigkill_replays_identically_without_recompute(tmp_path, real_model, conversation, policy):
     data = tmp_path / "data"
     first = ServerProcess(data)
     try:
         with MemoryClient(first.address, timeout=600) as c:
-            c.create_session("pk", labels={"test": "e2e"})
+            created = c.create_session("pk", policy=policy, labels={"test": "e2e"})
+            assert created.policy == policy
             appended = c.append("pk", messages=conversation)
             n_history = appended.session.tokens
             assert n_history >= 1500

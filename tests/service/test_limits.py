@@ -94,13 +94,13 @@ def test_byte_quota_per_tenant_counts_every_change_and_survives_restart(tmp_path
     with served(data, tiny_model, api_keys=_ring(), limits=limits) as (server, port), \
             client(port, api_key=ALICE) as alice, client(port, api_key=BOB) as bob:
         store, quotas = server.memsvc_store, server.memsvc_servicer.quotas
-        alice.create_session("a")
+        alice.create_session("a", policy="full")  # the quota arithmetic above is for the full cache
         alice.append("a", tokens=list(range(10, 50)))
         alice.generate_text("a", max_new_tokens=5, commit=True)
         alice.fork_session("a", "b")
-        alice.create_session("c")
+        alice.create_session("c", policy="full")
         alice.delete_session("c")
-        bob.create_session("x")
+        bob.create_session("x", policy="full")
         bob.append("x", tokens=list(range(10, 90)))
         # the running count equals what the store holds, tenant by tenant
         assert quotas.usage("alice") == (2, _stored_bytes(store, "alice:"))

@@ -1,0 +1,150 @@
+"""`TierKV`: a session's tiered cache as the session manager sees it, with its stored form.
+
+Stored form (LMDB kv namespace, keys (layer, index)):
+- (layer, i) for i < STATE_INDEX: cold block i of the layer, exactly the packed
+  codec bytes the cache attends (written once, never rewritten);
+- (layer, STATE_INDEX): the layer's small mutable state (sink, hot, warm rows,
+  block summaries and live masks, scores, positions) as safetensors.
+
+Resume reads the record, the token ids and one state entry per layer; cold
+blocks stay in LMDB until retrieval asks for one (`StoreBlocks`), so resume
+does not read the cold tier at all.
+"""
+from __future__ import annotations
+
+import json
+
+import safetensors.torch as st
+import torch
+
+from .attention import active
+from .cache import TierCache
+from .cold import ColdStore
+from .layer import TierLayer
+
+STATE_INDEX = 0xFFFFFFFF  # the layer's state entry, after every possible block index
+_TENSORS = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "sum_min",
+            "sum_max", "live", "q_window")
+_INTS = ("seen", "evicted", "n_blocks", "H", "D", "Dv")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StoreBlocks:
+    """Cold blocks read one at a time from a session's entries in the LMDB store."""
+
+    resident = False
+
+    def __init__(self, store, sid: str):
+        self.store, self.sid = store, sid
+
+    def read(self, layer: int, index: int) -> bytes | None:
+        return self.store.kv_block(self.sid, layer, index)
+
+    def write(self, blocks) -> None:
+        raise RuntimeError("a session's blocks are written by its commit, not by the cache")
+
+    def nbytes(self) -> int:
+        return 0  # counted by the store (stored_bytes of the record)
+
+
+def layer_state(layer: TierLayer) -> bytes:
+    if not layer.is_initialized:
+        return st.save({}, metadata={"init": "0"})
+    tensors = {name: getattr(layer, name).contiguous() for name in _TENSORS if getattr(layer, name) is not None}
+    for side in ("keep_k", "keep_v"):
+        store = getattr(layer, side)
+        if isinstance(store, tuple):
+            for i, t in enumerate(store):
+                tensors[f"{side}.{i}"] = t.contiguous()
+        else:
+            tensors[side] = store.contiguous()
+    meta = {name: str(getattr(layer, name)) for name in _INTS}
+    meta |= {"init": "1", "model_dtype": str(layer.model_dtype).removeprefix("torch.")}
+    return st.save(tensors, metadata=meta)
+
+
+def load_layer_state(layer: TierLayer, raw: bytes, device: torch.device) -> None:
+    loaded = {k: v.to(device) for k, v in st.load(raw).items()}
+    header_len = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8:8 + header_len]).get("__metadata__", {})
+    if meta.get("init") != "1":
+        return
+    for name in _INTS:
+        setattr(layer, name, int(meta[name]))
+    layer.model_dtype = _DTYPES[meta["model_dtype"]]
+    layer.device = device
+    for name in _TENSORS:
+        setattr(layer, name, loaded.get(name))
+    for side in ("keep_k", "keep_v"):
+        if f"{side}.0" in loaded:
+            setattr(layer, side, tuple(loaded[f"{side}.{i}"] for i in range(3)))
+        else:
+            setattr(layer, side, loaded[side])
+    layer.is_initialized = True
+
+
+class TierKV:
+    """The session manager's view of a tiered cache (same surface as `SessionKV`)."""
+
+    def __init__(self, policy, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, cold: ColdStore | None = None):
+        self.policy = policy
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.cache = TierCache(policy, num_layers, dtype, cold)
+        self._dirty_state = True
+
+    @property
+    def tier_cache(self) -> TierCache:
+        return self.cache
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def forward_context(self):
+        return active(self.cache)
+
+    def checkpoint(self):
+        return self.cache.snapshot()
+
+    def restore(self, snap) -> None:
+        self.cache.restore(snap)
+
+    def end_prompt(self) -> None:
+        self.cache.end_prompt()
+
+    def dirty_blocks(self) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], int]]:
+        """New cold blocks and every layer's state: what the next commit writes."""
+        payloads = dict(self.cache.cold.take_pending())
+        counts = {key: self.policy.plan(key[0], self.num_layers).block for key in payloads}
+        for i, layer in enumerate(self.cache.layers):
+            payloads[(i, STATE_INDEX)] = layer_state(layer)
+            counts[(i, STATE_INDEX)] = layer.seen
+        return payloads, counts
+
+    def mark_clean(self) -> None:
+        self.cache.cold.flushed()
+
+    def resident_bytes(self) -> int:
+        return self.cache.resident_bytes()
+
+    def tier_tokens(self) -> dict[str, float]:
+        return self.cache.tier_tokens()
+
+    def layout(self) -> dict:
+        return {"layers": self.num_layers, "kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "dtype": str(self.dtype).removeprefix("torch."), "block_tokens": self.policy.block_tokens,
+                "form": "tiered"}
+
+    @classmethod
+    def load(cls, policy, store, sid: str, layout: dict, device: torch.device, cache_bytes: int) -> "TierKV":
+        """Rebuild from the layer states alone; cold blocks stay in the store until retrieval reads them."""
+        kv = cls(policy, layout["layers"], layout["kv_heads"], layout["head_dim"], _DTYPES[layout["dtype"]], device,
+                 ColdStore(StoreBlocks(store, sid), cache_bytes=cache_bytes))
+        for i, layer in enumerate(kv.cache.layers):
+            raw = store.kv_block(sid, i, STATE_INDEX)
+            if raw is None:
+                raise ValueError(f"the state of layer {i} is missing")
+            load_layer_state(layer, raw, device)
+        return kv
