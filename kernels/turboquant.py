@@ -282,7 +282,9 @@ _SCRATCH_MAX_BYTES = 16 << 20
 
 def _scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized work buffer, reused across calls by this thread (fresh pages cost more
-    than the arithmetic here). Never returned to callers; buffers over 16 MiB are not kept."""
+    than the arithmetic here). Never returned to callers; buffers over 16 MiB are not kept.
+    Encode and decode share slots 0-3 (their big buffers), so that the two together touch
+    less memory and keep it in cache."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes > _SCRATCH_MAX_BYTES:
         return torch.empty(shape, dtype=dtype)
@@ -306,12 +308,13 @@ def _sign_bits(d_pad: int, seed: int, layer: int, n_heads: int, itemsize: int) -
     return (neg.to(dt) << (8 * itemsize - 1)).contiguous()
 
 
-def _signed_coordinate_major(xs: torch.Tensor, out: torch.Tensor, seed: int, layer: int) -> None:
+def _signed_coordinate_major(xs: torch.Tensor, out: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor], seed: int, layer: int) -> None:
     """xs [NB, H, T, D] float -> out [NB·H, D_pad, T] float32 = (xs · signs)^T, zero-padded to D_pad.
 
     A float transpose costs ~0.6 ns per element; when D = D_pad is a multiple of 16 bytes, this one
     flips the signs on the input's bits (XOR, exact), transposes whole 16-byte units (k coordinates),
-    and only then transposes within the unit, widening to float32: [D/k, T, k] -> [D/k, k, T]."""
+    and only then transposes within the unit, widening to float32: [D/k, T, k] -> [D/k, k, T].
+    work: two float32 buffers of out's size, overwritten."""
     nb, h, t, d = xs.shape
     dp = out.shape[1]
     es = xs.element_size()
@@ -319,9 +322,9 @@ def _signed_coordinate_major(xs: torch.Tensor, out: torch.Tensor, seed: int, lay
     if d == dp and d % k == 0 and es in (2, 4):
         masks = _sign_bits(dp, seed, layer, h, es)  # [H, D]
         it = masks.dtype
-        xf = _scratch(20, (nb, h, t, d), xs.dtype)
+        xf = work[0].view(-1)[: xs.numel() * es // 4].view(xs.dtype).view(nb, h, t, d)
         torch.bitwise_xor(xs.view(it), masks[:, None, :], out=xf.view(it))
-        units = _scratch(21, (nb * h, d // k, t), torch.complex128)
+        units = work[1].view(-1)[: xs.numel() * es // 4].view(torch.complex128).view(nb * h, d // k, t)
         units.copy_(xf.view(nb * h, t, d).view(torch.complex128).transpose(1, 2))
         out.view(-1, d // k, k, t).copy_(units.view(xs.dtype).view(-1, d // k, t, k).transpose(2, 3))
         return
@@ -355,7 +358,9 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     bh = xs.shape[0] * h
     src = _scratch(0, (bh, dp, t), torch.float32)
     dst = _scratch(1, (bh, dp, t), torch.float32)
-    _signed_coordinate_major(xs, src, seed, layer)
+    flip = _scratch(2, (bh, dp, t), torch.int32)
+    ind = _scratch(3, (bh, dp, t), torch.int32)
+    _signed_coordinate_major(xs, src, (dst, flip.view(torch.float32)), seed, layer)
     step = 1
     while step < dp:
         # (a, b) -> (a + b, a - b) as one op, a + b · (±1): the product is exact, so both are the same
@@ -383,7 +388,6 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     # (as bucketize_codes), i.e. code = m ^ flip ^ xor with flip = (2 half - 1)·[u > 0], xor = half - 1.
     # From fp16 input a nonzero u is at least 2^-53 (|y| >= 2^-28, n < 2^25), so its bits are >= 2 half - 1
     # and flip is one clamp of the bits; otherwise flip = half - [u <= 0] and xor = 0.
-    flip = _scratch(2, (bh, dp, t), torch.int32)
     if x.dtype == torch.float16:
         torch.clamp(ui, 0, 2 * half - 1, out=flip)
         xor = half - 1
@@ -392,7 +396,6 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
         xor = 0
     ai = ui.bitwise_and_(0x7FFFFFFF)
     m = dst.view(torch.int32)  # m = #{positive boundaries < a}
-    ind = _scratch(3, (bh, dp, t), torch.int32)
     # with norm correction and 2 or 3 positive boundaries, m also counts per boundary: boundary i >= 1
     # adds 1 + 2^(8 + 8i), so bits 0-15 hold m and byte i + 1 counts boundary i (summed over a row of
     # < 256 coordinates: m sums to < 2^16 and each count to < 256, so the fields never carry)
@@ -404,14 +407,14 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
         if i:
             m.add_(ind, alpha=1 + (1 << (8 + 8 * i)) if fields else 1)
     if norm_correction:
-        energy = _norm_energy(m, bits, dp, fields)  # ||c[code]||^2 per vector, float64 [BH, T]
+        energy = _norm_energy(m, bits, dp, fields, ind)  # ||c[code]||^2 per vector, float64 [BH, T]
         scales = norms / energy.sqrt_().to(torch.float32)
         if fields:
             m.bitwise_and_(half - 1)
     else:
         scales = norms
     codes = m.bitwise_xor_(flip)
-    return _pack_coordinate_major(codes, bits, xor).view(*lead, -1), scales.to(torch.float16).view(lead)
+    return _pack_coordinate_major(codes, bits, xor, (ind, flip)).view(*lead, -1), scales.to(torch.float16).view(lead)
 
 
 @functools.lru_cache(maxsize=64)
@@ -427,45 +430,50 @@ def _energy_weights(bits: int, dp: int) -> tuple[float, torch.Tensor]:
     return dp * c2[0].item(), w
 
 
-def _norm_energy(m: torch.Tensor, bits: int, dp: int, fields: bool) -> torch.Tensor:
+def _norm_energy(m: torch.Tensor, bits: int, dp: int, fields: bool, work: torch.Tensor) -> torch.Tensor:
     """m [BH, D_pad, T] int32 (magnitude indices; with fields, _encode_hadamard_cpu's counters above bit 15)
-    -> sum over each row of c2[m] (the squared centroid magnitudes), float64 [BH, T]."""
+    -> sum over each row of c2[m] (the squared centroid magnitudes), float64 [BH, T]. work: a buffer of
+    m's size, overwritten."""
     bh, _, t = m.shape
     if bits == 1:
         return torch.full((bh, t), dp * lloyd_max.centroids(1, dp)[1].double().item() ** 2, dtype=torch.float64)
     if bits <= 3:
         base, w = _energy_weights(bits, dp)
-        s = _row_sums(m, bh, dp, t)  # int32 [BH, T]: with 2 bits, the count #{m > 0} itself
+        s = _row_sums(m, work)  # int32 [BH, T]: with 2 bits, the count #{m > 0} itself
         if not fields:
             return torch.mul(s, w[0], out=torch.empty(bh, t, dtype=torch.float64)).add_(base)
         return torch.matmul(s.view(torch.uint8).view(bh, t, 4).to(torch.float64), w).add_(base)
     # 4 bits: 1 << 8m summed over the row puts n_k = #{m == k} in byte k (no carries: < 256 coordinates)
     e = _scratch(4, (bh, dp, t), torch.int64).copy_(m).bitwise_left_shift_(3)
-    counts = _row_sums(torch.bitwise_left_shift(_ONE64, e, out=e), bh, dp, t, in_place=True)
+    counts = _row_sums(torch.bitwise_left_shift(_ONE64, e, out=e))
     c2 = lloyd_max.centroids(bits, dp)[(1 << bits) // 2 :].double() ** 2
     return torch.matmul(counts.view(torch.uint8).view(bh, t, 8).to(torch.float64), c2)
 
 
-def _row_sums(v: torch.Tensor, bh: int, n: int, t: int, in_place: bool = False) -> torch.Tensor:
-    """Integer sums over dim 1 of v [BH, N, T] (N a power of two) by halving: [BH, T] (a view of a scratch
-    buffer, or of v with in_place=True, which overwrites v)."""
+def _row_sums(v: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer sums over dim 1 of v [BH, N, T] (N a power of two) by halving: [BH, T], a view of work
+    (a buffer of at least half v's size, overwritten), or of v itself (overwritten) without work."""
+    bh, n, t = v.shape
     if n == 1:
         return v[:, 0]
     n //= 2
-    acc = v if in_place else torch.add(v[:, :n], v[:, n:], out=_scratch(5, (bh, n, t), v.dtype))
-    if in_place:
+    if work is None:
+        acc = v
         acc[:, :n].add_(acc[:, n : 2 * n])
+    else:
+        acc = torch.add(v[:, :n], v[:, n:], out=work.view(-1)[: v.numel() // 2].view(bh, n, t))
     while n > 1:
         n //= 2
         acc[:, :n].add_(acc[:, n : 2 * n])
     return acc[:, 0]
 
 
-def _pack_coordinate_major(codes: torch.Tensor, bits: int, xor: int = 0) -> torch.Tensor:
+def _pack_coordinate_major(codes: torch.Tensor, bits: int, xor: int, work: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """codes int32 [B, N, T] (coordinate-major, N >= 8 a power of two) -> packed [B, T, N*bits/8],
     byte for byte what pack_bits((codes ^ xor).transpose(1, 2)) returns. Codes are joined into int32 words
     of g codes (code k of a word at bits [k*bits, (k+1)*bits)) while still coordinate-major, and only the
-    words are transposed (a uint8 transpose of the codes costs more than all the rest)."""
+    words are transposed (a uint8 transpose of the codes costs more than all the rest). work: two int32
+    buffers of the codes' size, overwritten."""
     b, n, t = codes.shape
     if bits in (3, 6):
         g = 24 // bits  # one 3-byte cell per word
@@ -476,7 +484,7 @@ def _pack_coordinate_major(codes: torch.Tensor, bits: int, xor: int = 0) -> torc
     # a tree of g-1 fused adds (k and k + g/2 first, shifted by their distance): the fields never
     # overlap, so + is |, and int32 wraps into the sign bit as the shift would
     k = g // 2
-    word = _scratch(9, (b, n // g, k, t), torch.int32)
+    word = work[0].view(-1)[: codes.numel() // 2].view(b, n // g, k, t)
     torch.add(cw[:, :, :k], cw[:, :, k:], alpha=1 << (k * bits), out=word)
     while k > 1:
         k //= 2
@@ -489,7 +497,7 @@ def _pack_coordinate_major(codes: torch.Tensor, bits: int, xor: int = 0) -> torc
         # four 3-byte cells c0..c3 -> three int32 words (little-endian: the cells' bytes in order), still
         # coordinate-major; a uint8 slice of the 4-byte words costs more than all the rest
         c = word.unflatten(1, (n // g // 4, 4))
-        o = _scratch(8, (b, n // g // 4, 3, t), torch.int32)
+        o = work[1].view(-1)[: b * (n // g // 4) * 3 * t].view(b, n // g // 4, 3, t)
         torch.add(c[:, :, 0], c[:, :, 1], alpha=1 << 24, out=o[:, :, 0])
         torch.bitwise_right_shift(c[:, :, 1], 8, out=o[:, :, 1]).add_(c[:, :, 2], alpha=1 << 16)
         torch.bitwise_right_shift(c[:, :, 2], 16, out=o[:, :, 2]).add_(c[:, :, 3], alpha=1 << 8)
@@ -644,11 +652,11 @@ def _decode_lut(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tuple
         return torch.empty(shape, dtype=dtype)
     lut = _byte_lut(bits, dp)
     idx = _lut_indices(codes, bits)
-    y = _gather_rows(lut, idx, out=_scratch(10, (idx.shape[0], lut.shape[1]), torch.float32))
+    y = _gather_rows(lut, idx, out=_scratch(0, (idx.shape[0], lut.shape[1]), torch.float32))
     t = shape[-2]
     h = shape[-3] if len(shape) >= 3 else 1
     rot = rotation_matrices(m["rotation"], dp, m["seed"], m["layer"], h)[..., :d]  # [H, Dp, d]: x_row = y_row @ R
-    x = _scratch(11, (math.prod(lead) // (h * t) if t else 0, h, t, d), torch.float32)
+    x = _scratch(1, (math.prod(lead) // (h * t) if t else 0, h, t, d), torch.float32)
     torch.matmul(y.view(-1, h, t, dp), rot, out=x)  # [..., H, T, d] float32
     out = torch.empty(shape, dtype=dtype)
     return torch.mul(x.view(shape), scales.unsqueeze(-1), out=out)
@@ -688,7 +696,7 @@ def _byte_rows(codes: torch.Tensor, bh: int, t: int, nbytes: int) -> torch.Tenso
     u = math.gcd(nbytes, 16, p.storage_offset())
     w = _scratch(15, (bh, nbytes // u, t), _UNIT_DTYPES[u])
     w.copy_(p.view(_UNIT_DTYPES[u]).transpose(1, 2))
-    rows = _scratch(16, (bh, nbytes, t), torch.int32)
+    rows = _scratch(3, (bh, nbytes, t), torch.int32)
     rows.view(bh, nbytes // u, u, t).copy_(w.view(torch.uint8).view(bh, nbytes // u, t, u).transpose(2, 3))
     return rows
 
@@ -699,7 +707,7 @@ def _code_units(codes: torch.Tensor, bits: int, bh: int, t: int, a: int) -> torc
     rows = _byte_rows(codes, bh, t, a * bits // 2)
     if bits == 2:  # a unit is a byte
         return rows
-    units = _scratch(12, (bh, a, t), torch.int32)
+    units = _scratch(2, (bh, a, t), torch.int32)
     if bits == 4:  # two bytes
         r = rows.view(bh, a, 2, t)
         return torch.add(r[:, :, 0], r[:, :, 1], alpha=256, out=units)
@@ -737,9 +745,9 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
     a = dp // 4
     lut, ha = _kron_tables(bits, dp)
     units = _code_units(codes, bits, bh, t, a)  # [BH, A, T]
-    v = _scratch(10, (bh, a, t * 4), torch.float32)
+    v = _scratch(0, (bh, a, t * 4), torch.float32)
     torch.index_select(lut, 0, units.view(-1), out=v.view(torch.complex128).view(-1))
-    x = _scratch(11, (bh, a, t * 4), torch.float32)
+    x = _scratch(1, (bh, a, t * 4), torch.float32)
     torch.matmul(ha, v, out=x)  # [BH, A, (T, 4)]: coordinate 4a + b at [a, (t, b)]
     y = v.view(bh, t, dp)  # (v is spent)
     y.view(torch.complex128).copy_(x.view(torch.complex128).view(bh, a, t).transpose(1, 2))
