@@ -275,7 +275,6 @@ def quantize_rotated(y: torch.Tensor, bits: int, norm_correction: bool) -> tuple
 
 
 _SCRATCH = threading.local()
-_ONE64 = torch.ones((), dtype=torch.int64)
 _PLUS_MINUS = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1)
 _SCRATCH_MAX_BYTES = 16 << 20
 
@@ -396,18 +395,26 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
         xor = 0
     ai = ui.bitwise_and_(0x7FFFFFFF)
     m = dst.view(torch.int32)  # m = #{positive boundaries < a}
-    # with norm correction and 2 or 3 positive boundaries, m also counts per boundary: boundary i >= 1
-    # adds 1 + 2^(8 + 8i), so bits 0-15 hold m and byte i + 1 counts boundary i (summed over a row of
-    # < 256 coordinates: m sums to < 2^16 and each count to < 256, so the fields never carry)
-    fields = norm_correction and len(pos) in (2, 3)
+    # With norm correction and 3 or 7 positive boundaries, the indicators are also counted per boundary,
+    # one byte each: boundaries 1 and 2 in bytes 2 and 3 of m (m itself stays in bits 0-15), boundaries
+    # 3-6 in the bytes of a second int32. Summed over a row of < 256 coordinates, m sums to < 2^16 and a
+    # count to < 256: the fields never carry.
+    fields = norm_correction and len(pos) > 1
+    more = _scratch(4, (bh, dp, t), torch.int32) if fields and len(pos) > 3 else None
     if not pos:
         m.zero_()
     for i, b in enumerate(pos):
-        torch.gt(ai, b, out=m if i == 0 else ind)
-        if i:
-            m.add_(ind, alpha=1 + (1 << (8 + 8 * i)) if fields else 1)
+        if i < 3 or more is None:
+            torch.gt(ai, b, out=m if i == 0 else ind)
+            if i:
+                m.add_(ind, alpha=1 + (1 << (8 + 8 * i)) if fields else 1)
+        elif i == 3:
+            m.add_(torch.gt(ai, b, out=more))
+        else:
+            m.add_(torch.gt(ai, b, out=ind))
+            more.add_(ind, alpha=1 << (8 * (i - 3)))
     if norm_correction:
-        energy = _norm_energy(m, bits, dp, fields, ind)  # ||c[code]||^2 per vector, float64 [BH, T]
+        energy = _norm_energy(m, more, bits, dp, fields, ind)  # ||c[code]||^2 per vector, float64 [BH, T]
         scales = norms / energy.sqrt_().to(torch.float32)
         if fields:
             m.bitwise_and_(half - 1)
@@ -419,35 +426,32 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
 
 @functools.lru_cache(maxsize=64)
 def _energy_weights(bits: int, dp: int) -> tuple[float, torch.Tensor]:
-    """(base, w) with ||c[code]||^2 = base + bytes @ w for the row sums of _encode_hadamard_cpu's m (fields):
-    base = D_pad·c2[0]; bytes b0 + 256·b1 = sum of m = sum_i #{m > i}, byte i + 1 = #{m > i} for i >= 1."""
+    """(base, w) with ||c[code]||^2 = base + bytes @ w for the row sums of _encode_hadamard_cpu's counters:
+    base = D_pad·c2[0]; bytes b0 + 256·b1 = the sum of m = sum_i #{m > i}, byte i + 1 = #{m > i} for i >= 1."""
     c2 = lloyd_max.centroids(bits, dp)[(1 << bits) // 2 :].double() ** 2  # c[code]^2 by magnitude index
-    step = c2[1:] - c2[:-1]  # #{m > i} coordinates gain c2[i + 1] - c2[i]
-    w = torch.zeros(4, dtype=torch.float64)
+    step = c2[1:] - c2[:-1]  # a coordinate with m > i gains c2[i + 1] - c2[i]
+    w = torch.zeros(len(step) + 1, dtype=torch.float64)
     w[0], w[1] = step[0], 256 * step[0]
     for i in range(1, len(step)):
-        w[i + 1] = step[i] - step[0]  # (#{m > 0} = sum of m - the other counts)
+        w[i + 1] = step[i] - step[0]  # (#{m > 0} = the sum of m - the other counts)
     return dp * c2[0].item(), w
 
 
-def _norm_energy(m: torch.Tensor, bits: int, dp: int, fields: bool, work: torch.Tensor) -> torch.Tensor:
-    """m [BH, D_pad, T] int32 (magnitude indices; with fields, _encode_hadamard_cpu's counters above bit 15)
-    -> sum over each row of c2[m] (the squared centroid magnitudes), float64 [BH, T]. work: a buffer of
-    m's size, overwritten."""
+def _norm_energy(m: torch.Tensor, more: torch.Tensor | None, bits: int, dp: int, fields: bool, work: torch.Tensor) -> torch.Tensor:
+    """The sum over each row of c2[m] (the squared centroid magnitudes), float64 [BH, T], from m [BH, D_pad, T]
+    int32 (magnitude indices; with fields, counters above bit 15, and the others in `more`, overwritten).
+    work: a buffer of m's size, overwritten."""
     bh, _, t = m.shape
     if bits == 1:
         return torch.full((bh, t), dp * lloyd_max.centroids(1, dp)[1].double().item() ** 2, dtype=torch.float64)
-    if bits <= 3:
-        base, w = _energy_weights(bits, dp)
-        s = _row_sums(m, work)  # int32 [BH, T]: with 2 bits, the count #{m > 0} itself
-        if not fields:
-            return torch.mul(s, w[0], out=torch.empty(bh, t, dtype=torch.float64)).add_(base)
-        return torch.matmul(s.view(torch.uint8).view(bh, t, 4).to(torch.float64), w).add_(base)
-    # 4 bits: 1 << 8m summed over the row puts n_k = #{m == k} in byte k (no carries: < 256 coordinates)
-    e = _scratch(4, (bh, dp, t), torch.int64).copy_(m).bitwise_left_shift_(3)
-    counts = _row_sums(torch.bitwise_left_shift(_ONE64, e, out=e))
-    c2 = lloyd_max.centroids(bits, dp)[(1 << bits) // 2 :].double() ** 2
-    return torch.matmul(counts.view(torch.uint8).view(bh, t, 8).to(torch.float64), c2)
+    base, w = _energy_weights(bits, dp)
+    s = _row_sums(m, work)  # int32 [BH, T]: with 2 bits, the count #{m > 0} itself
+    if not fields:
+        return torch.mul(s, w[0], out=torch.empty(bh, t, dtype=torch.float64)).add_(base)
+    counts = s.view(torch.uint8).view(bh, t, 4)
+    if more is not None:
+        counts = torch.cat([counts, _row_sums(more).view(torch.uint8).view(bh, t, 4)], dim=-1)
+    return torch.matmul(counts.to(torch.float64), w).add_(base)
 
 
 def _row_sums(v: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
