@@ -307,6 +307,12 @@ def _sign_bits(d_pad: int, seed: int, layer: int, n_heads: int, itemsize: int) -
     return (neg.to(dt) << (8 * itemsize - 1)).contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _positive_bounds(bits: int, dp: int) -> list[int]:
+    """The positive Lloyd–Max boundaries (the upper half, ascending) as int32 bit patterns."""
+    return lloyd_max.boundaries(bits, dp)[1 << (bits - 1) :].view(torch.int32).tolist()
+
+
 def _signed_coordinate_major(xs: torch.Tensor, out: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor], seed: int, layer: int) -> None:
     """xs [NB, H, T, D] float -> out [NB·H, D_pad, T] float32 = (xs · signs)^T, zero-padded to D_pad.
 
@@ -378,9 +384,8 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     if exact:
         norms.mul_(1.0 / math.sqrt(dp))
     ui = y.mul_(inv.unsqueeze(1)).view(torch.int32)  # u, as int32 bit patterns
-    bounds = lloyd_max.boundaries(bits, dp)
-    half = (bounds.numel() + 1) // 2
-    pos = bounds[half:].view(torch.int32).tolist()  # positive boundaries as bit patterns
+    half = 1 << (bits - 1)
+    pos = _positive_bounds(bits, dp)
     # codes in int32 on the float bits (a float comparison into bool is 4x slower than these):
     # u <= 0 <=> bits(u) <= 0, and for a = |u| >= 0 the int32 bit patterns order like the floats.
     # m < half (a power of two): u > 0: m ^ half == half + m; u <= 0: m ^ (half - 1) == half - 1 - m
