@@ -42,7 +42,7 @@ CPU throughput (the reference path, Hadamard MSE, 1-4 bits): encode works
 coordinate-major with the same float operations as rotate() + quantize_rotated()
 (`_encode_hadamard_cpu`: same codes, bit for bit); decode factors the
 Walsh–Hadamard matrix as H_{D/4} ⊗ H_4 (`_decode_kron`: one table gather, one
-small matmul); both keep per-thread scratch buffers (`_scratch`).
+small matmul); both keep per-thread scratch buffers (`_scratch`), the same ones.
 """
 from __future__ import annotations
 
@@ -347,11 +347,12 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     h = 1, 2, 4, ... in the same order, · 1/sqrt(D_pad), u = y · (1/n), symmetric
     bucketize), so the rotated values and codes are the same floats; but it works
     coordinate-major ([BH, D_pad, T]: every butterfly operand is a contiguous run
-    of T floats), reuses scratch buffers instead of allocating per step, and
-    gets ||c[code]||² from a per-row histogram of the magnitude index instead of a
-    gather. The norm is summed in numpy's pairwise order (_pairwise_rows), as the
-    Triton interpreter's tl.sum does, so codes match the interpreted kernel even
-    next to a boundary.
+    of T floats; a stage is one addcmul), reuses scratch buffers instead of
+    allocating per step, computes the codes on u's int32 bit patterns, and gets
+    ||c[code]||² from per-boundary counters carried in spare bytes of the magnitude
+    index instead of a gather. The norm is summed in numpy's pairwise order
+    (_pairwise_rows), as the Triton interpreter's tl.sum does, so codes match the
+    interpreted kernel even next to a boundary.
     """
     d, t = x.shape[-1], x.shape[-2]
     dp = next_pow2(d)
