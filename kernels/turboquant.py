@@ -401,33 +401,27 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
         xor = 0
     ai = ui.bitwise_and_(0x7FFFFFFF)
     m = dst.view(torch.int32)  # m = #{positive boundaries < a}
-    # With norm correction and 3 or 7 positive boundaries, the indicators are also counted per boundary,
-    # one byte each: boundaries 1 and 2 in bytes 2 and 3 of m (m itself stays in bits 0-15), boundaries
-    # 3-6 in the bytes of a second int32. Summed over a row of < 256 coordinates, m sums to < 2^16 and a
-    # count to < 256: the fields never carry.
-    fields = norm_correction and len(pos) > 1
-    more = _scratch(4, (bh, dp, t), torch.int32) if fields and len(pos) > 3 else None
+    # With norm correction and 3 bits, the indicators are also counted per boundary: boundaries 1 and 2
+    # in bytes 2 and 3 of m (m itself stays in bits 0-15; summed over a row of < 256 coordinates, m sums
+    # to < 2^16 and a count to < 256: the fields never carry). With 4 bits, the level counts come from
+    # the packed codes instead (_level_counts).
+    fields = norm_correction and len(pos) == 3
     if not pos:
         m.zero_()
     for i, b in enumerate(pos):
-        if i < 3 or more is None:
-            torch.gt(ai, b, out=m if i == 0 else ind)
-            if i:
-                m.add_(ind, alpha=1 + (1 << (8 + 8 * i)) if fields else 1)
-        elif i == 3:
-            m.add_(torch.gt(ai, b, out=more))
-        else:
-            m.add_(torch.gt(ai, b, out=ind))
-            more.add_(ind, alpha=1 << (8 * (i - 3)))
-    if norm_correction:
-        energy = _norm_energy(m, more, bits, dp, fields, ind)  # ||c[code]||^2 per vector, float64 [BH, T]
-        scales = norms / energy.sqrt_().to(torch.float32)
+        torch.gt(ai, b, out=m if i == 0 else ind)
+        if i:
+            m.add_(ind, alpha=1 + (1 << (8 + 8 * i)) if fields else 1)
+    energy = None
+    if norm_correction and bits <= 3:
+        energy = _norm_energy(m, bits, dp, fields, ind)  # ||c[code]||^2 per vector, float64 [BH, T]
         if fields:
             m.bitwise_and_(half - 1)
-    else:
-        scales = norms
-    codes = m.bitwise_xor_(flip)
-    return _pack_coordinate_major(codes, bits, xor, (ind, flip)).view(*lead, -1), scales.to(torch.float16).view(lead)
+    codes = _pack_coordinate_major(m.bitwise_xor_(flip), bits, xor, (ind, flip))  # [BH, T, Dp*bits/8]
+    if norm_correction and energy is None:
+        energy = torch.matmul(_level_counts(codes, bits, dp).to(torch.float64), lloyd_max.centroids(bits, dp)[half:].double() ** 2)
+    scales = norms / energy.sqrt_().to(torch.float32) if norm_correction else norms
+    return codes.view(*lead, -1), scales.to(torch.float16).view(lead)
 
 
 @functools.lru_cache(maxsize=64)
@@ -443,10 +437,10 @@ def _energy_weights(bits: int, dp: int) -> tuple[float, torch.Tensor]:
     return dp * c2[0].item(), w
 
 
-def _norm_energy(m: torch.Tensor, more: torch.Tensor | None, bits: int, dp: int, fields: bool, work: torch.Tensor) -> torch.Tensor:
+def _norm_energy(m: torch.Tensor, bits: int, dp: int, fields: bool, work: torch.Tensor) -> torch.Tensor:
     """The sum over each row of c2[m] (the squared centroid magnitudes), float64 [BH, T], from m [BH, D_pad, T]
-    int32 (magnitude indices; with fields, counters above bit 15, and the others in `more`, overwritten).
-    work: a buffer of m's size, overwritten."""
+    int32 (magnitude indices of 1-3 bit codes; with fields, counters above bit 15). work: a buffer of m's
+    size, overwritten."""
     bh, _, t = m.shape
     if bits == 1:
         return torch.full((bh, t), dp * lloyd_max.centroids(1, dp)[1].double().item() ** 2, dtype=torch.float64)
@@ -454,10 +448,31 @@ def _norm_energy(m: torch.Tensor, more: torch.Tensor | None, bits: int, dp: int,
     s = _row_sums(m, work)  # int32 [BH, T]: with 2 bits, the count #{m > 0} itself
     if not fields:
         return torch.mul(s, w[0], out=torch.empty(bh, t, dtype=torch.float64)).add_(base)
-    counts = s.view(torch.uint8).view(bh, t, 4)
-    if more is not None:
-        counts = torch.cat([counts, _row_sums(more).view(torch.uint8).view(bh, t, 4)], dim=-1)
-    return torch.matmul(counts.to(torch.float64), w).add_(base)
+    return torch.matmul(s.view(torch.uint8).view(bh, t, 4).to(torch.float64), w).add_(base)
+
+
+@functools.lru_cache(maxsize=4)
+def _level_count_table(bits: int) -> torch.Tensor:
+    """[2^16] int64: for 16 bits of 4-bit codes (4 codes), the number of them at each magnitude level
+    (|code - half + 1/2| - 1/2) in byte `level`."""
+    u = torch.arange(1 << 16, dtype=torch.int64)
+    half = 1 << (bits - 1)
+    table = torch.zeros(1 << 16, dtype=torch.int64)
+    for k in range(16 // bits):
+        code = (u >> (k * bits)) & ((1 << bits) - 1)
+        level = torch.where(code >= half, code - half, half - 1 - code)
+        table += 1 << (8 * level)
+    return table
+
+
+def _level_counts(packed: torch.Tensor, bits: int, dp: int) -> torch.Tensor:
+    """Packed 4-bit codes [BH, T, Dp/2] uint8 -> [BH, T, 8] uint8: n_k = #{codes of the row at level k}
+    (a row holds < 256 codes: the byte counts never carry)."""
+    bh, t, nb = packed.shape
+    units = _scratch(2, (bh * t * nb // 2,), torch.int32)
+    units.copy_(packed.view(torch.int16).view(-1)).bitwise_and_(0xFFFF)
+    per_unit = torch.index_select(_level_count_table(bits), 0, units, out=_scratch(3, (units.numel(),), torch.int64))
+    return per_unit.view(bh, t, nb // 2).sum(-1).view(torch.uint8).view(bh, t, 8)
 
 
 def _row_sums(v: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
