@@ -190,6 +190,10 @@ def _record_dict(rec) -> dict:
         "tokens": rec.n_tokens, "bytes_stored": rec.stored_bytes, "messages": len(rec.messages),
         "created": rec.created, "updated": rec.updated, "labels": rec.labels, "layout": rec.layout,
         "format_version": rec.format_version,
+        "stored_bytes_per_token": rec.stored_bytes / rec.n_tokens if rec.n_tokens else 0.0,
+        "resident_bytes_per_token": (rec.extra.get("cache", {}).get("resident_bytes", 0) / rec.n_tokens
+                                     if rec.n_tokens else 0.0),
+        "tier_tokens": rec.extra.get("cache", {}).get("tier_tokens", {}),
     }
 
 
@@ -256,6 +260,9 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
         ("bytes stored", f"{rec.stored_bytes} ({_human_bytes(rec.stored_bytes)})"),
         ("bytes / token", f"{rec.stored_bytes / rec.n_tokens:.0f}" if rec.n_tokens else "-"),
         ("vs fp16 cache", f"{rec.stored_bytes / fp16:.2f}x of {_human_bytes(fp16)}" if fp16 else "-"),
+        ("resident / token", _resident_line(rec, fp16)),
+        ("tiers (tokens/head)", ", ".join(f"{k} {v:g}" for k, v in rec.extra.get("cache", {}).get("tier_tokens", {}).items())
+         or "-"),
         ("kv layout", f"{lay.get('layers')} layers x {lay.get('kv_heads')} kv heads x {lay.get('head_dim')} dims, "
                       f"{lay.get('dtype')} ({elem} B), blocks of {lay.get('block_tokens')} tokens"),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(rec.labels.items())) or "-"),
@@ -265,6 +272,14 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         click.echo(f"{k.ljust(width)}  {v}")
+
+
+def _resident_line(rec, fp16: int) -> str:
+    """Resident bytes per token when loaded, as measured at the session's last commit."""
+    res = rec.extra.get("cache", {}).get("resident_bytes")
+    if res is None or not rec.n_tokens:
+        return "-"
+    return f"{res / rec.n_tokens:.0f} B ({fp16 / res:.1f}x smaller than fp16)" if res else "0 B"
 
 
 @sessions.command("rm")

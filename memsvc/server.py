@@ -81,6 +81,10 @@ def _session_pb(view: SessionView, tenant: Tenant) -> pb.Session:
         labels=rec.labels,
         resident=view.resident,
         messages=len(rec.messages),
+        resident_bytes_per_token=view.resident_bytes / rec.n_tokens if rec.n_tokens else 0.0,
+        stored_bytes_per_token=rec.stored_bytes / rec.n_tokens if rec.n_tokens else 0.0,
+        fp16_bytes_per_token=view.fp16_bytes_per_token,
+        tier_tokens=view.tier_tokens,
     )
 
 

@@ -84,6 +84,12 @@ class SessionView:
     record: SessionRecord
     resident: bool
     resident_bytes: int = 0
+    tier_tokens: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fp16_bytes_per_token(self) -> int:
+        lay = self.record.layout
+        return 2 * 2 * lay.get("layers", 0) * lay.get("kv_heads", 0) * lay.get("head_dim", 0)
 
 
 class SessionManager:
@@ -193,7 +199,10 @@ class SessionManager:
             if feed:
                 self._forward(live.kv, feed)
             payloads, counts = live.kv.dirty_blocks()
-            rec = dataclasses.replace(live.record, messages=messages, updated=time.time())
+            cache = {"resident_bytes": live.kv.resident_bytes(),
+                     "tier_tokens": {k: round(float(v), 2) for k, v in live.kv.tier_tokens().items()}}
+            rec = dataclasses.replace(live.record, messages=messages, updated=time.time(),
+                                      extra={**live.record.extra, "cache": cache})
             stored = self.store.commit(rec, first_token=first_token, tokens=new_ids, blocks=payloads,
                                        block_tokens=counts)
         except BaseException:
@@ -230,7 +239,7 @@ class SessionManager:
     def view(self, sid: str) -> SessionView:
         live = self._live.get(sid)
         if live is not None:
-            return SessionView(live.record, True, live.kv.resident_bytes())
+            return SessionView(live.record, True, live.kv.resident_bytes(), live.kv.tier_tokens())
         return SessionView(self._stored(sid), False)
 
     def list(self, *, after: str = "", limit: int = 100, labels: dict[str, str] | None = None
@@ -244,7 +253,8 @@ class SessionManager:
         views = []
         for rec in recs:
             live = self._live.get(rec.id)
-            views.append(SessionView(live.record, True, live.kv.resident_bytes()) if live else SessionView(rec, False))
+            views.append(SessionView(live.record, True, live.kv.resident_bytes(), live.kv.tier_tokens()) if live
+                         else SessionView(rec, False))
         return views, (recs[-1].id if more else "")
 
     def resume(self, sid: str) -> SessionView:

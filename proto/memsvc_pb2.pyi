@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Session(_message.Message):
-    __slots__ = ("id", "model", "model_fingerprint", "policy", "tokens", "bytes_stored", "bytes_resident", "created_unix", "updated_unix", "labels", "resident", "messages")
+    __slots__ = ("id", "model", "model_fingerprint", "policy", "tokens", "bytes_stored", "bytes_resident", "created_unix", "updated_unix", "labels", "resident", "messages", "resident_bytes_per_token", "stored_bytes_per_token", "fp16_bytes_per_token", "tier_tokens")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,13 @@ class Session(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class TierTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +34,10 @@ class Session(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FP16_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TIER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     model_fingerprint: str
@@ -39,7 +50,11 @@ class Session(_message.Message):
     labels: _containers.ScalarMap[str, str]
     resident: bool
     messages: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., resident: _Optional[bool] = ..., messages: _Optional[int] = ...) -> None: ...
+    resident_bytes_per_token: float
+    stored_bytes_per_token: float
+    fp16_bytes_per_token: float
+    tier_tokens: _containers.ScalarMap[str, float]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., resident: _Optional[bool] = ..., messages: _Optional[int] = ..., resident_bytes_per_token: _Optional[float] = ..., stored_bytes_per_token: _Optional[float] = ..., fp16_bytes_per_token: _Optional[float] = ..., tier_tokens: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "policy", "labels")

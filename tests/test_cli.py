@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from click.testing import CliRunner
 
 from memsvc.cli import main
@@ -61,3 +62,23 @@ def test_chat_streams_replies_and_commits_turns(tiny_server):
     assert s.messages == 5  # system, then two user/assistant pairs
     again = runner.invoke(main, ["chat", "talk", "--address", addr], input="")
     assert again.exit_code == 0 and "resumed talk" in again.output
+
+
+def test_show_reports_resident_and_stored_bytes_per_token_and_tiers(tmp_path, tiny_model):
+    """A tiered session's accounting is visible in GetSession and in `sessions show` (offline)."""
+    data = tmp_path / "data"
+    with running_server(data, tiny_model) as (client, _):
+        client.create_session("t", policy="tiered")
+        client.append("t", tokens=list(range(10, 460)))
+        s = client.get_session("t")
+        assert s.policy == "tiered" and s.tokens == 450
+        assert s.stored_bytes_per_token == pytest.approx(s.bytes_stored / 450)
+        assert 0 < s.resident_bytes_per_token == pytest.approx(s.bytes_resident / 450)
+        assert s.fp16_bytes_per_token == 2 * 2 * tiny_model.num_layers * tiny_model.num_kv_heads * tiny_model.head_dim
+        tiers = dict(s.tier_tokens)
+        assert tiers["sink"] == 4 and tiers["cold"] > 0 and sum(tiers.values()) == pytest.approx(449)
+    out = CliRunner().invoke(main, ["sessions", "show", "t", "--data-dir", str(data)])
+    assert out.exit_code == 0, out.output
+    assert "resident / token" in out.output and "smaller than fp16" in out.output and "cold" in out.output
+    doc = json.loads(CliRunner().invoke(main, ["sessions", "show", "t", "--data-dir", str(data), "--json"]).output)
+    assert doc["tier_tokens"]["sink"] == 4 and doc["resident_bytes_per_token"] > 0

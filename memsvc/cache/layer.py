@@ -32,7 +32,7 @@ from .cold import ColdStore, stack_packed
 from .policies.plan import LayerPlan
 
 _STATE = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_k", "keep_v", "keep_pos",
-          "keep_score", "sum_min", "sum_max", "live", "n_blocks", "seen", "evicted", "q_window")
+          "keep_score", "sum_min", "sum_max", "sum_mean_k", "sum_mean_v", "live", "n_blocks", "seen", "evicted", "q_window")
 
 
 def _codec(name: str, layer: int):
@@ -99,6 +99,8 @@ class TierLayer(CacheLayerMixin):
         self.keep_score = torch.empty(H, 0, device=dev)
         self.sum_min = torch.empty(0, H, D, dtype=torch.float16, device=dev)
         self.sum_max = self.sum_min
+        self.sum_mean_k = self.sum_min
+        self.sum_mean_v = torch.empty(0, H, self.Dv, dtype=torch.float16, device=dev)
         self.live = torch.empty(0, H, self.plan.block, dtype=torch.bool, device=dev)
         self.is_initialized = True
 
@@ -162,7 +164,7 @@ class TierLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         ts = [self.sink_k, self.sink_v, self.hot_k, self.hot_v, self.hot_pos, self.keep_pos, self.sum_min,
-              self.sum_max, self.live]
+              self.sum_max, self.sum_mean_k, self.sum_mean_v, self.live]
         if self.plan.keep_by == "attention":
             ts += [self.hot_score, self.keep_score]
         for store in (self.keep_k, self.keep_v):
@@ -204,17 +206,30 @@ class TierLayer(CacheLayerMixin):
             logits[..., n_sink + n_keep:].masked_fill_(~hot_ok, float("-inf"))
 
         # cold tier: the blocks retrieval picks for each query (all of them without retrieval)
-        cold = None
+        cold = rest = None
         if self.n_blocks:
-            ids, k_cold, visible = self._cold_keys(q.view(H, G, n, D))  # [U], [H, U*B, D], [H, n, U*B] or None
+            ids, k_cold, visible, chosen = self._cold_keys(q.view(H, G, n, D))
             lc = torch.bmm(q, k_cold.transpose(1, 2)).mul_(scaling).view(H, G, n, -1)
             if visible is not None:
                 lc.masked_fill_(~visible.unsqueeze(1), float("-inf"))
             logits = torch.cat([logits, lc], dim=-1)
             cold = ids
+            if chosen is not None and p.rest == "mean":
+                # blocks retrieval left out still count: one pseudo-token each, the block's mean key and
+                # value weighted by its live tokens (exp(q·mean k) <= mean exp(q·k), so mass is never overstated)
+                lr = torch.bmm(q, self.sum_mean_k.float().permute(1, 2, 0)).mul_(scaling).view(H, G, n, -1)
+                count = self.live.sum(-1).T.float()  # [H, nb]
+                lr = lr + count.clamp(min=1).log().view(H, 1, 1, -1)
+                lr.masked_fill_((chosen | (count == 0).unsqueeze(1)).unsqueeze(1), float("-inf"))
+                logits = torch.cat([logits, lr], dim=-1)
+                rest = lr.shape[-1]
 
         probs = torch.softmax(logits, dim=-1)  # [H, G, n, T]
         out = torch.bmm(probs[..., :te].reshape(H, G * n, te), v_ex)  # [H, G*n, Dv]
+        if rest is not None:
+            pr = probs[..., -rest:].reshape(H, G * n, rest)
+            out = out + torch.bmm(pr, self.sum_mean_v.float().transpose(0, 1))
+            probs = probs[..., :-rest]
         if cold is not None:
             out = out + self._cold_values(cold, probs[..., te:])
 
@@ -237,7 +252,8 @@ class TierLayer(CacheLayerMixin):
         return x.permute(1, 0, 2, 3).reshape(H, U * B, D)
 
     def _cold_keys(self, q: torch.Tensor):
-        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D], visible [H, n, U*B] or None when all are)."""
+        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D], visible [H, n, U*B] or None when all are,
+        chosen [H, n, nb] blocks each query retrieved, or None without retrieval)."""
         p, H, B = self.plan, self.H, self.plan.block
         n = q.shape[2]
         nb = self.n_blocks
@@ -251,10 +267,10 @@ class TierLayer(CacheLayerMixin):
             chosen = torch.zeros(H, n, nb, dtype=torch.bool, device=dev)
             chosen.scatter_(2, pick, True)
             ids = chosen.any(dim=1).any(dim=0).nonzero().flatten()  # [U]
-            chosen = chosen[:, :, ids]  # [H, n, U]
+            picked = chosen[:, :, ids]  # [H, n, U]
         else:
             ids = torch.arange(nb, device=dev)
-            chosen = None
+            chosen = picked = None
         packs = [self.cold.get(self.layer_idx, b)[0] for b in ids.tolist()]
         self.stats["cold_blocks_read"] += len(packs)
         k_cold = self._decode(self.kcodec, packs)
@@ -262,9 +278,9 @@ class TierLayer(CacheLayerMixin):
         visible = None
         if chosen is not None or not bool(live.all()):
             visible = live.permute(1, 0, 2).reshape(H, 1, -1).expand(H, n, -1)
-            if chosen is not None:
-                visible = visible & chosen.repeat_interleave(B, dim=2)
-        return ids, k_cold, visible
+            if picked is not None:
+                visible = visible & picked.repeat_interleave(B, dim=2)
+        return ids, k_cold, visible, chosen
 
     def _cold_values(self, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """probs [H, G, n, U*B] -> Σ p·v over the picked cold blocks, [H, G*n, Dv].
@@ -370,6 +386,11 @@ class TierLayer(CacheLayerMixin):
         kk = k.float()
         self.sum_min = torch.cat([self.sum_min, kk.amin(1).to(torch.float16).unsqueeze(0)])
         self.sum_max = torch.cat([self.sum_max, kk.amax(1).to(torch.float16).unsqueeze(0)])
+        if self.plan.rest == "mean":
+            w = live.float().unsqueeze(-1)  # [H, B, 1]: the block's own cold tokens
+            den = w.sum(1).clamp(min=1)
+            self.sum_mean_k = torch.cat([self.sum_mean_k, ((kk * w).sum(1) / den).to(torch.float16).unsqueeze(0)])
+            self.sum_mean_v = torch.cat([self.sum_mean_v, ((v.float() * w).sum(1) / den).to(torch.float16).unsqueeze(0)])
         self.live = torch.cat([self.live, live.unsqueeze(0)])
         self.n_blocks += 1
 

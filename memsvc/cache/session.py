@@ -24,7 +24,7 @@ from .layer import TierLayer
 
 STATE_INDEX = 0xFFFFFFFF  # the layer's state entry, after every possible block index
 _TENSORS = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "sum_min",
-            "sum_max", "live", "q_window")
+            "sum_max", "sum_mean_k", "sum_mean_v", "live", "q_window")
 _INTS = ("seen", "evicted", "n_blocks", "H", "D", "Dv")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -15,6 +15,8 @@ these per layer; the layer class knows nothing about policy names.
              "window": the last `window` prompt queries decide at end of prompt (SnapKV)
     keep_bits  16 = kept tokens exact; 8 = per-token 8-bit (the warm tier)
     window, pool  SnapKV's observation window and pooling kernel
+    rest     cold blocks a query did not retrieve: "drop" them, or attend each as one
+             "mean" pseudo-token (mean key/value of its live tokens, weighted by their count)
     v_skip   sparse-V: cold value blocks whose every weight is below this are not decoded
     exact_dtype  dtype of the exact tiers (None: the model's)
 """
@@ -43,6 +45,7 @@ class LayerPlan:
     pool: int = 7
     v_skip: float = 0.0
     exact_dtype: str | None = None
+    rest: str = "drop"
 
     def __post_init__(self):
         if self.sink < 0 or self.block < 1 or self.keep < 0 or self.retrieve < 0:
@@ -63,6 +66,8 @@ class LayerPlan:
             raise ValueError(f"retrieve ({self.retrieve}) must cover at least one block ({self.block})")
         if self.window < 1 or self.pool < 1 or self.pool % 2 == 0:
             raise ValueError("window must be >= 1 and pool an odd number >= 1")
+        if self.rest not in ("drop", "mean"):
+            raise ValueError(f"rest must be 'drop' or 'mean', got {self.rest!r}")
         if not 0.0 <= self.v_skip < 1.0:
             raise ValueError(f"v_skip must be in [0, 1), got {self.v_skip}")
         if self.exact_dtype is not None and self.exact_dtype not in _DTYPES:

@@ -34,6 +34,8 @@ class TieredPolicy:
     boundary_value_codec: str = "k8v8_v"
     v_skip: float = 1e-4
     exact_dtype: str | None = "float16"
+    rest: str = "mean"  # blocks not retrieved: one mean pseudo-token each ("drop": ignore them, as Quest does)
+    dense: tuple[int, ...] = ()  # layers that attend every cold block (no retrieval)
 
     def __post_init__(self):
         check_budget("sink", self.sink, 0)
@@ -54,6 +56,6 @@ class TieredPolicy:
             sink=self.sink, hot=self.hot, block=self.block_tokens,
             cold_k=self.boundary_key_codec if edge else self.key_codec,
             cold_v=self.boundary_value_codec if edge else self.value_codec,
-            retrieve=self.retrieve, keep=self.warm, keep_by="attention" if self.warm else "none", keep_bits=8,
+            retrieve=0 if layer in {b % n_layers for b in self.dense} else self.retrieve, rest=self.rest, keep=self.warm, keep_by="attention" if self.warm else "none", keep_bits=8,
             v_skip=self.v_skip, exact_dtype=self.exact_dtype,
         )
