@@ -200,8 +200,17 @@ class TierLayer(CacheLayerMixin):
         v_ex = torch.cat([self.sink_v.float(), self._keep_float(self.keep_v), self.hot_v.float()], 1)
         n_sink, n_keep = self.sink_k.shape[1], self._keep_len()
         te = k_ex.shape[1]
-        logits = torch.bmm(q, k_ex.transpose(1, 2)).mul_(scaling).view(H, G, n, te)
         hot_ok = self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
+        if not self.n_blocks and p.keep_by != "attention":  # exact tiers only, no scores wanted: SDPA
+            self._remember_queries(query)
+            mask = None
+            if not bool(hot_ok.all()):
+                mask = torch.ones(n, te, dtype=torch.bool, device=self.device)
+                mask[:, n_sink + n_keep:] = hot_ok
+            out = F.scaled_dot_product_attention(query.float(), k_ex.unsqueeze(0), v_ex.unsqueeze(0), attn_mask=mask,
+                                                 scale=scaling, enable_gqa=True)  # [1, Hq, n, Dv]
+            return out.transpose(1, 2).to(query.dtype)
+        logits = torch.bmm(q, k_ex.transpose(1, 2)).mul_(scaling).view(H, G, n, te)
         if not bool(hot_ok.all()):
             logits[..., n_sink + n_keep:].masked_fill_(~hot_ok, float("-inf"))
 
@@ -237,13 +246,19 @@ class TierLayer(CacheLayerMixin):
             got = probs[..., :te].sum(dim=(1, 2))  # [H, Te]
             self.keep_score = self.keep_score + got[:, n_sink:n_sink + n_keep]
             self.hot_score = self.hot_score + got[:, n_sink + n_keep:]
-        if p.keep_by == "window":  # remember the last `window` queries for end_prompt
-            fresh = query[0, :, -p.window:].float()  # [Hq, w, D]
-            if self.q_window is not None and fresh.shape[1] < p.window:
-                fresh = torch.cat([self.q_window, fresh], 1)[:, -p.window:]
-            self.q_window = fresh
+        self._remember_queries(query)
         out = out.view(Hq, n, -1).transpose(0, 1).unsqueeze(0)  # [1, n, Hq, Dv]
         return out.to(query.dtype)
+
+    def _remember_queries(self, query: torch.Tensor) -> None:
+        """SnapKV-style policies keep the last `window` queries [Hq, w, D] for end_prompt."""
+        p = self.plan
+        if p.keep_by != "window":
+            return
+        fresh = query[0, :, -p.window:].float()
+        if self.q_window is not None and fresh.shape[1] < p.window:
+            fresh = torch.cat([self.q_window, fresh], 1)[:, -p.window:]
+        self.q_window = fresh
 
     def _decode(self, codec, packs: list) -> torch.Tensor:
         """Packed blocks [H, B, D] -> [H, U*B, D] float, one decode call."""
@@ -387,10 +402,9 @@ class TierLayer(CacheLayerMixin):
         self.sum_min = torch.cat([self.sum_min, kk.amin(1).to(torch.float16).unsqueeze(0)])
         self.sum_max = torch.cat([self.sum_max, kk.amax(1).to(torch.float16).unsqueeze(0)])
         if self.plan.rest == "mean":
-            w = live.float().unsqueeze(-1)  # [H, B, 1]: the block's own cold tokens
-            den = w.sum(1).clamp(min=1)
-            self.sum_mean_k = torch.cat([self.sum_mean_k, ((kk * w).sum(1) / den).to(torch.float16).unsqueeze(0)])
-            self.sum_mean_v = torch.cat([self.sum_mean_v, ((v.float() * w).sum(1) / den).to(torch.float16).unsqueeze(0)])
+            # over every token of the block: tokens now in the warm tier may come back to it later
+            self.sum_mean_k = torch.cat([self.sum_mean_k, kk.mean(1).to(torch.float16).unsqueeze(0)])
+            self.sum_mean_v = torch.cat([self.sum_mean_v, v.float().mean(1).to(torch.float16).unsqueeze(0)])
         self.live = torch.cat([self.live, live.unsqueeze(0)])
         self.n_blocks += 1
 

@@ -180,3 +180,23 @@ def test_cold_blocks_on_disk_are_not_resident(tiny):
     assert mem.resident_bytes() - disk.resident_bytes() == mem.cold.backend.nbytes()
     # same answers wherever the blocks live
     assert torch.equal(_run(tiny.model, mem, [5]), _run(tiny.model, disk, [5]))
+
+
+@torch.no_grad()
+def test_block_summaries_describe_every_token_of_the_block(tiny):
+    """Layer 0's keys do not depend on attention, so its summaries can be checked against a full run:
+    min/max bound every key and the mean pseudo-token is the mean of all B tokens, even of a block
+    whose tokens all went to the warm tier when it was made (and may come back later)."""
+    ids = _ids(200, seed=8)
+    ref = DynamicCache()
+    _run(tiny.model, ref, ids)
+    cache = _cache(tiny, "tiered", warm=8, exact_dtype=None)
+    _run(tiny.model, cache, ids)
+    layer = cache.layers[0]
+    B, S = layer.plan.block, layer.plan.sink
+    keys = ref.layers[0].keys[0].float()  # [H, T, D]
+    for b in range(layer.n_blocks):
+        blk = keys[:, S + b * B:S + (b + 1) * B]
+        assert torch.allclose(layer.sum_mean_k[b].float(), blk.mean(1), atol=2e-3)
+        assert bool((layer.sum_min[b].float() <= blk.amin(1) + 1e-2).all())
+        assert bool((layer.sum_max[b].float() >= blk.amax(1) - 1e-2).all())
