@@ -313,6 +313,29 @@ def _positive_bounds(bits: int, dp: int) -> list[int]:
     return lloyd_max.boundaries(bits, dp)[1 << (bits - 1) :].view(torch.int32).tolist()
 
 
+@functools.lru_cache(maxsize=64)
+def _magnitude_lut(bits: int, dp: int) -> tuple[int, torch.Tensor] | None:
+    """(s, E) such that m = #{positive boundaries b < a} == (E[a >> s] + a) >> (s + 1) for every int32 bit
+    pattern a in [0, 2^31) (a = |u|'s bits, NaN patterns included), or None when no s in 16..23 puts at most
+    one boundary into each run of 2^s patterns. E [2^(31-s)] int32: for run i, starting at lo = i << s, with
+    k boundaries below lo and the boundary lo + rb inside it (rb = 2^s - 1: none, the compare never holds),
+    E[i] = ((k + 1) << (s + 1)) - lo - rb - 1, so E[i] + a = ((k + 1) << (s + 1)) + (a - lo - rb - 1), and the
+    second term, in [-2^s, 2^s), borrows from the first exactly when a <= lo + rb: m = k + [a > lo + rb]. All
+    sums stay in [2^s, 2^(s+4)]: no int32 overflow."""
+    pos = _positive_bounds(bits, dp)
+    for s in range(23, 15, -1):
+        lo = torch.arange(1 << (31 - s), dtype=torch.int64) << s
+        b = torch.tensor(pos, dtype=torch.int64)
+        below = (b[None, :] < lo[:, None]).sum(1)  # k
+        inside = (b[None, :] >= lo[:, None]) & (b[None, :] < lo[:, None] + (1 << s))
+        if inside.sum(1).max() > 1:
+            continue
+        rb = torch.where(inside.any(1), (torch.where(inside, b[None, :], 0).sum(1) - lo), (1 << s) - 1)
+        e = ((below + 1) << (s + 1)) - lo - rb - 1
+        return s, e.to(torch.int32)
+    return None
+
+
 def _signed_coordinate_major(xs: torch.Tensor, out: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor], seed: int, layer: int) -> None:
     """xs [NB, H, T, D] float -> out [NB·H, D_pad, T] float32 = (xs · signs)^T, zero-padded to D_pad.
 
@@ -406,9 +429,15 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
     # to < 2^16 and a count to < 256: the fields never carry). With 4 bits, the level counts come from
     # the packed codes instead (_level_counts).
     fields = norm_correction and len(pos) == 3
-    if not pos:
+    lut = _magnitude_lut(bits, dp) if len(pos) == 7 else None
+    if lut is not None:
+        # 4 bits: one table gather and one add instead of 7 compares and 6 adds (_magnitude_lut: the same m)
+        s, e = lut
+        torch.index_select(e, 0, torch.bitwise_right_shift(ai, s, out=ind).view(-1), out=m.view(-1))
+        m.add_(ai).bitwise_right_shift_(s + 1)
+    elif not pos:
         m.zero_()
-    for i, b in enumerate(pos):
+    for i, b in enumerate(pos if lut is None else ()):
         torch.gt(ai, b, out=m if i == 0 else ind)
         if i:
             m.add_(ind, alpha=1 + (1 << (8 + 8 * i)) if fields else 1)
@@ -453,12 +482,13 @@ def _norm_energy(m: torch.Tensor, bits: int, dp: int, fields: bool, work: torch.
 
 @functools.lru_cache(maxsize=4)
 def _level_count_table(bits: int) -> torch.Tensor:
-    """[2^16] int64: for 16 bits of 4-bit codes (4 codes), the number of them at each magnitude level
-    (|code - half + 1/2| - 1/2) in byte `level`."""
-    u = torch.arange(1 << 16, dtype=torch.int64)
+    """[256] int64: for a byte of packed codes (8 // bits codes), the number of them at each magnitude level
+    (|code - half + 1/2| - 1/2) in byte `level` (a 2 KiB table: it stays in L1 while the encode's big buffers
+    pass through the cache)."""
+    u = torch.arange(256, dtype=torch.int64)
     half = 1 << (bits - 1)
-    table = torch.zeros(1 << 16, dtype=torch.int64)
-    for k in range(16 // bits):
+    table = torch.zeros(256, dtype=torch.int64)
+    for k in range(8 // bits):
         code = (u >> (k * bits)) & ((1 << bits) - 1)
         level = torch.where(code >= half, code - half, half - 1 - code)
         table += 1 << (8 * level)
@@ -467,12 +497,12 @@ def _level_count_table(bits: int) -> torch.Tensor:
 
 def _level_counts(packed: torch.Tensor, bits: int, dp: int) -> torch.Tensor:
     """Packed 4-bit codes [BH, T, Dp/2] uint8 -> [BH, T, 8] uint8: n_k = #{codes of the row at level k}
-    (a row holds < 256 codes: the byte counts never carry)."""
+    (one gather per byte; a row holds < 256 codes: the byte counts never carry)."""
     bh, t, nb = packed.shape
-    units = _scratch(2, (bh * t * nb // 2,), torch.int32)
-    units.copy_(packed.view(torch.int16).view(-1)).bitwise_and_(0xFFFF)
-    per_unit = torch.index_select(_level_count_table(bits), 0, units, out=_scratch(3, (units.numel(),), torch.int64))
-    return per_unit.view(bh, t, nb // 2).sum(-1).view(torch.uint8).view(bh, t, 8)
+    idx = _scratch(2, (bh * t * nb,), torch.int32)
+    idx.copy_(packed.view(-1))
+    per_byte = torch.index_select(_level_count_table(bits), 0, idx, out=_scratch(3, (idx.numel(),), torch.int64))
+    return per_byte.view(bh, t, nb).sum(-1).view(torch.uint8).view(bh, t, 8)
 
 
 def _row_sums(v: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
