@@ -737,6 +737,21 @@ def _kron_tables(bits: int, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lut.view(torch.complex128).view(-1), _sylvester(dp // 4)
 
 
+@functools.lru_cache(maxsize=64)
+def _kron_byte_tables(bits: int, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) for the 4-bit _decode_kron: a unit's 16 bits are two bytes (codes 0, 1 and 2, 3), and with
+    P(byte) = H_2 · c[its two codes], H_4 · c[4 codes] = (P_lo + P_hi, P_lo - P_hi); L[byte] = (P, P),
+    R[byte] = (P, -P), 256 complex128 elements each (4 KiB: they stay in L1, where the 2^16-entry table of
+    _kron_tables, 1 MiB, is evicted by every encode), so the unit's entry is L[lo] + R[hi]."""
+    idx = torch.arange(256, dtype=torch.int64)
+    cent = lloyd_max.centroids(bits, dp).double()
+    c0, c1 = cent[idx & 15], cent[idx >> 4]
+    pair = torch.stack([c0 + c1, c0 - c1], 1).to(torch.float32)
+    left = torch.cat([pair, pair], 1).contiguous()
+    right = torch.cat([pair, -pair], 1).contiguous()
+    return left.view(torch.complex128).view(-1), right.view(torch.complex128).view(-1)
+
+
 @functools.lru_cache(maxsize=256)
 def _scaled_signs(dp: int, seed: int, layer: int, n_heads: int) -> torch.Tensor:
     return (hadamard_signs(dp, seed, layer, n_heads) * (1.0 / math.sqrt(dp))).contiguous()  # [H, Dp]
@@ -784,8 +799,8 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
     With i = 4a + b (b < 4, a < A = D_pad/4) the Walsh–Hadamard matrix factors as
     H[i, i'] = H_A[a, a'] · H_4[b, b']. The four codes at 4a' .. 4a'+3 are 4*bits
     consecutive bits of the packed row (a byte, two bytes, half a 3-byte cell or a
-    nibble): one table gather per (a', token) returns H_4 applied to their centroids,
-    laid out [a', (t, b)]; one matmul by H_A (K = A: 4x fewer multiply-adds than the
+    nibble): one table gather per (a', token) returns H_4 applied to their centroids
+    (4 bits: two gathers from byte tables and an add, _kron_byte_tables), laid out [a', (t, b)]; one matmul by H_A (K = A: 4x fewer multiply-adds than the
     dense rotation) gives x[a, (t, b)], and a transpose of whole 16-byte (t, b) runs
     brings coordinate 4a + b to its place. Equal to the butterfly decode up to float
     rounding.
@@ -798,11 +813,20 @@ def _decode_kron(codes: torch.Tensor, scales: torch.Tensor, m: dict, shape: tupl
     h = shape[-3] if len(shape) >= 3 else 1
     bh = math.prod(shape[:-2])
     a = dp // 4
-    lut, ha = _kron_tables(bits, dp)
-    units = _code_units(codes, bits, bh, t, a)  # [BH, A, T]
     v = _scratch(0, (bh, a, t * 4), torch.float32)
-    torch.index_select(lut, 0, units.view(-1), out=v.view(torch.complex128).view(-1))
     x = _scratch(1, (bh, a, t * 4), torch.float32)
+    if bits == 4:
+        ha = _kron_tables(2, dp)[1]  # (H_A only: the 2^16-entry 4-bit table is not built)
+        left, right = _kron_byte_tables(bits, dp)
+        rows = _scratch(3, (2, bh, a, t), torch.int32)  # [low / high byte of the unit, BH, A, T]
+        rows.copy_(codes.reshape(bh, t, a, 2).permute(3, 0, 2, 1))
+        torch.index_select(left, 0, rows[0].view(-1), out=v.view(torch.complex128).view(-1))
+        torch.index_select(right, 0, rows[1].view(-1), out=x.view(torch.complex128).view(-1))
+        v.add_(x)
+    else:
+        lut, ha = _kron_tables(bits, dp)
+        units = _code_units(codes, bits, bh, t, a)  # [BH, A, T]
+        torch.index_select(lut, 0, units.view(-1), out=v.view(torch.complex128).view(-1))
     torch.matmul(ha, v, out=x)  # [BH, A, (T, 4)]: coordinate 4a + b at [a, (t, b)]
     y = v.view(bh, t, dp)  # (v is spent)
     y.view(torch.complex128).copy_(x.view(torch.complex128).view(bh, a, t).transpose(1, 2))

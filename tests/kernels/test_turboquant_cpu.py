@@ -95,3 +95,19 @@ def test_four_bit_encode_table_path_equals_compare_path(monkeypatch, norm_correc
             slow = tq._encode_hadamard_cpu(x, 4, 3, 5, norm_correction)
         assert torch.equal(fast[0].view(torch.uint8), slow[0].view(torch.uint8))
         assert torch.equal(fast[1].view(torch.int16), slow[1].view(torch.int16))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_kron_decode_equals_the_generic_decode(bits):
+    """The CPU decode (byte-table gathers for 4 bits) against centroids gathered one by one and unrotated."""
+    from memsvc.kernels.rotation import unrotate
+
+    g = torch.Generator().manual_seed(bits)
+    for shape in [(3, 17, 64), (2, 2, 65, 96), (1, 8), (4, 33, 128)]:
+        x = torch.randn(shape, generator=g)
+        codec = tq.TurboQuant(bits=bits, seed=2, layer=9)
+        p = codec.encode(x)
+        y = codec.decode(p)
+        lead, d = tuple(p.shape[:-1]), p.shape[-1]
+        want = unrotate(tq._decode_rotated_part(p.tensors, "", p.meta, lead, d), "hadamard", 2, 9, d, dense=True)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
