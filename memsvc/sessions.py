@@ -94,7 +94,7 @@ class SessionView:
 
 class SessionManager:
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
-                 max_new_tokens: int = 4096, prefill_chunk: int = 512, cold_cache_bytes: int = 4 << 20):
+                 max_new_tokens: int = 4096, prefill_chunk: int = 512, cold_cache_bytes: int = 1 << 20):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
         self.store = store

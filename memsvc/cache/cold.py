@@ -115,7 +115,7 @@ class FileBlocks:
 class ColdStore:
     """pending blocks + an LRU of read blocks (by bytes) over a backend."""
 
-    def __init__(self, backend=None, cache_bytes: int = 4 << 20):
+    def __init__(self, backend=None, cache_bytes: int = 1 << 20):
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.backend = backend if backend is not None else MemoryBlocks()

@@ -137,6 +137,30 @@ def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, threads, o
     click.echo(niah.dump(summary, rows))
 
 
+@eval_cmd.command("niah-report")
+@click.argument("files", nargs=-1, required=True)
+@click.option("--heatmaps", default=None, help="Directory for niah_<policy>.png heatmaps.")
+@click.option("--layers", default=30, show_default=True, help="Model layers (for the fp16 reference).")
+@click.option("--kv-heads", default=3, show_default=True)
+@click.option("--head-dim", default=64, show_default=True)
+def niah_report_cmd(files, heatmaps, layers, kv_heads, head_dim):
+    """Merge the --out cell files of several `eval niah` runs (e.g. lengths split over processes)."""
+    from memsvc.cache import fp16_bytes_per_token
+
+    from . import niah
+    rows = []
+    for path in files:
+        with open(path) as f:
+            rows += json.load(f)
+    summary = niah.summarize(rows, fp16_bytes_per_token(layers, kv_heads, head_dim))
+    click.echo(niah.table(summary))
+    if heatmaps:
+        os.makedirs(heatmaps, exist_ok=True)
+        for p in dict.fromkeys(r["policy"] for r in rows):
+            niah.heatmap(rows, p, os.path.join(heatmaps, f"niah_{p}.png"))
+    click.echo(niah.dump(summary, rows))
+
+
 @eval_cmd.command("speed")
 @click.option("--policies", default="full,tiered", show_default=True)
 @click.option("--lengths", default="4096,8192", show_default=True)

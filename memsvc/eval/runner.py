@@ -25,6 +25,9 @@ class RunResult:
     seconds: float = 0.0
 
 
+COLD_CACHE_BYTES = 1 << 20  # LRU of cold blocks read back, as the service's default
+
+
 class PolicyRun:
     def __init__(self, loaded, policy: str, chunk: int = 512, **overrides):
         self.m = loaded
@@ -37,7 +40,7 @@ class PolicyRun:
         if self.name == "full":
             return DynamicCache()
         retrieves = any(self.policy.plan(i, self.m.num_layers).retrieve for i in range(self.m.num_layers))
-        cold = ColdStore(FileBlocks()) if retrieves else ColdStore()
+        cold = ColdStore(FileBlocks(), cache_bytes=COLD_CACHE_BYTES) if retrieves else ColdStore()
         return TierCache(self.policy, self.m.num_layers, self.m.dtype, cold)
 
     @torch.no_grad()

@@ -24,8 +24,8 @@ class TieredPolicy:
     name: str = "tiered"
     sink: int = 4
     hot: int = 256
-    warm: int = 64
-    retrieve: int = 1024
+    warm: int = 256
+    retrieve: int = 2048
     block_tokens: int = 64
     key_codec: str = "turbo4"
     value_codec: str = "turbo3"

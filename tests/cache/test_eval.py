@@ -1,0 +1,48 @@
+"""The eval harness's bookkeeping: retention against full, budget matching, heatmaps, merged reports."""
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from memsvc.cli import main
+from memsvc.eval import niah
+from memsvc.eval.cli import _budget
+
+
+def _rows():
+    rows = []
+    for (n, d), full_ok, tiered_ok, stream_ok in [((1024, 0.0), True, True, True), ((1024, 1.0), True, True, False),
+                                                   ((2048, 0.0), False, True, False), ((2048, 1.0), True, False, True)]:
+        for p, ok, lp in (("full", full_ok, -1.0), ("tiered", tiered_ok, -1.5), ("streaming", stream_ok, -9.0)):
+            rows.append({"policy": p, "length": n, "depth": d, "correct": ok, "logprob": lp,
+                         "resident_bytes_per_token": {"full": 4000, "tiered": 400, "streaming": 410}[p]})
+    return rows
+
+
+def test_retention_counts_only_cells_full_answers():
+    s = {x["policy"]: x for x in niah.summarize(_rows(), fp16_per_token=2000)}
+    assert s["full"]["retention"] == 1.0 and s["full"]["full_correct"] == 3
+    assert s["tiered"]["retention"] == 2 / 3 and s["tiered"]["recall"] == 3 / 4
+    assert s["streaming"]["retention"] == 2 / 3 and s["streaming"]["mean_dlogprob"] == -8.0
+    assert s["tiered"]["x_vs_fp16"] == 5.0 and s["streaming"]["eviction"]
+    assert "| tiered | 75% | 67% (2/3) |" in niah.table(list(s.values()))
+
+
+def test_eviction_budget_matches_tiered_resident_bytes():
+    # tiered held 500 B/token over 8,000 tokens = 4,000,000 B = 2,000 tokens of 2,000 B at fp16
+    assert _budget(500.0, 8000, 2000) == 2000
+    assert _budget(1.0, 100, 2000) == 64  # never below one block
+
+
+def test_niah_report_merges_runs_and_draws_heatmaps(tmp_path):
+    rows = _rows()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([r for r in rows if r["length"] == 1024]))
+    b.write_text(json.dumps([r for r in rows if r["length"] == 2048]))
+    out = CliRunner().invoke(main, ["eval", "niah-report", str(a), str(b), "--heatmaps", str(tmp_path / "png")])
+    assert out.exit_code == 0, out.output
+    last = json.loads(out.output.strip().splitlines()[-1])
+    assert last["cells"] == 12 and {x["policy"] for x in last["niah"]} == {"full", "tiered", "streaming"}
+    for p in ("full", "tiered", "streaming"):
+        assert (tmp_path / "png" / f"niah_{p}.png").read_bytes()[:4] == b"\x89PNG"
