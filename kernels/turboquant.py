@@ -284,7 +284,7 @@ def _scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     than the arithmetic here). Never returned to callers; buffers over 16 MiB are not kept.
     Encode and decode share slots 0-3 (their big buffers), so that the two together touch
     less memory and keep it in cache."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > _SCRATCH_MAX_BYTES:
         return torch.empty(shape, dtype=dtype)
     bufs = getattr(_SCRATCH, "bufs", None)
@@ -448,7 +448,7 @@ def _encode_hadamard_cpu(x: torch.Tensor, bits: int, seed: int, layer: int, norm
             m.bitwise_and_(half - 1)
     codes = _pack_coordinate_major(m.bitwise_xor_(flip), bits, xor, (ind, flip))  # [BH, T, Dp*bits/8]
     if norm_correction and energy is None:
-        energy = torch.matmul(_level_counts(codes, bits, dp).to(torch.float64), lloyd_max.centroids(bits, dp)[half:].double() ** 2)
+        energy = torch.matmul(_level_counts(codes, bits, dp).to(torch.float64), _level_energies(bits, dp))
     scales = norms / energy.sqrt_().to(torch.float32) if norm_correction else norms
     return codes.view(*lead, -1), scales.to(torch.float16).view(lead)
 
@@ -478,6 +478,12 @@ def _norm_energy(m: torch.Tensor, bits: int, dp: int, fields: bool, work: torch.
     if not fields:
         return torch.mul(s, w[0], out=torch.empty(bh, t, dtype=torch.float64)).add_(base)
     return torch.matmul(s.view(torch.uint8).view(bh, t, 4).to(torch.float64), w).add_(base)
+
+
+@functools.lru_cache(maxsize=64)
+def _level_energies(bits: int, dp: int) -> torch.Tensor:
+    """c[half + k]^2 in float64 for the magnitude levels k (the weights of _level_counts' counts)."""
+    return lloyd_max.centroids(bits, dp)[1 << (bits - 1) :].double() ** 2
 
 
 @functools.lru_cache(maxsize=4)
