@@ -60,7 +60,8 @@ def test_bad_calls_answer_with_codes_and_change_nothing(seeded):
     _fails(lambda: client.generate("s1", temperature=-1.0), IA, "temperature")
     _fails(lambda: client.generate("s1", stop=[""]), IA, "stop")
     # unknown policy, bad id, bad page size
-    _fails(lambda: client.create_session("s3", policy="zip"), IA, "zip", "full")
+    _fails(lambda: client.create_session("s3", policy="zip"), IA, "zip", "valid policies", "full", "tiered", "k6v4",
+           "snapkv")
     _fails(lambda: client.create_session("has space"), IA)
     _fails(lambda: list(client.list_sessions(page_size=5000)), IA, "page_size")
     # generating from an empty session
