@@ -1,8 +1,9 @@
 """Perplexity of the next `target` tokens after a prefix of the essays, per policy.
 
 The prefix goes through the policy's cache in prefill chunks (so it is
-compressed as it would be in the service); the target tokens are then fed as
-one chunk and scored. Several essay windows (disjoint offsets) are pooled.
+compressed as it would be in the service) and ends the prompt (SnapKV and
+PyramidKV select there); the target tokens are then fed as one chunk and
+scored. Several essay windows (disjoint offsets) are pooled.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def run(loaded, policies: list[str], prefixes: list[int], *, target: int = 512, 
             for ids in wins:
                 cache = r.new_cache()
                 r.forward(cache, ids[:prefix])
-                r.flush(cache)
+                r.end_prompt(cache)  # the prefix is the prompt: SnapKV-style policies compress it here
                 res = r.measure(cache)
                 res_bytes += res.resident_bytes / res.tokens / len(wins)
                 logits = r.forward(cache, ids[prefix:], all_logits=True)  # [target, V]
