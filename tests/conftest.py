@@ -7,7 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
+# Triton kernels run on CPU through its interpreter. The switch must be set before triton is
+# first imported (transformers' SDPA integration imports it, through torch), and tests outside
+# tests/kernels import the model stack before that folder's conftest loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

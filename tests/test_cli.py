@@ -76,9 +76,9 @@ def test_show_reports_resident_and_stored_bytes_per_token_and_tiers(tmp_path, ti
         assert 0 < s.resident_bytes_per_token == pytest.approx(s.bytes_resident / 450)
         assert s.fp16_bytes_per_token == 2 * 2 * tiny_model.num_layers * tiny_model.num_kv_heads * tiny_model.head_dim
         tiers = dict(s.tier_tokens)
-        assert tiers["sink"] == 4 and tiers["cold"] > 0 and sum(tiers.values()) == pytest.approx(449)
+        assert tiers["sink"] == 4 and tiers["warm"] > 0 and sum(tiers.values()) == pytest.approx(449)
     out = CliRunner().invoke(main, ["sessions", "show", "t", "--data-dir", str(data)])
     assert out.exit_code == 0, out.output
-    assert "resident / token" in out.output and "smaller than fp16" in out.output and "cold" in out.output
+    assert "resident / token" in out.output and "smaller than fp16" in out.output and "warm" in out.output
     doc = json.loads(CliRunner().invoke(main, ["sessions", "show", "t", "--data-dir", str(data), "--json"]).output)
     assert doc["tier_tokens"]["sink"] == 4 and doc["resident_bytes_per_token"] > 0
