@@ -46,3 +46,10 @@ def test_niah_report_merges_runs_and_draws_heatmaps(tmp_path):
     assert last["cells"] == 12 and {x["policy"] for x in last["niah"]} == {"full", "tiered", "streaming"}
     for p in ("full", "tiered", "streaming"):
         assert (tmp_path / "png" / f"niah_{p}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_policy_lists_match_the_registry():
+    """The eval CLI names policies without importing torch; its lists must follow the registry."""
+    from memsvc.cache import EVICTION, POLICIES
+    from memsvc.eval import cli
+    assert set(cli.ALL.split(",")) == set(POLICIES) and tuple(cli.EVICTION) == tuple(EVICTION)
