@@ -191,7 +191,6 @@ class TierLayer(CacheLayerMixin):
         if Hq % H:
             raise ValueError(f"{Hq} query heads do not group over {H} KV heads")
         G = Hq // H
-        q = query[0].float().reshape(H, G * n, D)  # rows (g, i)
         qpos = torch.arange(self.seen - n, self.seen, device=self.device)  # [n]
         self.stats["attend_calls"] += 1
 
@@ -210,6 +209,7 @@ class TierLayer(CacheLayerMixin):
             out = F.scaled_dot_product_attention(query.float(), k_ex.unsqueeze(0), v_ex.unsqueeze(0), attn_mask=mask,
                                                  scale=scaling, enable_gqa=True)  # [1, Hq, n, Dv]
             return out.transpose(1, 2).to(query.dtype)
+        q = query[0].float().reshape(H, G * n, D)  # rows (g, i)
         logits = torch.bmm(q, k_ex.transpose(1, 2)).mul_(scaling).view(H, G, n, te)
         if not bool(hot_ok.all()):
             logits[..., n_sink + n_keep:].masked_fill_(~hot_ok, float("-inf"))

@@ -92,11 +92,6 @@ class TierKV:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.cache = TierCache(policy, num_layers, dtype, cold)
-        self._dirty_state = True
-
-    @property
-    def tier_cache(self) -> TierCache:
-        return self.cache
 
     @property
     def length(self) -> int:

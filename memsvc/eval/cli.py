@@ -77,9 +77,7 @@ def ppl_cmd(policies, prefixes, target, windows, match_budget, threads, out):
             more = ppl.run(m, ["full"] + later, [prefix], target=target, n_windows=windows,
                            overrides={p: {"budget": b} for p in later})
             rows += [dict(r, budget=b) for r in more if r["policy"] != "full"]
-    full = {r["prefix"]: r for r in rows if r["policy"] == "full"}
-    for r in rows:
-        r["dppl"] = r["ppl"] / full[r["prefix"]]["ppl"] - 1 if r["prefix"] in full else None
+    ppl.add_dppl(rows)
     click.echo(ppl.table(rows, _fp16(m)))
     if out:
         with open(out, "w") as f:
@@ -125,15 +123,21 @@ def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, threads, o
             print(f"[niah] eviction budget at {n}: {b} tokens per head", file=sys.stderr)
             rows += [dict(r, budget=b) for r in niah.run_grid(m, later, [n], _list(depths, float), seed=seed + n,
                                                               overrides={p: {"budget": b} for p in later})]
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+    _niah_report(rows, fp16, heatmaps)
+
+
+def _niah_report(rows: list[dict], fp16: int, heatmaps: str | None) -> None:
+    """The summary table, the heatmaps if asked, and the JSON line."""
+    from . import niah
     summary = niah.summarize(rows, fp16)
     click.echo(niah.table(summary))
     if heatmaps:
         os.makedirs(heatmaps, exist_ok=True)
         for p in dict.fromkeys(r["policy"] for r in rows):
             niah.heatmap(rows, p, os.path.join(heatmaps, f"niah_{p}.png"))
-    if out:
-        with open(out, "w") as f:
-            json.dump(rows, f, indent=1)
     click.echo(niah.dump(summary, rows))
 
 
@@ -147,18 +151,11 @@ def niah_report_cmd(files, heatmaps, layers, kv_heads, head_dim):
     """Merge the --out cell files of several `eval niah` runs (e.g. lengths split over processes)."""
     from memsvc.cache import fp16_bytes_per_token
 
-    from . import niah
     rows = []
     for path in files:
         with open(path) as f:
             rows += json.load(f)
-    summary = niah.summarize(rows, fp16_bytes_per_token(layers, kv_heads, head_dim))
-    click.echo(niah.table(summary))
-    if heatmaps:
-        os.makedirs(heatmaps, exist_ok=True)
-        for p in dict.fromkeys(r["policy"] for r in rows):
-            niah.heatmap(rows, p, os.path.join(heatmaps, f"niah_{p}.png"))
-    click.echo(niah.dump(summary, rows))
+    _niah_report(rows, fp16_bytes_per_token(layers, kv_heads, head_dim), heatmaps)
 
 
 @eval_cmd.command("speed")
@@ -181,7 +178,9 @@ def speed_cmd(policies, lengths, n_new, threads):
             run = PolicyRun(m, p)
             cache = run.new_cache()
             t0 = time.time()
-            _, tps = run.greedy(cache, ids, n_new)
+            logits = run.forward(cache, ids)
+            run.end_prompt(cache)
+            _, tps = run.decode_greedy(cache, logits, n_new)
             res = run.measure(cache)
             rows.append({"policy": p, "context": n, "decode_tok_s": tps, "resident_bytes_per_token":
                          res.resident_bytes / res.tokens, "seconds": time.time() - t0})

@@ -53,9 +53,9 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
             logits = run.forward(cache, prompt)
             run.end_prompt(cache)
             snap = snapshot(cache)
-            lp, _ = _teacher(run, cache, logits, answer)
+            lp = run.teacher_logprob(cache, logits, answer)
             restore(cache, snap)
-            out = _greedy(run, cache, logits, n_new)
+            out, _ = run.decode_greedy(cache, logits, n_new)
             run.flush(cache)
             res = run.measure(cache)
             text = tok.decode(out, skip_special_tokens=True)
@@ -69,23 +69,6 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
         print(f"[niah {done}/{len(cells)}] {n} tok depth {d:.2f}: {got}  (eta {eta / 60:.1f} min)", file=progress,
               flush=True)
     return rows
-
-
-def _teacher(run, cache, logits, answer):
-    import torch
-    total = 0.0
-    for i, t in enumerate(answer):
-        total += float(torch.log_softmax(logits, -1)[t])
-        if i + 1 < len(answer):
-            logits = run.forward(cache, [t])
-    return total, None
-
-
-def _greedy(run, cache, logits, n_new):
-    out = [int(logits.argmax())]
-    while len(out) < n_new:
-        out.append(int(run.forward(cache, out[-1:]).argmax()))
-    return out
 
 
 def summarize(rows: list[dict], fp16_per_token: int) -> list[dict]:

@@ -49,17 +49,21 @@ def run(loaded, policies: list[str], prefixes: list[int], *, target: int = 512, 
                          "resident_bytes_per_token": res_bytes, "seconds": time.time() - t0})
             print(f"[ppl] prefix {prefix} {p}: ppl {rows[-1]['ppl']:.3f} resident {res_bytes:,.0f} B/tok "
                   f"({time.time() - t0:.0f} s)", file=progress, flush=True)
+    return add_dppl(rows)
+
+
+def add_dppl(rows: list[dict]) -> list[dict]:
+    """Set each row's perplexity change against the `full` row of its prefix (None without one)."""
     full = {r["prefix"]: r for r in rows if r["policy"] == "full"}
     for r in rows:
-        if r["prefix"] in full:
-            r["dppl"] = r["ppl"] / full[r["prefix"]]["ppl"] - 1
+        r["dppl"] = r["ppl"] / full[r["prefix"]]["ppl"] - 1 if r["prefix"] in full else None
     return rows
 
 
 def table(rows: list[dict], fp16_per_token: int) -> str:
     lines = ["| policy | prefix | ppl | Δppl vs full | resident B/token (prefix) | × vs fp16 |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        d = "—" if "dppl" not in r else f"{100 * r['dppl']:+.2f}%"
+        d = "—" if r.get("dppl") is None else f"{100 * r['dppl']:+.2f}%"
         lines.append(f"| {r['policy']} | {r['prefix']} | {r['ppl']:.3f} | {d} | {r['resident_bytes_per_token']:,.0f} | "
                      f"{fp16_per_token / r['resident_bytes_per_token']:.1f}× |")
     return "\n".join(lines)

@@ -77,31 +77,24 @@ class PolicyRun:
         return fp16_bytes_per_token(self.m.num_layers, self.m.num_kv_heads, self.m.head_dim)
 
     @torch.no_grad()
-    def greedy(self, cache, prompt: list[int], n_new: int, eos: set[int] | None = None) -> tuple[list[int], float]:
-        """Greedy continuation of prompt; returns (tokens, decode tokens/s after the first)."""
-        logits = self.forward(cache, prompt)
-        self.end_prompt(cache)
+    def decode_greedy(self, cache, logits: torch.Tensor, n_new: int) -> tuple[list[int], float]:
+        """Greedy tokens from the prompt's last logits [V]; returns (tokens, decode tokens/s after the first)."""
         out = [int(logits.argmax())]
         t0 = time.perf_counter()
-        while len(out) < n_new and not (eos and out[-1] in eos):
-            logits = self.forward(cache, out[-1:])
-            out.append(int(logits.argmax()))
+        while len(out) < n_new:
+            out.append(int(self.forward(cache, out[-1:]).argmax()))
         dt = time.perf_counter() - t0
         return out, (len(out) - 1) / dt if len(out) > 1 and dt > 0 else 0.0
 
     @torch.no_grad()
-    def answer_logprob(self, cache, prompt: list[int], answer: list[int]) -> tuple[float, list[int]]:
-        """Sum of log p(answer | prompt) teacher-forced, and the greedy tokens at each answer step."""
-        logits = self.forward(cache, prompt)
-        self.end_prompt(cache)
-        total, greedy = 0.0, []
+    def teacher_logprob(self, cache, logits: torch.Tensor, answer: list[int]) -> float:
+        """Sum of log p(answer) teacher-forced, from the prompt's last logits [V]."""
+        total = 0.0
         for i, t in enumerate(answer):
-            lp = torch.log_softmax(logits, -1)
-            total += float(lp[t])
-            greedy.append(int(logits.argmax()))
+            total += float(torch.log_softmax(logits, -1)[t])
             if i + 1 < len(answer):
                 logits = self.forward(cache, [t])
-        return total, greedy
+        return total
 
 
 def snapshot(cache):
