@@ -390,6 +390,9 @@ class MemoryServicer:
             resumes=c.resumes,
             sessions_resident=n,
             bytes_resident=nbytes,
+            session_loads=c.loads,
+            sessions_unloaded=c.unloads,
+            resident_budget=self.m.resident_budget,
         )
 
 

@@ -11,14 +11,25 @@ if anything fails the in-memory cache is cropped back, so a failed call leaves
 both memory and disk as they were. Calls on one session are serialized by a
 per-session lock; different sessions run concurrently over the shared model.
 
+Sessions stay in memory between calls, within a byte budget: once the resident
+sessions hold more than `resident_budget` bytes, the least recently used idle
+ones (no call holds their lock) are dropped. Their state is already in the
+store, so nothing is lost; the next call on such a session loads it again.
+Each session's resident bytes and tier tokens are measured by the thread that
+holds its lock (after a load, a commit and at the end of every call); the
+budget, views and metrics read those figures, never a cache another call is
+changing.
+
 Knows the model, the cache and the store; knows nothing about gRPC.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -69,7 +80,9 @@ class Counters:
     model_tokens_processed: int = 0
     tokens_appended: int = 0
     tokens_generated: int = 0
-    resumes: int = 0
+    resumes: int = 0  # Resume calls
+    loads: int = 0  # sessions read back from the store into memory (by any call)
+    unloads: int = 0  # idle sessions dropped from memory to keep within the resident budget
 
 
 @dataclass
@@ -77,6 +90,20 @@ class _Live:
     record: SessionRecord
     tokens: list[int]
     kv: SessionKV | TierKV  # holds every token but the last (the pending one)
+    resident_bytes: int = 0  # kv's, as last measured under the session's lock
+    tier_tokens: dict[str, float] = field(default_factory=dict)
+
+    def measure(self) -> None:
+        """Caller holds the session's lock."""
+        self.resident_bytes = self.kv.resident_bytes()
+        self.tier_tokens = self.kv.tier_tokens()
+
+
+def _cold_counts(kv) -> tuple[int, int]:
+    """(hits, misses) of a tiered session's cold block LRU; (0, 0) for a plain cache."""
+    if isinstance(kv, TierKV):
+        return kv.cache.cold.hits, kv.cache.cold.misses
+    return 0, 0
 
 
 @dataclass
@@ -92,24 +119,34 @@ class SessionView:
         return 2 * 2 * lay.get("layers", 0) * lay.get("kv_heads", 0) * lay.get("head_dim", 0)
 
 
+DEFAULT_RESIDENT_BUDGET = 512 << 20
+
+
 class SessionManager:
+    """resident_budget: bytes of KV cache that idle sessions may keep in memory (0 = no limit)."""
+
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
-                 max_new_tokens: int = 4096, prefill_chunk: int = 512, cold_cache_bytes: int = 1 << 20):
+                 max_new_tokens: int = 4096, prefill_chunk: int = 512, cold_cache_bytes: int = 1 << 20,
+                 resident_budget: int = DEFAULT_RESIDENT_BUDGET):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
+        if not isinstance(resident_budget, int) or isinstance(resident_budget, bool) or resident_budget < 0:
+            raise ValueError(f"resident_budget must be an integer >= 0 (bytes; 0 = no limit), got {resident_budget!r}")
         self.store = store
         self.model = model
         self.default_new_tokens = min(default_new_tokens, max_new_tokens)
         self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk
         self.cold_cache_bytes = cold_cache_bytes  # per session: LRU of cold blocks read back from the store
+        self.resident_budget = resident_budget
         use_memsvc_attention(model.model)  # tiered sessions attend through it; plain ones get SDPA unchanged
         self.chat_format = chat.ChatFormat.of(model.tokenizer)
         self.counters = Counters()
         self._counter_lock = threading.Lock()
-        self._live: dict[str, _Live] = {}
+        self._live: OrderedDict[str, _Live] = OrderedDict()  # least recently used first
         self._locks: dict[str, threading.Lock] = {}
         self._global = threading.Lock()
+        self._cold_gone = [0, 0]  # cold LRU (hits, misses) of sessions no longer in memory
 
     # ---- bookkeeping -------------------------------------------------------------
 
@@ -148,9 +185,11 @@ class SessionManager:
 
     def _load(self, sid: str) -> _Live:
         """The resident session, loading it from the store if needed (caller holds its lock)."""
-        live = self._live.get(sid)
-        if live is not None:
-            return live
+        with self._global:
+            live = self._live.get(sid)
+            if live is not None:
+                self._live.move_to_end(sid)
+                return live
         rec = self._stored(sid)
         self._check_model(rec)
         try:
@@ -171,9 +210,56 @@ class SessionManager:
                 f"{len(tokens)} token ids and {kv.length} cached positions are stored"
             )
         live = _Live(rec, tokens, kv)
+        live.measure()
         with self._global:
             self._live[sid] = live
+        self._count(loads=1)
+        self._fit_budget()  # this session is locked: room is made among the others
         return live
+
+    @contextlib.contextmanager
+    def _using(self, sid: str) -> Iterator[_Live]:
+        """The session in memory under its lock; afterwards it is measured and the budget enforced."""
+        with self._lock(sid):
+            live = self._load(sid)
+            try:
+                yield live
+            finally:
+                live.measure()
+        self._fit_budget()
+
+    def _forget(self, sid: str) -> _Live | None:
+        """Drop a session from memory, keeping its cold LRU counts (caller holds its lock)."""
+        with self._global:
+            live = self._live.pop(sid, None)
+            if live is not None:
+                hits, misses = _cold_counts(live.kv)
+                self._cold_gone[0] += hits
+                self._cold_gone[1] += misses
+        return live
+
+    def _fit_budget(self) -> None:
+        """Drop least recently used idle sessions until the resident ones fit the budget."""
+        if not self.resident_budget:
+            return
+        with self._global:
+            total = sum(live.resident_bytes for live in self._live.values())
+            if total <= self.resident_budget:
+                return
+            order = list(self._live)
+        for sid in order:
+            if total <= self.resident_budget:
+                return
+            lock = self._lock(sid)
+            if not lock.acquire(blocking=False):
+                continue  # a call is using it
+            try:
+                live = self._forget(sid)
+            finally:
+                lock.release()
+            if live is not None:
+                total -= live.resident_bytes
+                self._count(unloads=1)
 
     # ---- model -------------------------------------------------------------------
 
@@ -211,6 +297,7 @@ class SessionManager:
         live.kv.mark_clean()
         live.record = stored
         live.tokens.extend(new_ids)
+        live.measure()
         return stored
 
     # ---- API ---------------------------------------------------------------------
@@ -239,7 +326,7 @@ class SessionManager:
     def view(self, sid: str) -> SessionView:
         live = self._live.get(sid)
         if live is not None:
-            return SessionView(live.record, True, live.kv.resident_bytes(), live.kv.tier_tokens())
+            return SessionView(live.record, True, live.resident_bytes, live.tier_tokens)
         return SessionView(self._stored(sid), False)
 
     def list(self, *, after: str = "", limit: int = 100, labels: dict[str, str] | None = None
@@ -253,15 +340,14 @@ class SessionManager:
         views = []
         for rec in recs:
             live = self._live.get(rec.id)
-            views.append(SessionView(live.record, True, live.kv.resident_bytes(), live.kv.tier_tokens()) if live
+            views.append(SessionView(live.record, True, live.resident_bytes, live.tier_tokens) if live
                          else SessionView(rec, False))
         return views, (recs[-1].id if more else "")
 
     def resume(self, sid: str) -> SessionView:
-        with self._lock(sid):
-            self._load(sid)
+        with self._using(sid) as live:
             self._count(resumes=1)
-            return self.view(sid)
+        return SessionView(live.record, True, live.resident_bytes, live.tier_tokens)
 
     def append(self, sid: str, *, messages: list[dict] | None = None, text: str | None = None,
                tokens: Sequence[int] | None = None, admit: Admit | None = None) -> tuple[SessionRecord, list[int]]:
@@ -269,8 +355,7 @@ class SessionManager:
         given = [x for x in (messages, text, tokens) if x is not None]
         if len(given) != 1:
             raise InvalidArgument("append exactly one of: chat messages, text, token ids")
-        with self._lock(sid):
-            live = self._load(sid)
+        with self._using(sid) as live:
             new_messages = live.record.messages
             if messages is not None:
                 if not messages:
@@ -334,8 +419,7 @@ class SessionManager:
 
     def _generate(self, sid: str, p: GenerateParams, budget: int,
                   cancelled: Callable[[], bool], admit: Admit | None = None) -> Iterator[Chunk]:
-        with self._lock(sid):
-            live = self._load(sid)
+        with self._using(sid) as live:
             yield from self._generate_locked(live, p, budget, cancelled, admit)
 
     def _generate_locked(self, live: _Live, p: GenerateParams, budget: int,
@@ -438,14 +522,45 @@ class SessionManager:
         with self._lock(sid):
             if not self.store.delete(sid):
                 raise NotFound(f"no session {sid!r}")
-            with self._global:
-                self._live.pop(sid, None)
+            self._forget(sid)
 
     def resident(self) -> tuple[int, int]:
         """(sessions in memory, bytes of KV cache they hold)."""
         with self._global:
+            return len(self._live), sum(live.resident_bytes for live in self._live.values())
+
+    def resident_tier_tokens(self) -> dict[str, float]:
+        """Tokens per tier, summed over the sessions in memory."""
+        with self._global:
             lives = list(self._live.values())
-        return len(lives), sum(l.kv.resident_bytes() for l in lives)
+        total: dict[str, float] = {}
+        for live in lives:
+            for tier, n in live.tier_tokens.items():
+                total[tier] = total.get(tier, 0) + n
+        return total
+
+    def stored_tier_tokens(self) -> dict[str, float]:
+        """Tokens per tier, summed over every stored session as of its last commit (walks every record)."""
+        total: dict[str, float] = {}
+        after = ""
+        while True:
+            recs = self.store.list(after=after, limit=1000)
+            for rec in recs:
+                for tier, n in rec.extra.get("cache", {}).get("tier_tokens", {}).items():
+                    total[tier] = total.get(tier, 0) + n
+            if len(recs) < 1000:
+                return total
+            after = recs[-1].id
+
+    def cold_cache(self) -> tuple[int, int]:
+        """(hits, misses) of the sessions' cold block LRUs since the server started."""
+        with self._global:
+            hits, misses = self._cold_gone
+            lives = list(self._live.values())
+        for live in lives:
+            h, m = _cold_counts(live.kv)
+            hits, misses = hits + h, misses + m
+        return hits, misses
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

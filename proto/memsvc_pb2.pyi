@@ -216,7 +216,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("model", "model_fingerprint", "model_tokens_processed", "tokens_appended", "tokens_generated", "resumes", "sessions_resident", "bytes_resident")
+    __slots__ = ("model", "model_fingerprint", "model_tokens_processed", "tokens_appended", "tokens_generated", "resumes", "sessions_resident", "bytes_resident", "session_loads", "sessions_unloaded", "resident_budget")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,9 @@ class Stats(_message.Message):
     RESUMES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_LOADS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BUDGET_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_fingerprint: str
     model_tokens_processed: int
@@ -233,4 +236,7 @@ class Stats(_message.Message):
     resumes: int
     sessions_resident: int
     bytes_resident: int
-    def __init__(self, model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_tokens_processed: _Optional[int] = ..., tokens_appended: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., resumes: _Optional[int] = ..., sessions_resident: _Optional[int] = ..., bytes_resident: _Optional[int] = ...) -> None: ...
+    session_loads: int
+    sessions_unloaded: int
+    resident_budget: int
+    def __init__(self, model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_tokens_processed: _Optional[int] = ..., tokens_appended: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., resumes: _Optional[int] = ..., sessions_resident: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., session_loads: _Optional[int] = ..., sessions_unloaded: _Optional[int] = ..., resident_budget: _Optional[int] = ...) -> None: ...
