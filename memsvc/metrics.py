@@ -3,8 +3,10 @@ servers can live in one process, as they do in tests).
 
 Per RPC: `memsvc_rpc_total{method,code}` and `memsvc_rpc_duration_seconds{method,code}`.
 Read from the session manager at scrape time: tokens appended / generated /
-run through the model, resumes, resident sessions and bytes; from the store,
-at most every `store_every` seconds (it walks every value): stored sessions and bytes.
+run through the model, resumes, session loads and unloads (the resident budget),
+resident sessions, bytes and tokens per tier, cold block cache hits and misses;
+from the store, at most every `store_every` seconds (it walks every value):
+stored sessions, bytes and tokens per tier (as of each session's last commit).
 
 Knows prometheus_client and the counters it is handed; nothing about gRPC or LMDB.
 """
@@ -18,6 +20,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _tiers(name: str, doc: str, tokens: dict[str, float]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=["tier"])
+    for tier, n in sorted(tokens.items()):
+        g.add_metric([tier], n)
+    return g
 
 
 class _ServiceCollector:
@@ -34,7 +43,7 @@ class _ServiceCollector:
             now = time.monotonic()
             if self.store_stats is not None and now - self._store_at >= self.store_every:
                 try:
-                    self._store = self.store_stats()
+                    self._store = {**self.store_stats(), "tier_tokens": self.manager.stored_tier_tokens()}
                 except Exception:  # a closed store: keep the last figures
                     pass
                 self._store_at = now
@@ -47,11 +56,21 @@ class _ServiceCollector:
             ("memsvc_tokens_generated", c.tokens_generated, "Tokens produced by finished Generate calls."),
             ("memsvc_model_tokens_processed", c.model_tokens_processed,
              "Every token run through the model (prefill and decode)."),
-            ("memsvc_resumes", c.resumes, "Sessions resumed."),
+            ("memsvc_resumes", c.resumes, "Resume calls."),
+            ("memsvc_session_loads", c.loads, "Sessions read back from the store into memory (by any call)."),
+            ("memsvc_sessions_unloaded", c.unloads,
+             "Idle sessions dropped from memory to keep within the resident budget."),
         ):
             m = CounterMetricFamily(name, doc)
             m.add_metric([], value)
             yield m
+        hits, misses = self.manager.cold_cache()
+        m = CounterMetricFamily("memsvc_cold_cache_hits", "Cold block reads served from a session's block LRU.")
+        m.add_metric([], hits)
+        yield m
+        m = CounterMetricFamily("memsvc_cold_cache_misses", "Cold block reads that went to the store.")
+        m.add_metric([], misses)
+        yield m
         n, nbytes = self.manager.resident()
         g = GaugeMetricFamily("memsvc_sessions_resident", "Sessions held in memory.")
         g.add_metric([], n)
@@ -59,6 +78,12 @@ class _ServiceCollector:
         g = GaugeMetricFamily("memsvc_bytes_resident", "Bytes of KV cache held in memory.")
         g.add_metric([], nbytes)
         yield g
+        g = GaugeMetricFamily("memsvc_resident_budget_bytes",
+                              "Bytes of KV cache idle sessions may keep (0 = no limit).")
+        g.add_metric([], self.manager.resident_budget)
+        yield g
+        yield _tiers("memsvc_tier_tokens_resident", "Tokens per cache tier (per KV head, mean over layers), "
+                     "summed over the sessions in memory.", self.manager.resident_tier_tokens())
         st = self._stored()
         if st:
             g = GaugeMetricFamily("memsvc_sessions_stored", "Sessions in the store.")
@@ -70,6 +95,8 @@ class _ServiceCollector:
             g = GaugeMetricFamily("memsvc_store_map_used_bytes", "Bytes of the LMDB map in use.")
             g.add_metric([], st.get("used_bytes", 0))
             yield g
+            yield _tiers("memsvc_tier_tokens_stored", "Tokens per cache tier (per KV head, mean over layers), "
+                         "summed over stored sessions as of their last commit.", st.get("tier_tokens", {}))
 
 
 class Metrics:

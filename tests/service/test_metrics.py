@@ -60,8 +60,16 @@ def test_metrics_endpoint_counts_rpcs_tokens_and_bytes(tmp_path, tiny_model):
         assert _get(m1, "memsvc_tokens_generated_total") == len(out.token_ids)
         assert _get(m1, "memsvc_model_tokens_processed_total") >= appended
         assert _get(m1, "memsvc_resumes_total") == 1
+        assert _get(m1, "memsvc_session_loads_total") == 1  # by the first Append; Resume found it in memory
+        assert _get(m1, "memsvc_sessions_unloaded_total") == 0
         assert _get(m1, "memsvc_sessions_resident") == 1
         assert _get(m1, "memsvc_bytes_resident") == c.get_session("s").bytes_resident > 0
+        assert _get(m1, "memsvc_resident_budget_bytes") == 512 << 20
+        tiers = dict(c.get_session("s").tier_tokens)
+        assert tiers["hot"] > 0
+        for tier, n in tiers.items():
+            assert _get(m1, "memsvc_tier_tokens_resident", tier=tier) == pytest.approx(n)
+            assert _get(m1, "memsvc_tier_tokens_stored", tier=tier) == pytest.approx(n)
         assert _get(m1, "memsvc_sessions_stored") == 1
         assert _get(m1, "memsvc_bytes_stored") > _get(m0, "memsvc_bytes_stored")
         c.append("s", text="more")
@@ -70,6 +78,34 @@ def test_metrics_endpoint_counts_rpcs_tokens_and_bytes(tmp_path, tiny_model):
         assert _get(m2, "memsvc_tokens_appended_total") > appended
     with pytest.raises(OSError):  # the endpoint closes with the server
         urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2)
+
+
+def test_budget_loads_and_cold_cache_are_counted(tmp_path, tiny_model):
+    history = [(10 + j) % 1000 for j in range(450)]  # past sink + hot: retrieval reads cold blocks
+    with served(tmp_path / "data", tiny_model, metrics_port=0, resident_budget=1) as (server, port), \
+            client(port) as c:
+        mport = server.memsvc_metrics_port
+        server.memsvc_metrics.collector.store_every = 0
+        c.create_session("s")
+        c.append("s", tokens=history)
+        m1 = _scrape(mport)
+        assert _get(m1, "memsvc_resident_budget_bytes") == 1
+        assert _get(m1, "memsvc_session_loads_total") == 1
+        assert _get(m1, "memsvc_sessions_unloaded_total") == 1  # the 1-byte budget drops every idle session
+        assert _get(m1, "memsvc_sessions_resident") == _get(m1, "memsvc_bytes_resident") == 0
+        assert _get(m1, "memsvc_tier_tokens_resident", tier="hot") == 0
+        assert _get(m1, "memsvc_tier_tokens_stored", tier="hot") > 0
+        hits1, misses1 = _get(m1, "memsvc_cold_cache_hits_total"), _get(m1, "memsvc_cold_cache_misses_total")
+        c.generate_text("s", max_new_tokens=4)  # loads again: its cold LRU starts empty
+        m2 = _scrape(mport)
+        assert _get(m2, "memsvc_session_loads_total") == 2 and _get(m2, "memsvc_sessions_unloaded_total") == 2
+        assert _get(m2, "memsvc_cold_cache_misses_total") > misses1
+        assert _get(m2, "memsvc_cold_cache_hits_total") > hits1  # later decode steps read the same blocks
+        c.resume("s")
+        m3 = _scrape(mport)
+        assert _get(m3, "memsvc_resumes_total") == 1 and _get(m3, "memsvc_session_loads_total") == 3
+        # counts of dropped sessions are kept
+        assert _get(m3, "memsvc_cold_cache_misses_total") == _get(m2, "memsvc_cold_cache_misses_total")
 
 
 def test_auth_failures_are_counted(tmp_path, tiny_model):
