@@ -1,18 +1,37 @@
 """The LMDB store: session records, token ids and KV blocks of every session.
 
-Three named databases in one environment:
+Named databases in one environment (store format 2):
     sessions  id                                  -> SessionRecord bytes
     tokens    id \\0 index(u32 BE)                 -> block of little-endian int32 token ids
-    kv        id \\0 layer(u16 BE) index(u32 BE)    -> block of KV payload bytes
+    kv        id \\0 layer(u16 BE) index(u32 BE)    -> blob id (u64 BE): a pointer
+    blobs     blob id (u64 BE)                     -> block of KV payload bytes
+    refs      blob id (u64 BE)                     -> reference count (u32 LE), blob bytes (u64 LE)
+    meta      b"format" -> u32 LE store format; b"next_blob" -> u64 LE next blob id
 Ids cannot contain \\0, so a prefix scan over `id \\0` finds exactly one
-session's blocks. Every write (create, commit, fork, delete) is one LMDB write
+session's entries. KV payloads are shared copy-on-write: a fork copies the
+record, the token blocks and the pointers and counts one more reference to
+each blob; a commit that writes (layer, index) stores a new blob and drops its
+reference to the old one (a blob is never changed once written); a delete
+drops every reference; a blob whose count reaches zero is removed in the same
+transaction. Blob ids only grow, so a stale pointer never finds a newer blob.
+`gc()` removes blobs nothing points to (none after clean deletes; a crash
+cannot leave any, an older bug or a raw write can) and fixes wrong counts.
+
+Every write (create, commit, fork, delete, import, gc) is one LMDB write
 transaction: if anything raises, the transaction is aborted and nothing is
 written; a crash leaves a session before or after the call, never between.
 When the map is full it grows (doubling) and the whole write is retried.
 
+A record's stored_bytes is what the session references: its record, its token
+blocks and every blob it points to, counted in full even when shared (so a
+fork reports the size of its source); `stats()` counts physical bytes.
+
 Token ids are cut into blocks of `token_block` ids; a commit rewrites the
 session's last, partially filled block. Reads concatenate whatever blocks are
 stored, so reopening a store with another `token_block` is safe.
+
+A store of format 1 (KV blocks copied per session, no `meta` database) is
+refused with a clear error rather than converted.
 
 Thread-safe: one Store is shared by all worker threads. Writes are serialized
 by a lock; reads run concurrently; resizing the map (which LMDB allows only
@@ -40,9 +59,14 @@ from .blocks import KIND_KV, KIND_TOKENS, decode_block, encode_block
 from .errors import CorruptBlock, CorruptRecord, SessionExists, SessionMissing, StoreError
 from .records import SessionRecord, check_id
 
+STORE_FORMAT = 2
 _KV_KEY = struct.Struct(">HI")
 _TOK_KEY = struct.Struct(">I")
-_DBS = ("sessions", "tokens", "kv")
+_BLOB_ID = struct.Struct(">Q")
+_REF = struct.Struct("<IQ")  # reference count, bytes of the blob
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_DBS = ("sessions", "tokens", "kv", "blobs", "refs", "meta")
 _I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
 _BIG_ENDIAN = sys.byteorder == "big"
 if array("i").itemsize != 4:  # pragma: no cover - every platform we run on
@@ -131,15 +155,53 @@ class Store:
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
         try:
-            self._db = {name: self.env.open_db(name.encode(), create=not self.readonly) for name in _DBS}
-        except lmdb.Error as exc:
+            self._db = self._open_dbs()
+        except BaseException:
             self.env.close()
-            raise StoreError(f"{self.path} is not a memsvc store (database missing: {exc})") from exc
+            raise
         self._rw = _RWLock()
         self._write_lock = threading.Lock()
         self._closed = False
 
     # ---- plumbing ----------------------------------------------------------------
+
+    def _existing_db(self, name: str):
+        try:
+            return self.env.open_db(name.encode(), create=False)
+        except lmdb.NotFoundError:
+            return None
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path} is not a memsvc store ({name}: {exc})") from exc
+
+    def _open_dbs(self) -> dict:
+        """Open every database; refuse a store of another format before changing anything."""
+        if self._existing_db("meta") is None:
+            used = False
+            for name in ("sessions", "tokens", "kv"):
+                db = self._existing_db(name)
+                if db is not None:
+                    with self.env.begin() as txn:
+                        used = used or txn.stat(db)["entries"] > 0
+            if used:
+                raise StoreError(
+                    f"the store at {self.path} has format 1 (KV blocks copied per session); this memsvc reads "
+                    f"format {STORE_FORMAT} only (blocks shared between forks). Serve it with the memsvc that "
+                    f"wrote it, or start a fresh data dir")
+            if self.readonly:
+                raise StoreError(f"{self.path} is not a memsvc store (it has no format stamp)")
+        try:
+            dbs = {name: self.env.open_db(name.encode(), create=not self.readonly) for name in _DBS}
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path} is not a memsvc store (database missing: {exc})") from exc
+        with self.env.begin(write=not self.readonly) as txn:
+            raw = txn.get(b"format", db=dbs["meta"])
+            if raw is None and not self.readonly:
+                txn.put(b"format", _U32.pack(STORE_FORMAT), db=dbs["meta"])
+            elif raw is None or len(raw) != _U32.size or _U32.unpack(raw)[0] != STORE_FORMAT:
+                found = _U32.unpack(raw)[0] if raw is not None and len(raw) == _U32.size else repr(raw)
+                raise StoreError(f"the store at {self.path} has format {found}; this memsvc reads format "
+                                 f"{STORE_FORMAT} only")
+        return dbs
 
     def close(self) -> None:
         """Close the environment once every running call has finished. Idempotent."""
@@ -264,9 +326,55 @@ class Store:
                                db="tokens", field="n_tokens")
         return _ids_from_le(raw)
 
+    # ---- blobs and their reference counts --------------------------------------------
+
     @staticmethod
-    def _kv_block(key: bytes, value: bytes, layer: int, index: int) -> bytes:
-        head, raw = decode_block(value, key, "kv")
+    def _blob_id(key: bytes, ptr) -> bytes:
+        """The blob id a kv entry holds (CorruptBlock for anything else)."""
+        if len(ptr) != _BLOB_ID.size:
+            raise CorruptBlock(f"KV pointer is {len(ptr)} bytes, not {_BLOB_ID.size}", key, db="kv", field="pointer")
+        return bytes(ptr)
+
+    def _blob(self, txn, key: bytes, ptr) -> bytes:
+        """The stored (encoded) blob a kv entry points to."""
+        bid = self._blob_id(key, ptr)
+        value = txn.get(bid, db=self._db["blobs"])
+        if value is None:
+            raise CorruptBlock(f"KV block points to blob {_BLOB_ID.unpack(bid)[0]}, which is missing", key,
+                               db="kv", field="blob")
+        return value
+
+    def _ref(self, txn, key: bytes, bid: bytes) -> tuple[int, int]:
+        raw = txn.get(bid, db=self._db["refs"])
+        if raw is None or len(raw) != _REF.size:
+            raise CorruptBlock(f"blob {_BLOB_ID.unpack(bid)[0]} has no valid reference count", key, db="refs",
+                               field="count")
+        return _REF.unpack(raw)
+
+    def _incref(self, txn, key: bytes, bid: bytes) -> int:
+        """One more reference to bid; returns the blob's bytes."""
+        count, size = self._ref(txn, key, bid)
+        self._put(txn, "refs", bid, _REF.pack(count + 1, size))
+        return size
+
+    def _decref(self, txn, key: bytes, bid: bytes) -> int:
+        """One reference fewer to bid, removing the blob at zero; returns the blob's bytes."""
+        count, size = self._ref(txn, key, bid)
+        if count <= 1:
+            txn.delete(bid, db=self._db["refs"])
+            txn.delete(bid, db=self._db["blobs"])
+        else:
+            self._put(txn, "refs", bid, _REF.pack(count - 1, size))
+        return size
+
+    def _next_blob(self, txn) -> int:
+        raw = txn.get(b"next_blob", db=self._db["meta"])
+        return 1 if raw is None else _U64.unpack(raw)[0]
+
+    # ---- decoding ----------------------------------------------------------------
+
+    def _kv_block(self, txn, key: bytes, ptr, layer: int, index: int) -> bytes:
+        head, raw = decode_block(self._blob(txn, key, ptr), key, "kv")
         if head.kind != KIND_KV:
             raise CorruptBlock(f"KV block holds kind {head.kind}", key, db="kv", field="kind")
         if (head.layer, head.index) != (layer, index):
@@ -344,7 +452,7 @@ class Store:
                 if len(key) != plen + _KV_KEY.size:
                     raise CorruptBlock("KV block key has the wrong length", key, db="kv", field="key")
                 layer, index = _KV_KEY.unpack(key[plen:])
-                out[(layer, index)] = self._kv_block(key, value, layer, index)
+                out[(layer, index)] = self._kv_block(txn, key, value, layer, index)
             return out
         return self._read(fn)
 
@@ -353,11 +461,12 @@ class Store:
 
         def fn(txn):
             value = txn.get(key, db=self._db["kv"])
-            return None if value is None else self._kv_block(key, value, layer, index)
+            return None if value is None else self._kv_block(txn, key, value, layer, index)
         return self._read(fn)
 
     def session_keys(self, sid: str) -> tuple[int, int]:
-        """(number of keys, bytes of values) this session holds, record included."""
+        """(entries, bytes) this session references: its record, token blocks and KV pointers, and the
+        bytes of the record, the token blocks and every blob it points to (shared ones in full)."""
         _prefix(sid)
         return self._read(lambda txn: self._usage(txn, sid))
 
@@ -366,10 +475,12 @@ class Store:
         raw = txn.get(sid.encode(), db=self._db["sessions"])
         if raw is not None:
             n, nbytes = 1, len(raw)
-        for db in ("tokens", "kv"):
-            for _, value in self._scan(txn, db, sid):
-                n += 1
-                nbytes += len(value)
+        for _, value in self._scan(txn, "tokens", sid):
+            n += 1
+            nbytes += len(value)
+        for key, ptr in self._scan(txn, "kv", sid):
+            n += 1
+            nbytes += len(self._blob(txn, key, ptr))
         return n, nbytes
 
     def dump(self) -> dict[tuple[str, bytes], bytes]:
@@ -380,18 +491,39 @@ class Store:
         return self._read(fn)
 
     def stats(self) -> dict:
-        """sessions, token_blocks, kv_blocks, total_bytes (all values), map_size, page_size,
-        used_pages, used_bytes (of the map)."""
+        """What the store holds, physically:
+
+        sessions, token_blocks, kv_blocks (KV pointers of all sessions), blobs, shared_blobs (referenced
+        more than once), references (sum of counts); bytes of values: record_bytes, token_bytes, blob_bytes,
+        shared_blob_bytes, pointer_bytes, total_bytes (every value of every database); logical_blob_bytes
+        (blob bytes counted once per reference: what the blobs would take without sharing); map_size,
+        page_size, used_pages, used_bytes (of the map).
+        """
         def fn(txn):
             out = {"sessions": txn.stat(self._db["sessions"])["entries"],
                    "token_blocks": txn.stat(self._db["tokens"])["entries"],
-                   "kv_blocks": txn.stat(self._db["kv"])["entries"]}
-            total = 0
+                   "kv_blocks": txn.stat(self._db["kv"])["entries"],
+                   "blobs": txn.stat(self._db["blobs"])["entries"]}
+            sizes = {}
             for name in _DBS:
+                total = 0
                 cur = txn.cursor(db=self._db[name])
                 for _ in cur.iternext(keys=True, values=False):
                     total += len(cur.value())
-            out["total_bytes"] = total
+                sizes[name] = total
+            shared = shared_bytes = refs = logical = 0
+            for raw in txn.cursor(db=self._db["refs"]).iternext(keys=False, values=True):
+                if len(raw) != _REF.size:
+                    continue  # gc() reports and fixes it
+                count, size = _REF.unpack(raw)
+                refs += count
+                logical += count * size
+                if count > 1:
+                    shared += 1
+                    shared_bytes += size
+            out.update(shared_blobs=shared, references=refs, record_bytes=sizes["sessions"],
+                       token_bytes=sizes["tokens"], blob_bytes=sizes["blobs"], shared_blob_bytes=shared_bytes,
+                       pointer_bytes=sizes["kv"], logical_blob_bytes=logical, total_bytes=sum(sizes.values()))
             info, stat = self.env.info(), self.env.stat()
             out.update(map_size=info["map_size"], page_size=stat["psize"], used_pages=info["last_pgno"] + 1,
                        used_bytes=(info["last_pgno"] + 1) * stat["psize"])
@@ -492,12 +624,19 @@ class Store:
                                          n_tokens=len(part))
                     self._put(txn, "tokens", prefix + _TOK_KEY.pack(index), value)
                     delta += len(value)
+            next_blob = self._next_blob(txn)
             for key, value in encoded:
                 prev = txn.get(key, db=self._db["kv"])
-                if prev is not None:
-                    delta -= len(prev)
-                self._put(txn, "kv", key, value)
+                if prev is not None:  # drop this session's reference; a shared blob stays as it is
+                    delta -= self._decref(txn, key, self._blob_id(key, prev))
+                bid = _BLOB_ID.pack(next_blob)
+                next_blob += 1
+                self._put(txn, "blobs", bid, value)
+                self._put(txn, "refs", bid, _REF.pack(1, len(value)))
+                self._put(txn, "kv", key, bid)
                 delta += len(value)
+            if encoded:
+                self._put(txn, "meta", b"next_blob", _U64.pack(next_blob))
             others = old.stored_bytes - len(old_raw) + delta
             if others < 0:
                 raise CorruptRecord(f"session {sid!r} records stored_bytes {old.stored_bytes}, fewer than it holds",
@@ -507,7 +646,8 @@ class Store:
         return self._write(fn)
 
     def fork(self, src_id: str, dst_record: SessionRecord) -> SessionRecord:
-        """Copy every token and KV value of src_id under dst_record.id, plus dst_record, in one transaction."""
+        """dst_record.id gets src_id's tokens and KV blocks, in one transaction: token blocks are copied,
+        KV blocks shared (one more reference to each blob)."""
         src_prefix = _prefix(src_id)
         _check_record(dst_record)
         dst_prefix = _prefix(dst_record.id)
@@ -519,29 +659,119 @@ class Store:
             if txn.get(dst_record.id.encode(), db=self._db["sessions"]) is not None:
                 raise SessionExists(f"session {dst_record.id!r} already exists")
             nbytes = 0
-            for db in ("tokens", "kv"):
-                for key, value in list(self._scan(txn, db, src_id)):
-                    self._put(txn, db, dst_prefix + bytes(key[len(src_prefix):]), value)
-                    nbytes += len(value)
+            for key, value in list(self._scan(txn, "tokens", src_id)):
+                self._put(txn, "tokens", dst_prefix + bytes(key[len(src_prefix):]), value)
+                nbytes += len(value)
+            for key, ptr in list(self._scan(txn, "kv", src_id)):
+                bid = self._blob_id(key, ptr)
+                nbytes += self._incref(txn, key, bid)
+                self._put(txn, "kv", dst_prefix + bytes(key[len(src_prefix):]), bid)
             return self._put_record(txn, dataclasses.replace(dst_record, n_tokens=src.n_tokens), nbytes), True
         return self._write(fn)
 
-    def delete(self, sid: str) -> bool:
-        """Remove the session's record and blocks; False when there is no such session."""
+    def delete(self, sid: str, *, expired_at: float | None = None, default_ttl: float = 0.0) -> bool:
+        """Remove the session's record and entries and drop its references (blobs at zero go too).
+
+        False when there is no such session. With expired_at (a unix time), the session is removed
+        only if it has expired by then (see `SessionRecord.expires`), checked inside the write
+        transaction, so a commit that just refreshed it wins.
+        """
         if not isinstance(sid, str) or "\0" in sid:
             return False
         if self.readonly:
             raise StoreError(f"the store at {self.path} is open read-only")
 
         def fn(txn):
+            if expired_at is not None:
+                rec, _ = self._record(txn, sid)
+                if rec is None or rec.expires(default_ttl) > expired_at:
+                    return False, False
             if not txn.delete(sid.encode(), db=self._db["sessions"]):
                 return False, False
-            for db in ("tokens", "kv"):
-                for key in [bytes(k) for k, _ in self._scan(txn, db, sid)]:
-                    txn.delete(key, db=self._db[db])
+            for key in [bytes(k) for k, _ in self._scan(txn, "tokens", sid)]:
+                txn.delete(key, db=self._db["tokens"])
+            for key, ptr in [(bytes(k), bytes(v)) for k, v in self._scan(txn, "kv", sid)]:
+                txn.delete(key, db=self._db["kv"])
+                try:
+                    self._decref(txn, key, self._blob_id(key, ptr))
+                except CorruptBlock:
+                    pass  # a damaged pointer or count: the session goes anyway; gc() settles the blobs
             return True, True
         if not self._read(lambda txn: txn.get(sid.encode(), db=self._db["sessions"]) is not None):
             return False  # the common miss needs no write transaction (a damaged record can still be deleted)
+        return self._write(fn)
+
+    def expired(self, now: float, default_ttl: float = 0.0) -> list[str]:
+        """Ids of the sessions expired at unix time `now` (default_ttl: for records without their own ttl).
+        A damaged record never expires here."""
+        def fn(txn):
+            out = []
+            for key, value in txn.cursor(db=self._db["sessions"]):
+                try:
+                    rec = SessionRecord.from_bytes(value, key)
+                except CorruptRecord:
+                    continue
+                if rec.expires(default_ttl) <= now:
+                    out.append(rec.id)
+            return out
+        return self._read(fn)
+
+    def gc(self) -> dict:
+        """Compact references, in one write transaction; returns what it did:
+
+        orphan_entries: token and KV entries of sessions that have no record (removed);
+        freed_blobs, freed_bytes: blobs no session points to (removed, with their counts);
+        fixed_counts: reference counts that disagreed with the pointers (set to the pointers' count);
+        dangling_pointers: KV pointers whose blob is missing or that are not blob ids (left alone:
+        the session fails its reads until it is repaired or deleted);
+        blobs, blob_bytes: what is left.
+        """
+        def fn(txn):
+            out = dict(orphan_entries=0, freed_blobs=0, freed_bytes=0, fixed_counts=0, dangling_pointers=0)
+            known: dict[bytes, bool] = {}
+            for db in ("tokens", "kv"):
+                for key in [bytes(k) for k in txn.cursor(db=self._db[db]).iternext(keys=True, values=False)]:
+                    sid = key.split(b"\0", 1)[0]
+                    if sid not in known:
+                        known[sid] = txn.get(sid, db=self._db["sessions"]) is not None
+                    if not known[sid]:
+                        txn.delete(key, db=self._db[db])
+                        out["orphan_entries"] += 1
+            wanted: dict[bytes, int] = {}
+            for key, ptr in txn.cursor(db=self._db["kv"]):
+                if len(ptr) != _BLOB_ID.size:
+                    out["dangling_pointers"] += 1
+                    continue
+                wanted[bytes(ptr)] = wanted.get(bytes(ptr), 0) + 1
+            blobs = txn.cursor(db=self._db["blobs"])
+            for bid in [bytes(k) for k in blobs.iternext(keys=True, values=False)]:
+                if bid not in wanted:
+                    out["freed_bytes"] += len(txn.get(bid, db=self._db["blobs"]))
+                    out["freed_blobs"] += 1
+                    txn.delete(bid, db=self._db["blobs"])
+                    txn.delete(bid, db=self._db["refs"])
+            for bid, raw in [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._db["refs"])]:
+                if bid not in wanted:  # a count whose blob never existed
+                    txn.delete(bid, db=self._db["refs"])
+                    out["fixed_counts"] += 1
+                elif not blobs.set_key(bid):  # pointers to a blob that is gone
+                    out["dangling_pointers"] += wanted.pop(bid)
+                elif len(raw) != _REF.size or _REF.unpack(raw)[0] != wanted[bid]:
+                    size = _REF.unpack(raw)[1] if len(raw) == _REF.size else len(blobs.value())
+                    self._put(txn, "refs", bid, _REF.pack(wanted[bid], size))
+                    out["fixed_counts"] += 1
+            for bid, count in wanted.items():
+                if txn.get(bid, db=self._db["refs"]) is None:
+                    if blobs.set_key(bid):
+                        self._put(txn, "refs", bid, _REF.pack(count, len(blobs.value())))
+                        out["fixed_counts"] += 1
+                    else:
+                        out["dangling_pointers"] += count
+            out["blobs"] = txn.stat(self._db["blobs"])["entries"]
+            out["blob_bytes"] = sum(_REF.unpack(v)[1] for v in
+                                    txn.cursor(db=self._db["refs"]).iternext(keys=False, values=True))
+            changed = any(out[k] for k in ("orphan_entries", "freed_blobs", "fixed_counts"))
+            return out, changed
         return self._write(fn)
 
 

@@ -47,6 +47,7 @@ class SessionRecord:
     layout: dict = field(default_factory=dict)
     stored_bytes: int = 0
     extra: dict = field(default_factory=dict)
+    ttl: float = 0.0  # seconds without a change after which the session expires; 0: the server's default
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -58,6 +59,10 @@ class SessionRecord:
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.ttl, (int, float)) or isinstance(self.ttl, bool) or not math.isfinite(self.ttl) \
+                or self.ttl < 0:
+            raise ValueError(f"ttl must be a finite number of seconds >= 0, got {self.ttl!r}")
+        self.ttl = float(self.ttl)
         for name in ("created", "updated"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
@@ -78,6 +83,12 @@ class SessionRecord:
                 raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"record format {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
+
+    def expires(self, default_ttl: float = 0.0) -> float:
+        """Unix time at which the session expires: `updated` plus its ttl (or default_ttl when its own
+        is 0); infinity when both are 0."""
+        ttl = self.ttl or default_ttl
+        return self.updated + ttl if ttl > 0 else math.inf
 
     def to_bytes(self) -> bytes:
         try:

@@ -22,11 +22,19 @@ def rec(sid: str, **kw) -> SessionRecord:
 
 
 def session_values(store: Store, sid: str) -> dict[tuple[str, bytes], bytes]:
-    """This session's entries, picked out of dump() independently of the store's own scans."""
+    """This session's entries, picked out of dump() independently of the store's own scans,
+    with each KV pointer replaced by the blob it names."""
+    return session_values_from(store.dump(), sid)
+
+
+def session_values_from(dump: dict, sid: str, *, resolve: bool = True) -> dict:
+    prefix = sid.encode() + b"\0"
     out = {}
-    for (db, key), value in store.dump().items():
-        if (db == "sessions" and key == sid.encode()) or (db != "sessions" and key.startswith(sid.encode() + b"\0")):
+    for (db, key), value in dump.items():
+        if (db == "sessions" and key == sid.encode()) or (db == "tokens" and key.startswith(prefix)):
             out[(db, key)] = value
+        elif db == "kv" and key.startswith(prefix):
+            out[(db, key)] = dump[("blobs", value)] if resolve else value
     return out
 
 
@@ -76,7 +84,10 @@ def test_commits_across_token_blocks_and_block_replacement(tmp_path):
         assert (kv_head.kind, kv_head.layer, kv_head.index, kv_head.n_tokens) == (KIND_KV, 1, 0, 14)
         assert s.session_keys("s")[0] == len(dumped) == 1 + 4 + 6
         st = s.stats()
-        assert st["sessions"] == 1 and st["token_blocks"] == 4 and st["kv_blocks"] == 6
+        assert st["sessions"] == 1 and st["token_blocks"] == 4 and st["kv_blocks"] == st["blobs"] == 6
+        assert st["shared_blobs"] == 0 and st["references"] == 6
+        assert st["blob_bytes"] == st["logical_blob_bytes"] == sum(len(v) for (db, _), v in dumped.items()
+                                                                   if db == "kv")
         assert st["total_bytes"] == sum(len(v) for v in s.dump().values())
         assert st["used_pages"] * st["page_size"] == st["used_bytes"] <= st["map_size"]
 
@@ -119,28 +130,33 @@ def test_failed_writes_change_nothing(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError):
             s.commit(rec("s"), first_token=5, tokens=[6, 7], blocks=Exploding())
 
-        # a failure after half of the puts inside the write transaction
+        # a failure after any number of the puts inside the write transaction, up to the record's (the last)
         real_put = s._put
-        for fail_at in range(1, 6):  # commit and fork each make 5 puts here
-            calls = []
+        writes = {"commit": lambda: s.commit(rec("s"), first_token=5, tokens=list(range(6, 13)),
+                                             blocks={(0, 1): b"new" * 9, (2, 0): b"more" * 50}),
+                  "fork": lambda: s.fork("s", rec("s2"))}
+        for name, write in writes.items():
+            for fail_at in range(1, 100):
+                calls = []
 
-            def failing_put(txn, db, key, value, fail_at=fail_at, calls=calls):
-                calls.append(db)
-                if len(calls) == fail_at:
-                    raise RuntimeError(f"injected failure at put {fail_at}")
-                real_put(txn, db, key, value)
+                def failing_put(txn, db, key, value, fail_at=fail_at, calls=calls):
+                    calls.append(db)
+                    if len(calls) == fail_at:
+                        raise RuntimeError(f"injected failure at put {fail_at}")
+                    real_put(txn, db, key, value)
 
-            monkeypatch.setattr(s, "_put", failing_put)
-            with pytest.raises(RuntimeError, match="injected"):
-                s.commit(rec("s"), first_token=5, tokens=list(range(6, 13)),
-                         blocks={(0, 1): b"new" * 9, (2, 0): b"more" * 50})
-            assert len(calls) == fail_at  # every put before the failing one did run
-            calls.clear()
-            with pytest.raises(RuntimeError, match="injected"):
-                s.fork("s", rec("s2"))
-            assert len(calls) == fail_at
-            monkeypatch.undo()
-            assert s.dump() == before, fail_at
+                monkeypatch.setattr(s, "_put", failing_put)
+                with pytest.raises(RuntimeError, match="injected"):
+                    write()
+                monkeypatch.undo()
+                assert len(calls) == fail_at  # every put before the failing one did run
+                assert s.dump() == before, (name, fail_at)
+                if calls[-1] == "sessions":
+                    break
+            # commit: 2 token blocks, a new blob + count + pointer for each KV block (the replaced block's
+            # blob had one reference: it is deleted, no put), the blob counter, the record;
+            # fork: its token blocks, a count + pointer for each KV block, the record
+            assert fail_at == {"commit": 2 + 3 * 2 + 1 + 1, "fork": 2 + 2 * 2 + 1}[name]
 
         with pytest.raises(SessionExists):
             s.create(rec("s"))
@@ -164,9 +180,10 @@ def test_damage_is_detected_not_served(tmp_path):
         good = s.dump()
         k00, k01 = b"s\0\0\0\0\0\0\0", b"s\0\0\0\0\0\0\1"
 
-        bad = bytearray(good[("kv", k00)])
+        b00, b01 = good[("kv", k00)], good[("kv", k01)]  # the blob ids they point to
+        bad = bytearray(good[("blobs", b00)])
         bad[-1] ^= 1
-        raw_put(s, "kv", k00, bytes(bad))
+        raw_put(s, "blobs", b00, bytes(bad))
         with pytest.raises(CorruptBlock) as e:
             s.kv_blocks("s")
         assert e.value.key == k00 and e.value.db == "kv" and e.value.field == "crc"
@@ -174,11 +191,18 @@ def test_damage_is_detected_not_served(tmp_path):
             s.kv_block("s", 0, 0)
         assert s.kv_block("s", 0, 1) == b"b" * 64
 
-        raw_put(s, "kv", k00, good[("kv", k01)])  # a valid block under the wrong key
+        raw_put(s, "blobs", b00, good[("blobs", b01)])  # a valid block under the wrong key
         with pytest.raises(CorruptBlock) as e:
             s.kv_blocks("s")
         assert e.value.field == "index"
-        raw_put(s, "kv", k00, good[("kv", k00)])
+        raw_put(s, "blobs", b00, good[("blobs", b00)])
+        for ptr, field in ((b"\1\2\3", "pointer"), ((999).to_bytes(8, "big"), "blob"), (b01, "index")):
+            raw_put(s, "kv", k00, ptr)
+            with pytest.raises(CorruptBlock) as e:
+                s.kv_block("s", 0, 0)
+            assert e.value.key == k00 and e.value.field == field
+        raw_put(s, "kv", k00, b00)
+        assert s.dump() == good
 
         last = b"s\0\0\0\0\2"
         raw_put(s, "tokens", last, good[("tokens", last)][:-3])
@@ -202,8 +226,8 @@ def test_damage_is_detected_not_served(tmp_path):
         raw_put(s, "sessions", b"s", bytes(bad))
         with pytest.raises(CorruptRecord):
             s.get("s")
-        assert s.delete("s")  # a damaged session can still be removed
-        assert s.dump() == {}
+        assert s.delete("s")  # a damaged session can still be removed, and its blobs go with it
+        assert {db for db, _ in s.dump()} == {"meta"}
 
 
 def test_list_paging_and_labels(tmp_path):
@@ -259,15 +283,12 @@ def test_delete_removes_exactly_one_session(tmp_path):
         assert s.delete("a") and not s.delete("a")
         after = s.dump()
         removed = {k for k in before if k not in after}
-        assert removed == set(session_values_from(before, "a")) and len(removed) == 1 + 2 + 2
+        own = session_values_from(before, "a", resolve=False)
+        blobs = {(db, ptr) for (kind, _), ptr in own.items() if kind == "kv" for db in ("blobs", "refs")}
+        assert removed == set(own) | blobs and len(removed) == 1 + 2 + 2 + 2 * 2
         assert all(after[k] == before[k] for k in after)
         assert s.get("a") is None and s.tokens("a") == [] and s.kv_blocks("a") == {}
         assert s.tokens("ab") == [1, 2, 3] and s.kv_block("ab", 0, 0) == b"ababababab"
-
-
-def session_values_from(dump: dict, sid: str) -> dict:
-    return {(db, k): v for (db, k), v in dump.items()
-            if (db == "sessions" and k == sid.encode()) or (db != "sessions" and k.startswith(sid.encode() + b"\0"))}
 
 
 def test_map_grows_instead_of_failing(tmp_path):
