@@ -103,10 +103,11 @@ class MemoryClient:
     def wait_ready(self, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
-    def create_session(self, session_id: str = "", *, policy: str = "", labels: Mapping[str, str] | None = None
-                       ) -> pb.Session:
+    def create_session(self, session_id: str = "", *, policy: str = "", labels: Mapping[str, str] | None = None,
+                       ttl_seconds: float = 0.0) -> pb.Session:
         return self._stub.CreateSession(
-            pb.CreateSessionRequest(session_id=session_id, policy=policy, labels=dict(labels or {})),
+            pb.CreateSessionRequest(session_id=session_id, policy=policy, labels=dict(labels or {}),
+                                    ttl_seconds=ttl_seconds),
             **self._kw())
 
     def append(self, session_id: str, *, messages: Iterable | None = None, text: str | None = None,
@@ -182,9 +183,10 @@ class AsyncMemoryClient:
         await self.close()
 
     async def create_session(self, session_id: str = "", *, policy: str = "",
-                             labels: Mapping[str, str] | None = None) -> pb.Session:
+                             labels: Mapping[str, str] | None = None, ttl_seconds: float = 0.0) -> pb.Session:
         return await self._stub.CreateSession(
-            pb.CreateSessionRequest(session_id=session_id, policy=policy, labels=dict(labels or {})),
+            pb.CreateSessionRequest(session_id=session_id, policy=policy, labels=dict(labels or {}),
+                                    ttl_seconds=ttl_seconds),
             **self._kw())
 
     async def append(self, session_id: str, *, messages: Iterable | None = None, text: str | None = None,

@@ -60,12 +60,15 @@ def main(verbose: bool) -> None:
 @click.option("--resident-budget", default=512 << 20, show_default=True, type=int,
               help="Bytes of KV cache that idle sessions keep in memory; least recently used ones beyond it "
                    "are dropped (they stay stored) and load again on their next call (0 = no limit).")
+@click.option("--ttl", default=0.0, show_default=True, type=float,
+              help="Seconds without a change after which a session is deleted (0 = never); "
+                   "CreateSession's ttl_seconds overrides it per session.")
 @click.option("--log-rpcs/--no-log-rpcs", default=True, show_default=True,
               help="One JSON line per RPC on stderr (no conversation content).")
 def serve(host: str, port: int, data_dir: str, model: str | None, device: str, max_new_tokens: int, auth: str,
           api_keys_file: str | None, tls_cert: str | None, tls_key: str | None, metrics_port: int | None,
           metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
-          max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, log_rpcs: bool) -> None:
+          max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, ttl: float, log_rpcs: bool) -> None:
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
     from .auth import KeyRing
     from .limits import Limits
@@ -78,7 +81,7 @@ def serve(host: str, port: int, data_dir: str, model: str | None, device: str, m
                         max_bytes_per_tenant=max_bytes_per_tenant)
         _serve(host, port, data_dir=data_dir, model=model, device=device, max_new_tokens=max_new_tokens,
                log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
-               metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget)
+               metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget, ttl=ttl)
     except ValueError as exc:
         raise click.ClickException(str(exc))
 

@@ -119,6 +119,11 @@ class Quotas:
                 u.held_sessions -= sessions
                 u.held_bytes -= nbytes
 
+    def forget(self, tenant: str) -> None:
+        """Count the tenant from the store again at its next call (after a change no call made: expiry)."""
+        with self._lock:
+            self._usage.pop(tenant, None)
+
     def settle(self, tenant: str, sessions: int = 0, nbytes: int = 0) -> None:
         """Record what a call really changed."""
         if not self.limits.has_quotas:

@@ -108,6 +108,7 @@ class MemoryServicer:
         self.limits = limits or Limits()
         self.metrics = metrics
         self.quotas = Quotas(self.limits, self._scan)
+        manager.on_expire = lambda rec: self.quotas.forget(rec.id.split(":", 1)[0] if keys is not None else "")
 
     # ---- plumbing ------------------------------------------------------------------
 
@@ -273,7 +274,7 @@ class MemoryServicer:
         call.session = request.session_id or uuid.uuid4().hex
         inner = t.inner(call.session)
         with self.quotas.hold(t.name, sessions=1):
-            rec = self.m.create(inner, request.policy, dict(request.labels))
+            rec = self.m.create(inner, request.policy, dict(request.labels), request.ttl_seconds)
             self.quotas.settle(t.name, sessions=1, nbytes=rec.stored_bytes)
         return self._view(t, rec.id)
 

@@ -20,12 +20,21 @@ holds its lock (after a load, a commit and at the end of every call); the
 budget, views and metrics read those figures, never a cache another call is
 changing.
 
+Sessions expire after `ttl` seconds without a change (`updated`; a session's
+own ttl, set at create, overrides the manager's; 0 = never). An expired session
+is deleted when a call, a view or a listing meets it, and by a sweep every
+`sweep_every` seconds; the store checks the expiry again inside its delete
+transaction, so a commit that just refreshed the session wins. A session a call
+is using is left for later.
+
 Knows the model, the cache and the store; knows nothing about gRPC.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import math
 import threading
 import time
 import uuid
@@ -35,7 +44,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing
+from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing, StoreError
 from memsvc.store.lmdb_store import Store
 from memsvc.store.records import SessionRecord
 
@@ -49,6 +58,7 @@ from .model import LoadedModel
 from .policies import get_policy
 
 MAX_STOP_STRINGS = 16
+log = logging.getLogger("memsvc.sessions")
 
 # A caller's admission check: admit(record, n) runs under the session's lock before
 # the model reads anything, with n the most tokens the call can add to the session;
@@ -83,6 +93,7 @@ class Counters:
     resumes: int = 0  # Resume calls
     loads: int = 0  # sessions read back from the store into memory (by any call)
     unloads: int = 0  # idle sessions dropped from memory to keep within the resident budget
+    expired: int = 0  # sessions deleted because their ttl passed
 
 
 @dataclass
@@ -127,9 +138,12 @@ class SessionManager:
 
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
                  max_new_tokens: int = 4096, prefill_chunk: int = 512, cold_cache_bytes: int = 1 << 20,
-                 resident_budget: int = DEFAULT_RESIDENT_BUDGET):
+                 resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
+        for name, v in (("ttl", ttl), ("sweep_every", sweep_every)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number of seconds >= 0 (0 = off), got {v!r}")
         if not isinstance(resident_budget, int) or isinstance(resident_budget, bool) or resident_budget < 0:
             raise ValueError(f"resident_budget must be an integer >= 0 (bytes; 0 = no limit), got {resident_budget!r}")
         self.store = store
@@ -147,6 +161,12 @@ class SessionManager:
         self._locks: dict[str, threading.Lock] = {}
         self._global = threading.Lock()
         self._cold_gone = [0, 0]  # cold LRU (hits, misses) of sessions no longer in memory
+        self.ttl = float(ttl)
+        self.on_expire: Callable[[SessionRecord], None] | None = None  # told of each expired session deleted
+        self._stop = threading.Event()
+        if sweep_every:
+            threading.Thread(target=self._sweep_loop, args=(float(sweep_every),), name="memsvc-ttl-sweep",
+                             daemon=True).start()
 
     # ---- bookkeeping -------------------------------------------------------------
 
@@ -183,14 +203,66 @@ class SessionManager:
             raise NotFound(f"no session {sid!r}")
         return rec
 
+    # ---- expiry ------------------------------------------------------------------
+
+    def _expired(self, rec: SessionRecord) -> bool:
+        return rec.expires(self.ttl) <= time.time()
+
+    def _try_expire(self, sid: str, *, locked: bool = False) -> bool:
+        """Delete sid if it has expired; True when it was. Without `locked` (the caller holds sid's
+        lock) a session that a call is using is left alone."""
+        lock = self._lock(sid)
+        if not locked and not lock.acquire(blocking=False):
+            return False
+        try:
+            try:
+                rec = self.store.get(sid)
+            except CorruptRecord:
+                return False
+            if rec is None or not self.store.delete(sid, expired_at=time.time(), default_ttl=self.ttl):
+                return False
+            self._forget(sid)
+        finally:
+            if not locked:
+                lock.release()
+        self._count(expired=1)
+        if self.on_expire is not None:
+            self.on_expire(rec)
+        return True
+
+    def _gone(self, sid: str) -> NotFound:
+        return NotFound(f"no session {sid!r} (it expired and was deleted)")
+
+    def sweep(self) -> int:
+        """Delete every expired session that no call is using; returns how many went."""
+        return sum(self._try_expire(sid) for sid in self.store.expired(time.time(), self.ttl))
+
+    def _sweep_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.sweep()
+            except StoreError as exc:
+                if self.store._closed:
+                    return  # the server stopped
+                log.warning("ttl sweep failed: %s", exc)
+            except Exception:
+                log.exception("ttl sweep failed")
+
+    def close(self) -> None:
+        """Stop the ttl sweep (the store is the caller's)."""
+        self._stop.set()
+
     def _load(self, sid: str) -> _Live:
         """The resident session, loading it from the store if needed (caller holds its lock)."""
         with self._global:
             live = self._live.get(sid)
             if live is not None:
                 self._live.move_to_end(sid)
-                return live
-        rec = self._stored(sid)
+        rec = live.record if live is not None else self._stored(sid)
+        if self._expired(rec) and self._try_expire(sid, locked=True):
+            raise self._gone(sid)
+        if live is not None:
+            return live
         self._check_model(rec)
         try:
             policy = get_policy(rec.policy)
@@ -302,18 +374,22 @@ class SessionManager:
 
     # ---- API ---------------------------------------------------------------------
 
-    def create(self, sid: str = "", policy: str = "", labels: dict[str, str] | None = None) -> SessionRecord:
+    def create(self, sid: str = "", policy: str = "", labels: dict[str, str] | None = None,
+               ttl: float = 0.0) -> SessionRecord:
+        """ttl: seconds without a change after which this session expires (0: the manager's ttl)."""
         try:
             pol = get_policy(policy)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
+        if not (isinstance(ttl, (int, float)) and math.isfinite(ttl) and ttl >= 0):
+            raise InvalidArgument(f"ttl_seconds must be a finite number >= 0 (0 = the server's --ttl), got {ttl!r}")
         sid = sid or uuid.uuid4().hex
         now = time.time()
         kv = self._new_kv(pol, sid)
         try:
             rec = SessionRecord(
                 id=sid, model_name=self.model.name, model_fingerprint=self.model.fingerprint, policy=pol.name,
-                created=now, updated=now, labels=dict(labels or {}), messages=[], layout=kv.layout(),
+                created=now, updated=now, labels=dict(labels or {}), messages=[], layout=kv.layout(), ttl=ttl,
             )
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
@@ -325,16 +401,22 @@ class SessionManager:
 
     def view(self, sid: str) -> SessionView:
         live = self._live.get(sid)
+        rec = live.record if live is not None else self._stored(sid)
+        if self._expired(rec) and self._try_expire(sid):
+            raise self._gone(sid)
         if live is not None:
             return SessionView(live.record, True, live.resident_bytes, live.tier_tokens)
-        return SessionView(self._stored(sid), False)
+        return SessionView(rec, False)
 
     def list(self, *, after: str = "", limit: int = 100, labels: dict[str, str] | None = None
              ) -> tuple[list[SessionView], str]:
         if not 0 <= limit <= 1000:
             raise InvalidArgument(f"page_size must be between 0 and 1000, got {limit}")
         limit = limit or 100
-        recs = self.store.list(after=after, limit=limit + 1, labels=labels or None)
+        while True:  # expired sessions go first, so that pages stay full
+            recs = self.store.list(after=after, limit=limit + 1, labels=labels or None)
+            if not sum(self._try_expire(rec.id) for rec in recs if self._expired(rec)):
+                break
         more = len(recs) > limit
         recs = recs[:limit]
         views = []
@@ -505,6 +587,8 @@ class SessionManager:
         new_sid = new_sid or uuid.uuid4().hex
         with self._lock(sid):
             src = self._stored(sid)
+            if self._expired(src) and self._try_expire(sid, locked=True):
+                raise self._gone(sid)
             now = time.time()
             try:
                 rec = dataclasses.replace(src, id=new_sid, created=now, updated=now,
@@ -513,6 +597,8 @@ class SessionManager:
                 raise InvalidArgument(str(exc)) from exc
             try:
                 return self.store.fork(sid, rec)
+            except CorruptRecord as exc:
+                raise DataLoss(f"session {sid!r} cannot be forked: {exc}") from exc
             except SessionExists as exc:
                 raise AlreadyExists(f"session {new_sid!r} already exists") from exc
             except SessionMissing as exc:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memsvc/proto/memsvc.proto\x12\tmemsvc.v1\"\x88\x04\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x07 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x08 \x01(\x01\x12\x14\n\x0cupdated_unix\x18\t \x01(\x01\x12.\n\x06labels\x18\n \x03(\x0b\x32\x1e.memsvc.v1.Session.LabelsEntry\x12\x10\n\x08resident\x18\x0b \x01(\x08\x12\x10\n\x08messages\x18\x0c \x01(\x04\x12 \n\x18resident_bytes_per_token\x18\r \x01(\x01\x12\x1e\n\x16stored_bytes_per_token\x18\x0e \x01(\x01\x12\x1c\n\x14\x66p16_bytes_per_token\x18\x0f \x01(\x01\x12\x37\n\x0btier_tokens\x18\x10 \x03(\x0b\x32\".memsvc.v1.Session.TierTokensEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fTierTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa6\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.memsvc.v1.CreateSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.memsvc.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x92\x01\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.memsvc.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12%\n\x06tokens\x18\x04 \x01(\x0b\x32\x13.memsvc.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"H\n\x0e\x41ppendResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.memsvc.v1.Session\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"\x9d\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x0e\n\x06prefix\x18\x08 \x01(\t\"l\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x07session\x18\x04 \x01(\x0b\x32\x12.memsvc.v1.Session\"#\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa7\x01\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.memsvc.v1.ListSessionsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.memsvc.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xaa\x01\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).memsvc.v1.ForkSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x93\x02\n\x05Stats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1e\n\x16model_tokens_processed\x18\x03 \x01(\x04\x12\x17\n\x0ftokens_appended\x18\x04 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\x0f\n\x07resumes\x18\x06 \x01(\x04\x12\x19\n\x11sessions_resident\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x08 \x01(\x04\x12\x15\n\rsession_loads\x18\t \x01(\x04\x12\x19\n\x11sessions_unloaded\x18\n \x01(\x04\x12\x17\n\x0fresident_budget\x18\x0b \x01(\x04\x32\xf1\x04\n\rMemoryService\x12\x44\n\rCreateSession\x12\x1f.memsvc.v1.CreateSessionRequest\x1a\x12.memsvc.v1.Session\x12=\n\x06\x41ppend\x12\x18.memsvc.v1.AppendRequest\x1a\x19.memsvc.v1.AppendResponse\x12\x42\n\x08Generate\x12\x1a.memsvc.v1.GenerateRequest\x1a\x18.memsvc.v1.GenerateChunk0\x01\x12\x36\n\x06Resume\x12\x18.memsvc.v1.ResumeRequest\x1a\x12.memsvc.v1.Session\x12>\n\nGetSession\x12\x1c.memsvc.v1.GetSessionRequest\x1a\x12.memsvc.v1.Session\x12O\n\x0cListSessions\x12\x1e.memsvc.v1.ListSessionsRequest\x1a\x1f.memsvc.v1.ListSessionsResponse\x12@\n\x0b\x46orkSession\x12\x1d.memsvc.v1.ForkSessionRequest\x1a\x12.memsvc.v1.Session\x12R\n\rDeleteSession\x12\x1f.memsvc.v1.DeleteSessionRequest\x1a .memsvc.v1.DeleteSessionResponse\x12\x38\n\x08GetStats\x12\x1a.memsvc.v1.GetStatsRequest\x1a\x10.memsvc.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memsvc/proto/memsvc.proto\x12\tmemsvc.v1\"\x88\x04\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x07 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x08 \x01(\x01\x12\x14\n\x0cupdated_unix\x18\t \x01(\x01\x12.\n\x06labels\x18\n \x03(\x0b\x32\x1e.memsvc.v1.Session.LabelsEntry\x12\x10\n\x08resident\x18\x0b \x01(\x08\x12\x10\n\x08messages\x18\x0c \x01(\x04\x12 \n\x18resident_bytes_per_token\x18\r \x01(\x01\x12\x1e\n\x16stored_bytes_per_token\x18\x0e \x01(\x01\x12\x1c\n\x14\x66p16_bytes_per_token\x18\x0f \x01(\x01\x12\x37\n\x0btier_tokens\x18\x10 \x03(\x0b\x32\".memsvc.v1.Session.TierTokensEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fTierTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbb\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.memsvc.v1.CreateSessionRequest.LabelsEntry\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.memsvc.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x92\x01\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.memsvc.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12%\n\x06tokens\x18\x04 \x01(\x0b\x32\x13.memsvc.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"H\n\x0e\x41ppendResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.memsvc.v1.Session\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"\x9d\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x0e\n\x06prefix\x18\x08 \x01(\t\"l\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x07session\x18\x04 \x01(\x0b\x32\x12.memsvc.v1.Session\"#\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa7\x01\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.memsvc.v1.ListSessionsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.memsvc.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xaa\x01\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).memsvc.v1.ForkSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x93\x02\n\x05Stats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1e\n\x16model_tokens_processed\x18\x03 \x01(\x04\x12\x17\n\x0ftokens_appended\x18\x04 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\x0f\n\x07resumes\x18\x06 \x01(\x04\x12\x19\n\x11sessions_resident\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_resident\x18\x08 \x01(\x04\x12\x15\n\rsession_loads\x18\t \x01(\x04\x12\x19\n\x11sessions_unloaded\x18\n \x01(\x04\x12\x17\n\x0fresident_budget\x18\x0b \x01(\x04\x32\xf1\x04\n\rMemoryService\x12\x44\n\rCreateSession\x12\x1f.memsvc.v1.CreateSessionRequest\x1a\x12.memsvc.v1.Session\x12=\n\x06\x41ppend\x12\x18.memsvc.v1.AppendRequest\x1a\x19.memsvc.v1.AppendResponse\x12\x42\n\x08Generate\x12\x1a.memsvc.v1.GenerateRequest\x1a\x18.memsvc.v1.GenerateChunk0\x01\x12\x36\n\x06Resume\x12\x18.memsvc.v1.ResumeRequest\x1a\x12.memsvc.v1.Session\x12>\n\nGetSession\x12\x1c.memsvc.v1.GetSessionRequest\x1a\x12.memsvc.v1.Session\x12O\n\x0cListSessions\x12\x1e.memsvc.v1.ListSessionsRequest\x1a\x1f.memsvc.v1.ListSessionsResponse\x12@\n\x0b\x46orkSession\x12\x1d.memsvc.v1.ForkSessionRequest\x1a\x12.memsvc.v1.Session\x12R\n\rDeleteSession\x12\x1f.memsvc.v1.DeleteSessionRequest\x1a .memsvc.v1.DeleteSessionResponse\x12\x38\n\x08GetStats\x12\x1a.memsvc.v1.GetStatsRequest\x1a\x10.memsvc.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,45 +48,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSION_TIERTOKENSENTRY']._serialized_start=512
   _globals['_SESSION_TIERTOKENSENTRY']._serialized_end=561
   _globals['_CREATESESSIONREQUEST']._serialized_start=564
-  _globals['_CREATESESSIONREQUEST']._serialized_end=730
+  _globals['_CREATESESSIONREQUEST']._serialized_end=751
   _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_start=465
   _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_end=510
-  _globals['_CHATMESSAGE']._serialized_start=732
-  _globals['_CHATMESSAGE']._serialized_end=776
-  _globals['_CHATMESSAGES']._serialized_start=778
-  _globals['_CHATMESSAGES']._serialized_end=834
-  _globals['_TOKENIDS']._serialized_start=836
-  _globals['_TOKENIDS']._serialized_end=859
-  _globals['_APPENDREQUEST']._serialized_start=862
-  _globals['_APPENDREQUEST']._serialized_end=1008
-  _globals['_APPENDRESPONSE']._serialized_start=1010
-  _globals['_APPENDRESPONSE']._serialized_end=1082
-  _globals['_GENERATEREQUEST']._serialized_start=1085
-  _globals['_GENERATEREQUEST']._serialized_end=1242
-  _globals['_GENERATECHUNK']._serialized_start=1244
-  _globals['_GENERATECHUNK']._serialized_end=1352
-  _globals['_RESUMEREQUEST']._serialized_start=1354
-  _globals['_RESUMEREQUEST']._serialized_end=1389
-  _globals['_GETSESSIONREQUEST']._serialized_start=1391
-  _globals['_GETSESSIONREQUEST']._serialized_end=1430
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1433
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1600
+  _globals['_CHATMESSAGE']._serialized_start=753
+  _globals['_CHATMESSAGE']._serialized_end=797
+  _globals['_CHATMESSAGES']._serialized_start=799
+  _globals['_CHATMESSAGES']._serialized_end=855
+  _globals['_TOKENIDS']._serialized_start=857
+  _globals['_TOKENIDS']._serialized_end=880
+  _globals['_APPENDREQUEST']._serialized_start=883
+  _globals['_APPENDREQUEST']._serialized_end=1029
+  _globals['_APPENDRESPONSE']._serialized_start=1031
+  _globals['_APPENDRESPONSE']._serialized_end=1103
+  _globals['_GENERATEREQUEST']._serialized_start=1106
+  _globals['_GENERATEREQUEST']._serialized_end=1263
+  _globals['_GENERATECHUNK']._serialized_start=1265
+  _globals['_GENERATECHUNK']._serialized_end=1373
+  _globals['_RESUMEREQUEST']._serialized_start=1375
+  _globals['_RESUMEREQUEST']._serialized_end=1410
+  _globals['_GETSESSIONREQUEST']._serialized_start=1412
+  _globals['_GETSESSIONREQUEST']._serialized_end=1451
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1454
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1621
   _globals['_LISTSESSIONSREQUEST_LABELSENTRY']._serialized_start=465
   _globals['_LISTSESSIONSREQUEST_LABELSENTRY']._serialized_end=510
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1602
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1687
-  _globals['_FORKSESSIONREQUEST']._serialized_start=1690
-  _globals['_FORKSESSIONREQUEST']._serialized_end=1860
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1623
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1708
+  _globals['_FORKSESSIONREQUEST']._serialized_start=1711
+  _globals['_FORKSESSIONREQUEST']._serialized_end=1881
   _globals['_FORKSESSIONREQUEST_LABELSENTRY']._serialized_start=465
   _globals['_FORKSESSIONREQUEST_LABELSENTRY']._serialized_end=510
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1862
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1904
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1906
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1946
-  _globals['_GETSTATSREQUEST']._serialized_start=1948
-  _globals['_GETSTATSREQUEST']._serialized_end=1965
-  _globals['_STATS']._serialized_start=1968
-  _globals['_STATS']._serialized_end=2243
-  _globals['_MEMORYSERVICE']._serialized_start=2246
-  _globals['_MEMORYSERVICE']._serialized_end=2871
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1883
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1925
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1927
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1967
+  _globals['_GETSTATSREQUEST']._serialized_start=1969
+  _globals['_GETSTATSREQUEST']._serialized_end=1986
+  _globals['_STATS']._serialized_start=1989
+  _globals['_STATS']._serialized_end=2264
+  _globals['_MEMORYSERVICE']._serialized_start=2267
+  _globals['_MEMORYSERVICE']._serialized_end=2892
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class Session(_message.Message):
     def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., resident: _Optional[bool] = ..., messages: _Optional[int] = ..., resident_bytes_per_token: _Optional[float] = ..., stored_bytes_per_token: _Optional[float] = ..., fp16_bytes_per_token: _Optional[float] = ..., tier_tokens: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("session_id", "policy", "labels")
+    __slots__ = ("session_id", "policy", "labels", "ttl_seconds")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -68,10 +68,12 @@ class CreateSessionRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     policy: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, session_id: _Optional[str] = ..., policy: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    ttl_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., policy: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
