@@ -242,7 +242,7 @@ class SessionManager:
             try:
                 self.sweep()
             except StoreError as exc:
-                if self.store._closed:
+                if self.store.closed:
                     return  # the server stopped
                 log.warning("ttl sweep failed: %s", exc)
             except Exception:

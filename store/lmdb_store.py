@@ -49,12 +49,14 @@ import os
 import struct
 import sys
 import threading
+import time
 from array import array
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import lmdb
 
+from .archive import Export
 from .blocks import KIND_KV, KIND_TOKENS, decode_block, encode_block
 from .errors import CorruptBlock, CorruptRecord, SessionExists, SessionMissing, StoreError
 from .records import SessionRecord, check_id
@@ -213,6 +215,10 @@ class Store:
         finally:
             self._rw.release_exclusive()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __enter__(self) -> "Store":
         return self
 
@@ -367,9 +373,23 @@ class Store:
             self._put(txn, "refs", bid, _REF.pack(count - 1, size))
         return size
 
-    def _next_blob(self, txn) -> int:
+    def _put_blobs(self, txn, items: Sequence[tuple[bytes, bytes]]) -> int:
+        """Each (kv key, encoded block) as a new blob with one reference, the key pointing to it
+        (whatever it pointed to is the caller's). Returns the bytes of the blobs."""
+        if not items:
+            return 0
         raw = txn.get(b"next_blob", db=self._db["meta"])
-        return 1 if raw is None else _U64.unpack(raw)[0]
+        next_blob = 1 if raw is None else _U64.unpack(raw)[0]
+        nbytes = 0
+        for key, value in items:
+            bid = _BLOB_ID.pack(next_blob)
+            next_blob += 1
+            self._put(txn, "blobs", bid, value)
+            self._put(txn, "refs", bid, _REF.pack(1, len(value)))
+            self._put(txn, "kv", key, bid)
+            nbytes += len(value)
+        self._put(txn, "meta", b"next_blob", _U64.pack(next_blob))
+        return nbytes
 
     # ---- decoding ----------------------------------------------------------------
 
@@ -482,6 +502,48 @@ class Store:
             n += 1
             nbytes += len(self._blob(txn, key, ptr))
         return n, nbytes
+
+    def session_blobs(self, sid: str) -> dict:
+        """How the session's KV blocks are stored: blocks, shared (blobs other sessions point to as well),
+        shared_bytes, own_bytes (bytes that deleting this session would free)."""
+        _prefix(sid)
+
+        def fn(txn):
+            out = dict(blocks=0, shared=0, shared_bytes=0, own_bytes=0)
+            for key, ptr in self._scan(txn, "kv", sid):
+                count, size = self._ref(txn, key, self._blob_id(key, ptr))
+                out["blocks"] += 1
+                if count > 1:
+                    out["shared"] += 1
+                    out["shared_bytes"] += size
+                else:
+                    out["own_bytes"] += size
+            return out
+        return self._read(fn)
+
+    def export(self, sid: str) -> Export:
+        """The session as an export (see `archive`), read in one transaction; every block is checked first.
+        StoreError when there is no such session."""
+        plen = len(_prefix(sid))
+
+        def fn(txn):
+            rec, raw = self._record(txn, sid)
+            if rec is None:
+                raise SessionMissing(f"no session {sid!r}")
+            out = Export(header={}, record=bytes(raw))
+            for key, value in self._scan(txn, "tokens", sid):
+                index = _TOK_KEY.unpack(key[plen:])[0]
+                self._token_block(key, value, index)
+                out.tokens.append((index, bytes(value)))
+            for key, ptr in self._scan(txn, "kv", sid):
+                layer, index = _KV_KEY.unpack(key[plen:])
+                self._kv_block(txn, key, ptr, layer, index)
+                out.kv.append(((layer, index), bytes(self._blob(txn, key, ptr))))
+            out.header = {"session": rec.id, "model_name": rec.model_name, "model_fingerprint": rec.model_fingerprint,
+                          "policy": rec.policy, "n_tokens": rec.n_tokens, "token_blocks": len(out.tokens),
+                          "kv_blocks": len(out.kv), "exported_unix": time.time()}
+            return out
+        return self._read(fn)
 
     def dump(self) -> dict[tuple[str, bytes], bytes]:
         """Every (db name, key) -> value: for tests that compare whole stores."""
@@ -624,19 +686,11 @@ class Store:
                                          n_tokens=len(part))
                     self._put(txn, "tokens", prefix + _TOK_KEY.pack(index), value)
                     delta += len(value)
-            next_blob = self._next_blob(txn)
-            for key, value in encoded:
+            for key, _ in encoded:
                 prev = txn.get(key, db=self._db["kv"])
                 if prev is not None:  # drop this session's reference; a shared blob stays as it is
                     delta -= self._decref(txn, key, self._blob_id(key, prev))
-                bid = _BLOB_ID.pack(next_blob)
-                next_blob += 1
-                self._put(txn, "blobs", bid, value)
-                self._put(txn, "refs", bid, _REF.pack(1, len(value)))
-                self._put(txn, "kv", key, bid)
-                delta += len(value)
-            if encoded:
-                self._put(txn, "meta", b"next_blob", _U64.pack(next_blob))
+            delta += self._put_blobs(txn, encoded)
             others = old.stored_bytes - len(old_raw) + delta
             if others < 0:
                 raise CorruptRecord(f"session {sid!r} records stored_bytes {old.stored_bytes}, fewer than it holds",
@@ -699,6 +753,44 @@ class Store:
             return True, True
         if not self._read(lambda txn: txn.get(sid.encode(), db=self._db["sessions"]) is not None):
             return False  # the common miss needs no write transaction (a damaged record can still be deleted)
+        return self._write(fn)
+
+    def import_session(self, export: Export, new_id: str | None = None) -> SessionRecord:
+        """Store an exported session (under new_id when given) in one transaction: its record, token
+        blocks and KV blocks, each checked first. SessionExists if the id is taken; CorruptRecord or
+        CorruptBlock for a damaged or inconsistent export."""
+        rec = SessionRecord.from_bytes(export.record)
+        if new_id is not None:
+            rec = dataclasses.replace(rec, id=check_id(new_id))
+        prefix = _prefix(rec.id)
+        n_ids = 0
+        for expected, (index, value) in enumerate(sorted(export.tokens)):
+            if index != expected:
+                raise CorruptBlock(f"the export has no token block {expected}", db="tokens", field="index")
+            n_ids += len(self._token_block(b"", value, index))
+        if n_ids != rec.n_tokens:
+            raise CorruptRecord(f"the export holds {n_ids} token ids, its record says {rec.n_tokens}",
+                                db="sessions", field="n_tokens")
+        kv = []
+        for (layer, index), value in export.kv:
+            key = prefix + _pack_kv(layer, index)
+            head, _ = decode_block(value, key, "kv")
+            if head.kind != KIND_KV or (head.layer, head.index) != (layer, index):
+                raise CorruptBlock(f"the export's KV block ({layer}, {index}) is not that block", key, db="kv",
+                                   field="index")
+            kv.append((key, bytes(value)))
+        if len({key for key, _ in kv}) != len(kv):
+            raise CorruptBlock("the export holds a KV block twice", db="kv", field="key")
+
+        def fn(txn):
+            if txn.get(rec.id.encode(), db=self._db["sessions"]) is not None:
+                raise SessionExists(f"session {rec.id!r} already exists")
+            nbytes = 0
+            for index, value in export.tokens:
+                self._put(txn, "tokens", prefix + _TOK_KEY.pack(index), value)
+                nbytes += len(value)
+            nbytes += self._put_blobs(txn, kv)
+            return self._put_record(txn, rec, nbytes), True
         return self._write(fn)
 
     def expired(self, now: float, default_ttl: float = 0.0) -> list[str]:
