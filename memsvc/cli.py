@@ -1,8 +1,11 @@
-"""The `memsvc` command line: serve, keys new, model pull, chat, sessions ls|show|rm.
+"""The `memsvc` command line: serve, keys new, model pull, chat,
+sessions ls|show|stats|rm|gc|export|import.
 
-`sessions` reads the LMDB data directory directly (ls and show open it
-read-only), so an operator can inspect a store with or without a server
-running. Nothing imports this module.
+`sessions` reads the LMDB data directory directly (ls, show, stats and export
+open it read-only), so an operator can inspect a store with or without a server
+running; rm, gc and import write in one LMDB transaction each, which is safe
+beside a running server (it keeps an in-memory copy of a removed session until
+its next restart). Nothing imports this module.
 """
 from __future__ import annotations
 
@@ -200,29 +203,63 @@ def _record_dict(rec) -> dict:
         "resident_bytes_per_token": (rec.extra.get("cache", {}).get("resident_bytes", 0) / rec.n_tokens
                                      if rec.n_tokens else 0.0),
         "tier_tokens": rec.extra.get("cache", {}).get("tier_tokens", {}),
+        "ttl": rec.ttl,  # the session's own; 0: the server's --ttl, which the store does not know
+        "expires": rec.expires() if rec.ttl else None,
     }
+
+
+_SORTS = {"id": None, "updated": lambda r: r.updated, "created": lambda r: r.created,
+          "size": lambda r: r.stored_bytes, "tokens": lambda r: r.n_tokens}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _seconds(text: str) -> float:
+    """'90', '90s', '15m', '2h', '7d', '1w' -> seconds."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if unit else t) * (unit or 1)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise click.BadParameter(f"{text!r} is not a duration: a number of seconds, or with s, m, h, d or w")
+    return value
+
+
+def _all_records(store, labels: dict | None = None) -> list:
+    recs, after = [], ""
+    while True:
+        page = store.list(after=after, limit=1000, labels=labels or None)
+        recs.extend(page)
+        if len(page) < 1000:
+            return recs
+        after = page[-1].id
 
 
 @sessions.command("ls")
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE; all must match.")
+@click.option("--sort", "sort_by", type=click.Choice(list(_SORTS)), default="id", show_default=True,
+              help="updated, created: newest first; size, tokens: largest first.")
+@click.option("--older-than", default=None, help="Only sessions not updated for this long (90, 15m, 2h, 7d).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def sessions_ls(data_dir: str, labels: tuple[str, ...], as_json: bool) -> None:
+def sessions_ls(data_dir: str, labels: tuple[str, ...], sort_by: str, older_than: str | None, as_json: bool) -> None:
     """List stored sessions with tokens and bytes."""
+    import time
+
     wanted = {}
     for item in labels:
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--label")
         k, v = item.split("=", 1)
         wanted[k] = v
+    cutoff = time.time() - _seconds(older_than) if older_than is not None else None
     with _open_store(data_dir, readonly=True) as store:
-        recs, after = [], ""
-        while True:
-            page = store.list(after=after, limit=1000, labels=wanted or None)
-            recs.extend(page)
-            if len(page) < 1000:
-                break
-            after = page[-1].id
+        recs = _all_records(store, wanted)
+    if cutoff is not None:
+        recs = [r for r in recs if r.updated <= cutoff]
+    if _SORTS[sort_by] is not None:
+        recs.sort(key=lambda r: (_SORTS[sort_by](r), r.id), reverse=True)
     if as_json:
         for rec in recs:
             click.echo(json.dumps(_record_dict(rec)))
@@ -251,6 +288,7 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
         if rec is None:
             raise click.ClickException(f"no session {session_id!r} in {data_dir}")
         doc = _record_dict(rec)
+        doc["kv_blocks"] = blobs = store.session_blobs(session_id)
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -266,6 +304,8 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
         ("bytes stored", f"{rec.stored_bytes} ({_human_bytes(rec.stored_bytes)})"),
         ("bytes / token", f"{rec.stored_bytes / rec.n_tokens:.0f}" if rec.n_tokens else "-"),
         ("vs fp16 cache", f"{rec.stored_bytes / fp16:.2f}x of {_human_bytes(fp16)}" if fp16 else "-"),
+        ("kv blocks", f"{blobs['blocks']}, {blobs['shared']} shared with other sessions "
+                      f"({_human_bytes(blobs['shared_bytes'])}); deleting it frees {_human_bytes(blobs['own_bytes'])}"),
         ("resident / token", _resident_line(rec, fp16)),
         ("tiers (tokens/head)", ", ".join(f"{k} {v:g}" for k, v in rec.extra.get("cache", {}).get("tier_tokens", {}).items())
          or "-"),
@@ -274,6 +314,7 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(rec.labels.items())) or "-"),
         ("created", _when(rec.created)),
         ("updated", _when(rec.updated)),
+        ("ttl", f"{rec.ttl:g} s, expires {_when(rec.expires())}" if rec.ttl else "the server's --ttl"),
     ]
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
@@ -302,6 +343,128 @@ def sessions_rm(session_ids: tuple[str, ...], data_dir: str) -> None:
                 missing.append(sid)
     if missing:
         raise click.ClickException(f"no such session: {', '.join(missing)}")
+
+
+@sessions.command("stats")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def sessions_stats(data_dir: str, as_json: bool) -> None:
+    """The whole store: sessions, tokens, bytes by kind, what sharing saves."""
+    with _open_store(data_dir, readonly=True) as store:
+        recs = _all_records(store)
+        st = store.stats()
+    doc = {
+        "sessions": len(recs), "tokens": sum(r.n_tokens for r in recs),
+        "policies": {p: sum(r.policy == p for r in recs) for p in sorted({r.policy for r in recs})},
+        "bytes_referenced": sum(r.stored_bytes for r in recs),  # shared blocks counted once per session
+        "bytes_stored": st["total_bytes"],
+        "record_bytes": st["record_bytes"], "token_bytes": st["token_bytes"], "kv_blob_bytes": st["blob_bytes"],
+        "pointer_bytes": st["pointer_bytes"], "kv_blocks": st["kv_blocks"], "kv_blobs": st["blobs"],
+        "shared_blobs": st["shared_blobs"], "shared_blob_bytes": st["shared_blob_bytes"],
+        "bytes_saved_by_sharing": st["logical_blob_bytes"] - st["blob_bytes"],
+        "lmdb_used_bytes": st["used_bytes"], "lmdb_map_size": st["map_size"],
+        "block_cache": None,  # per server process, in memory: GetStats and /metrics report it
+    }
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    lines = [
+        ("sessions", f"{doc['sessions']}" + (" (" + ", ".join(f"{p} {n}" for p, n in doc["policies"].items()) + ")"
+                                             if recs else "")),
+        ("tokens", str(doc["tokens"])),
+        ("bytes stored", f"{doc['bytes_stored']} ({_human_bytes(doc['bytes_stored'])})"),
+        ("  records", _human_bytes(doc["record_bytes"])),
+        ("  token ids", _human_bytes(doc["token_bytes"])),
+        ("  kv blobs", f"{_human_bytes(doc['kv_blob_bytes'])} in {doc['kv_blobs']} blobs, {doc['shared_blobs']} "
+                       f"shared ({_human_bytes(doc['shared_blob_bytes'])})"),
+        ("  kv pointers", f"{_human_bytes(doc['pointer_bytes'])} ({doc['kv_blocks']} blocks of sessions)"),
+        ("referenced", f"{_human_bytes(doc['bytes_referenced'])} (sessions' bytes, shared blocks in each)"),
+        ("saved by sharing", _human_bytes(doc["bytes_saved_by_sharing"])),
+        ("lmdb map", f"{_human_bytes(doc['lmdb_used_bytes'])} used of {_human_bytes(doc['lmdb_map_size'])}"),
+        ("block cache", "not kept offline: a server's GetStats and /metrics report its hits and misses"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        click.echo(f"{k.ljust(width)}  {v}")
+
+
+@sessions.command("gc")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def sessions_gc(data_dir: str, as_json: bool) -> None:
+    """Remove KV blobs no session points to and entries of sessions without a record; fix reference counts.
+
+    Safe while a server runs (one write transaction). LMDB reuses the freed pages; the file does not shrink."""
+    with _open_store(data_dir, readonly=False) as store:
+        out = store.gc()
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"freed {out['freed_blobs']} unreferenced blobs ({_human_bytes(out['freed_bytes'])}), removed "
+               f"{out['orphan_entries']} orphan entries, fixed {out['fixed_counts']} reference counts; "
+               f"{out['blobs']} blobs ({_human_bytes(out['blob_bytes'])}) left")
+    if out["dangling_pointers"]:
+        click.echo(f"warning: {out['dangling_pointers']} KV blocks point to missing blobs; those sessions fail "
+                   f"to load until they are deleted", err=True)
+
+
+@sessions.command("export")
+@click.argument("session_id")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+def sessions_export(session_id: str, file: str, data_dir: str) -> None:
+    """Write one session (record, token ids, KV blocks) to FILE: portable, versioned, checksummed."""
+    from memsvc.store.archive import write_export
+    from memsvc.store.errors import StoreError
+
+    with _open_store(data_dir, readonly=True) as store:
+        try:
+            export = store.export(session_id)
+        except StoreError as exc:
+            raise click.ClickException(f"cannot export {session_id!r}: {exc}")
+    try:
+        size = write_export(file, export)
+    except StoreError as exc:
+        raise click.ClickException(str(exc))
+    h = export.header
+    click.echo(f"exported {session_id} ({h['n_tokens']} tokens, {h['kv_blocks']} KV blocks, model {h['model_name']} "
+               f"{h['model_fingerprint'][:12]}) to {file}: {size} bytes")
+
+
+@sessions.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--as", "new_id", default=None, help="Store it under this id instead of the exported one.")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@click.option("--model", default=None,
+              help="The model the target server runs (as for `serve`; default SmolLM2-135M-Instruct); "
+                   "a session made with another model is refused.")
+def sessions_import(file: str, new_id: str | None, data_dir: str, model: str | None) -> None:
+    """Store a session from an export FILE (made by `sessions export`)."""
+    from memsvc.store.archive import read_export
+    from memsvc.store.errors import StoreError
+
+    from .model import fingerprint, resolve_model
+
+    try:
+        export = read_export(file)
+    except StoreError as exc:
+        raise click.ClickException(str(exc))
+    try:
+        ours = fingerprint(resolve_model(model))
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot fingerprint the model {model or 'default'!r}: {exc}")
+    theirs = str(export.header.get("model_fingerprint", ""))
+    if theirs != ours:
+        raise click.ClickException(
+            f"{file} holds a session of model {export.header.get('model_name')!r} (fingerprint {theirs[:12]}), "
+            f"but the target model {model or 'default'!r} has fingerprint {ours[:12]}: a KV cache only works with "
+            f"the model that made it; import it where that model is served (--model)")
+    with _open_store(data_dir, readonly=False) as store:
+        try:
+            rec = store.import_session(export, new_id)
+        except (StoreError, ValueError) as exc:
+            raise click.ClickException(f"cannot import {file}: {exc}")
+    click.echo(f"imported {rec.id} ({rec.n_tokens} tokens, {rec.stored_bytes} bytes) into {data_dir}")
 
 
 def _eval_group():

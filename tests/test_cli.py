@@ -82,3 +82,105 @@ def test_show_reports_resident_and_stored_bytes_per_token_and_tiers(tmp_path, ti
     assert "resident / token" in out.output and "smaller than fp16" in out.output and "warm" in out.output
     doc = json.loads(CliRunner().invoke(main, ["sessions", "show", "t", "--data-dir", str(data), "--json"]).output)
     assert doc["tier_tokens"]["sink"] == 4 and doc["resident_bytes_per_token"] > 0
+
+
+def _cli(*args: str, ok: bool = True):
+    out = CliRunner().invoke(main, list(args))
+    assert (out.exit_code == 0) == ok, out.output
+    return out
+
+
+def test_sessions_ls_sort_filter_stats_and_gc(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    with running_server(data, tiny_model) as (client, server):
+        client.create_session("a", policy="full")
+        client.append("a", tokens=list(range(10, 110)))
+        client.create_session("b", policy="tiered", labels={"team": "red"})
+        client.append("b", tokens=list(range(10, 410)))
+        client.fork_session("b", "b2")
+        client.append("b2", tokens=[5, 6, 7])
+        client.create_session("c", policy="full", labels={"team": "red"})
+        client.append("c", tokens=[1, 2, 3])
+        want = {s.id: s for s in client.list_sessions()}
+    d = ["--data-dir", str(data)]
+
+    def ids(*args: str) -> list[str]:
+        return [json.loads(line)["id"] for line in _cli("sessions", "ls", *d, "--json", *args).output.splitlines()]
+
+    assert ids() == ["a", "b", "b2", "c"]
+    assert ids("--sort", "tokens") == ["b2", "b", "a", "c"]
+    assert ids("--sort", "size") == sorted(want, key=lambda s: want[s].bytes_stored, reverse=True)
+    assert ids("--sort", "updated") == ["c", "b2", "b", "a"]  # newest first
+    assert ids("--sort", "created") == ["c", "b2", "b", "a"]
+    assert ids("--label", "team=red", "--sort", "tokens") == ["b2", "b", "c"]  # a fork keeps its source's labels
+    assert ids("--older-than", "1h") == [] and ids("--older-than", "0") == ["a", "b", "b2", "c"]
+    bad = _cli("sessions", "ls", *d, "--older-than", "soon", ok=False)
+    assert bad.exit_code == 2 and "not a duration" in bad.output
+    table = _cli("sessions", "ls", *d, "--sort", "tokens").output.splitlines()
+    assert [line.split()[0] for line in table[1:5]] == ["b2", "b", "a", "c"]
+
+    doc = json.loads(_cli("sessions", "show", "b2", *d, "--json").output)
+    assert doc["kv_blocks"]["shared"] > 0 and doc["ttl"] == 0 and doc["expires"] is None
+    assert "shared with other sessions" in _cli("sessions", "show", "b2", *d).output
+
+    from memsvc.store.lmdb_store import Store
+    with Store(data, readonly=True) as store:
+        st = store.stats()
+    stats = json.loads(_cli("sessions", "stats", *d, "--json").output)
+    assert stats["sessions"] == 4 and stats["tokens"] == sum(s.tokens for s in want.values())
+    assert stats["bytes_referenced"] == sum(s.bytes_stored for s in want.values())
+    assert stats["bytes_stored"] == st["total_bytes"] < stats["bytes_referenced"]
+    assert stats["shared_blobs"] == st["shared_blobs"] > 0 and stats["bytes_saved_by_sharing"] > 0
+    assert stats["block_cache"] is None and stats["policies"] == {"full": 2, "tiered": 2}
+    text = _cli("sessions", "stats", *d).output
+    assert re.search(r"^sessions\s+4 \(full 2, tiered 2\)$", text, re.M) and "saved by sharing" in text
+
+    assert json.loads(_cli("sessions", "gc", *d, "--json").output)["freed_blobs"] == 0
+    with Store(data) as store:
+        with store.env.begin(write=True) as txn:  # a blob nothing points to, as a crash of old code might leave
+            txn.put((10 ** 9).to_bytes(8, "big"), b"leaked" * 100, db=store._db["blobs"])
+    out = _cli("sessions", "gc", *d).output
+    assert "freed 1 unreferenced blobs (600 B)" in out
+    _cli("sessions", "rm", "b", *d)
+    assert json.loads(_cli("sessions", "gc", *d, "--json").output)["freed_blobs"] == 0  # rm freed its own
+    assert json.loads(_cli("sessions", "show", "b2", *d, "--json").output)["kv_blocks"]["shared"] == 0
+
+
+def test_export_import_round_trip_and_refusals(tmp_path, tiny_model, tiny_model_dirs):
+    from memsvc.store.lmdb_store import Store
+    from tests.store.test_store import session_values
+
+    data, fresh = tmp_path / "data", tmp_path / "fresh"
+    with running_server(data, tiny_model) as (client, _):
+        client.create_session("t", policy="tiered", labels={"k": "v"})
+        client.append("t", tokens=list(range(10, 420)))
+    d, f = ["--data-dir", str(data)], ["--data-dir", str(fresh)]
+    model_a, model_b = ["--model", str(tiny_model_dirs[0])], ["--model", str(tiny_model_dirs[1])]
+    file = tmp_path / "t.msx"
+    out = _cli("sessions", "export", "t", str(file), *d)
+    assert f"to {file}" in out.output
+
+    _cli("sessions", "import", str(file), *f, *model_a)
+    _cli("sessions", "import", str(file), "--as", "copy", *f, *model_a)
+    with Store(data, readonly=True) as src, Store(fresh, readonly=True) as dst:
+        original = session_values(src, "t")
+        assert session_values(dst, "t") == original  # same record, token blocks and KV bytes
+        assert dst.get("copy").stored_bytes - len(dst.get("copy").to_bytes()) == \
+            src.get("t").stored_bytes - len(src.get("t").to_bytes())
+        assert dst.tokens("copy") == src.tokens("t") and dst.kv_blocks("copy") == src.kv_blocks("t")
+    again = _cli("sessions", "import", str(file), *f, *model_a, ok=False)
+    assert "already exists" in again.output
+
+    other = _cli("sessions", "import", str(file), "--data-dir", str(tmp_path / "other"), *model_b, ok=False)
+    assert "fingerprint" in other.output and "a KV cache only works with the model that made it" in other.output
+    assert not (tmp_path / "other").exists()  # refused before a store was made
+
+    raw = file.read_bytes()
+    for name, damaged in (("flipped", raw[:500] + bytes([raw[500] ^ 1]) + raw[501:]),
+                          ("truncated", raw[:-100]), ("other", b"hello" * 20)):
+        path = tmp_path / name
+        path.write_bytes(damaged)
+        bad = _cli("sessions", "import", str(path), "--as", name, *f, *model_a, ok=False)
+        assert ("corrupted" if name != "other" else "not a memsvc session export") in bad.output
+    missing = _cli("sessions", "export", "nope", str(tmp_path / "x"), *d, ok=False)
+    assert "no session 'nope'" in missing.output and not (tmp_path / "x").exists()
