@@ -281,6 +281,10 @@ class TierLayer(CacheLayerMixin):
             pick = ub.topk(k_sel, dim=-1).indices  # [H, n, k]
             chosen = torch.zeros(H, n, nb, dtype=torch.bool, device=dev)
             chosen.scatter_(2, pick, True)
+            if n > 1:
+                # a prompt chunk decodes the union of its queries' blocks anyway; every query attends all of
+                # them (masking each query back to its own top-k compounds errors through the prompt's layers)
+                chosen = chosen.any(dim=1, keepdim=True).any(dim=0, keepdim=True).expand(H, n, nb)
             ids = chosen.any(dim=1).any(dim=0).nonzero().flatten()  # [U]
             picked = chosen[:, :, ids]  # [H, n, U]
         else:

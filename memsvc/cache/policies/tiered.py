@@ -27,7 +27,7 @@ class TieredPolicy:
     warm: int = 256
     retrieve: int = 2048
     block_tokens: int = 64
-    key_codec: str = "turbo4"
+    key_codec: str = "k6v4_k"
     value_codec: str = "turbo3"
     boundary: tuple[int, ...] = (0, -1)
     boundary_key_codec: str = "k8v8_k"
