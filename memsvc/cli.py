@@ -1,5 +1,5 @@
 """The `memsvc` command line: serve, keys new, model pull, chat,
-sessions ls|show|stats|rm|gc|export|import.
+sessions ls|show|stats|rm|gc|export|import|upgrade.
 
 `sessions` reads the LMDB data directory directly (ls, show, stats and export
 open it read-only), so an operator can inspect a store with or without a server
@@ -406,6 +406,22 @@ def sessions_gc(data_dir: str, as_json: bool) -> None:
     if out["dangling_pointers"]:
         click.echo(f"warning: {out['dangling_pointers']} KV blocks point to missing blobs; those sessions fail "
                    f"to load until they are deleted", err=True)
+
+
+@sessions.command("upgrade")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+def sessions_upgrade(data_dir: str) -> None:
+    """Convert a store written before KV blocks were shared (format 1) in place, in one transaction.
+
+    Stop the server first: nothing else may have the store open."""
+    from memsvc.store.errors import StoreError
+    from memsvc.store.lmdb_store import STORE_FORMAT, upgrade_store
+
+    try:
+        n = upgrade_store(data_dir)
+    except StoreError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"upgraded {data_dir} to store format {STORE_FORMAT}: {n} KV blocks are now shared blobs")
 
 
 @sessions.command("export")

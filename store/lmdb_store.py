@@ -31,7 +31,8 @@ session's last, partially filled block. Reads concatenate whatever blocks are
 stored, so reopening a store with another `token_block` is safe.
 
 A store of format 1 (KV blocks copied per session, no `meta` database) is
-refused with a clear error rather than converted.
+refused with a clear error; `upgrade_store()` (`memsvc sessions upgrade`)
+converts it in place, in one transaction.
 
 Thread-safe: one Store is shared by all worker threads. Writes are serialized
 by a lock; reads run concurrently; resizing the map (which LMDB allows only
@@ -187,8 +188,9 @@ class Store:
             if used:
                 raise StoreError(
                     f"the store at {self.path} has format 1 (KV blocks copied per session); this memsvc reads "
-                    f"format {STORE_FORMAT} only (blocks shared between forks). Serve it with the memsvc that "
-                    f"wrote it, or start a fresh data dir")
+                    f"format {STORE_FORMAT} only (blocks shared between forks). Convert it in place with "
+                    f"`memsvc sessions upgrade --data-dir {self.path}` (stop the server first), or start a fresh "
+                    f"data dir")
             if self.readonly:
                 raise StoreError(f"{self.path} is not a memsvc store (it has no format stamp)")
         try:
@@ -197,6 +199,9 @@ class Store:
             raise StoreError(f"{self.path} is not a memsvc store (database missing: {exc})") from exc
         with self.env.begin(write=not self.readonly) as txn:
             raw = txn.get(b"format", db=dbs["meta"])
+            if raw is None and any(txn.stat(dbs[name])["entries"] for name in ("sessions", "tokens", "kv")):
+                raise StoreError(f"the store at {self.path} holds sessions but no format stamp; it was not "
+                                 f"written by this memsvc")
             if raw is None and not self.readonly:
                 txn.put(b"format", _U32.pack(STORE_FORMAT), db=dbs["meta"])
             elif raw is None or len(raw) != _U32.size or _U32.unpack(raw)[0] != STORE_FORMAT:
@@ -865,6 +870,43 @@ class Store:
             changed = any(out[k] for k in ("orphan_entries", "freed_blobs", "fixed_counts"))
             return out, changed
         return self._write(fn)
+
+
+def upgrade_store(path: str | os.PathLike) -> int:
+    """Convert a format-1 store at path to format 2 in one write transaction: each session's KV
+    block becomes a blob with one reference and the session's entry a pointer to it. Returns
+    the number of KV blocks converted; StoreError if path holds no format-1 store. Nothing else
+    may have the store open while it runs."""
+    path = Path(path)
+    if not (path / "data.mdb").is_file():
+        raise StoreError(f"data dir {path} does not exist or holds no memsvc store")
+    size = (path / "data.mdb").stat().st_size
+    try:
+        env = lmdb.open(str(path), map_size=max(2 * size + (64 << 20), 256 << 20), max_dbs=len(_DBS), lock=True)
+    except lmdb.Error as exc:
+        raise StoreError(f"cannot open the store at {path}: {exc}") from exc
+    try:
+        try:
+            env.open_db(b"meta", create=False)
+            raise StoreError(f"the store at {path} already has a format stamp: nothing to upgrade")
+        except lmdb.NotFoundError:
+            pass
+        with env.begin(write=True) as txn:  # the new databases too: an abort leaves the store as it was
+            dbs = {name: env.open_db(name.encode(), txn=txn) for name in _DBS}
+            n = 0
+            for key, value in list(txn.cursor(db=dbs["kv"])):
+                n += 1
+                bid = _BLOB_ID.pack(n)
+                txn.put(bid, value, db=dbs["blobs"])
+                txn.put(bid, _REF.pack(1, len(value)), db=dbs["refs"])
+                txn.put(key, bid, db=dbs["kv"])
+            txn.put(b"next_blob", _U64.pack(n + 1), db=dbs["meta"])
+            txn.put(b"format", _U32.pack(STORE_FORMAT), db=dbs["meta"])
+        return n
+    except lmdb.Error as exc:
+        raise StoreError(f"cannot upgrade the store at {path}: {exc}") from exc
+    finally:
+        env.close()
 
 
 def _check_record(record) -> None:

@@ -184,3 +184,12 @@ def test_export_import_round_trip_and_refusals(tmp_path, tiny_model, tiny_model_
         assert ("corrupted" if name != "other" else "not a memsvc session export") in bad.output
     missing = _cli("sessions", "export", "nope", str(tmp_path / "x"), *d, ok=False)
     assert "no session 'nope'" in missing.output and not (tmp_path / "x").exists()
+
+
+def test_upgrade_command(tmp_path):
+    from memsvc.store.lmdb_store import Store
+
+    with Store(tmp_path / "d"):
+        pass
+    out = _cli("sessions", "upgrade", "--data-dir", str(tmp_path / "d"), ok=False)
+    assert "nothing to upgrade" in out.output  # the format-1 conversion itself: tests/store/test_sharing.py

@@ -9,10 +9,10 @@ import pytest
 
 from memsvc.store.blocks import KIND_KV, encode_block
 from memsvc.store.errors import CorruptBlock, StoreError
-from memsvc.store.lmdb_store import STORE_FORMAT, Store
+from memsvc.store.lmdb_store import STORE_FORMAT, Store, upgrade_store
 from memsvc.store.records import SessionRecord
 
-from tests.store.test_store import raw_put, session_bytes
+from tests.store.test_store import raw_put, session_bytes, session_values
 
 
 def rec(sid: str, **kw) -> SessionRecord:
@@ -169,3 +169,36 @@ def test_expiry_by_ttl(tmp_path):
         assert s.delete("default", expired_at=1e9, default_ttl=100)
         with pytest.raises(ValueError, match="ttl"):
             rec("x", ttl=-1)
+
+
+def test_upgrade_converts_a_format_1_store_in_place(tmp_path):
+    with Store(tmp_path, token_block=4) as s:
+        for sid in ("a", "b"):
+            s.create(rec(sid))
+            s.commit(rec(sid), first_token=0, tokens=list(range(9)), blocks={(0, 0): sid.encode() * 50,
+                                                                          (1, 0xFFFFFFFF): os.urandom(300)})
+        want = {sid: session_values(s, sid) for sid in ("a", "b")}
+        records = {sid: s.get(sid) for sid in ("a", "b")}
+    env = lmdb.open(str(tmp_path), max_dbs=6)  # rewrite it as format 1 wrote it: blocks in kv, no blobs or meta
+    dbs = {name: env.open_db(name.encode()) for name in ("kv", "blobs", "refs", "meta")}
+    with env.begin(write=True) as txn:
+        for key, ptr in list(txn.cursor(db=dbs["kv"])):
+            txn.put(key, txn.get(ptr, db=dbs["blobs"]), db=dbs["kv"])
+        for name in ("blobs", "refs", "meta"):
+            txn.drop(dbs[name], delete=True)
+    env.close()
+    with pytest.raises(StoreError, match="memsvc sessions upgrade"):
+        Store(tmp_path)
+
+    assert upgrade_store(tmp_path) == 4
+    with Store(tmp_path) as s:
+        for sid in ("a", "b"):
+            assert session_values(s, sid) == want[sid] and s.get(sid) == records[sid]
+            assert s.get(sid).stored_bytes == session_bytes(s, sid)
+        s.fork("a", rec("c"))
+        s.commit(rec("c"), first_token=9, tokens=[1], blocks={(0, 0): b"new"})
+        assert s.gc()["freed_blobs"] == 0 and s.kv_block("a", 0, 0) == b"a" * 50
+    with pytest.raises(StoreError, match="nothing to upgrade"):
+        upgrade_store(tmp_path)
+    with pytest.raises(StoreError, match="does not exist"):
+        upgrade_store(tmp_path / "absent")
