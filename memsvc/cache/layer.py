@@ -6,7 +6,8 @@ State (H = KV heads, D = head dim; batch 1):
     keep      [H, m, D]   per-head kept tokens (exact, or 8-bit codes + fp16 scale/min);
                           keep_pos [H, m]; keep_score [H, m]
     cold      blocks of B tokens in a `ColdStore`, packed by the plan's codecs;
-              sum_min/sum_max [nb, H, D] key summaries, live [nb, H, B]
+              sum_min/sum_max [nb, H, D] key summaries (Quest), sum_mean_k/v the block means, each
+              8-bit per row (codes uint8 [nb, H, D], scale and base fp16 [nb, H, 1]); live [nb, H, B]
               (False where the token's head holds it in `keep`: each token is
               attended exactly once per head)
 
@@ -59,6 +60,31 @@ def _dq8(q: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return codes.float() * scale.float() + mn.float()
 
 
+_ROUND = {"down": torch.floor, "up": torch.ceil, "near": torch.round}
+
+
+def _q8_rows(x: torch.Tensor, rounding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block summaries x [nb, H, D] -> 8-bit codes [nb, H, D], scale and base fp16 [nb, H, 1].
+
+    rounding "down" never dequantizes above x and "up" never below it (up to fp32 rounding), so a
+    Quest bound built from a min rounded down and a max rounded up stays an upper bound."""
+    x = x.float()
+    lo = x.amin(-1, keepdim=True)
+    base = lo.to(torch.float16)
+    base = torch.where(base.float() > lo, torch.nextafter(base, torch.full_like(base, -float("inf"))), base)
+    step = (x.amax(-1, keepdim=True) - base.float()) / 255.0
+    scale = step.to(torch.float16)
+    scale = torch.where(scale.float() < step, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    s = scale.float()
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    codes = _ROUND[rounding]((x - base.float()) * inv).clamp_(0, 255).to(torch.uint8)
+    return codes, scale, base
+
+
+def _cat3(a: tuple, b: tuple) -> tuple:
+    return tuple(torch.cat([x, y]) for x, y in zip(a, b))
+
+
 class TierLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
@@ -97,10 +123,9 @@ class TierLayer(CacheLayerMixin):
         self.keep_v = self._keep_store(torch.empty(H, 0, self.Dv, device=dev))
         self.keep_pos = torch.empty(H, 0, dtype=torch.long, device=dev)
         self.keep_score = torch.empty(H, 0, device=dev)
-        self.sum_min = torch.empty(0, H, D, dtype=torch.float16, device=dev)
-        self.sum_max = self.sum_min
-        self.sum_mean_k = self.sum_min
-        self.sum_mean_v = torch.empty(0, H, self.Dv, dtype=torch.float16, device=dev)
+        self.sum_min = _q8_rows(torch.empty(0, H, D, device=dev), "down")  # 8-bit rows: codes, scale, base
+        self.sum_max = self.sum_mean_k = self.sum_min
+        self.sum_mean_v = _q8_rows(torch.empty(0, H, self.Dv, device=dev), "near")
         self.live = torch.empty(0, H, self.plan.block, dtype=torch.bool, device=dev)
         self.is_initialized = True
 
@@ -163,8 +188,9 @@ class TierLayer(CacheLayerMixin):
     def resident_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        ts = [self.sink_k, self.sink_v, self.hot_k, self.hot_v, self.hot_pos, self.keep_pos, self.sum_min,
-              self.sum_max, self.sum_mean_k, self.sum_mean_v, self.live]
+        ts = [self.sink_k, self.sink_v, self.hot_k, self.hot_v, self.hot_pos, self.keep_pos, self.live]
+        for summary in (self.sum_min, self.sum_max, self.sum_mean_k, self.sum_mean_v):
+            ts += list(summary)
         if self.plan.keep_by == "attention":
             ts += [self.hot_score, self.keep_score]
         for store in (self.keep_k, self.keep_v):
@@ -226,7 +252,7 @@ class TierLayer(CacheLayerMixin):
             if chosen is not None and p.rest == "mean":
                 # blocks retrieval left out still count: one pseudo-token each, the block's mean key and
                 # value weighted by its live tokens (exp(q·mean k) <= mean exp(q·k), so mass is never overstated)
-                lr = torch.bmm(q, self.sum_mean_k.float().permute(1, 2, 0)).mul_(scaling).view(H, G, n, -1)
+                lr = torch.bmm(q, _dq8(self.sum_mean_k).permute(1, 2, 0)).mul_(scaling).view(H, G, n, -1)
                 count = self.live.sum(-1).T.float()  # [H, nb]
                 lr = lr + count.clamp(min=1).log().view(H, 1, 1, -1)
                 lr.masked_fill_((chosen | (count == 0).unsqueeze(1)).unsqueeze(1), float("-inf"))
@@ -237,7 +263,7 @@ class TierLayer(CacheLayerMixin):
         out = torch.bmm(probs[..., :te].reshape(H, G * n, te), v_ex)  # [H, G*n, Dv]
         if rest is not None:
             pr = probs[..., -rest:].reshape(H, G * n, rest)
-            out = out + torch.bmm(pr, self.sum_mean_v.float().transpose(0, 1))
+            out = out + torch.bmm(pr, _dq8(self.sum_mean_v).transpose(0, 1))
             probs = probs[..., :-rest]
         if cold is not None:
             out = out + self._cold_values(cold, probs[..., te:])
@@ -276,7 +302,7 @@ class TierLayer(CacheLayerMixin):
         if p.retrieve and nb * B > p.retrieve:
             k_sel = p.retrieve // B
             # Quest upper bound per block: sum_d max(q_d * min_d, q_d * max_d), summed over the group's queries
-            mn, mx = self.sum_min.float(), self.sum_max.float()  # [nb, H, D]
+            mn, mx = _dq8(self.sum_min), _dq8(self.sum_max)  # [nb, H, D]
             ub = torch.einsum("hgnd,bhd->hnb", q.clamp(min=0), mx) + torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn)
             pick = ub.topk(k_sel, dim=-1).indices  # [H, n, k]
             chosen = torch.zeros(H, n, nb, dtype=torch.bool, device=dev)
@@ -403,12 +429,12 @@ class TierLayer(CacheLayerMixin):
         kf = k.to(self.model_dtype)
         self.cold.put(self.layer_idx, self.n_blocks, self.kcodec.encode(kf), self.vcodec.encode(v.to(self.model_dtype)))
         kk = k.float()
-        self.sum_min = torch.cat([self.sum_min, kk.amin(1).to(torch.float16).unsqueeze(0)])
-        self.sum_max = torch.cat([self.sum_max, kk.amax(1).to(torch.float16).unsqueeze(0)])
+        self.sum_min = _cat3(self.sum_min, _q8_rows(kk.amin(1).unsqueeze(0), "down"))
+        self.sum_max = _cat3(self.sum_max, _q8_rows(kk.amax(1).unsqueeze(0), "up"))
         if self.plan.rest == "mean":
             # over every token of the block: tokens now in the warm tier may come back to it later
-            self.sum_mean_k = torch.cat([self.sum_mean_k, kk.mean(1).to(torch.float16).unsqueeze(0)])
-            self.sum_mean_v = torch.cat([self.sum_mean_v, v.float().mean(1).to(torch.float16).unsqueeze(0)])
+            self.sum_mean_k = _cat3(self.sum_mean_k, _q8_rows(kk.mean(1).unsqueeze(0), "near"))
+            self.sum_mean_v = _cat3(self.sum_mean_v, _q8_rows(v.float().mean(1).unsqueeze(0), "near"))
         self.live = torch.cat([self.live, live.unsqueeze(0)])
         self.n_blocks += 1
 

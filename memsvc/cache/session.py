@@ -20,11 +20,12 @@ import torch
 from .attention import active
 from .cache import TierCache
 from .cold import ColdStore
-from .layer import TierLayer
+from .layer import TierLayer, _q8_rows
 
 STATE_INDEX = 0xFFFFFFFF  # the layer's state entry, after every possible block index
 _TENSORS = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "sum_min",
             "sum_max", "sum_mean_k", "sum_mean_v", "live", "q_window")
+_SUMMARIES = {"sum_min": "down", "sum_max": "up", "sum_mean_k": "near", "sum_mean_v": "near"}  # 8-bit rounding
 _INTS = ("seen", "evicted", "n_blocks", "H", "D", "Dv")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -50,14 +51,14 @@ class StoreBlocks:
 def layer_state(layer: TierLayer) -> bytes:
     if not layer.is_initialized:
         return st.save({}, metadata={"init": "0"})
-    tensors = {name: getattr(layer, name).contiguous() for name in _TENSORS if getattr(layer, name) is not None}
-    for side in ("keep_k", "keep_v"):
-        store = getattr(layer, side)
-        if isinstance(store, tuple):
-            for i, t in enumerate(store):
-                tensors[f"{side}.{i}"] = t.contiguous()
-        else:
-            tensors[side] = store.contiguous()
+    tensors = {}
+    for name in _TENSORS + ("keep_k", "keep_v"):
+        value = getattr(layer, name)
+        if isinstance(value, tuple):  # 8-bit rows: codes, scale, base
+            for i, t in enumerate(value):
+                tensors[f"{name}.{i}"] = t.contiguous()
+        elif value is not None:
+            tensors[name] = value.contiguous()
     meta = {name: str(getattr(layer, name)) for name in _INTS}
     meta |= {"init": "1", "model_dtype": str(layer.model_dtype).removeprefix("torch.")}
     return st.save(tensors, metadata=meta)
@@ -73,13 +74,13 @@ def load_layer_state(layer: TierLayer, raw: bytes, device: torch.device) -> None
         setattr(layer, name, int(meta[name]))
     layer.model_dtype = _DTYPES[meta["model_dtype"]]
     layer.device = device
-    for name in _TENSORS:
-        setattr(layer, name, loaded.get(name))
-    for side in ("keep_k", "keep_v"):
-        if f"{side}.0" in loaded:
-            setattr(layer, side, tuple(loaded[f"{side}.{i}"] for i in range(3)))
+    for name in _TENSORS + ("keep_k", "keep_v"):
+        if f"{name}.0" in loaded:
+            setattr(layer, name, tuple(loaded[f"{name}.{i}"] for i in range(3)))
+        elif name in _SUMMARIES and name in loaded:  # stored before summaries were 8-bit
+            setattr(layer, name, _q8_rows(loaded[name], _SUMMARIES[name]))
         else:
-            setattr(layer, side, loaded[side])
+            setattr(layer, name, loaded.get(name))
     layer.is_initialized = True
 
 
