@@ -5,9 +5,12 @@ Per layer and KV head:
 - hot: the last `hot` tokens (plus a partial block), exact;
 - warm: up to `warm` tokens per head whose cumulative attention (H2O-style,
   summed while they were hot or warm) is highest, at 8 bits per value;
-- cold: everything else, `block_tokens` at a time, TurboQuant-packed, each
-  block with a resident key summary (per-channel min/max, Quest); every query
-  attends the `retrieve` cold tokens whose blocks score highest for it.
+- cold: everything else, `block_tokens` at a time, keys 6-bit per token and
+  values TurboQuant 3-bit (4-bit TurboQuant keys lost the passkey even with
+  every block attended; 6-bit kept it), each block with a resident 8-bit key
+  summary (per-channel min/max, Quest); every decode query attends the
+  `retrieve` cold tokens whose blocks score highest for it (a prompt chunk's
+  queries all attend the union of their picks).
 Nothing is evicted. `boundary` layers (default the first and the last) keep
 their cold tier at `boundary_codec` precision, as public TurboQuant ports found
 they need.
