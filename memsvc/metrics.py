@@ -4,7 +4,8 @@ servers can live in one process, as they do in tests).
 Per RPC: `memsvc_rpc_total{method,code}` and `memsvc_rpc_duration_seconds{method,code}`.
 Read from the session manager at scrape time: tokens appended / generated /
 run through the model, resumes, session loads and unloads (the resident budget),
-resident sessions, bytes and tokens per tier, cold block cache hits and misses;
+resident sessions, bytes and tokens per tier, the shared cold block cache (hits, misses,
+bytes, capacity);
 from the store, at most every `store_every` seconds (it walks every value):
 stored sessions, bytes and tokens per tier (as of each session's last commit).
 
@@ -65,12 +66,20 @@ class _ServiceCollector:
             m.add_metric([], value)
             yield m
         hits, misses = self.manager.cold_cache()
-        m = CounterMetricFamily("memsvc_cold_cache_hits", "Cold block reads served from a session's block LRU.")
+        m = CounterMetricFamily("memsvc_cold_cache_hits",
+                                "Cold block reads served from the block cache shared by all sessions.")
         m.add_metric([], hits)
         yield m
         m = CounterMetricFamily("memsvc_cold_cache_misses", "Cold block reads that went to the store.")
         m.add_metric([], misses)
         yield m
+        cache = self.manager.block_cache.stats()
+        g = GaugeMetricFamily("memsvc_block_cache_bytes", "Bytes of cold blocks in the shared block cache.")
+        g.add_metric([], cache["bytes"])
+        yield g
+        g = GaugeMetricFamily("memsvc_block_cache_capacity_bytes", "Bound of the shared block cache (--block-cache).")
+        g.add_metric([], cache["capacity"])
+        yield g
         n, nbytes = self.manager.resident()
         g = GaugeMetricFamily("memsvc_sessions_resident", "Sessions held in memory.")
         g.add_metric([], n)

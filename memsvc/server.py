@@ -15,6 +15,7 @@ Knows gRPC and the session manager; knows nothing about tensors or LMDB.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -417,11 +418,13 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
                   device: str = "cpu", max_workers: int = 8, auth: str = "auto", api_keys: KeyRing | None = None,
                   tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                   limits: Limits | None = None, metrics_port: int | None = None, metrics_host: str | None = None,
-                  **manager_options) -> tuple[grpc.Server, int]:
+                  context: int | None = None, **manager_options) -> tuple[grpc.Server, int]:
     """Build (not start) a server bound to `address` ('host:port', port 0 picks one).
 
     auth: 'auto' (on when keys are given or the host is not loopback), 'on' or 'off'.
     metrics_port: serve Prometheus metrics over HTTP there (0 picks a port; None: no endpoint).
+    context: tokens a session may hold, in place of the model's max_position_embeddings (None: the
+    model's); past the model's own context it runs on positions it was not trained on.
 
     Returns (server, port). The server carries `.memsvc_manager`, `.memsvc_store`,
     `.memsvc_metrics` and `.memsvc_metrics_port` for the caller that owns it (after
@@ -439,6 +442,10 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
             raise ValueError(f"cannot read the TLS certificate or key: {exc}") from exc
     limits = limits or Limits()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    if context is not None:
+        if context < 2:
+            raise ValueError(f"--context must be at least 2 tokens, got {context}")
+        loaded = dataclasses.replace(loaded, max_positions=context)
     store = Store(data_dir)
     manager = SessionManager(store, loaded, **manager_options)
     metrics = Metrics(manager, store_stats=store.stats)

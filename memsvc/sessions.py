@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import threading
@@ -51,7 +52,7 @@ from memsvc.store.records import SessionRecord
 from . import chat
 from .errors import AlreadyExists, Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from .cache import use_memsvc_attention
-from .cache.cold import ColdStore
+from .cache.cold import BlockCache, ColdStore
 from .cache.session import StoreBlocks, TierKV
 from .kvcache import SessionKV, dtype_name
 from .model import LoadedModel
@@ -110,11 +111,10 @@ class _Live:
         self.tier_tokens = self.kv.tier_tokens()
 
 
-def _cold_counts(kv) -> tuple[int, int]:
-    """(hits, misses) of a tiered session's cold block LRU; (0, 0) for a plain cache."""
+def _close_cold(kv) -> None:
+    """Drop a tiered session's blocks from the shared block cache (it left memory or is gone)."""
     if isinstance(kv, TierKV):
-        return kv.cache.cold.hits, kv.cache.cold.misses
-    return 0, 0
+        kv.cache.cold.close()
 
 
 @dataclass
@@ -131,13 +131,16 @@ class SessionView:
 
 
 DEFAULT_RESIDENT_BUDGET = 512 << 20
+DEFAULT_BLOCK_CACHE = 256 << 20
 
 
 class SessionManager:
-    """resident_budget: bytes of KV cache that idle sessions may keep in memory (0 = no limit)."""
+    """resident_budget: bytes of KV cache that idle sessions may keep in memory (0 = no limit).
+    block_cache_bytes: bound of the one LRU of cold blocks read back from the store, shared by every
+    tiered session (0 = none; blocks are then parsed again at each read)."""
 
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
-                 max_new_tokens: int = 4096, prefill_chunk: int = 512, cold_cache_bytes: int = 1 << 20,
+                 max_new_tokens: int = 4096, prefill_chunk: int = 512, block_cache_bytes: int = DEFAULT_BLOCK_CACHE,
                  resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
@@ -146,12 +149,18 @@ class SessionManager:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0 (0 = off), got {v!r}")
         if not isinstance(resident_budget, int) or isinstance(resident_budget, bool) or resident_budget < 0:
             raise ValueError(f"resident_budget must be an integer >= 0 (bytes; 0 = no limit), got {resident_budget!r}")
+        if not isinstance(block_cache_bytes, int) or isinstance(block_cache_bytes, bool) or block_cache_bytes < 0:
+            raise ValueError(f"block_cache_bytes must be an integer >= 0 (bytes; 0 = none), got {block_cache_bytes!r}")
         self.store = store
         self.model = model
         self.default_new_tokens = min(default_new_tokens, max_new_tokens)
         self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk
-        self.cold_cache_bytes = cold_cache_bytes  # per session: LRU of cold blocks read back from the store
+        # Cold blocks read back from the store, shared by all sessions. A session's blocks are keyed by
+        # (session id, n), n new each time it is created or loaded, and dropped when it leaves memory:
+        # a deleted, expired, recreated or offline-changed session can never meet stale blocks.
+        self.block_cache = BlockCache(block_cache_bytes)
+        self._generation = itertools.count()
         self.resident_budget = resident_budget
         use_memsvc_attention(model.model)  # tiered sessions attend through it; plain ones get SDPA unchanged
         self.chat_format = chat.ChatFormat.of(model.tokenizer)
@@ -160,7 +169,6 @@ class SessionManager:
         self._live: OrderedDict[str, _Live] = OrderedDict()  # least recently used first
         self._locks: dict[str, threading.Lock] = {}
         self._global = threading.Lock()
-        self._cold_gone = [0, 0]  # cold LRU (hits, misses) of sessions no longer in memory
         self.ttl = float(ttl)
         self.on_expire: Callable[[SessionRecord], None] | None = None  # told of each expired session deleted
         self._stop = threading.Event()
@@ -183,8 +191,10 @@ class SessionManager:
         m = self.model
         if policy.name == "full":
             return SessionKV(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, policy.block_tokens)
-        cold = ColdStore(StoreBlocks(self.store, sid), cache_bytes=self.cold_cache_bytes)
-        return TierKV(policy, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, cold)
+        return TierKV(policy, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, self._cold(sid))
+
+    def _cold(self, sid: str) -> ColdStore:
+        return ColdStore(StoreBlocks(self.store, sid), cache=self.block_cache, owner=(sid, next(self._generation)))
 
     def _check_model(self, rec: SessionRecord) -> None:
         if rec.model_fingerprint != self.model.fingerprint:
@@ -273,7 +283,7 @@ class SessionManager:
             elif policy.name == "full":
                 kv = SessionKV.from_blocks(self.store.kv_blocks(sid), kv_len, rec.layout, self.model.device)
             else:  # layer states only: cold blocks stay in the store until retrieval reads them
-                kv = TierKV.load(policy, self.store, sid, rec.layout, self.model.device, self.cold_cache_bytes)
+                kv = TierKV.load(policy, self.store, sid, rec.layout, self.model.device, cold=self._cold(sid))
         except (CorruptRecord, ValueError) as exc:
             raise DataLoss(f"session {sid!r} cannot be read back: {exc}") from exc
         if len(tokens) != rec.n_tokens or kv.length != kv_len:
@@ -301,13 +311,11 @@ class SessionManager:
         self._fit_budget()
 
     def _forget(self, sid: str) -> _Live | None:
-        """Drop a session from memory, keeping its cold LRU counts (caller holds its lock)."""
+        """Drop a session from memory, and its blocks from the block cache (caller holds its lock)."""
         with self._global:
             live = self._live.pop(sid, None)
-            if live is not None:
-                hits, misses = _cold_counts(live.kv)
-                self._cold_gone[0] += hits
-                self._cold_gone[1] += misses
+        if live is not None:
+            _close_cold(live.kv)
         return live
 
     def _fit_budget(self) -> None:
@@ -639,14 +647,8 @@ class SessionManager:
             after = recs[-1].id
 
     def cold_cache(self) -> tuple[int, int]:
-        """(hits, misses) of the sessions' cold block LRUs since the server started."""
-        with self._global:
-            hits, misses = self._cold_gone
-            lives = list(self._live.values())
-        for live in lives:
-            h, m = _cold_counts(live.kv)
-            hits, misses = hits + h, misses + m
-        return hits, misses
+        """(hits, misses) of the shared cold block cache since the server started."""
+        return self.block_cache.hits, self.block_cache.misses
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

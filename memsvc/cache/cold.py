@@ -6,9 +6,12 @@ A cold block is the packed keys and values of `block` tokens of one layer
 - `FileBlocks`: an append-only file on disk, read back with pread;
 - the service's LMDB store (`StoreBlocks` in memsvc.sessions' adapter).
 `ColdStore` puts new blocks in `pending` until the owner flushes them to the
-backend (the service does that inside its commit transaction), and keeps an
-LRU of recently read blocks within `cache_bytes`. Only pending blocks, the LRU
-and in-memory backends count as resident.
+backend (the service does that inside its commit transaction), and keeps
+recently read (and just flushed) blocks in a `BlockCache`: its own of
+`cache_bytes`, or one LRU shared by every session of a server, keyed by owner
+(the session id), layer and index. Pending blocks, a private cache and
+in-memory backends count as a store's resident bytes; a shared cache is
+bounded and counted on its own.
 """
 from __future__ import annotations
 
@@ -112,26 +115,124 @@ class FileBlocks:
             pass
 
 
-class ColdStore:
-    """pending blocks + an LRU of read blocks (by bytes) over a backend."""
+class BlockCache:
+    """A bounded LRU of parsed cold blocks (by bytes), shareable by many `ColdStore`s; thread-safe.
 
-    def __init__(self, backend=None, cache_bytes: int = 1 << 20):
+    Keys are (owner, layer, index): `owner` is whatever the ColdStore was given (the
+    service passes the session id), so stores with different owners never see each
+    other's blocks. A stored block never changes under its key; an owner whose blocks
+    go away (a deleted or replaced session) is dropped with `drop(owner)`.
+    hits / misses count `get` calls.
+    """
+
+    def __init__(self, capacity: int):
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+            raise ValueError(f"the block cache needs an integer capacity >= 0 (bytes), got {capacity!r}")
+        self.capacity = capacity
+        self._lru: OrderedDict[tuple, tuple[Packed, Packed, int]] = OrderedDict()
+        self._owned: dict[object, set[tuple]] = {}
+        self._size = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, key: tuple) -> tuple[Packed, Packed] | None:
+        with self._lock:
+            hit = self._lru.get(key)
+            if hit is None:
+                self.misses += 1
+                return None
+            self._lru.move_to_end(key)
+            self.hits += 1
+            return hit[0], hit[1]
+
+    def put(self, key: tuple, k: Packed, v: Packed, size: int) -> None:
+        with self._lock:
+            self._pop(key)
+            if size > self.capacity:
+                return
+            self._lru[key] = (k, v, size)
+            self._owned.setdefault(key[0], set()).add(key)
+            self._size += size
+            while self._size > self.capacity:
+                self._pop(next(iter(self._lru)))
+                self.evictions += 1
+
+    def _pop(self, key: tuple) -> None:
+        old = self._lru.pop(key, None)
+        if old is None:
+            return
+        self._size -= old[2]
+        keys = self._owned.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._owned[key[0]]
+
+    def discard(self, owner, layer: int, index: int) -> None:
+        """Forget owner's blocks of `layer` from `index` on."""
+        with self._lock:
+            for key in [k for k in self._owned.get(owner, ()) if k[1] == layer and k[2] >= index]:
+                self._pop(key)
+
+    def drop(self, owner) -> int:
+        """Forget every block of `owner`; returns how many went."""
+        with self._lock:
+            keys = list(self._owned.get(owner, ()))
+            for key in keys:
+                self._pop(key)
+            return len(keys)
+
+    def owner_bytes(self, owner) -> int:
+        with self._lock:
+            return sum(self._lru[key][2] for key in self._owned.get(owner, ()))
+
+    @property
+    def nbytes(self) -> int:
+        return self._size
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"capacity": self.capacity, "bytes": self._size, "blocks": len(self._lru), "hits": self.hits,
+                    "misses": self.misses, "evictions": self.evictions}
+
+
+class ColdStore:
+    """pending blocks + a `BlockCache` of read blocks over a backend.
+
+    cache: a BlockCache shared with other stores (its bytes are the cache's, not this
+    store's resident bytes), read and written under `owner`; without one the store
+    keeps a private cache of `cache_bytes`, counted as resident. hits / misses count
+    this store's reads (pending blocks and in-memory backends count as hits).
+    """
+
+    def __init__(self, backend=None, cache_bytes: int = 1 << 20, *, cache: BlockCache | None = None,
+                 owner=None):
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.backend = backend if backend is not None else MemoryBlocks()
-        self.cache_bytes = cache_bytes
+        self.shared = cache is not None
+        self.cache = cache if cache is not None else BlockCache(cache_bytes)
+        self.owner = owner if owner is not None else object()
         self.pending: dict[tuple[int, int], bytes] = {}
-        self._lru: OrderedDict[tuple[int, int], tuple[Packed, Packed, int]] = OrderedDict()
-        self._lru_size = 0
+        self._pending_packed: dict[tuple[int, int], tuple[Packed, Packed]] = {}
         self.hits = 0
         self.misses = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache.capacity
 
     def put(self, layer: int, index: int, k: Packed, v: Packed) -> None:
         if isinstance(self.backend, MemoryBlocks):  # nothing to flush: keep the objects
             self.backend.blocks[(layer, index)] = (k, v, k.nbytes() + v.nbytes() + _LEN.size)
             return
         self.pending[(layer, index)] = block_bytes(k, v)
-        self._remember((layer, index), k, v, len(self.pending[(layer, index)]))
+        self._pending_packed[(layer, index)] = (k, v)
 
     def get(self, layer: int, index: int) -> tuple[Packed, Packed]:
         key = (layer, index)
@@ -140,32 +241,21 @@ class ColdStore:
             if mem is not None:
                 self.hits += 1
                 return mem[0], mem[1]
-        hit = self._lru.get(key)
-        if hit is not None:
-            self._lru.move_to_end(key)
+        mine = self._pending_packed.get(key)
+        if mine is not None:
             self.hits += 1
-            return hit[0], hit[1]
+            return mine
+        hit = self.cache.get((self.owner, layer, index))
+        if hit is not None:
+            self.hits += 1
+            return hit
         self.misses += 1
-        raw = self.pending.get(key)
-        if raw is None:
-            raw = self.backend.read(layer, index)
+        raw = self.backend.read(layer, index)
         if raw is None:
             raise KeyError(f"cold block (layer {layer}, block {index}) is not stored")
         k, v = block_from_bytes(raw)
-        self._remember(key, k, v, len(raw))
+        self.cache.put((self.owner, layer, index), k, v, len(raw))
         return k, v
-
-    def _remember(self, key, k, v, size) -> None:
-        old = self._lru.pop(key, None)
-        if old is not None:
-            self._lru_size -= old[2]
-        if size > self.cache_bytes:
-            return
-        self._lru[key] = (k, v, size)
-        self._lru_size += size
-        while self._lru_size > self.cache_bytes:
-            _, (_, _, s) = self._lru.popitem(last=False)
-            self._lru_size -= s
 
     def discard_from(self, layer: int, index: int) -> None:
         """Forget pending blocks of `layer` from `index` on (undo of an uncommitted step)."""
@@ -174,25 +264,32 @@ class ColdStore:
                 del self.backend.blocks[key]
         for key in [k for k in self.pending if k[0] == layer and k[1] >= index]:
             del self.pending[key]
-            old = self._lru.pop(key, None)
-            if old is not None:
-                self._lru_size -= old[2]
+            del self._pending_packed[key]
+        # The cache holds stored blocks only, and a stored block is never undone: nothing to drop there.
 
     def take_pending(self) -> dict[tuple[int, int], bytes]:
         return dict(self.pending)
 
     def flushed(self) -> None:
-        """The owner wrote the pending blocks to the backend's storage itself (in its own transaction)."""
+        """The owner wrote the pending blocks to the backend's storage itself (in its own transaction).
+        They move to the cache: the next steps are likely to read recent blocks."""
+        for key, (k, v) in self._pending_packed.items():
+            self.cache.put((self.owner, *key), k, v, len(self.pending[key]))
         self.pending.clear()
+        self._pending_packed.clear()
 
     def flush(self) -> None:
         self.backend.write(self.pending)
-        self.pending.clear()
+        self.flushed()
+
+    def close(self) -> None:
+        """Drop this store's blocks from the cache (its session left memory or is gone)."""
+        self.cache.drop(self.owner)
 
     def resident_bytes(self) -> int:
-        pend = sum(len(b) for b in self.pending.values())
-        lru_not_pending = sum(s for key, (_, _, s) in self._lru.items() if key not in self.pending)
-        total = pend + lru_not_pending
+        total = sum(len(b) for b in self.pending.values())
+        if not self.shared:
+            total += self.cache.nbytes
         if self.backend.resident:
             total += self.backend.nbytes()
         return total

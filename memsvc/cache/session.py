@@ -134,10 +134,12 @@ class TierKV:
                 "form": "tiered"}
 
     @classmethod
-    def load(cls, policy, store, sid: str, layout: dict, device: torch.device, cache_bytes: int) -> "TierKV":
-        """Rebuild from the layer states alone; cold blocks stay in the store until retrieval reads them."""
+    def load(cls, policy, store, sid: str, layout: dict, device: torch.device, cache_bytes: int = 1 << 20,
+             cold: ColdStore | None = None) -> "TierKV":
+        """Rebuild from the layer states alone; cold blocks stay in the store until retrieval reads them
+        (through `cold`, a ColdStore over StoreBlocks(store, sid); default: one with its own cache_bytes LRU)."""
         kv = cls(policy, layout["layers"], layout["kv_heads"], layout["head_dim"], _DTYPES[layout["dtype"]], device,
-                 ColdStore(StoreBlocks(store, sid), cache_bytes=cache_bytes))
+                 cold if cold is not None else ColdStore(StoreBlocks(store, sid), cache_bytes=cache_bytes))
         for i, layer in enumerate(kv.cache.layers):
             raw = store.kv_block(sid, i, STATE_INDEX)
             if raw is None:
