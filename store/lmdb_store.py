@@ -384,7 +384,10 @@ class Store:
         if not items:
             return 0
         raw = txn.get(b"next_blob", db=self._db["meta"])
-        next_blob = 1 if raw is None else _U64.unpack(raw)[0]
+        next_blob = 1 if raw is None or len(raw) != _U64.size else _U64.unpack(raw)[0]
+        cur = txn.cursor(db=self._db["blobs"])
+        if cur.last() and len(cur.key()) == _BLOB_ID.size:  # a damaged counter must never reuse an id
+            next_blob = max(next_blob, _BLOB_ID.unpack(cur.key())[0] + 1)
         nbytes = 0
         for key, value in items:
             bid = _BLOB_ID.pack(next_blob)
@@ -439,6 +442,11 @@ class Store:
             return out
         return self._read(fn)
 
+    def session_ids(self) -> list[str]:
+        """Every stored session id, in order, whether or not its record reads back."""
+        return self._read(lambda txn: [bytes(k).decode("utf-8", "replace") for k in
+                                       txn.cursor(db=self._db["sessions"]).iternext(keys=True, values=False)])
+
     def count(self) -> int:
         return self._read(lambda txn: txn.stat(self._db["sessions"])["entries"])
 
@@ -479,6 +487,15 @@ class Store:
                 layer, index = _KV_KEY.unpack(key[plen:])
                 out[(layer, index)] = self._kv_block(txn, key, value, layer, index)
             return out
+        return self._read(fn)
+
+    def kv_keys(self, sid: str) -> list[tuple[int, int]]:
+        """(layer, index) of every KV entry of the session, in order (nothing is read but the keys)."""
+        plen = len(_prefix(sid))
+
+        def fn(txn):
+            return [_KV_KEY.unpack(key[plen:]) for key, _ in self._scan(txn, "kv", sid)
+                    if len(key) == plen + _KV_KEY.size]
         return self._read(fn)
 
     def kv_block(self, sid: str, layer: int, index: int) -> bytes | None:
@@ -547,6 +564,111 @@ class Store:
             out.header = {"session": rec.id, "model_name": rec.model_name, "model_fingerprint": rec.model_fingerprint,
                           "policy": rec.policy, "n_tokens": rec.n_tokens, "token_blocks": len(out.tokens),
                           "kv_blocks": len(out.kv), "exported_unix": time.time()}
+            return out
+        return self._read(fn)
+
+    def check_session(self, sid: str) -> dict:
+        """Check every entry of one session in one read transaction; nothing is changed.
+
+        Returns {"record": error or None, "tokens": {index: error}, "kv": {(layer, index): error},
+        "bad_keys": [errors of entries whose key does not parse], "token_count": ids stored,
+        "kv_entries": KV pointers}. A KV entry is damaged when its pointer is not a blob id, its blob is
+        missing, has no valid reference count, fails its checksums or is another block; a token block
+        when it fails its checks, is out of sequence, or the ids do not add up to the record's n_tokens
+        (reported under index -1). StoreError when there is no such session."""
+        plen = len(_prefix(sid))
+
+        def fn(txn):
+            out = {"record": None, "tokens": {}, "kv": {}, "bad_keys": [], "token_count": 0, "kv_entries": 0}
+            raw = txn.get(sid.encode(), db=self._db["sessions"])
+            if raw is None:
+                raise SessionMissing(f"no session {sid!r}")
+            rec = None
+            try:
+                rec = SessionRecord.from_bytes(raw, sid.encode())
+            except CorruptRecord as exc:
+                out["record"] = str(exc)
+            expected = 0
+            for key, value in self._scan(txn, "tokens", sid):
+                if len(key) != plen + _TOK_KEY.size:
+                    out["bad_keys"].append(f"token key {bytes(key)!r} has the wrong length")
+                    continue
+                index = _TOK_KEY.unpack(key[plen:])[0]
+                try:
+                    if index != expected:
+                        raise CorruptBlock(f"token block {expected} is missing (found {index})", key, db="tokens",
+                                           field="index")
+                    out["token_count"] += len(self._token_block(key, value, index))
+                except CorruptRecord as exc:
+                    out["tokens"][index] = str(exc)
+                expected = index + 1
+            if rec is not None and not out["tokens"] and out["token_count"] != rec.n_tokens:
+                out["tokens"][-1] = (f"the session holds {out['token_count']} token ids, its record says "
+                                     f"{rec.n_tokens}")
+            for key, ptr in self._scan(txn, "kv", sid):
+                if len(key) != plen + _KV_KEY.size:
+                    out["bad_keys"].append(f"KV key {bytes(key)!r} has the wrong length")
+                    continue
+                out["kv_entries"] += 1
+                layer, index = _KV_KEY.unpack(key[plen:])
+                try:
+                    self._kv_block(txn, key, ptr, layer, index)
+                    count, _ = self._ref(txn, key, self._blob_id(key, ptr))
+                    if count < 1:
+                        raise CorruptBlock(f"blob {_BLOB_ID.unpack(bytes(ptr))[0]} counts no reference", key,
+                                           db="refs", field="count")
+                except CorruptRecord as exc:
+                    out["kv"][(layer, index)] = str(exc)
+            return out
+        return self._read(fn)
+
+    def check_refs(self) -> dict:
+        """What `gc()` would find, without changing anything: orphan_entries (token and KV entries of
+        sessions without a record), unreferenced_blobs, wrong_counts (reference counts that disagree with
+        the pointers, or are missing or malformed), dangling_pointers (KV pointers that are not blob ids or
+        whose blob is missing); bad_meta: the format stamp or the next blob id is damaged or behind the
+        stored blobs (the next write moves the id past them)."""
+        def fn(txn):
+            out = dict(orphan_entries=0, unreferenced_blobs=0, wrong_counts=0, dangling_pointers=0, bad_meta=0)
+            fmt = txn.get(b"format", db=self._db["meta"])
+            out["bad_meta"] += fmt is None or len(fmt) != _U32.size or _U32.unpack(fmt)[0] != STORE_FORMAT
+            nxt = txn.get(b"next_blob", db=self._db["meta"])
+            cur = txn.cursor(db=self._db["blobs"])
+            if cur.last():
+                top = _BLOB_ID.unpack(cur.key())[0] if len(cur.key()) == _BLOB_ID.size else None
+                out["bad_meta"] += (top is None or nxt is None or len(nxt) != _U64.size
+                                    or _U64.unpack(nxt)[0] <= top)
+            known: dict[bytes, bool] = {}
+            for db in ("tokens", "kv"):
+                for key in txn.cursor(db=self._db[db]).iternext(keys=True, values=False):
+                    sid = bytes(key).split(b"\0", 1)[0]
+                    if sid not in known:
+                        known[sid] = txn.get(sid, db=self._db["sessions"]) is not None
+                    out["orphan_entries"] += not known[sid]
+            wanted: dict[bytes, int] = {}
+            for key, ptr in txn.cursor(db=self._db["kv"]):
+                if not known.get(bytes(key).split(b"\0", 1)[0], False):
+                    continue  # an orphan: gc() removes it
+                if len(ptr) != _BLOB_ID.size:
+                    out["dangling_pointers"] += 1
+                    continue
+                wanted[bytes(ptr)] = wanted.get(bytes(ptr), 0) + 1
+            blobs = txn.cursor(db=self._db["blobs"])
+            for bid in blobs.iternext(keys=True, values=False):
+                out["unreferenced_blobs"] += bytes(bid) not in wanted
+            for bid, raw in txn.cursor(db=self._db["refs"]):
+                n = wanted.get(bytes(bid))
+                if n is not None and (len(raw) != _REF.size or _REF.unpack(raw)[0] != n):
+                    out["wrong_counts"] += 1
+                elif n is None and txn.get(bytes(bid), db=self._db["blobs"]) is not None:
+                    pass  # an unreferenced blob with its count: counted above
+                elif n is None:
+                    out["wrong_counts"] += 1
+            for bid, n in wanted.items():
+                if txn.get(bid, db=self._db["blobs"]) is None:
+                    out["dangling_pointers"] += n
+                elif txn.get(bid, db=self._db["refs"]) is None:
+                    out["wrong_counts"] += 1
             return out
         return self._read(fn)
 
@@ -702,6 +824,47 @@ class Store:
                                     sid.encode(), db="sessions", field="stored_bytes")
             total = old.n_tokens + len(new_ids)
             return self._put_record(txn, dataclasses.replace(record, n_tokens=total), others), True
+        return self._write(fn)
+
+    def rewrite_kv(self, sid: str, *, n_tokens: int, blocks: Mapping[tuple[int, int], bytes],
+                   block_tokens: Mapping[tuple[int, int], int] | None = None, drop: Sequence[tuple[int, int]] = (),
+                   extra: Mapping | None = None) -> SessionRecord:
+        """Repair: write `blocks` (layer, index) -> payload as new blobs, remove the KV entries in `drop`,
+        and merge `extra` into the record's extra, in one transaction, only if the session still holds
+        `n_tokens` tokens (else ValueError: it changed since it was rebuilt). Each rewritten entry drops
+        its reference to the old blob when the pointer and count are readable (a damaged one is left to
+        gc()); other sessions pointing to a damaged blob keep pointing to it. stored_bytes is recounted;
+        `updated` is left as it was (a repair is not a change of the conversation)."""
+        prefix = _prefix(sid)
+        counts = dict(block_tokens or {})
+        encoded = []
+        for (layer, index), payload in blocks.items():
+            key = prefix + _pack_kv(layer, index)
+            encoded.append((key, encode_block(payload, kind=KIND_KV, layer=layer, index=index,
+                                              n_tokens=counts.get((layer, index), 0))))
+        dropped = [prefix + _pack_kv(layer, index) for layer, index in drop]
+
+        def fn(txn):
+            rec, raw = self._record(txn, sid)
+            if rec is None:
+                raise SessionMissing(f"no session {sid!r}")
+            if rec.n_tokens != n_tokens:
+                raise ValueError(f"session {sid!r} holds {rec.n_tokens} tokens, not the {n_tokens} it was "
+                                 f"rebuilt from")
+            for key in [key for key, _ in encoded] + dropped:
+                prev = txn.get(key, db=self._db["kv"])
+                if prev is None:
+                    continue
+                try:
+                    self._decref(txn, key, self._blob_id(key, prev))
+                except CorruptBlock:
+                    pass  # a damaged pointer or count: gc() settles that blob
+                if key in dropped:
+                    txn.delete(key, db=self._db["kv"])
+            self._put_blobs(txn, encoded)
+            n, nbytes = self._usage(txn, sid)
+            new = dataclasses.replace(rec, extra={**rec.extra, **(extra or {})})
+            return self._put_record(txn, new, nbytes - len(raw)), True
         return self._write(fn)
 
     def fork(self, src_id: str, dst_record: SessionRecord) -> SessionRecord:
