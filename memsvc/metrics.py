@@ -61,6 +61,9 @@ class _ServiceCollector:
             ("memsvc_session_loads", c.loads, "Sessions read back from the store into memory (by any call)."),
             ("memsvc_sessions_unloaded", c.unloads,
              "Idle sessions dropped from memory to keep within the resident budget."),
+            ("memsvc_repairs", c.repairs,
+             "Sessions rebuilt from their token ids because stored KV entries failed their checks."),
+            ("memsvc_blocks_repaired", c.blocks_repaired, "KV entries (blocks, layer states) those repairs wrote again."),
         ):
             m = CounterMetricFamily(name, doc)
             m.add_metric([], value)

@@ -395,6 +395,8 @@ class MemoryServicer:
             session_loads=c.loads,
             sessions_unloaded=c.unloads,
             resident_budget=self.m.resident_budget,
+            repairs=c.repairs,
+            blocks_repaired=c.blocks_repaired,
         )
 
 

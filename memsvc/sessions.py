@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing, StoreError
 from memsvc.store.lmdb_store import Store
@@ -53,12 +54,14 @@ from . import chat
 from .errors import AlreadyExists, Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from .cache import use_memsvc_attention
 from .cache.cold import BlockCache, ColdStore
-from .cache.session import StoreBlocks, TierKV
+from .cache.session import TierKV
 from .kvcache import SessionKV, dtype_name
 from .model import LoadedModel
 from .policies import get_policy
+from .repair import FEEDS, CheckedBlocks, DamagedBlock, Unrepairable, recorded_feeds, repair_session, rle
 
 MAX_STOP_STRINGS = 16
+_REPAIR_TRIES = 3  # a call that meets damaged blocks is repaired and run again at most this often
 log = logging.getLogger("memsvc.sessions")
 
 # A caller's admission check: admit(record, n) runs under the session's lock before
@@ -95,6 +98,8 @@ class Counters:
     loads: int = 0  # sessions read back from the store into memory (by any call)
     unloads: int = 0  # idle sessions dropped from memory to keep within the resident budget
     expired: int = 0  # sessions deleted because their ttl passed
+    repairs: int = 0  # sessions rebuilt from their token ids because stored KV entries were damaged
+    blocks_repaired: int = 0  # KV entries those repairs wrote again
 
 
 @dataclass
@@ -102,6 +107,7 @@ class _Live:
     record: SessionRecord
     tokens: list[int]
     kv: SessionKV | TierKV  # holds every token but the last (the pending one)
+    feeds: list[int] | None = None  # the model calls kv took (tokens each, 0 = end_prompt); None: not known
     resident_bytes: int = 0  # kv's, as last measured under the session's lock
     tier_tokens: dict[str, float] = field(default_factory=dict)
 
@@ -194,7 +200,7 @@ class SessionManager:
         return TierKV(policy, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, self._cold(sid))
 
     def _cold(self, sid: str) -> ColdStore:
-        return ColdStore(StoreBlocks(self.store, sid), cache=self.block_cache, owner=(sid, next(self._generation)))
+        return ColdStore(CheckedBlocks(self.store, sid), cache=self.block_cache, owner=(sid, next(self._generation)))
 
     def _check_model(self, rec: SessionRecord) -> None:
         if rec.model_fingerprint != self.model.fingerprint:
@@ -276,28 +282,65 @@ class SessionManager:
         self._check_model(rec)
         try:
             policy = get_policy(rec.policy)
-            tokens = self.store.tokens(sid)
-            kv_len = max(rec.n_tokens - 1, 0)
-            if not kv_len:
-                kv = self._new_kv(policy, sid)
-            elif policy.name == "full":
-                kv = SessionKV.from_blocks(self.store.kv_blocks(sid), kv_len, rec.layout, self.model.device)
-            else:  # layer states only: cold blocks stay in the store until retrieval reads them
-                kv = TierKV.load(policy, self.store, sid, rec.layout, self.model.device, cold=self._cold(sid))
-        except (CorruptRecord, ValueError) as exc:
+        except ValueError as exc:
             raise DataLoss(f"session {sid!r} cannot be read back: {exc}") from exc
+        try:
+            tokens = self.store.tokens(sid)
+        except CorruptRecord as exc:
+            raise DataLoss(f"the token ids of session {sid!r} are damaged, and they are the ground truth its KV "
+                           f"cache would be rebuilt from: the session cannot be repaired ({exc})") from exc
+        kv_len = max(rec.n_tokens - 1, 0)
+        try:
+            kv = self._read_kv(policy, rec, kv_len)
+        except (CorruptRecord, DamagedBlock, ValueError, KeyError, SafetensorError) as exc:
+            # a damaged KV entry: rebuild it from the token ids, then read the session again
+            rec = self._repair(sid, exc)
+            try:
+                kv = self._read_kv(policy, rec, kv_len)
+            except (CorruptRecord, DamagedBlock, ValueError, KeyError, SafetensorError) as exc2:
+                raise DataLoss(f"session {sid!r} cannot be read back, even after a repair: {exc2}") from exc2
         if len(tokens) != rec.n_tokens or kv.length != kv_len:
             raise DataLoss(
                 f"session {sid!r} is inconsistent: record says {rec.n_tokens} tokens, "
                 f"{len(tokens)} token ids and {kv.length} cached positions are stored"
             )
-        live = _Live(rec, tokens, kv)
+        live = _Live(rec, tokens, kv, recorded_feeds(rec) if kv_len else [])
         live.measure()
         with self._global:
             self._live[sid] = live
         self._count(loads=1)
         self._fit_budget()  # this session is locked: room is made among the others
         return live
+
+    def _read_kv(self, policy, rec: SessionRecord, kv_len: int):
+        if not kv_len:
+            return self._new_kv(policy, rec.id)
+        if policy.name == "full":
+            return SessionKV.from_blocks(self.store.kv_blocks(rec.id), kv_len, rec.layout, self.model.device)
+        # layer states only: cold blocks stay in the store until retrieval reads them
+        return TierKV.load(policy, self.store, rec.id, rec.layout, self.model.device, cold=self._cold(rec.id))
+
+    def _repair(self, sid: str, seen: BaseException | None = None) -> SessionRecord:
+        """Rebuild sid's damaged KV entries from its token ids and store them (caller holds its lock; the
+        session is not in memory). seen: the failure that sent us here. Returns the stored record;
+        DataLoss when the session cannot be rebuilt."""
+        try:
+            done = repair_session(self.store, self.model, sid, prefill_chunk=self.prefill_chunk, force=True)
+        except Unrepairable as exc:
+            raise DataLoss(f"session {sid!r} is damaged and cannot be repaired: {exc}") from exc
+        except CorruptRecord as exc:
+            raise DataLoss(f"session {sid!r} is damaged and cannot be repaired: {exc}") from exc
+        self._count(repairs=1, blocks_repaired=done.rewritten + done.dropped)
+        log.warning("session %s: %s; rebuilt from its %d token ids in %.2f s, %d KV entries rewritten%s",
+                    sid, seen or "damaged KV entries", done.tokens, done.seconds, done.rewritten,
+                    "" if done.exact else " (every entry: the replay was not exact)")
+        return done.record
+
+    def _repair_after(self, sid: str, exc: DamagedBlock) -> None:
+        """A call met a damaged block and was rolled back: drop the session from memory and repair it."""
+        with self._lock(sid):
+            self._forget(sid)
+            self._repair(sid, exc)
 
     @contextlib.contextmanager
     def _using(self, sid: str) -> Iterator[_Live]:
@@ -344,14 +387,17 @@ class SessionManager:
     # ---- model -------------------------------------------------------------------
 
     @torch.no_grad()
-    def _forward(self, kv: SessionKV, ids: Sequence[int]) -> torch.Tensor:
-        """Run ids through the model on top of kv (in chunks); return the last logits [V]."""
+    def _forward(self, kv: SessionKV, ids: Sequence[int], feeds: list[int] | None = None) -> torch.Tensor:
+        """Run ids through the model on top of kv (in chunks); return the last logits [V].
+        feeds: the session's log of model calls, extended by each chunk (see memsvc.repair)."""
         logits = None
         for lo in range(0, len(ids), self.prefill_chunk):
             part = torch.tensor([list(ids[lo:lo + self.prefill_chunk])], dtype=torch.long, device=self.model.device)
             with kv.forward_context():
                 out = self.model.model(input_ids=part, past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[0, -1]
+            if feeds is not None:
+                feeds.append(part.shape[1])
             self._count(model_tokens_processed=part.shape[1])
         if logits is None:
             raise ValueError("nothing to run through the model")
@@ -360,19 +406,26 @@ class SessionManager:
     def _extend(self, live: _Live, new_ids: list[int], messages: list[dict], feed: list[int]) -> SessionRecord:
         """Feed `feed` (so the cache covers all tokens but the new last one), store, update."""
         snap = live.kv.checkpoint()
+        n_feeds = len(live.feeds) if live.feeds is not None else 0
         first_token = live.record.n_tokens
         try:
             if feed:
-                self._forward(live.kv, feed)
+                self._forward(live.kv, feed, live.feeds)
             payloads, counts = live.kv.dirty_blocks()
             cache = {"resident_bytes": live.kv.resident_bytes(),
                      "tier_tokens": {k: round(float(v), 2) for k, v in live.kv.tier_tokens().items()}}
-            rec = dataclasses.replace(live.record, messages=messages, updated=time.time(),
-                                      extra={**live.record.extra, "cache": cache})
+            extra = {**live.record.extra, "cache": cache}
+            if live.feeds is not None:
+                extra[FEEDS] = rle(live.feeds)
+            else:
+                extra.pop(FEEDS, None)
+            rec = dataclasses.replace(live.record, messages=messages, updated=time.time(), extra=extra)
             stored = self.store.commit(rec, first_token=first_token, tokens=new_ids, blocks=payloads,
                                        block_tokens=counts)
         except BaseException:
             live.kv.restore(snap)
+            if live.feeds is not None:
+                del live.feeds[n_feeds:]
             raise
         live.kv.mark_clean()
         live.record = stored
@@ -442,6 +495,15 @@ class SessionManager:
     def append(self, sid: str, *, messages: list[dict] | None = None, text: str | None = None,
                tokens: Sequence[int] | None = None, admit: Admit | None = None) -> tuple[SessionRecord, list[int]]:
         """admit(record, n): see `Admit`; called once the new tokens are known."""
+        for _ in range(_REPAIR_TRIES):
+            try:
+                return self._append(sid, messages, text, tokens, admit)
+            except DamagedBlock as exc:  # rolled back: repair, then run the call again on the repaired session
+                self._repair_after(sid, exc)
+        raise DataLoss(f"session {sid!r} kept failing its checks after {_REPAIR_TRIES} repairs")
+
+    def _append(self, sid: str, messages: list[dict] | None, text: str | None, tokens: Sequence[int] | None,
+                admit: Admit | None) -> tuple[SessionRecord, list[int]]:
         given = [x for x in (messages, text, tokens) if x is not None]
         if len(given) != 1:
             raise InvalidArgument("append exactly one of: chat messages, text, token ids")
@@ -509,14 +571,35 @@ class SessionManager:
 
     def _generate(self, sid: str, p: GenerateParams, budget: int,
                   cancelled: Callable[[], bool], admit: Admit | None = None) -> Iterator[Chunk]:
-        with self._using(sid) as live:
-            yield from self._generate_locked(live, p, budget, cancelled, admit)
+        sent: list[list[int]] = []  # token ids of the chunks already streamed
+        for _ in range(_REPAIR_TRIES):
+            try:
+                with self._using(sid) as live:
+                    gen = self._generate_locked(live, p, budget, cancelled, admit)
+                    try:  # closed here, under the lock, however this generator ends
+                        for i, chunk in enumerate(gen):
+                            if i < len(sent):  # streamed before a repair: the same reply must come again
+                                if chunk.token_ids != sent[i]:
+                                    raise DataLoss(
+                                        f"session {sid!r} was repaired in the middle of this reply, and the "
+                                        f"repaired cache does not give the same reply; nothing was committed: "
+                                        f"generate again")
+                                continue
+                            sent.append(chunk.token_ids)
+                            yield chunk
+                    finally:
+                        gen.close()
+                return
+            except DamagedBlock as exc:  # rolled back: repair, then generate again (streamed chunks skipped)
+                self._repair_after(sid, exc)
+        raise DataLoss(f"session {sid!r} kept failing its checks after {_REPAIR_TRIES} repairs")
 
     def _generate_locked(self, live: _Live, p: GenerateParams, budget: int,
                          cancelled: Callable[[], bool], admit: Admit | None = None) -> Iterator[Chunk]:
         tok = self.model.tokenizer
         kv = live.kv
         snap = kv.checkpoint()
+        n_feeds = len(live.feeds) if live.feeds is not None else 0
         committed = False
         try:
             prompt = chat.generation_prompt_ids(tok, live.record.messages)
@@ -534,8 +617,10 @@ class SessionManager:
             if p.commit and admit is not None:
                 admit(live.record, len(lead) + budget + len(self.chat_format.end_of_turn))
             gen = torch.Generator().manual_seed(int(p.seed))
-            logits = self._forward(kv, feed)
+            logits = self._forward(kv, feed, live.feeds)
             kv.end_prompt()  # SnapKV-style policies compress the prompt here, before decoding
+            if live.feeds is not None:
+                live.feeds.append(0)
             generated: list[int] = []
             emitted = ""
             hold = max((len(s) for s in p.stop), default=1) - 1
@@ -561,7 +646,7 @@ class SessionManager:
                 yield Chunk(delta, [nxt])
                 if cancelled():
                     raise Cancelled("the client cancelled the generation")
-                logits = self._forward(kv, [nxt])
+                logits = self._forward(kv, [nxt], live.feeds)
             self._count(tokens_generated=len(generated))
             if p.commit:
                 rec = self._commit_reply(live, chat_turn, lead, generated, finish, p.prefix + text)
@@ -572,6 +657,8 @@ class SessionManager:
         finally:
             if not committed:
                 kv.restore(snap)
+                if live.feeds is not None:
+                    del live.feeds[n_feeds:]
 
     def _commit_reply(self, live: _Live, chat_turn: bool, lead: list[int], generated: list[int], finish: str,
                       text: str) -> SessionRecord:

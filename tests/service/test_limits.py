@@ -123,9 +123,9 @@ def _slow_model(server, seconds: float):
     manager = server.memsvc_manager
     forward = manager._forward
 
-    def slow(kv, ids):
+    def slow(kv, ids, *rest):
         time.sleep(seconds)
-        return forward(kv, ids)
+        return forward(kv, ids, *rest)
 
     manager._forward = slow
 
