@@ -2,12 +2,15 @@
 SIGKILLed at random moments. After every restart each session must equal its
 state after some prefix of the acknowledged Appends (the one in flight at the
 kill may or may not have landed, whole): no acknowledged turn lost, nothing
-torn, and every session still resumes (its blocks pass their checksums).
+torn, every session still resumes (its blocks pass their checksums), and
+`memsvc sessions verify` finds no damage (records, token blocks, KV pointers,
+blobs, reference counts).
 
 The default run kills the server 3 times; `-m slow` kills it 30 times.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -20,7 +23,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from click.testing import CliRunner
 
+from memsvc.cli import main
 from memsvc.clients import MemoryClient
 from memsvc.store.lmdb_store import Store
 
@@ -76,6 +81,10 @@ def _check(data: Path, port: int, acked: dict[str, list[int]], inflight: dict[st
                 assert toks == want, (sid, len(toks), len(want), extra and len(extra))
             s = c.resume(sid)  # reads every block back; a torn or damaged one is DATA_LOSS
             assert s.tokens == len(acked[sid])
+        assert c.stats().repairs == 0  # nothing was found damaged (and quietly rebuilt) on the way
+    res = CliRunner().invoke(main, ["sessions", "verify", "--data-dir", str(data), "--json"])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 0 and doc["ok"], [s for s in doc["sessions"] if not s["ok"]][:3] or doc["store"]
     return landed
 
 
