@@ -216,3 +216,18 @@ def test_snapshot_restore_and_fp16_bytes():
     assert worker.cache_bytes(cache) == (2 * 40 * 4, 5)
     assert worker.cache_bytes(cache, fp16=True) == (2 * 40 * 2, 5)
     assert worker.tensor_bytes(torch.zeros(10, dtype=torch.uint8), fp16=True) == 10
+
+
+def test_run_worker_streams_results_and_resumes(tiny_model_dirs, tmp_path):
+    """The process plumbing: cells out as JSON, results back in order, kept in peer_results.jsonl so a rerun
+    runs nothing (here the worker runs in this venv on the tiny model, method full)."""
+    cells = [{"id": f"hf-full|c{i}", "kind": "niah", "method": "full", "params": {}, "protocol": "prompt",
+              "prompt_ids": list(range(5 + i, 40)), "answer_ids": [7], "n_new": 2} for i in range(2)]
+    got = run.run_worker(cells, str(tiny_model_dirs[0]), 1, tmp_path, python=sys.executable)
+    assert [r["id"] for r in got] == [c["id"] for c in cells] and all(r["ok"] for r in got)
+    assert len((tmp_path / "peer_results.jsonl").read_text().splitlines()) == 2
+    again = run.run_worker(cells, str(tiny_model_dirs[0]), 1, tmp_path, python="/nonexistent")
+    assert again == got
+    changed = [dict(cells[0], answer_ids=[8])]  # another cell under the same id is run, not reused
+    with pytest.raises(RuntimeError, match="nonexistent"):
+        run.run_worker(changed, str(tiny_model_dirs[0]), 1, tmp_path, python="/nonexistent")

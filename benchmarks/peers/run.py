@@ -201,30 +201,90 @@ def ensure_peer_venv() -> None:
         subprocess.run(["bash", str(HERE / "setup.sh")], check=True)
 
 
-def run_worker(wcells: list[dict], model_dir: str, threads: int, out_dir: Path, python: str | None = None) -> list[dict]:
-    """Run the cells through worker.py in the peers' venv; one result per cell, in order."""
-    path = out_dir / "peer_cells.json"
-    path.write_text(json.dumps({"cells": wcells}))
+def cell_key(w: dict) -> str:
+    """A worker cell's identity: its id and a digest of everything it sends (ids, method, params)."""
+    import hashlib
+    return w["id"] + "#" + hashlib.sha1(json.dumps(w, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_worker(wcells: list[dict], model_dir: str, threads: int, out_dir: Path, python: str | None = None,
+               workers: int = 1) -> list[dict]:
+    """Run the cells through worker.py in the peers' venv; one result per cell, in order.
+
+    Results are appended to out_dir/peer_results.jsonl as they come; a later run with the same
+    cells reads them back instead of running them again (so an interrupted run resumes).
+    workers > 1 splits the cells that remain over that many worker processes."""
+    import threading
+    store = out_dir / "peer_results.jsonl"
+    done: dict = {}
+    if store.exists():
+        for line in store.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[r.pop("key")] = r
+    # shortest prompts first: an interrupted run holds every setting at the short lengths
+    todo = sorted((w for w in wcells if cell_key(w) not in done), key=lambda w: len(w["prompt_ids"]) + len(w["answer_ids"]))
+    log(f"[peers] {len(wcells) - len(todo)} cells from {store.name}, {len(todo)} to run in {workers} process(es)")
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    cmd = [python or str(PEER_PY), str(HERE / "worker.py"), "--model", model_dir, "--threads", str(threads),
-           "--cells", str(path)]
-    results = []
+    lock = threading.Lock()
     t_start = time.time()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
-        for line in proc.stdout:
-            line = line.strip()
-            if not line.startswith("{"):
-                continue
-            r = json.loads(line)
-            results.append(r)
-            n = len(results)
-            eta = (time.time() - t_start) / n * (len(wcells) - n)
-            what = r.get("error", "")[:80] if not r["ok"] else f"{r['seconds']:.1f} s"
-            log(f"[peers {n}/{len(wcells)}] {r['id']}: {what} (eta {eta / 60:.1f} min)")
-    if proc.returncode != 0 or len(results) != len(wcells):
-        raise RuntimeError(f"the peer worker exited {proc.returncode} after {len(results)}/{len(wcells)} cells")
-    return results
+    counter = {"n": 0}
+    failures = []
+
+    def one(i: int, part: list[dict]) -> None:
+        try:
+            _one(i, part)
+        except Exception as e:  # raised below, in the caller's thread
+            failures.append(f"worker {i}: {type(e).__name__}: {e}")
+
+    def _one(i: int, part: list[dict]) -> None:
+        path = out_dir / f"peer_cells.{i}.json"
+        path.write_text(json.dumps({"cells": part}))
+        keys = {w["id"]: cell_key(w) for w in part}
+        cmd = [python or str(PEER_PY), str(HERE / "worker.py"), "--model", model_dir, "--threads", str(threads),
+               "--cells", str(path)]
+        got = 0
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
+            for line in proc.stdout:
+                line = line.strip()
+                if not line.startswith("{"):
+                    continue
+                r = json.loads(line)
+                got += 1
+                with lock:
+                    done[keys[r["id"]]] = r
+                    with store.open("a") as f:
+                        f.write(json.dumps(dict(r, key=keys[r["id"]])) + "\n")
+                    counter["n"] += 1
+                    n = counter["n"]
+                    eta = (time.time() - t_start) / n * (len(todo) - n)
+                    what = r.get("error", "")[:80] if not r["ok"] else f"{r['seconds']:.1f} s"
+                    log(f"[peers {n}/{len(todo)}] {r['id']}: {what} (eta {eta / 60:.1f} min)")
+        if proc.returncode != 0 or got != len(part):
+            failures.append(f"worker {i} exited {proc.returncode} after {got}/{len(part)} cells")
+
+    parts = [todo[i::workers] for i in range(workers)]  # interleaved: each gets short and long prompts
+    threads_ = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(parts) if p]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    return [done[cell_key(w)] for w in wcells]
+
+
+def reuse_memsvc(path: Path, policies: list[str], cells: list[dict]) -> list[dict] | None:
+    """The memsvc rows of an earlier run when they cover every policy x cell; else None."""
+    if not path.exists():
+        return None
+    rows = json.loads(path.read_text())
+    have = {(r["method"], r["cell"]) for r in rows}
+    if not all((p, c["cell"]) in have for p in policies for c in cells):
+        return None
+    keep = {c["cell"] for c in cells}
+    return [r for r in rows if r["method"] in policies and r["cell"] in keep]
 
 
 def peer_rows(wcells: list[dict], results: list[dict], cells: list[dict]) -> list[dict]:
@@ -395,6 +455,11 @@ def main(argv=None) -> int:
     ap.add_argument("--report", default=None, help="re-render a rows.json of an earlier run; runs nothing")
     ap.add_argument("--parallel", action="store_true",
                     help="run the peers' process beside memsvc's remaining policies (2 processes, 1 thread each)")
+    ap.add_argument("--workers", type=int, default=1, help="peer worker processes (1 torch thread each)")
+    ap.add_argument("--reuse-memsvc", action="store_true",
+                    help="take memsvc's rows from --out's rows_memsvc.json when it covers every policy x cell")
+    ap.add_argument("--matched", default="",
+                    help="kvpress ratios to use as 'tiered', e.g. niah@1024=0.54,ppl@4096=0.85 (peers-only runs)")
     ap.add_argument("--no-setup", action="store_true", help="do not build the peers' venv")
     args = ap.parse_args(argv)
 
@@ -425,10 +490,17 @@ def main(argv=None) -> int:
     policies = _list(args.policies)
     ratios = _list(args.ratios)
     # tiered first: the kvpress ratios are matched to its resident bytes
-    first = [p for p in policies if p == "tiered"] if "tiered" in ratios else []
+    first = [p for p in policies if p == "tiered"] if "tiered" in ratios and not args.matched else []
     rest = [p for p in policies if p not in first]
-    rows = run_memsvc(m, first, cells, args.n_new) if first else []
+    reused = reuse_memsvc(out / "rows_memsvc.json", policies, cells) if args.reuse_memsvc else None
+    if reused is not None:
+        log(f"[memsvc] {len(reused)} rows from {out / 'rows_memsvc.json'}")
+        first, rest = [], []
+    rows = reused if reused is not None else run_memsvc(m, first, cells, args.n_new) if first else []
     ratios_at = matched_ratios(rows, fp16)
+    if args.matched:  # ratios given (e.g. from an earlier run's [budget] line), for a peers-only run
+        ratios_at = {(k.split("@")[0], int(k.split("@")[1])): float(v)
+                     for k, v in (x.split("=") for x in _list(args.matched))}
     if "tiered" in ratios and not ratios_at:
         raise SystemExit("--ratios tiered needs tiered among --policies")
     log("[budget] kvpress ratios matching tiered: " + ", ".join(f"{k}@{n}: {v}" for (k, n), v in sorted(ratios_at.items())))
@@ -441,7 +513,7 @@ def main(argv=None) -> int:
 
         def _peers():
             try:
-                box["results"] = run_worker(wcells, str(m.path), args.threads, out)
+                box["results"] = run_worker(wcells, str(m.path), args.threads, out, workers=args.workers)
             except Exception as e:  # re-raised in the main thread
                 box["error"] = e
         t = threading.Thread(target=_peers)
@@ -455,7 +527,7 @@ def main(argv=None) -> int:
     else:
         rows += run_memsvc(m, rest, cells, args.n_new)
         (out / "rows_memsvc.json").write_text(json.dumps(rows))
-        results = run_worker(wcells, str(m.path), args.threads, out)
+        results = run_worker(wcells, str(m.path), args.threads, out, workers=args.workers)
     rows.sort(key=lambda r: policies.index(r["method"]))  # memsvc rows in --policies order
     rows += peer_rows(wcells, results, cells)
     (out / "rows.json").write_text(json.dumps({"rows": rows, "matched_ratios": {
