@@ -213,6 +213,7 @@ def _record_dict(rec) -> dict:
         "tier_tokens": rec.extra.get("cache", {}).get("tier_tokens", {}),
         "ttl": rec.ttl,  # the session's own; 0: the server's --ttl, which the store does not know
         "expires": rec.expires() if rec.ttl else None,
+        "repair": rec.extra.get("repair"),  # {count, last_unix, last_blocks, last_exact} once repaired
     }
 
 
@@ -323,10 +324,18 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
         ("created", _when(rec.created)),
         ("updated", _when(rec.updated)),
         ("ttl", f"{rec.ttl:g} s, expires {_when(rec.expires())}" if rec.ttl else "the server's --ttl"),
+        ("last repair", _repair_line(rec.extra.get("repair"))),
     ]
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         click.echo(f"{k.ljust(width)}  {v}")
+
+
+def _repair_line(rep) -> str:
+    if not isinstance(rep, dict) or not rep.get("count"):
+        return "never"
+    return (f"{_when(rep.get('last_unix', 0))}: {rep.get('last_blocks', '?')} KV entries rebuilt from the token ids "
+            f"({rep['count']} repair{'s' if rep['count'] != 1 else ''} in all)")
 
 
 def _resident_line(rec, fp16: int) -> str:

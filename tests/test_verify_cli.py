@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 
 import lmdb
@@ -71,6 +72,12 @@ def test_verify_reports_damage_and_repair_rebuilds_it(store_dir, tiny_model_dirs
     assert set(rebuilt) == {"a", "a2", "b"} and all(r["exact"] for r in rebuilt.values())
     assert rebuilt["b"]["rewritten"] == 2
     assert _verify(store_dir)[0] == 0
+    show = CliRunner().invoke(main, ["sessions", "show", "b", "--data-dir", str(store_dir)])
+    assert "2 KV entries rebuilt from the token ids (1 repair in all)" in show.output
+    show = CliRunner().invoke(main, ["sessions", "show", "a", "--data-dir", str(store_dir), "--json"])
+    assert json.loads(show.stdout)["repair"]["count"] == 1
+    assert re.search(r"last repair +never", CliRunner().invoke(main, ["sessions", "show", "empty", "--data-dir",
+                                                                       str(store_dir)]).output)
 
 
 def test_verify_repair_with_another_model_or_damaged_tokens_leaves_damage(store_dir, tiny_model_dirs):
