@@ -3,7 +3,10 @@
 `PolicyRun(loaded, "tiered", **overrides)` builds a fresh cache per prompt:
 `full` is transformers' DynamicCache (SDPA), every other policy a `TierCache`
 whose cold blocks go to a temporary file when it retrieves (so they are not
-resident) and stay in memory when every query reads them all.
+resident) and stay in memory when every query reads them all. Blocks read back
+from the file go through one `BlockCache` shared by the run's caches, as the
+service shares one between sessions (`block_cache` bytes, the service's default;
+not counted in a cache's resident bytes, as in the service; 0: a private 1 MiB LRU that is).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import torch
 from transformers import DynamicCache
 
 from memsvc.cache import ColdStore, FileBlocks, TierCache, active, fp16_bytes_per_token, get_policy, use_memsvc_attention
+from memsvc.cache.cold import BlockCache
+from memsvc.sessions import DEFAULT_BLOCK_CACHE
 
 
 @dataclass
@@ -25,12 +30,13 @@ class RunResult:
     seconds: float = 0.0
 
 
-COLD_CACHE_BYTES = 1 << 20  # LRU of cold blocks read back, as the service's default
+PRIVATE_CACHE_BYTES = 1 << 20
 
 
 class PolicyRun:
-    def __init__(self, loaded, policy: str, chunk: int = 512, **overrides):
+    def __init__(self, loaded, policy: str, chunk: int = 512, block_cache: int = DEFAULT_BLOCK_CACHE, **overrides):
         self.m = loaded
+        self.block_cache = BlockCache(block_cache) if block_cache else None
         self.name = policy
         self.policy = get_policy(policy, **overrides)
         self.chunk = chunk
@@ -40,7 +46,12 @@ class PolicyRun:
         if self.name == "full":
             return DynamicCache()
         retrieves = any(self.policy.plan(i, self.m.num_layers).retrieve for i in range(self.m.num_layers))
-        cold = ColdStore(FileBlocks(), cache_bytes=COLD_CACHE_BYTES) if retrieves else ColdStore()
+        if not retrieves:
+            cold = ColdStore()
+        elif self.block_cache is not None:
+            cold = ColdStore(FileBlocks(), cache=self.block_cache)
+        else:
+            cold = ColdStore(FileBlocks(), cache_bytes=PRIVATE_CACHE_BYTES)
         return TierCache(self.policy, self.m.num_layers, self.m.dtype, cold)
 
     @torch.no_grad()
