@@ -360,7 +360,7 @@ def repair_session(store, model, sid: str, *, prefill_chunk: int = 512, force: b
     try:
         new = store.rewrite_kv(sid, n_tokens=rec.n_tokens, blocks=write,
                                block_tokens={k: counts.get(k, 0) for k in write}, drop=drop, extra=extra)
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:  # ValueError: it changed meanwhile (a server wrote to it)
         raise Unrepairable(f"session {sid!r} was rebuilt but could not be written back: {exc}") from exc
     out = Repair(sid, len(write), len(drop), exact, time.perf_counter() - started, rebuild_s, rec.n_tokens, new)
     log.info("repaired session %s: %d KV entries rewritten, %d stray removed (%s), from %d tokens in %.2f s",

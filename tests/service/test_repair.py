@@ -187,3 +187,25 @@ def test_100_flipped_blocks_of_a_real_model_session(tmp_path, real_model):
     out = _damage_and_compare(data, real_model, "s", rng.sample(keys, 100), rng)
     print(f"\nrepair: 100 of {len(keys)} entries of a {out['tokens']}-token tiered session (SmolLM2-135M): "
           f"first Generate incl. repair {out['seconds']:.1f} s; building the session took {built:.1f} s")
+
+
+def test_a_session_that_changes_while_it_is_rebuilt_is_not_overwritten(tmp_path, long_model, monkeypatch):
+    import memsvc.repair as rp
+
+    data = tmp_path / "data"
+    with running_server(data, long_model) as (c, _):
+        build(c, "s", HISTORY[:400])
+    flip(data, "s", [(0, STATE_INDEX)], random.Random(8))
+    with Store(data) as store:
+        real = rp.rebuild
+
+        def racing(*args, **kwargs):  # a server commits a turn meanwhile
+            out = real(*args, **kwargs)
+            rec = store.get("s")
+            store.commit(rec, first_token=rec.n_tokens, tokens=[7], blocks={})
+            return out
+
+        monkeypatch.setattr(rp, "rebuild", racing)
+        with pytest.raises(rp.Unrepairable, match="could not be written back"):
+            rp.repair_session(store, long_model, "s")
+        assert set(store.check_session("s")["kv"]) == {(0, STATE_INDEX)}  # nothing written
