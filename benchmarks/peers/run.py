@@ -519,14 +519,16 @@ def main(argv=None) -> int:
         t = threading.Thread(target=_peers)
         t.start()
         rows += run_memsvc(m, rest, cells, args.n_new)
-        (out / "rows_memsvc.json").write_text(json.dumps(rows))
+        if reused is None and rows:  # never narrow or empty an earlier run's rows
+            (out / "rows_memsvc.json").write_text(json.dumps(rows))
         t.join()
         if "error" in box:
             raise box["error"]
         results = box["results"]
     else:
         rows += run_memsvc(m, rest, cells, args.n_new)
-        (out / "rows_memsvc.json").write_text(json.dumps(rows))
+        if reused is None and rows:  # never narrow or empty an earlier run's rows
+            (out / "rows_memsvc.json").write_text(json.dumps(rows))
         results = run_worker(wcells, str(m.path), args.threads, out, workers=args.workers)
     rows.sort(key=lambda r: policies.index(r["method"]))  # memsvc rows in --policies order
     rows += peer_rows(wcells, results, cells)
