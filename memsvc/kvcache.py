@@ -74,6 +74,9 @@ class SessionKV:
     def tier_tokens(self) -> dict[str, float]:
         return {"hot": float(self.length)}
 
+    def tier_bytes(self) -> dict[str, int]:
+        return {"hot": self.resident_bytes()}
+
     def resident_bytes(self) -> int:
         if not self.cache.layers:
             return 0

@@ -96,6 +96,9 @@ class _ServiceCollector:
         yield g
         yield _tiers("memsvc_tier_tokens_resident", "Tokens per cache tier (per KV head, mean over layers), "
                      "summed over the sessions in memory.", self.manager.resident_tier_tokens())
+        yield _tiers("memsvc_tier_bytes_resident", "Bytes of KV cache in memory per tier (sink, hot, warm, "
+                     "summaries of cold blocks, window, cold: the cold store's own memory), summed over sessions.",
+                     self.manager.resident_tier_bytes())
         st = self._stored()
         if st:
             g = GaugeMetricFamily("memsvc_sessions_stored", "Sessions in the store.")

@@ -110,11 +110,13 @@ class _Live:
     feeds: list[int] | None = None  # the model calls kv took (tokens each, 0 = end_prompt); None: not known
     resident_bytes: int = 0  # kv's, as last measured under the session's lock
     tier_tokens: dict[str, float] = field(default_factory=dict)
+    tier_bytes: dict[str, int] = field(default_factory=dict)
 
     def measure(self) -> None:
         """Caller holds the session's lock."""
         self.resident_bytes = self.kv.resident_bytes()
         self.tier_tokens = self.kv.tier_tokens()
+        self.tier_bytes = self.kv.tier_bytes()
 
 
 def _close_cold(kv) -> None:
@@ -717,6 +719,16 @@ class SessionManager:
         total: dict[str, float] = {}
         for live in lives:
             for tier, n in live.tier_tokens.items():
+                total[tier] = total.get(tier, 0) + n
+        return total
+
+    def resident_tier_bytes(self) -> dict[str, int]:
+        """Resident bytes per tier, summed over the sessions in memory (they sum to resident()'s bytes)."""
+        with self._global:
+            lives = list(self._live.values())
+        total: dict[str, int] = {}
+        for live in lives:
+            for tier, n in live.tier_bytes.items():
                 total[tier] = total.get(tier, 0) + n
         return total
 

@@ -44,6 +44,16 @@ class TierCache(Cache):
     def stored_bytes(self) -> int:
         return self.cold.stored_bytes()
 
+    def tier_bytes(self) -> dict[str, int]:
+        """Resident bytes by tier over every layer; "cold" is the cold store's own memory (pending blocks,
+        a private LRU, an in-memory backend); they sum to resident_bytes()."""
+        total: dict[str, int] = {}
+        for layer in self.layers:
+            for k, v in layer.tier_bytes().items():
+                total[k] = total.get(k, 0) + v
+        total["cold"] = self.cold.resident_bytes()
+        return total
+
     def tier_tokens(self) -> dict[str, float]:
         """Mean over layers of the tokens (per head) in each tier."""
         total: dict[str, float] = {}

@@ -185,19 +185,28 @@ class TierLayer(CacheLayerMixin):
 
     # ---- accounting --------------------------------------------------------------------
 
-    def resident_bytes(self) -> int:
+    def tier_bytes(self) -> dict[str, int]:
+        """Resident bytes by tier: sink, hot (with positions and scores), warm (kept rows, their scales,
+        positions, scores), summaries (the cold blocks' resident part: 8-bit summaries and live masks),
+        window (SnapKV's remembered queries)."""
         if not self.is_initialized:
-            return 0
-        ts = [self.sink_k, self.sink_v, self.hot_k, self.hot_v, self.hot_pos, self.keep_pos, self.live]
-        for summary in (self.sum_min, self.sum_max, self.sum_mean_k, self.sum_mean_v):
-            ts += list(summary)
-        if self.plan.keep_by == "attention":
-            ts += [self.hot_score, self.keep_score]
+            return {}
+        scored = self.plan.keep_by == "attention"
+        tiers = {
+            "sink": [self.sink_k, self.sink_v],
+            "hot": [self.hot_k, self.hot_v, self.hot_pos] + ([self.hot_score] if scored else []),
+            "warm": [self.keep_pos] + ([self.keep_score] if scored else []),
+            "summaries": [self.live],
+            "window": [self.q_window] if self.q_window is not None else [],
+        }
         for store in (self.keep_k, self.keep_v):
-            ts += list(store) if isinstance(store, tuple) else [store]
-        if self.q_window is not None:
-            ts.append(self.q_window)
-        return sum(t.numel() * t.element_size() for t in ts)
+            tiers["warm"] += list(store) if isinstance(store, tuple) else [store]
+        for summary in (self.sum_min, self.sum_max, self.sum_mean_k, self.sum_mean_v):
+            tiers["summaries"] += list(summary)
+        return {name: sum(t.numel() * t.element_size() for t in ts) for name, ts in tiers.items()}
+
+    def resident_bytes(self) -> int:
+        return sum(self.tier_bytes().values())
 
     def tier_tokens(self) -> dict[str, int]:
         """Token-heads per tier, divided by H (so a full head set counts one token)."""

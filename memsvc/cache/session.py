@@ -128,6 +128,9 @@ class TierKV:
     def tier_tokens(self) -> dict[str, float]:
         return self.cache.tier_tokens()
 
+    def tier_bytes(self) -> dict[str, int]:
+        return self.cache.tier_bytes()
+
     def layout(self) -> dict:
         return {"layers": self.num_layers, "kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
                 "dtype": str(self.dtype).removeprefix("torch."), "block_tokens": self.policy.block_tokens,

@@ -117,6 +117,10 @@ def test_tier_invariants_and_budgets(tiny, name):
     if name == "tiered":
         assert tiers["sink"] == 2 and tiers["warm"] == 8 and tiers["cold"] > 150
         assert cache.stats()["cold_blocks_read"] > 0
+    by_tier = cache.tier_bytes()  # every resident byte belongs to one tier
+    assert sum(by_tier.values()) == cache.resident_bytes() > 0
+    if name == "tiered":
+        assert min(by_tier[t] for t in ("sink", "hot", "warm", "summaries")) > 0
 
 
 def test_pyramid_budgets_shrink_with_depth():

@@ -70,6 +70,9 @@ def test_metrics_endpoint_counts_rpcs_tokens_and_bytes(tmp_path, tiny_model):
         for tier, n in tiers.items():
             assert _get(m1, "memsvc_tier_tokens_resident", tier=tier) == pytest.approx(n)
             assert _get(m1, "memsvc_tier_tokens_stored", tier=tier) == pytest.approx(n)
+        by_tier = {tier: _get(m1, "memsvc_tier_bytes_resident", tier=tier)
+                   for tier in ("sink", "hot", "warm", "summaries", "window", "cold")}
+        assert by_tier["hot"] > 0 and sum(by_tier.values()) == _get(m1, "memsvc_bytes_resident")
         assert _get(m1, "memsvc_sessions_stored") == 1
         assert _get(m1, "memsvc_bytes_stored") > _get(m0, "memsvc_bytes_stored")
         c.append("s", text="more")
