@@ -714,21 +714,18 @@ class SessionManager:
 
     def resident_tier_tokens(self) -> dict[str, float]:
         """Tokens per tier, summed over the sessions in memory."""
-        with self._global:
-            lives = list(self._live.values())
-        total: dict[str, float] = {}
-        for live in lives:
-            for tier, n in live.tier_tokens.items():
-                total[tier] = total.get(tier, 0) + n
-        return total
+        return self._sum_tiers("tier_tokens")
 
     def resident_tier_bytes(self) -> dict[str, int]:
         """Resident bytes per tier, summed over the sessions in memory (they sum to resident()'s bytes)."""
+        return self._sum_tiers("tier_bytes")
+
+    def _sum_tiers(self, measure: str) -> dict:
         with self._global:
             lives = list(self._live.values())
-        total: dict[str, int] = {}
+        total: dict = {}
         for live in lives:
-            for tier, n in live.tier_bytes.items():
+            for tier, n in getattr(live, measure).items():
                 total[tier] = total.get(tier, 0) + n
         return total
 
