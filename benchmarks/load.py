@@ -29,10 +29,7 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +41,7 @@ from pathlib import Path
 import grpc
 
 from memsvc.clients import MemoryClient
+from served import ServeProcess
 
 SENTENCES = (
     "I keep my bike in the shed behind the house.",
@@ -155,52 +153,14 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-class Server:
-    """`memsvc serve` in a subprocess on 127.0.0.1, port 0; its stderr goes to a file."""
+class Server(ServeProcess):
+    """`memsvc serve` with the load test's budget; stderr goes to server.log next to the data dir."""
 
     def __init__(self, data_dir: Path, budget: int, model: str | None, start_timeout: float = 600):
-        cmd = [sys.executable, "-m", "memsvc", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--data-dir", str(data_dir), "--resident-budget", str(budget), "--no-log-rpcs"]
+        args = ["--data-dir", str(data_dir), "--resident-budget", str(budget), "--no-log-rpcs"]
         if model:
-            cmd += ["--model", model]
-        self.log_path = data_dir.parent / "server.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        self.port = self._wait_port(start_timeout)
-
-    def _wait_port(self, timeout: float) -> int:
-        found: list[int] = []
-
-        def read():
-            for line in self.proc.stdout:
-                m = re.search(r" on 127\.0\.0\.1:(\d+)", line)
-                if m:
-                    found.append(int(m.group(1)))
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        if not found:
-            self.stop()
-            raise SystemExit(f"the server did not start within {timeout:.0f} s; its log:\n{self.log_tail()}")
-        return found[0]
-
-    def log_tail(self, n: int = 4000) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_bytes()[-n:].decode(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+            args += ["--model", model]
+        super().__init__(args, data_dir.parent / "server.log", start_timeout=start_timeout)
 
 
 class Sessions:

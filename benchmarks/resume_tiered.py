@@ -44,16 +44,13 @@ import argparse
 import json
 import os
 import platform
-import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from memsvc.clients import MemoryClient
+from served import ServeProcess
 
 QUESTION = "In two sentences, what was the text above about?"
 FP16_BYTES_PER_TOKEN = 23_040  # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x K+V x 2 bytes
@@ -64,49 +61,25 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-class Server:
-    """`memsvc serve` in a subprocess on 127.0.0.1, port 0; stderr to a log file next to the data dir."""
+class Server(ServeProcess):
+    """`memsvc serve` with the benchmark's context and block cache, and a client; stderr appended to
+    server.log next to the data dir."""
 
     def __init__(self, data_dir: Path, *, context: int, block_cache: int, threads: int | None,
                  start_timeout: float = 600):
-        cmd = [sys.executable, "-m", "memsvc", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--data-dir", str(data_dir), "--context", str(context), "--block-cache", str(block_cache),
-               "--max-new-tokens", "64", "--no-log-rpcs"]
+        args = ["--data-dir", str(data_dir), "--context", str(context), "--block-cache", str(block_cache),
+                "--max-new-tokens", "64", "--no-log-rpcs"]
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        self.log_path = data_dir.parent / "server.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
-        found: list[int] = []
-
-        def read():
-            for line in self.proc.stdout:
-                m = re.search(r" on 127\.0\.0\.1:(\d+)", line)
-                if m:
-                    found.append(int(m.group(1)))
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(start_timeout)
-        if not found:
-            self.stop()
-            raise SystemExit(f"the server did not start; see {self.log_path}")
-        self.port = found[0]
+        super().__init__(args, data_dir.parent / "server.log", env=env, append_log=True,
+                         start_timeout=start_timeout, stop_timeout=120)
         self.client = MemoryClient(f"127.0.0.1:{self.port}", timeout=24 * 3600)
 
-    def stop(self) -> None:
+    def stop(self) -> int:
         if hasattr(self, "client"):
             self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        return super().stop()
 
     def __enter__(self) -> "Server":
         return self

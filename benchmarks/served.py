@@ -1,0 +1,59 @@
+"""`memsvc serve` in a subprocess on 127.0.0.1 (port 0) for the benchmarks that drive a real server.
+
+stdout is read until the server prints the port it bound; stderr goes to a log file. Knows the command
+line only; imports neither torch nor the model.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+
+class ServeProcess:
+    def __init__(self, args: list[str], log_path: Path, *, env: dict | None = None, append_log: bool = False,
+                 start_timeout: float = 600, stop_timeout: float = 60):
+        cmd = [sys.executable, "-m", "memsvc", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        self.log_path = log_path
+        self.stop_timeout = stop_timeout
+        self._log = open(log_path, "ab" if append_log else "wb")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+        self.port = self._wait_port(start_timeout)
+
+    def _wait_port(self, timeout: float) -> int:
+        found: list[int] = []
+
+        def read():
+            for line in self.proc.stdout:
+                m = re.search(r" on 127\.0\.0\.1:(\d+)", line)
+                if m:
+                    found.append(int(m.group(1)))
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not found:
+            self.stop()
+            raise SystemExit(f"the server did not start within {timeout:.0f} s; its log:\n{self.log_tail()}")
+        return found[0]
+
+    def log_tail(self, n: int = 4000) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after stop_timeout; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
