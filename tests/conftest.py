@@ -55,6 +55,19 @@ def tiny_model(tiny_model_dirs):
 
 
 @pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory, real_model_dir) -> Path:
+    """A tiny model with 2,048 positions: room for sessions past sink + hot + warm, with cold blocks."""
+    return make_tiny_model(tmp_path_factory.mktemp("long-tiny") / "m", real_model_dir, seed=3, max_positions=2048)
+
+
+@pytest.fixture(scope="session")
+def long_model(long_model_dir):
+    from memsvc.model import load_model
+
+    return load_model(str(long_model_dir))
+
+
+@pytest.fixture(scope="session")
 def real_model(real_model_dir):
     from memsvc.model import load_model
 

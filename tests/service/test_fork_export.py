@@ -8,21 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from memsvc.cli import main
-from tests.conftest import make_tiny_model, running_server
+from tests.conftest import running_server
 
 HISTORY = [(10 + 13 * j) % 4000 for j in range(1200)]  # past sink + hot + warm: cold blocks too
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory, real_model_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("long-tiny") / "m", real_model_dir, seed=3, max_positions=2048)
-
-
-@pytest.fixture(scope="module")
-def long_model(long_model_dir):
-    from memsvc.model import load_model
-
-    return load_model(str(long_model_dir))
 
 
 def _greedy(c, sid: str) -> list[int]:

@@ -16,21 +16,9 @@ import pytest
 from memsvc.cache.session import STATE_INDEX
 from memsvc.repair import check_session
 from memsvc.store.lmdb_store import Store
-from tests.conftest import make_tiny_model, running_server
+from tests.conftest import running_server
 
 HISTORY = [(10 + 13 * j) % 4000 for j in range(1200)]  # past sink + hot + warm: 14 cold blocks per layer
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory, real_model_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("repair-tiny") / "m", real_model_dir, seed=5, max_positions=2048)
-
-
-@pytest.fixture(scope="module")
-def long_model(long_model_dir):
-    from memsvc.model import load_model
-
-    return load_model(str(long_model_dir))
 
 
 def flip(data: Path, sid: str, where, rng: random.Random, db: str = "kv") -> int:
