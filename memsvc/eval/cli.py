@@ -98,9 +98,12 @@ def _fp16(m) -> int:
 @click.option("--match-budget/--no-match-budget", default=True, show_default=True)
 @click.option("--heatmaps", default=None, help="Directory for niah_<policy>.png heatmaps.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--split-question", "split", default=0, show_default=True, type=click.IntRange(0),
+              help="Feed the prompt's last N tokens (question, chat template, answer prefix) as their own chunk "
+                   "after the context, as a question appended to a stored session (0: one pass).")
 @click.option("--threads", default=0)
 @click.option("--out", default=None, help="Write the cells as JSON here.")
-def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, threads, out):
+def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, split, threads, out):
     """Passkey recall over lengths × depths; retention against full; heatmaps."""
     from . import niah
     pols = _list(policies)
@@ -112,7 +115,7 @@ def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, threads, o
     rows = []
     for n in _list(lengths, int):
         first = [p for p in pols if p not in EVICTION or not match_budget]
-        got = niah.run_grid(m, first, [n], _list(depths, float), seed=seed + n)
+        got = niah.run_grid(m, first, [n], _list(depths, float), seed=seed + n, split=split)
         rows += got
         later = [p for p in pols if p in EVICTION and match_budget]
         if later:
@@ -122,7 +125,8 @@ def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, threads, o
             b = _budget(sum(r["resident_bytes_per_token"] for r in t) / len(t), t[0]["prompt_tokens"], fp16)
             print(f"[niah] eviction budget at {n}: {b} tokens per head", file=sys.stderr)
             rows += [dict(r, budget=b) for r in niah.run_grid(m, later, [n], _list(depths, float), seed=seed + n,
-                                                              overrides={p: {"budget": b} for p in later})]
+                                                              overrides={p: {"budget": b} for p in later},
+                                                              split=split)]
     if out:
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)

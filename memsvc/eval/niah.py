@@ -7,6 +7,10 @@ again; the chat template's assistant turn and the answer prefix
 "The pass key is". A policy answers correctly when its greedy continuation
 holds the key; we also record log p(" NNNNN" | prompt), teacher-forced.
 Retention: of the cells `full` answers, the share a policy also answers.
+
+`split` > 0 feeds the prompt's last `split` tokens (the end of the essays, the
+question, the chat template and the answer prefix) as their own call after the
+context, as the service does when a user appends a question to a stored session.
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ def cell_prompt(tok, n_tokens: int, depth: float, key: str) -> tuple[list[int], 
 
 
 def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float], *, seed: int = 0,
-             n_new: int = 8, overrides: dict | None = None, progress=sys.stderr) -> list[dict]:
-    """One row per (policy, length, depth)."""
+             n_new: int = 8, overrides: dict | None = None, split: int = 0, progress=sys.stderr) -> list[dict]:
+    """One row per (policy, length, depth); `split` tokens of the prompt's tail go in a call of their own."""
     tok = loaded.tokenizer
     rng = random.Random(seed)
     cells = [(n, d, str(rng.randint(10000, 99999))) for n in lengths for d in depths]
@@ -47,10 +51,16 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
     t_start = time.time()
     for i, (n, d, key) in enumerate(cells):
         prompt, answer = cell_prompt(tok, n, d, key)
+        if not 0 <= split < len(prompt):
+            raise ValueError(f"split must be in [0, {len(prompt)}) tokens, got {split}")
         for p, run in runs.items():
             t0 = time.time()
             cache = run.new_cache()
-            logits = run.forward(cache, prompt)
+            if split:
+                run.forward(cache, prompt[:-split])
+                logits = run.forward(cache, prompt[-split:])
+            else:
+                logits = run.forward(cache, prompt)
             run.end_prompt(cache)
             snap = snapshot(cache)
             lp = run.teacher_logprob(cache, logits, answer)
@@ -60,6 +70,7 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
             res = run.measure(cache)
             text = tok.decode(out, skip_special_tokens=True)
             rows.append({"policy": p, "length": n, "depth": d, "key": key, "prompt_tokens": len(prompt),
+                         "split": split,
                          "answer": text, "correct": key in text, "logprob": lp,
                          "resident_bytes_per_token": res.resident_bytes / max(res.tokens, 1),
                          "seconds": time.time() - t0})
