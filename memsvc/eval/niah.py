@@ -10,7 +10,8 @@ Retention: of the cells `full` answers, the share a policy also answers.
 
 `split` > 0 feeds the prompt's last `split` tokens (the end of the essays, the
 question, the chat template and the answer prefix) as their own call after the
-context, as the service does when a user appends a question to a stored session.
+context, as the service does when a user appends a question to a stored session;
+rows then record that call's seconds and cold blocks read (summed over layers).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import time
 
 from memsvc import corpus
-from memsvc.cache import EVICTION
+from memsvc.cache import EVICTION, TierCache
 
 from .runner import PolicyRun, restore, snapshot
 
@@ -56,9 +57,13 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
         for p, run in runs.items():
             t0 = time.time()
             cache = run.new_cache()
+            tail = {}
             if split:
                 run.forward(cache, prompt[:-split])
+                run.flush(cache)  # the stored session's cold blocks are on file
+                reads, t1 = _cold_reads(cache), time.time()
                 logits = run.forward(cache, prompt[-split:])
+                tail = {"tail_seconds": time.time() - t1, "tail_cold_blocks": _cold_reads(cache) - reads}
             else:
                 logits = run.forward(cache, prompt)
             run.end_prompt(cache)
@@ -73,13 +78,18 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
                          "split": split,
                          "answer": text, "correct": key in text, "logprob": lp,
                          "resident_bytes_per_token": res.resident_bytes / max(res.tokens, 1),
-                         "seconds": time.time() - t0})
+                         "seconds": time.time() - t0, **tail})
         done = i + 1
         eta = (time.time() - t_start) / done * (len(cells) - done)
         got = " ".join(f"{r['policy']}={'Y' if r['correct'] else 'n'}" for r in rows[-len(runs):])
         print(f"[niah {done}/{len(cells)}] {n} tok depth {d:.2f}: {got}  (eta {eta / 60:.1f} min)", file=progress,
               flush=True)
     return rows
+
+
+def _cold_reads(cache) -> int:
+    """Cold blocks read so far, summed over layers (0 for `full`)."""
+    return cache.stats()["cold_blocks_read"] if isinstance(cache, TierCache) else 0
 
 
 def summarize(rows: list[dict], fp16_per_token: int) -> list[dict]:
