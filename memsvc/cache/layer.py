@@ -318,8 +318,17 @@ class TierLayer(CacheLayerMixin):
             chosen.scatter_(2, pick, True)
             if n > 1:
                 # a prompt chunk decodes the union of its queries' blocks anyway; every query attends all of
-                # them (masking each query back to its own top-k compounds errors through the prompt's layers)
-                chosen = chosen.any(dim=1, keepdim=True).any(dim=0, keepdim=True).expand(H, n, nb)
+                # them (masking each query back to its own top-k compounds errors through the prompt's layers).
+                # The union is capped at k_sel blocks per B queries, so a short chunk (a question appended to a
+                # long session) reads what one decode step reads, not every cold block: the blocks with the
+                # most (head, query) picks stay, ties to the highest bound over heads and queries.
+                votes = chosen.sum(dim=(0, 1))  # [nb]
+                cap = k_sel * -(-n // B)
+                if int((votes > 0).sum()) > cap:
+                    order = ub.amax(dim=(0, 1)).argsort(descending=True)  # [nb] by bound, then stably by votes
+                    order = order[votes[order].argsort(descending=True, stable=True)]
+                    votes = torch.zeros_like(votes).index_fill_(0, order[:cap], 1)
+                chosen = (votes > 0).view(1, 1, nb).expand(H, n, nb)
             ids = chosen.any(dim=1).any(dim=0).nonzero().flatten()  # [U]
             picked = chosen[:, :, ids]  # [H, n, U]
         else:

@@ -10,7 +10,8 @@ Per layer and KV head:
   every block attended; 6-bit kept it), each block with a resident 8-bit key
   summary (per-channel min/max, Quest); every decode query attends the
   `retrieve` cold tokens whose blocks score highest for it (a prompt chunk's
-  queries all attend the union of their picks).
+  queries all attend the union of their picks, at most `retrieve` tokens per
+  `block_tokens` queries: the most-picked blocks).
 Nothing is evicted. `boundary` layers (default the first and the last) keep
 their cold tier at `boundary_codec` precision, as public TurboQuant ports found
 they need.

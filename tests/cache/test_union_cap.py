@@ -1,0 +1,93 @@
+"""A prompt chunk of n queries attends at most k_sel * ceil(n / B) cold blocks of the union of its picks.
+
+One synthetic layer (2 KV heads, 2 query heads each, head dim 16, blocks of 8,
+retrieve 16 = 2 blocks per query) with 24 cold blocks of random keys: a short
+chunk's union is far larger than its cap.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+from memsvc.cache import ColdStore
+from memsvc.cache.layer import TierLayer, _dq8
+from memsvc.cache.policies.plan import LayerPlan
+
+H, G, D, B, NB, RETRIEVE = 2, 2, 16, 8, 24, 16
+K_SEL = RETRIEVE // B
+
+
+def _layer(seed: int = 0) -> TierLayer:
+    plan = LayerPlan(sink=0, hot=B, block=B, cold_k="k8v8_k", cold_v="k8v8_v", retrieve=RETRIEVE)
+    layer = TierLayer(plan, 0, ColdStore(), torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, H, (NB + 1) * B, D, generator=g)
+    v = torch.randn(1, H, (NB + 1) * B, D, generator=g)
+    layer.update(k, v)
+    layer.settle()
+    assert layer.n_blocks == NB
+    return layer
+
+
+def _queries(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(H, G, n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _picks(layer: TierLayer, q: torch.Tensor) -> tuple[Counter, torch.Tensor]:
+    """Each (head, query)'s top-K_SEL blocks by Quest bound, counted per block; and each block's best bound."""
+    mn, mx = _dq8(layer.sum_min), _dq8(layer.sum_max)  # [nb, H, D]
+    ub = torch.einsum("hgnd,bhd->hnb", q.clamp(min=0), mx) + torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn)
+    return Counter(ub.topk(K_SEL, dim=-1).indices.flatten().tolist()), ub.amax(dim=(0, 1))
+
+
+def test_short_chunk_reads_at_most_the_cap_and_keeps_the_most_voted_blocks():
+    layer = _layer()
+    n = 5
+    q = _queries(n, seed=1)
+    votes, best = _picks(layer, q)
+    cap = K_SEL * math.ceil(n / B)
+    assert len(votes) > 3 * cap  # the uncapped union: many more blocks than the cap
+    ids, k_cold, visible, chosen = layer._cold_keys(q)
+    assert layer.stats["cold_blocks_read"] == ids.numel() == cap
+    expect = sorted(range(NB), key=lambda b: (-votes[b], -float(best[b])))[:cap]
+    assert sorted(ids.tolist()) == sorted(expect)
+    assert min(votes[b] for b in ids.tolist()) >= max(votes[b] for b in range(NB) if b not in ids.tolist())
+    # every query of the chunk sees every kept block, and only those
+    assert k_cold.shape == (H, cap * B, D) and bool(visible.all())
+    assert bool(chosen[:, :, ids].all()) and int(chosen.sum()) == H * n * cap
+
+
+def test_short_chunk_through_attend_reads_the_cap_and_its_output_is_finite():
+    layer = _layer(seed=2)
+    n = 9  # two blocks' worth of queries: cap 2 * K_SEL
+    g = torch.Generator().manual_seed(3)
+    layer.update(torch.randn(1, H, n, D, generator=g), torch.randn(1, H, n, D, generator=g))
+    out = layer.attend(torch.randn(1, H * G, n, D, generator=g), D ** -0.5)
+    assert layer.stats["cold_blocks_read"] == K_SEL * math.ceil(n / B) == 4
+    assert out.shape == (1, n, H * G, D) and bool(torch.isfinite(out).all())
+
+
+def test_long_chunk_under_its_cap_reads_the_whole_union():
+    layer = _layer(seed=4)
+    n = 96  # cap 12 * K_SEL = 24 blocks: every cold block fits
+    q = _queries(n, seed=5)
+    votes, _ = _picks(layer, q)
+    assert K_SEL * math.ceil(5 / B) < len(votes) <= K_SEL * math.ceil(n / B)
+    ids, _, visible, chosen = layer._cold_keys(q)
+    assert sorted(ids.tolist()) == sorted(votes)  # the union, uncapped
+    assert layer.stats["cold_blocks_read"] == len(votes)
+    assert bool(visible.all()) and int(chosen.sum()) == H * n * len(votes)
+
+
+def test_decode_step_reads_each_heads_own_top_k():
+    layer = _layer(seed=6)
+    q = _queries(1, seed=7)
+    mn, mx = _dq8(layer.sum_min), _dq8(layer.sum_max)
+    ub = torch.einsum("hgnd,bhd->hnb", q.clamp(min=0), mx) + torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn)
+    top = ub.topk(K_SEL, dim=-1).indices  # [H, 1, K_SEL]
+    ids, _, _, chosen = layer._cold_keys(q)
+    assert sorted(ids.tolist()) == sorted(set(top.flatten().tolist()))
+    for h in range(H):  # per head: its own picks, not the union
+        assert sorted(chosen[h, 0].nonzero().flatten().tolist()) == sorted(top[h, 0].tolist())
