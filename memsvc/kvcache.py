@@ -64,9 +64,9 @@ class SessionKV:
     def end_prompt(self) -> None:
         pass
 
-    def dirty_blocks(self) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], int]]:
-        """Blocks holding tokens added since the last commit."""
-        return self.blocks_since(self._clean)
+    def dirty_blocks(self) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], int], list]:
+        """Blocks holding tokens added since the last commit (and nothing to drop)."""
+        return (*self.blocks_since(self._clean), [])
 
     def mark_clean(self) -> None:
         self._clean = self.length

@@ -40,6 +40,7 @@ from memsvc.store.records import SessionRecord
 
 from .cache import use_memsvc_attention
 from .cache.cold import ColdStore
+from .cache.pages import is_cold_block, listed_parts, part_name
 from .cache.session import STATE_INDEX, StoreBlocks, TierKV
 from .kvcache import SessionKV
 from .policies import get_policy
@@ -152,7 +153,7 @@ def rebuild(model, rec: SessionRecord, tokens: Sequence[int], feeds: Sequence[in
     policy = get_policy(rec.policy)
     kv = _fresh_kv(model, policy, rec.layout)
     pos = 0
-    early = until is not None and isinstance(kv, TierKV) and all(k[1] != STATE_INDEX for k in until)
+    early = until is not None and isinstance(kv, TierKV) and all(is_cold_block(k[1]) for k in until)
     for n in feeds:
         if n == 0:
             kv.end_prompt()
@@ -166,7 +167,7 @@ def rebuild(model, rec: SessionRecord, tokens: Sequence[int], feeds: Sequence[in
             return cold, {k: policy.plan(k[0], kv.num_layers).block for k in cold}, False
     if pos != max(len(tokens) - 1, 0):
         raise ValueError(f"the rebuild fed {pos} tokens, the session caches {max(len(tokens) - 1, 0)}")
-    return (*(kv.blocks_since(0) if isinstance(kv, SessionKV) else kv.dirty_blocks()), True)
+    return (*(kv.blocks_since(0) if isinstance(kv, SessionKV) else kv.dirty_blocks()[:2]), True)
 
 
 def _header(raw: bytes) -> dict:
@@ -179,7 +180,7 @@ def _same(key: tuple[int, int], stored: bytes | None, rebuilt: bytes | None) -> 
     writes its header's keys in no fixed order, so equal states need not be equal bytes."""
     if stored is None or rebuilt is None or stored == rebuilt:
         return stored == rebuilt
-    if key[1] != STATE_INDEX:
+    if is_cold_block(key[1]):
         return False
     try:
         a, b = st.load(bytes(stored)), st.load(bytes(rebuilt))
@@ -192,12 +193,15 @@ def _same(key: tuple[int, int], stored: bytes | None, rebuilt: bytes | None) -> 
 
 # ---- checking ----------------------------------------------------------------------------------------
 
-def _state_blocks(raw: bytes) -> int | None:
-    """n_blocks from a tiered layer state's safetensors header (0 for an empty layer), None if unreadable."""
+def _state_entries(raw: bytes) -> tuple[int, list[int]] | None:
+    """(n_blocks, the state parts it lists) from a tiered layer state's safetensors header ((0, []) for an
+    empty layer, no parts for a state stored whole), None if unreadable."""
     try:
         n = int.from_bytes(raw[:8], "little")
         meta = json.loads(bytes(raw[8:8 + n])).get("__metadata__", {})
-        return int(meta["n_blocks"]) if meta.get("init") == "1" else 0
+        if meta.get("init") != "1":
+            return 0, []
+        return int(meta["n_blocks"]), listed_parts(meta) or []
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -223,10 +227,12 @@ def expected_keys(store, rec: SessionRecord, damaged: dict) -> tuple[set | None,
         raw = store.kv_block(rec.id, layer, STATE_INDEX)
         if raw is None:
             return None, f"the state of layer {layer} is missing"
-        nb = _state_blocks(raw)
-        if nb is None:
+        got = _state_entries(raw)
+        if got is None:
             return None, f"the state of layer {layer} does not parse"
+        nb, parts = got
         keys.update((layer, i) for i in range(nb))
+        keys.update((layer, i) for i in parts)
     return keys, None
 
 
@@ -259,7 +265,7 @@ class Check:
 
 def _where(key: tuple[int, int]) -> str:
     layer, index = key
-    return f"{layer}/state" if index == STATE_INDEX else f"{layer}/{index}"
+    return f"{layer}/{part_name(index)}"
 
 
 def check_session(store, sid: str) -> Check:
@@ -332,7 +338,7 @@ def repair_session(store, model, sid: str, *, prefill_chunk: int = 512, force: b
     damaged = set(check.kv)
     stored = set(store.kv_keys(sid))
     # Only cold blocks damaged, and the log is known: replay until the last of them is made.
-    until = damaged if known and damaged and all(k[1] != STATE_INDEX for k in damaged) and not check.other \
+    until = damaged if known and damaged and all(is_cold_block(k[1]) for k in damaged) and not check.other \
         and rec.layout.get("form") == "tiered" and damaged <= stored else None
     t0 = time.perf_counter()
     payloads, counts, complete = rebuild(model, rec, tokens, feeds, until)

@@ -413,7 +413,7 @@ class SessionManager:
         try:
             if feed:
                 self._forward(live.kv, feed, live.feeds)
-            payloads, counts = live.kv.dirty_blocks()
+            payloads, counts, drop = live.kv.dirty_blocks()
             cache = {"resident_bytes": live.kv.resident_bytes(),
                      "tier_tokens": {k: round(float(v), 2) for k, v in live.kv.tier_tokens().items()}}
             extra = {**live.record.extra, "cache": cache}
@@ -423,7 +423,7 @@ class SessionManager:
                 extra.pop(FEEDS, None)
             rec = dataclasses.replace(live.record, messages=messages, updated=time.time(), extra=extra)
             stored = self.store.commit(rec, first_token=first_token, tokens=new_ids, blocks=payloads,
-                                       block_tokens=counts)
+                                       block_tokens=counts, drop=drop)
         except BaseException:
             live.kv.restore(snap)
             if live.feeds is not None:

@@ -745,8 +745,10 @@ class Store:
 
     def commit(self, record: SessionRecord, *, first_token: int, tokens: Sequence[int],
                blocks: Mapping[tuple[int, int], bytes],
-               block_tokens: Mapping[tuple[int, int], int] | None = None) -> SessionRecord:
-        """Append token ids at first_token, write/replace KV blocks and the record, in one transaction.
+               block_tokens: Mapping[tuple[int, int], int] | None = None,
+               drop: Sequence[tuple[int, int]] = ()) -> SessionRecord:
+        """Append token ids at first_token, write/replace KV blocks, remove the KV entries in `drop`
+        (absent ones are ignored) and write the record, in one transaction.
 
         `blocks` maps (layer, index) to raw payload bytes; `block_tokens` optionally
         gives the n_tokens written in each block's header (default 0). first_token
@@ -780,6 +782,10 @@ class Store:
             key = prefix + _pack_kv(layer, index)
             encoded.append((key, encode_block(payload, kind=KIND_KV, layer=layer, index=index,
                                               n_tokens=counts.get(where, 0))))
+        both = set(drop) & set(blocks.keys())
+        if both:
+            raise ValueError(f"blocks both written and dropped: {sorted(both)[:5]}")
+        dropped = [prefix + _pack_kv(layer, index) for layer, index in drop]
 
         def fn(txn):
             old, old_raw = self._record(txn, sid)
@@ -813,10 +819,12 @@ class Store:
                                          n_tokens=len(part))
                     self._put(txn, "tokens", prefix + _TOK_KEY.pack(index), value)
                     delta += len(value)
-            for key, _ in encoded:
+            for key in [key for key, _ in encoded] + dropped:
                 prev = txn.get(key, db=self._db["kv"])
                 if prev is not None:  # drop this session's reference; a shared blob stays as it is
                     delta -= self._decref(txn, key, self._blob_id(key, prev))
+                    if key in dropped:
+                        txn.delete(key, db=self._db["kv"])
             delta += self._put_blobs(txn, encoded)
             others = old.stored_bytes - len(old_raw) + delta
             if others < 0:

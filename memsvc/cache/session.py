@@ -1,14 +1,18 @@
 """`TierKV`: a session's tiered cache as the session manager sees it, with its stored form.
 
 Stored form (LMDB kv namespace, keys (layer, index)):
-- (layer, i) for i < STATE_INDEX: cold block i of the layer, exactly the packed
+- (layer, i) for i < PART_BASE: cold block i of the layer, exactly the packed
   codec bytes the cache attends (written once, never rewritten);
-- (layer, STATE_INDEX): the layer's small mutable state (sink, hot, warm rows,
-  block summaries and live masks, scores, positions) as safetensors.
+- (layer, i) for i >= PART_BASE: the layer's mutable state in parts (`pages`):
+  a small head at STATE_INDEX, the warm rows, summary pages of 64 blocks and hot
+  pages of 16 tokens. A commit writes the new cold blocks and the parts whose
+  content changed, and drops hot pages that emptied, so an Append writes about
+  what it added, not the whole state.
 
-Resume reads the record, the token ids and one state entry per layer; cold
+Resume reads the record, the token ids and each layer's head and parts; cold
 blocks stay in LMDB until retrieval asks for one (`StoreBlocks`), so resume
-does not read the cold tier at all.
+does not read the cold tier at all. A layer state stored whole (before parts)
+still loads; its next commit writes it in parts.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from .attention import active
 from .cache import TierCache
 from .cold import ColdStore
 from .layer import TierLayer, _q8_rows
+from .pages import HEAD_INDEX, assemble, decode, digest, encode, layer_parts, listed_parts
 
-STATE_INDEX = 0xFFFFFFFF  # the layer's state entry, after every possible block index
+STATE_INDEX = HEAD_INDEX  # the layer's state entry (its head), after every possible block index
 _TENSORS = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "sum_min",
             "sum_max", "sum_mean_k", "sum_mean_v", "live", "q_window")
 _SUMMARIES = {"sum_min": "down", "sum_max": "up", "sum_mean_k": "near", "sum_mean_v": "near"}  # 8-bit rounding
@@ -49,6 +54,7 @@ class StoreBlocks:
 
 
 def layer_state(layer: TierLayer) -> bytes:
+    """The layer's whole state as one safetensors entry: the stored form before parts, still loaded."""
     if not layer.is_initialized:
         return st.save({}, metadata={"init": "0"})
     tensors = {}
@@ -65,6 +71,7 @@ def layer_state(layer: TierLayer) -> bytes:
 
 
 def load_layer_state(layer: TierLayer, raw: bytes, device: torch.device) -> None:
+    """Load a state stored whole (`layer_state`)."""
     loaded = {k: v.to(device) for k, v in st.load(raw).items()}
     header_len = int.from_bytes(raw[:8], "little")
     meta = json.loads(raw[8:8 + header_len]).get("__metadata__", {})
@@ -93,6 +100,8 @@ class TierKV:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.cache = TierCache(policy, num_layers, dtype, cold)
+        self._stored: dict[tuple[int, int], bytes] = {}  # (layer, part index) -> digest of the stored part
+        self._pending: dict[tuple[int, int], bytes] | None = None  # the same after the commit in flight
 
     @property
     def length(self) -> int:
@@ -110,17 +119,27 @@ class TierKV:
     def end_prompt(self) -> None:
         self.cache.end_prompt()
 
-    def dirty_blocks(self) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], int]]:
-        """New cold blocks and every layer's state: what the next commit writes."""
+    def dirty_blocks(self) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], int], list]:
+        """What the next commit writes: (payloads, token counts, entries to drop): the new cold blocks,
+        the state parts that are new or changed, and the parts the state no longer has (emptied hot pages)."""
         payloads = dict(self.cache.cold.take_pending())
         counts = {key: self.policy.plan(key[0], self.num_layers).block for key in payloads}
+        now: dict[tuple[int, int], bytes] = {}
         for i, layer in enumerate(self.cache.layers):
-            payloads[(i, STATE_INDEX)] = layer_state(layer)
-            counts[(i, STATE_INDEX)] = layer.seen
-        return payloads, counts
+            for index, part in layer_parts(layer).items():
+                key = (i, index)
+                now[key] = digest(part)
+                if self._stored.get(key) != now[key]:
+                    payloads[key] = encode(part)
+                    counts[key] = part[2]
+        self._pending = now
+        return payloads, counts, sorted(set(self._stored) - set(now))
 
     def mark_clean(self) -> None:
+        """The last `dirty_blocks` are stored."""
         self.cache.cold.flushed()
+        if self._pending is not None:
+            self._stored, self._pending = self._pending, None
 
     def resident_bytes(self) -> int:
         return self.cache.resident_bytes()
@@ -147,5 +166,20 @@ class TierKV:
             raw = store.kv_block(sid, i, STATE_INDEX)
             if raw is None:
                 raise ValueError(f"the state of layer {i} is missing")
-            load_layer_state(layer, raw, device)
+            head = decode(raw)
+            listed = listed_parts(head[1])
+            if listed is None:  # stored whole, before parts (or empty): the next commit writes every part
+                load_layer_state(layer, raw, device)
+                if not layer.is_initialized:
+                    kv._stored[(i, STATE_INDEX)] = digest(head)
+                continue
+            parts = {}
+            for index in listed:
+                part = store.kv_block(sid, i, index)
+                if part is None:
+                    raise ValueError(f"part {index:#x} of the state of layer {i} is missing")
+                parts[index] = decode(part)
+            assemble(layer, head, parts, device, _DTYPES)
+            kv._stored |= {(i, index): digest(part) for index, part in parts.items()}
+            kv._stored[(i, STATE_INDEX)] = digest(head)
         return kv

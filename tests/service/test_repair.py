@@ -13,6 +13,7 @@ import grpc
 import lmdb
 import pytest
 
+from memsvc.cache.pages import is_cold_block
 from memsvc.cache.session import STATE_INDEX
 from memsvc.repair import check_session
 from memsvc.store.lmdb_store import Store
@@ -84,18 +85,20 @@ def _damage_and_compare(data: Path, model, sid: str, keys: list, rng: random.Ran
     return {"seconds": seconds, "tokens": rec.n_tokens}
 
 
-@pytest.mark.parametrize("which", ["cold", "all"])
+@pytest.mark.parametrize("which", ["cold", "parts", "all"])
 def test_flipped_blocks_are_detected_repaired_from_tokens_and_generate_identically(tmp_path, long_model, which):
     """cold: only cold blocks, met by retrieval in the middle of the Generate (rolled back, repaired, run
-    again); all: the layer states too, met when the session loads."""
+    again); parts: the layer states' warm rows, summary and hot pages (not their heads), met when the
+    session loads; all: every entry."""
     data, rng = tmp_path / "data", random.Random(3)
     with running_server(data, long_model) as (c, server):
         build(c, "s", HISTORY)
         _copy(server.memsvc_store, "s", "ref")
         keys = server.memsvc_store.kv_keys("s")
-    cold = [k for k in keys if k[1] != STATE_INDEX]
-    assert len(cold) >= 20
-    pick = rng.sample(cold, 20) if which == "cold" else keys
+    cold = [k for k in keys if is_cold_block(k[1])]
+    parts = [k for k in keys if not is_cold_block(k[1]) and k[1] != STATE_INDEX]
+    assert len(cold) >= 20 and len(parts) >= 20
+    pick = {"cold": rng.sample(cold, 20), "parts": rng.sample(parts, 20), "all": keys}[which]
     _damage_and_compare(data, long_model, "s", pick, rng)
 
 
@@ -119,7 +122,7 @@ def test_damage_met_in_the_middle_of_a_streamed_reply(tmp_path, long_model):
         store = server.memsvc_store
         _copy(store, "s", "ref")
         want = [t for ch in c.generate("ref", max_new_tokens=10, commit=True) for t in ch.token_ids]
-        cold = [k for k in store.kv_keys("s") if k[1] != STATE_INDEX]
+        cold = [k for k in store.kv_keys("s") if is_cold_block(k[1])]
         got = []
         for i, ch in enumerate(c.generate("s", max_new_tokens=10, commit=True)):
             got.extend(ch.token_ids)

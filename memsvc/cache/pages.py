@@ -1,0 +1,180 @@
+"""A tiered layer's mutable state in parts, so that a commit writes only the parts that changed.
+
+KV entry indices of one layer (cold blocks are 0, 1, 2, ... below PART_BASE):
+- HEAD (0xFFFFFFFF): the counters, the sink, hot positions and scores, warm positions and
+  scores, SnapKV's remembered queries, and the list of the other parts; small, every commit;
+- WARM (0xFFFFFFFE): the warm rows (8-bit codes, scales, mins); changes when a block ages;
+- SUM_BASE + g: the 8-bit summaries and live masks of cold blocks [SUM_PAGE*g, SUM_PAGE*(g+1));
+  only the last page grows, and an older one changes only when a warm token goes back to it;
+- HOT_BASE + p: the hot tokens at positions [HOT_PAGE*p, HOT_PAGE*(p+1)), exactly the ones
+  still hot; a page that empties is dropped.
+
+A part is identified by a digest of its tensors and metadata: the session remembers the digest
+of every stored part and writes a part only when its digest changed (or it is new).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import safetensors.torch as st
+import torch
+
+PART_BASE = 0x80000000  # indices at or above this are state parts, below are cold blocks
+SUM_BASE = 0x80000000
+HOT_BASE = 0xC0000000
+WARM_INDEX = 0xFFFFFFFE
+HEAD_INDEX = 0xFFFFFFFF
+SUM_PAGE = 64  # cold blocks per summary page
+HOT_PAGE = 16  # tokens per hot page
+
+_HEAD = ("sink_k", "sink_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "q_window")
+_SUMS = ("sum_min", "sum_max", "sum_mean_k", "sum_mean_v")
+_INTS = ("seen", "evicted", "n_blocks", "H", "D", "Dv")
+
+
+def is_cold_block(index: int) -> bool:
+    return index < PART_BASE
+
+
+def part_name(index: int) -> str:
+    if index == HEAD_INDEX:
+        return "state"
+    if index == WARM_INDEX:
+        return "warm"
+    if index >= HOT_BASE:
+        return f"hot{index - HOT_BASE}"
+    if index >= SUM_BASE:
+        return f"sum{index - SUM_BASE}"
+    return str(index)
+
+
+Part = tuple[dict[str, torch.Tensor], dict[str, str], int]  # tensors, metadata, tokens it holds
+
+
+def _put(tensors: dict, name: str, value) -> None:
+    if isinstance(value, tuple):  # 8-bit rows: codes, scale, base
+        for i, t in enumerate(value):
+            tensors[f"{name}.{i}"] = t.contiguous()
+    elif value is not None:
+        tensors[name] = value.contiguous()
+
+
+def _get(tensors: dict, name: str):
+    if f"{name}.0" in tensors:
+        return tuple(tensors[f"{name}.{i}"] for i in range(3))
+    return tensors.get(name)
+
+
+def _rows(value, lo: int, hi: int):
+    """Rows lo:hi of a tensor or of each tensor of an 8-bit triple (dim 0)."""
+    return tuple(t[lo:hi] for t in value) if isinstance(value, tuple) else value[lo:hi]
+
+
+def layer_parts(layer) -> dict[int, Part]:
+    """index -> part, for every part the layer's current state has."""
+    if not layer.is_initialized:
+        return {HEAD_INDEX: ({}, {"init": "0"}, 0)}
+    parts: dict[int, Part] = {}
+    nb, B = layer.n_blocks, layer.plan.block
+    for g in range(math.ceil(nb / SUM_PAGE)):
+        lo, hi = g * SUM_PAGE, min(nb, (g + 1) * SUM_PAGE)
+        tensors: dict = {}
+        for name in _SUMS:
+            _put(tensors, name, _rows(getattr(layer, name), lo, hi))
+        tensors["live"] = layer.live[lo:hi].contiguous()  # [b, H, B]
+        parts[SUM_BASE + g] = (tensors, {"first_block": str(lo)}, (hi - lo) * B)
+    pos = layer.hot_pos  # [h] consecutive positions
+    if pos.numel():
+        first, last = int(pos[0]), int(pos[-1])
+        for p in range(first // HOT_PAGE, last // HOT_PAGE + 1):
+            lo, hi = max(first, p * HOT_PAGE) - first, min(last + 1, (p + 1) * HOT_PAGE) - first
+            tensors = {"k": layer.hot_k[:, lo:hi].contiguous(), "v": layer.hot_v[:, lo:hi].contiguous()}
+            parts[HOT_BASE + p] = (tensors, {"first": str(first + lo)}, hi - lo)
+    warm: dict = {}
+    _put(warm, "keep_k", layer.keep_k)
+    _put(warm, "keep_v", layer.keep_v)
+    parts[WARM_INDEX] = (warm, {}, int(layer.keep_pos.shape[1]))
+    head: dict = {}
+    for name in _HEAD:
+        _put(head, name, getattr(layer, name))
+    meta = {name: str(getattr(layer, name)) for name in _INTS}
+    meta |= {"init": "1", "paged": "1", "model_dtype": str(layer.model_dtype).removeprefix("torch."),
+             "parts": json.dumps(sorted(parts))}
+    parts[HEAD_INDEX] = (head, meta, layer.seen)
+    return parts
+
+
+def digest(part: Part) -> bytes:
+    tensors, meta, _ = part
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.digest()
+
+
+def encode(part: Part) -> bytes:
+    return st.save(part[0], metadata=part[1])
+
+
+def decode(raw: bytes) -> Part:
+    """Stored bytes -> part (tokens unknown: 0). ValueError when they do not parse."""
+    try:
+        tensors = st.load(bytes(raw))
+        n = int.from_bytes(raw[:8], "little")
+        meta = json.loads(bytes(raw[8:8 + n])).get("__metadata__", {}) or {}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
+        raise ValueError(f"a layer state part does not parse: {exc}") from exc
+    return tensors, meta, 0
+
+
+def listed_parts(head_meta: dict) -> list[int] | None:
+    """The part indices a head lists (None for a state stored whole, before parts)."""
+    if head_meta.get("paged") != "1":
+        return None
+    return [int(i) for i in json.loads(head_meta["parts"])]
+
+
+def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dtypes: dict) -> None:
+    """Set a layer's state from its head and the parts the head lists. ValueError when they disagree."""
+    tensors, meta, _ = head
+    for name in _INTS:
+        setattr(layer, name, int(meta[name]))
+    layer.model_dtype = dtypes[meta["model_dtype"]]
+    layer.device = device
+    on = {k: v.to(device) for k, v in tensors.items()}
+    for name in _HEAD:
+        setattr(layer, name, _get(on, name))
+    warm = {k: v.to(device) for k, v in parts[WARM_INDEX][0].items()}
+    layer.keep_k, layer.keep_v = _get(warm, "keep_k"), _get(warm, "keep_v")
+    pages = sorted(i for i in parts if SUM_BASE <= i < HOT_BASE)
+    if len(pages) != math.ceil(layer.n_blocks / SUM_PAGE):
+        raise ValueError(f"{len(pages)} summary pages for {layer.n_blocks} cold blocks")
+    sums = [{k: v.to(device) for k, v in parts[i][0].items()} for i in pages]
+    H, D, Dv, B = layer.H, layer.D, layer.Dv, layer.plan.block
+    for name in _SUMS:
+        width = Dv if name == "sum_mean_v" else D
+        empty = (torch.empty(0, H, width, dtype=torch.uint8, device=device),
+                 torch.empty(0, H, 1, dtype=torch.float16, device=device),
+                 torch.empty(0, H, 1, dtype=torch.float16, device=device))
+        rows = [_get(s, name) for s in sums]
+        setattr(layer, name, tuple(torch.cat([e] + [r[i] for r in rows]) for i, e in enumerate(empty)))
+    layer.live = torch.cat([torch.empty(0, H, B, dtype=torch.bool, device=device)] + [s["live"] for s in sums])
+    if layer.live.shape[0] != layer.n_blocks:
+        raise ValueError(f"summary pages hold {layer.live.shape[0]} blocks, the state says {layer.n_blocks}")
+    hot = sorted(i for i in parts if i >= HOT_BASE and i != WARM_INDEX and i != HEAD_INDEX)
+    ks = [parts[i][0]["k"].to(device) for i in hot]
+    vs = [parts[i][0]["v"].to(device) for i in hot]
+    starts = [int(parts[i][1]["first"]) for i in hot]
+    got = [torch.arange(s, s + k.shape[1]) for s, k in zip(starts, ks)]
+    got = torch.cat(got) if got else torch.empty(0, dtype=torch.long)
+    if not torch.equal(got.to(device), layer.hot_pos):
+        raise ValueError("the hot pages do not hold the hot positions the state lists")
+    e = layer.sink_k.dtype
+    layer.hot_k = torch.cat([torch.empty(H, 0, D, dtype=e, device=device)] + ks, 1)
+    layer.hot_v = torch.cat([torch.empty(H, 0, Dv, dtype=e, device=device)] + vs, 1)
+    layer.is_initialized = True

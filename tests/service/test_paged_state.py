@@ -1,0 +1,109 @@
+"""A tiered session's layer states are stored in parts (issue 5: "Appends write only new and changed
+blocks"): a short Append writes each layer's small head and the hot pages its tokens landed in, never
+the warm rows, the summaries or the cold blocks it did not make; emptied hot pages are dropped; states
+stored whole (before parts) still load and are written in parts by their next commit."""
+from __future__ import annotations
+
+import torch
+
+from memsvc.cache.pages import HOT_BASE, HOT_PAGE, SUM_BASE, WARM_INDEX, is_cold_block
+from memsvc.cache.session import STATE_INDEX, TierKV, layer_state
+from memsvc.policies import get_policy
+from memsvc.repair import check_session
+from memsvc.store.lmdb_store import Store
+from tests.conftest import running_server
+
+HISTORY = [(10 + 13 * j) % 4000 for j in range(1200)]  # past sink + hot + warm: 14 cold blocks per layer
+
+
+class Spy:
+    """Records the KV keys and bytes of every commit of the store it wraps."""
+
+    def __init__(self, store):
+        self.calls: list[tuple[dict, list]] = []
+        self._commit = store.commit
+
+        def commit(record, **kw):
+            self.calls.append(({k: len(v) for k, v in kw["blocks"].items()}, list(kw.get("drop", ()))))
+            return self._commit(record, **kw)
+        store.commit = commit
+
+
+def _greedy(c, sid: str, n: int = 10) -> list[int]:
+    return list(c.generate_text(sid, max_new_tokens=n).token_ids)
+
+
+def _state_bytes(store, sid: str) -> int:
+    return sum(len(store.kv_block(sid, *k)) for k in store.kv_keys(sid) if not is_cold_block(k[1]))
+
+
+def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_model):
+    with running_server(tmp_path, long_model) as (c, server):
+        store = server.memsvc_store
+        c.create_session("s", policy="tiered")
+        c.append("s", tokens=HISTORY)
+        spy = Spy(store)
+        layers = long_model.num_layers
+        before = len(HISTORY)  # tokens stored; the cache holds all but the last
+        for step in range(4):  # 4 x 5 tokens: cross a hot page boundary; the hot window (299 + 20) ages no block
+            c.append("s", tokens=[100 + step, 200, 300, 400, 500])
+            written, dropped = spy.calls[-1]
+            new_pos = range(before - 1, before + 4)  # the cache takes the previous last token and 4 new ones
+            pages = {HOT_BASE + p // HOT_PAGE for p in new_pos}
+            for layer in range(layers):
+                mine = {k[1] for k in written if k[0] == layer}
+                assert STATE_INDEX in mine
+                assert mine - {STATE_INDEX} <= pages, [hex(i) for i in mine]
+                assert WARM_INDEX not in mine and not any(SUM_BASE <= i < HOT_BASE for i in mine)
+                assert not any(is_cold_block(i) for i in mine)
+            assert not dropped
+            assert sum(written.values()) < _state_bytes(store, "s") / 4
+            before += 5
+        assert not check_session(store, "s").damaged
+        want = _greedy(c, "s")
+    with running_server(tmp_path, long_model) as (c, server):  # the parts load back into the same cache
+        assert _greedy(c, "s") == want
+
+
+def test_aging_writes_new_blocks_and_drops_emptied_hot_pages(tmp_path, long_model):
+    with running_server(tmp_path, long_model) as (c, server):
+        store = server.memsvc_store
+        c.create_session("s", policy="tiered")
+        c.append("s", tokens=HISTORY)
+        spy = Spy(store)
+        c.append("s", tokens=list(range(500, 580)))  # 80 tokens: a block ages out of the hot window
+        written, dropped = spy.calls[-1]
+        assert any(is_cold_block(k[1]) for k in written), "the aged block is new"
+        assert dropped and all(HOT_BASE <= k[1] < WARM_INDEX for k in dropped)
+        assert not set(dropped) & set(store.kv_keys("s"))
+        check = check_session(store, "s")
+        assert not check.damaged, check.as_dict()
+        c.generate_text("s", max_new_tokens=70, commit=True)  # ages another block through a Generate
+        assert not check_session(store, "s").damaged
+        want = _greedy(c, "s")
+    with running_server(tmp_path, long_model) as (c, server):
+        assert _greedy(c, "s") == want
+
+
+def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, long_model):
+    with running_server(tmp_path, long_model) as (c, server):
+        store = server.memsvc_store
+        c.create_session("s", policy="tiered")
+        c.append("s", tokens=HISTORY)
+        want = _greedy(c, "s")
+        rec = store.get("s")
+        kv = TierKV.load(get_policy("tiered"), store, "s", rec.layout, torch.device("cpu"))
+        whole = {(i, STATE_INDEX): layer_state(layer) for i, layer in enumerate(kv.cache.layers)}
+        parts = [k for k in store.kv_keys("s") if not is_cold_block(k[1]) and k[1] != STATE_INDEX]
+        assert parts
+    # rewrite the session as the store held it before parts: one entry per layer state, no parts
+    with Store(tmp_path) as store:
+        store.rewrite_kv("s", n_tokens=rec.n_tokens, blocks=whole, drop=parts)
+        assert not check_session(store, "s").damaged
+    with running_server(tmp_path, long_model) as (c, server):
+        store = server.memsvc_store
+        assert _greedy(c, "s") == want
+        c.append("s", tokens=[7, 8, 9])
+        keys = set(store.kv_keys("s"))
+        assert (0, WARM_INDEX) in keys and any(HOT_BASE <= k[1] < WARM_INDEX for k in keys)
+        assert not check_session(store, "s").damaged
