@@ -202,3 +202,27 @@ def test_upgrade_converts_a_format_1_store_in_place(tmp_path):
         upgrade_store(tmp_path)
     with pytest.raises(StoreError, match="does not exist"):
         upgrade_store(tmp_path / "absent")
+
+
+def test_commit_drops_entries_and_a_shared_blob_stays_for_the_fork(tmp_path):
+    with Store(tmp_path, token_block=64) as s:
+        s.create(rec("a"))
+        blocks = {(0, 0xC0000000 + p): os.urandom(2000) for p in range(4)}  # e.g. hot pages
+        s.commit(rec("a"), first_token=0, tokens=[1, 2], blocks=blocks)
+        s.fork("a", rec("b"))
+        before = physical(s)
+        hdr = before // 4 - 2000  # each blob: the payload and its block header
+        a_bytes = s.get("a").stored_bytes
+        new = {(0, 0xC0000004): os.urandom(1500)}
+        with pytest.raises(ValueError, match="both written and dropped"):
+            s.commit(rec("a"), first_token=2, tokens=[3], blocks=new, drop=[(0, 0xC0000004)])
+        assert s.get("a").n_tokens == 2 and set(s.kv_keys("a")) == set(blocks)  # nothing changed
+        got = s.commit(rec("a"), first_token=2, tokens=[3], blocks=new,
+                       drop=[(0, 0xC0000000), (0, 0xC0000001), (7, 7)])  # (7, 7): absent, ignored
+        assert set(s.kv_keys("a")) == {(0, 0xC0000002), (0, 0xC0000003), (0, 0xC0000004)}
+        assert set(s.kv_keys("b")) == set(blocks)  # the fork keeps what a dropped
+        assert physical(s) == before + 1500 + hdr  # the dropped blobs are shared with b: nothing freed
+        assert got.stored_bytes < a_bytes  # but a no longer counts them
+        s.delete("b")
+        s.commit(rec("a"), first_token=3, tokens=[4], blocks={}, drop=[(0, 0xC0000002)])
+        assert physical(s) == 2000 + 1500 + 2 * hdr  # b is gone: page 2 is freed, pages 3 and 4 stay
