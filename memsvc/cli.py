@@ -524,17 +524,33 @@ def sessions_verify(session_ids: tuple[str, ...], data_dir: str, repair: bool, m
 @sessions.command("upgrade")
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
 def sessions_upgrade(data_dir: str) -> None:
-    """Convert a store written before KV blocks were shared (format 1) in place, in one transaction.
+    """Bring a store up to date in place: a store written before KV blocks were shared (format 1) is
+    converted in one transaction, then every tiered session whose layer states are stored whole (before
+    parts) has them rewritten as parts, one transaction per session.
 
     Stop the server first: nothing else may have the store open."""
+    from memsvc.cache.session import split_whole_states
+    from memsvc.policies import get_policy
     from memsvc.store.errors import StoreError
     from memsvc.store.lmdb_store import STORE_FORMAT, upgrade_store
 
     try:
         n = upgrade_store(data_dir)
+        click.echo(f"upgraded {data_dir} to store format {STORE_FORMAT}: {n} KV blocks are now shared blobs")
     except StoreError as exc:
-        raise click.ClickException(str(exc))
-    click.echo(f"upgraded {data_dir} to store format {STORE_FORMAT}: {n} KV blocks are now shared blobs")
+        if "already has a format stamp" not in str(exc):
+            raise click.ClickException(str(exc))
+    split = 0
+    with _open_store(data_dir, readonly=False) as store:
+        for sid in store.session_ids():
+            try:
+                rec = store.get(sid)
+                if rec.layout.get("form") == "tiered" and split_whole_states(store, sid, get_policy(rec.policy),
+                                                                              rec.layout):
+                    split += 1
+            except (StoreError, ValueError) as exc:
+                click.echo(f"session {sid!r} left as it is: {exc}", err=True)
+    click.echo(f"{split} tiered session(s) now store their layer states in parts")
 
 
 @sessions.command("export")

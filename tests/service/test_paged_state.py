@@ -5,9 +5,11 @@ stored whole (before parts) still load and are written in parts by their next co
 from __future__ import annotations
 
 import torch
+from click.testing import CliRunner
 
 from memsvc.cache.pages import HOT_BASE, HOT_PAGE, SUM_BASE, WARM_INDEX, is_cold_block
 from memsvc.cache.session import STATE_INDEX, TierKV, layer_state
+from memsvc.cli import main
 from memsvc.policies import get_policy
 from memsvc.repair import check_session
 from memsvc.store.lmdb_store import Store
@@ -100,10 +102,20 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
     with Store(tmp_path) as store:
         store.rewrite_kv("s", n_tokens=rec.n_tokens, blocks=whole, drop=parts)
         assert not check_session(store, "s").damaged
+        _copy_whole = store.export("s")
     with running_server(tmp_path, long_model) as (c, server):
         store = server.memsvc_store
+        store.import_session(_copy_whole, "u")  # kept whole for `sessions upgrade` below
         assert _greedy(c, "s") == want
         c.append("s", tokens=[7, 8, 9])
         keys = set(store.kv_keys("s"))
         assert (0, WARM_INDEX) in keys and any(HOT_BASE <= k[1] < WARM_INDEX for k in keys)
         assert not check_session(store, "s").damaged
+    # offline, `memsvc sessions upgrade` splits the states of u without changing what it loads into
+    out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "1 tiered session(s) now store their layer states in parts" in out.output
+    with Store(tmp_path) as store:
+        assert parts and all(k in set(store.kv_keys("u")) for k in parts)
+        assert not check_session(store, "u").damaged
+    with running_server(tmp_path, long_model) as (c, server):
+        assert _greedy(c, "u") == want
