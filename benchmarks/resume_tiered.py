@@ -31,7 +31,10 @@ session; timed from sending the first Append to the first chunk:
 
 Stored bytes: the store's bytes for each session (record, token ids, every
 KV blob, as stored: zstd-compressed), split into cold blocks and per-layer
-state entries, and the state into its tensors (uncompressed sizes).
+state parts, and the state into its tensors (uncompressed sizes).
+
+Commit bytes: what the timed question Append wrote (the store's bytes of the
+fork after it, less before it: new cold blocks and changed state parts).
 
     python benchmarks/resume_tiered.py                       # 1k, 8k, 32k; re-prefill at 8k
     python benchmarks/resume_tiered.py --reprefill 8192 32768
@@ -49,12 +52,12 @@ import sys
 import time
 from pathlib import Path
 
+from memsvc.cache.pages import is_cold_block
 from memsvc.clients import MemoryClient
 from served import ServeProcess
 
 QUESTION = "In two sentences, what was the text above about?"
 FP16_BYTES_PER_TOKEN = 23_040  # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x K+V x 2 bytes
-STATE_INDEX = 0xFFFFFFFF
 
 
 def log(msg: str) -> None:
@@ -162,7 +165,9 @@ def resume_once(args, data: Path, n: int, rep: int) -> dict:
         after = c.stats()
         c.delete_session(fork)
     return {"total_s": t3 - t0, "resume_s": t1 - t0, "append_s": t2 - t1, "first_chunk_s": t3 - t2,
-            "first_token": tok, "model_tokens": after.model_tokens_processed - before.model_tokens_processed}
+            "first_token": tok, "model_tokens": after.model_tokens_processed - before.model_tokens_processed,
+            "commit_entries": after.kv_entries_written - before.kv_entries_written,
+            "commit_bytes": after.kv_bytes_written - before.kv_bytes_written}
 
 
 def reprefill_once(args, data: Path, n: int, corpus: list[int]) -> dict:
@@ -197,13 +202,14 @@ def stored_bytes(data: Path, n: int) -> dict:
         n = st.get(sid).n_tokens
         total = st.session_keys(sid)[1]
         exp = st.export(sid)
-        cold = sum(len(raw) for (_, index), raw in exp.kv if index != STATE_INDEX)
-        n_cold = sum(1 for (_, index), _ in exp.kv if index != STATE_INDEX)
-        state = sum(len(raw) for (_, index), raw in exp.kv if index == STATE_INDEX)
+        cold = sum(len(raw) for (_, index), raw in exp.kv if is_cold_block(index))
+        n_cold = sum(1 for (_, index), _ in exp.kv if is_cold_block(index))
+        state = sum(len(raw) for (_, index), raw in exp.kv if not is_cold_block(index))
         tensors: dict[str, int] = {}
-        layers = {layer for (layer, _), _ in exp.kv}
-        for layer in layers:
-            raw = st.kv_block(sid, layer, STATE_INDEX)
+        for (layer, index), _ in exp.kv:
+            if is_cold_block(index):
+                continue
+            raw = st.kv_block(sid, layer, index)
             head_len = int.from_bytes(raw[:8], "little")
             for name, info in json.loads(raw[8:8 + head_len]).items():
                 if name == "__metadata__":
@@ -222,7 +228,7 @@ def _group(name: str) -> str:
         return "summaries"
     if base.startswith("keep_"):
         return "warm"
-    if base.startswith("hot_"):
+    if base.startswith("hot_") or base in ("k", "v"):  # k, v: a hot page
         return "hot"
     if base.startswith("sink_"):
         return "sink"
@@ -275,7 +281,8 @@ def main() -> None:
                "resume_to_first_token_s": round(med["total_s"], 4),
                "runs_s": [round(r["total_s"], 4) for r in runs],
                "median_parts_s": {k: round(v, 4) for k, v in med.items() if k != "total_s"},
-               "model_tokens_per_run": runs[0]["model_tokens"], "first_token": runs[0]["first_token"]}
+               "model_tokens_per_run": runs[0]["model_tokens"], "first_token": runs[0]["first_token"],
+               "commit_entries": runs[0]["commit_entries"], "commit_bytes": runs[0]["commit_bytes"]}
         if n in args.reprefill and have == n:
             pre = []
             for rep in range(args.reprefill_repeats):
@@ -298,7 +305,8 @@ def main() -> None:
     print(f"\nResume-to-first-token of tiered sessions (Resume + Append question + Generate first chunk, "
           f"fresh server each run, median of {args.repeats}); {platform.machine()}, {os.cpu_count()} cores")
     head = (f"{'tokens':>7} {'resume→1st':>11} {'resume':>8} {'append':>8} {'1st chunk':>10} {'re-prefill':>11} "
-            f"{'speedup':>8} {'stored B/tok':>13} {'vs fp16':>8} {'cold B/tok':>11} {'state B/tok':>12}")
+            f"{'speedup':>8} {'stored B/tok':>13} {'vs fp16':>8} {'cold B/tok':>11} {'state B/tok':>12} "
+            f"{'commit':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -308,7 +316,9 @@ def main() -> None:
         print(f"{r['tokens']:>7} {r['resume_to_first_token_s'] * 1000:>9.0f}ms {p['resume_s'] * 1000:>6.0f}ms "
               f"{p['append_s'] * 1000:>6.0f}ms {p['first_chunk_s'] * 1000:>8.0f}ms {pre} {sp} "
               f"{st['stored_bytes_per_token']:>13,.0f} {st['x_smaller_than_fp16']:>7.2f}x "
-              f"{st['cold_bytes'] / r['tokens']:>11,.0f} {st['state_bytes'] / r['tokens']:>12,.0f}")
+              f"{st['cold_bytes'] / r['tokens']:>11,.0f} {st['state_bytes'] / r['tokens']:>12,.0f} "
+              f"{r['commit_bytes'] / 1e6:>7.2f}MB")
+    print("commit: payload bytes the question's Append wrote (new cold blocks and changed state parts)")
     print(f"spread: slowest {spread[0] * 100:+.0f}% / fastest {-spread[1] * 100:+.0f}% of the mean (target ±25%)")
     print(json.dumps({"benchmark": "resume_tiered", "question": QUESTION, "context": args.context,
                       "block_cache": args.block_cache, "rows": rows}))

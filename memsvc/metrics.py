@@ -64,6 +64,9 @@ class _ServiceCollector:
             ("memsvc_repairs", c.repairs,
              "Sessions rebuilt from their token ids because stored KV entries failed their checks."),
             ("memsvc_blocks_repaired", c.blocks_repaired, "KV entries (blocks, layer states) those repairs wrote again."),
+            ("memsvc_kv_entries_written", c.kv_entries_written,
+             "KV entries commits wrote (new cold blocks, changed layer state parts)."),
+            ("memsvc_kv_bytes_written", c.kv_bytes_written, "Payload bytes of those entries, before compression."),
         ):
             m = CounterMetricFamily(name, doc)
             m.add_metric([], value)

@@ -397,6 +397,8 @@ class MemoryServicer:
             resident_budget=self.m.resident_budget,
             repairs=c.repairs,
             blocks_repaired=c.blocks_repaired,
+            kv_entries_written=c.kv_entries_written,
+            kv_bytes_written=c.kv_bytes_written,
         )
 
 

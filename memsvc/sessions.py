@@ -100,6 +100,8 @@ class Counters:
     expired: int = 0  # sessions deleted because their ttl passed
     repairs: int = 0  # sessions rebuilt from their token ids because stored KV entries were damaged
     blocks_repaired: int = 0  # KV entries those repairs wrote again
+    kv_entries_written: int = 0  # KV entries commits wrote (new cold blocks, changed layer state parts)
+    kv_bytes_written: int = 0  # their payload bytes, before compression
 
 
 @dataclass
@@ -430,6 +432,7 @@ class SessionManager:
                 del live.feeds[n_feeds:]
             raise
         live.kv.mark_clean()
+        self._count(kv_entries_written=len(payloads), kv_bytes_written=sum(len(v) for v in payloads.values()))
         live.record = stored
         live.tokens.extend(new_ids)
         live.measure()

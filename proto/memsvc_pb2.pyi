@@ -218,7 +218,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("model", "model_fingerprint", "model_tokens_processed", "tokens_appended", "tokens_generated", "resumes", "sessions_resident", "bytes_resident", "session_loads", "sessions_unloaded", "resident_budget", "repairs", "blocks_repaired")
+    __slots__ = ("model", "model_fingerprint", "model_tokens_processed", "tokens_appended", "tokens_generated", "resumes", "sessions_resident", "bytes_resident", "session_loads", "sessions_unloaded", "resident_budget", "repairs", "blocks_repaired", "kv_entries_written", "kv_bytes_written")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,8 @@ class Stats(_message.Message):
     RESIDENT_BUDGET_FIELD_NUMBER: _ClassVar[int]
     REPAIRS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    KV_ENTRIES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_fingerprint: str
     model_tokens_processed: int
@@ -245,4 +247,6 @@ class Stats(_message.Message):
     resident_budget: int
     repairs: int
     blocks_repaired: int
-    def __init__(self, model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_tokens_processed: _Optional[int] = ..., tokens_appended: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., resumes: _Optional[int] = ..., sessions_resident: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., session_loads: _Optional[int] = ..., sessions_unloaded: _Optional[int] = ..., resident_budget: _Optional[int] = ..., repairs: _Optional[int] = ..., blocks_repaired: _Optional[int] = ...) -> None: ...
+    kv_entries_written: int
+    kv_bytes_written: int
+    def __init__(self, model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_tokens_processed: _Optional[int] = ..., tokens_appended: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., resumes: _Optional[int] = ..., sessions_resident: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., session_loads: _Optional[int] = ..., sessions_unloaded: _Optional[int] = ..., resident_budget: _Optional[int] = ..., repairs: _Optional[int] = ..., blocks_repaired: _Optional[int] = ..., kv_entries_written: _Optional[int] = ..., kv_bytes_written: _Optional[int] = ...) -> None: ...

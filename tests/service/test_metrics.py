@@ -79,6 +79,9 @@ def test_metrics_endpoint_counts_rpcs_tokens_and_bytes(tmp_path, tiny_model):
         m2 = _scrape(mport)
         assert _get(m2, "memsvc_rpc_total", method="Append", **ok) == 2
         assert _get(m2, "memsvc_tokens_appended_total") > appended
+        for name in ("memsvc_kv_entries_written_total", "memsvc_kv_bytes_written_total"):
+            assert _get(m2, name) > _get(m1, name) > 0, name
+        assert _get(m2, "memsvc_kv_bytes_written_total") == c.stats().kv_bytes_written
     with pytest.raises(OSError):  # the endpoint closes with the server
         urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2)
 

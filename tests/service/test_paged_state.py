@@ -47,6 +47,7 @@ def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_mo
         spy = Spy(store)
         layers = long_model.num_layers
         before = len(HISTORY)  # tokens stored; the cache holds all but the last
+        written0 = c.stats().kv_bytes_written
         for step in range(4):  # 4 x 5 tokens: cross a hot page boundary; the hot window (299 + 20) ages no block
             c.append("s", tokens=[100 + step, 200, 300, 400, 500])
             written, dropped = spy.calls[-1]
@@ -61,6 +62,7 @@ def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_mo
             assert not dropped
             assert sum(written.values()) < _state_bytes(store, "s") / 4
             before += 5
+        assert c.stats().kv_bytes_written - written0 == sum(sum(w.values()) for w, _ in spy.calls)
         assert not check_session(store, "s").damaged
         want = _greedy(c, "s")
     with running_server(tmp_path, long_model) as (c, server):  # the parts load back into the same cache
