@@ -70,8 +70,9 @@ def test_cells_are_deterministic_and_every_side_gets_the_same_ids(tok, essays):
             assert head.count(run.QUESTION) == 0 and c["key"] in head
     cells = a + [{"cell": "ppl-64", "kind": "ppl", "length": 64, "prompt_ids": list(range(64)),
                   "answer_ids": list(range(64, 80))}]
-    settings = run.peer_settings(list(run.PEERS), ["tiered", "0.5"])
-    ratios = {("niah", 300): 0.6, ("niah", 500): 0.7, ("ppl", 64): 0.8}
+    settings = run.peer_settings(list(run.PEERS), ["tiered", "tiered-h64", "0.5"])
+    ratios = {("tiered", "niah", 300): 0.6, ("tiered", "niah", 500): 0.7, ("tiered", "ppl", 64): 0.8,
+              ("tiered-h64", "niah", 300): 0.9, ("tiered-h64", "niah", 500): 0.91, ("tiered-h64", "ppl", 64): 0.92}
     wcells = run.peer_cells(cells, settings, ratios)
     pipelines = sum(s[1].endswith("-pipeline") for s in settings)
     assert len(wcells) == len(cells) * len(settings) - pipelines  # no ppl cell through the pipeline protocol
@@ -80,7 +81,8 @@ def test_cells_are_deterministic_and_every_side_gets_the_same_ids(tok, essays):
         label, cid = w["id"].split("|")
         assert w["prompt_ids"] == by[cid]["prompt_ids"] and w["answer_ids"] == by[cid]["answer_ids"]
         if w["method"] == "kvpress":
-            want = ratios[(by[cid]["kind"], by[cid]["length"])] if label.endswith("@tiered") else 0.5
+            at = label.split("@")[1]
+            want = 0.5 if at == "0.5" else ratios[(at, by[cid]["kind"], by[cid]["length"])]
             assert w["params"]["compression_ratio"] == want
         if w["protocol"] == "pipeline":
             assert w["context_len"] == by[cid]["context_len"] and by[cid]["kind"] == "niah"
@@ -96,16 +98,69 @@ def test_budget_matching():
     rows = [{"method": "tiered", "kind": "niah", "length": 1024, "resident_bpt": b} for b in (4000, 6000)]
     rows += [{"method": "tiered", "kind": "ppl", "length": 4096, "resident_bpt": 2304},
              {"method": "full", "kind": "niah", "length": 1024, "resident_bpt": fp16}]
+    rows += [{"method": "tiered-h64", "kind": "niah", "length": 1024, "resident_bpt": 1152}]
     got = run.matched_ratios(rows, fp16)
-    assert got == {("niah", 1024): run.ratio_for_bytes(5000, fp16), ("ppl", 4096): 0.9}
+    assert got == {("tiered", "niah", 1024): run.ratio_for_bytes(5000, fp16), ("tiered", "ppl", 4096): 0.9}
+    both = run.matched_ratios(rows, fp16, ("tiered", "tiered-h64"))
+    assert both == {**got, ("tiered-h64", "niah", 1024): 0.95}
+    # keys as written in the JSON line and read by --matched / --report (old files: tiered's, unprefixed)
+    assert [run.ratio_key(k) for k in sorted(both)] == ["niah@1024", "ppl@4096", "tiered-h64/niah@1024"]
+    assert all(run.parse_ratio_key(run.ratio_key(k)) == k for k in both)
+    assert run.is_matched("tiered-h64") and not run.is_matched("0.5")
     # kvpress keeps int(n * (1 - ratio)) tokens: at the matched ratio that is tiered's bytes to within a token
     n = 1024
-    kept = int(n * (1 - got[("niah", 1024)]))
+    kept = int(n * (1 - got[("tiered", "niah", 1024)]))
     assert abs(kept * fp16 / n - 5000) <= fp16 / n
     with pytest.raises(ValueError, match="unknown peer"):
         run.peer_settings(["nope"], ["tiered"])
-    assert [s[0] for s in run.peer_settings(["snapkv", "quanto2"], ["tiered", "0.9"])] == \
-        ["snapkv@tiered", "snapkv@0.9", "quanto2"]
+    assert [s[0] for s in run.peer_settings(["snapkv", "quanto2", "hqq4"], ["tiered", "tiered-h64", "0.9"])] == \
+        ["snapkv@tiered", "snapkv@tiered-h64", "snapkv@0.9", "quanto2", "hqq4"]
+
+
+def test_tiered_settings_and_default_run():
+    """The tiered budget sweep: extra memsvc rows built from TieredPolicy fields, checked when parsed."""
+    from memsvc.cache.policies import get_policy
+    got = run.parse_tiered_settings(run.DEFAULT_TIERED_SETTINGS)
+    assert got == {"tiered-h64": ("tiered", {"hot": 64, "warm": 64}),
+                   "tiered-h128": ("tiered", {"hot": 128, "warm": 128})}
+    pol = get_policy(*got["tiered-h64"][:1], **got["tiered-h64"][1])
+    assert (pol.hot, pol.warm) == (64, 64) and pol.retrieve == get_policy("tiered").retrieve
+    assert run.parse_tiered_settings("") == {}
+    assert run.parse_tiered_settings(" r1k : retrieve=1024 ; ") == {"tiered-r1k": ("tiered", {"retrieve": 1024})}
+    for bad, word in [("h64", "NAME:field"), ("h64:hot", "field=value"), ("h64:nope=1", "bad settings"),
+                      ("h64:hot=0", "hot"), ("a:hot=64;a:warm=8", "twice")]:
+        with pytest.raises(ValueError, match=word):
+            run.parse_tiered_settings(bad)
+    # the default run: 1k-4k x 5 depths, ppl @4k, presses matched to tiered and its smallest setting,
+    # QuantizedCache quanto 4/2-bit and hqq 4/3/2-bit (axis 0: axis 1 fails in hqq's bit packing on CPU)
+    ap_defaults = {a.dest: a.default for a in _parser()._actions}
+    assert ap_defaults["lengths"] == "1024,2048,3072,4096" and ap_defaults["depths"] == "0,0.25,0.5,0.75,1"
+    assert ap_defaults["ppl_prefix"] == "4096" and ap_defaults["ratios"] == "tiered,tiered-h64"
+    assert {"hqq4", "hqq3", "hqq2", "quanto4", "quanto2", "snapkv", "knorm"} <= set(run.DEFAULT_PEERS.split(","))
+    assert all(run.PEERS[h][0] == "hqq" and run.PEERS[h][1]["axis_key"] == 0 for h in ("hqq4", "hqq3", "hqq2"))
+
+
+def _parser():
+    """run.main's argparse defaults, read without running it."""
+    import argparse
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        seen["p"] = self
+        raise Stop
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        run.main([])
+    except Stop:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return seen["p"]
 
 
 def _rows():
@@ -114,6 +169,8 @@ def _rows():
     for method, side, setting, corr, lp, bpt, nll in [
             ("full", "memsvc", "full", (True, True), (-1.0, -2.0), 23040, 2.0),
             ("tiered", "memsvc", "tiered", (True, False), (-1.5, -6.0), 2304, 2.01),
+            ("tiered-h64", "memsvc", "tiered-h64", (True, True), (-1.2, -2.5), 1152, 2.02),
+            ("hqq4", "peer", "hqq4", (True, False), (-1.1, -2.2), 6480, 2.03),
             ("snapkv", "peer", "snapkv@tiered", (False, False), (-9.0, -8.0), 2300, 2.1)]:
         for i, d in enumerate((0.0, 1.0)):
             rows.append({"side": side, "method": method, "setting": setting, "cell": f"niah-1024-{d:g}",
@@ -141,8 +198,11 @@ def test_summary_table_and_json_line(capsys, tmp_path):
     assert lines[0].startswith("| method | side | resident B/tok | × vs fp16 | recall | retention vs full")
     assert "| tiered | memsvc | 2,304 | 10.0× | 50% | 50% (1/2) | -2.25 | +1.01% | 5.00 @1024 |" in lines
     assert any(l.startswith("| pyramid@tiered | peer | failed: RuntimeError") for l in lines)
-    line = json.loads(run.json_line(list(s.values()), rows, {("niah", 1024): 0.9}))
-    assert line["matched_ratios"] == {"niah@1024": 0.9} and line["rows"] == len(rows)
+    assert "| tiered-h64 | memsvc | 1,152 | 20.0× | 100% | 100% (2/2) | -0.35 | +2.02% | 5.00 @1024 |" in lines
+    assert any(l.startswith("| hqq4 | peer | 6,480 | 3.6× | 50% | 50% (1/2) |") for l in lines)
+    line = json.loads(run.json_line(list(s.values()), rows, {("tiered", "niah", 1024): 0.9,
+                                                             ("tiered-h64", "niah", 1024): 0.95}))
+    assert line["matched_ratios"] == {"niah@1024": 0.9, "tiered-h64/niah@1024": 0.95} and line["rows"] == len(rows)
     assert {p["setting"] for p in line["peers"]} == set(s)
     run.scatter(list(s.values()), "retention", str(tmp_path / "r.png"), "retention", "t")
     assert (tmp_path / "r.png").stat().st_size > 1000
@@ -164,6 +224,10 @@ def test_worker_schema_rejects_bad_cells():
         worker.validate_cell({k: v for k, v in ok.items() if k != "answer_ids"})
     with pytest.raises(ValueError, match="unique"):
         worker.read_cells(json.dumps([ok, ok]))
+    hqq = dict(ok, method="hqq", params={"nbits": 3, "residual_length": 128})
+    assert worker.validate_cell(hqq)["method"] == "hqq"
+    with pytest.raises(ValueError, match="hqq nbits"):
+        worker.validate_cell(dict(hqq, params={"nbits": 5}))
 
 
 def test_worker_runs_a_plain_cache_on_the_tiny_model(tiny_model_dirs, tiny_model):
@@ -231,3 +295,30 @@ def test_run_worker_streams_results_and_resumes(tiny_model_dirs, tmp_path):
     changed = [dict(cells[0], answer_ids=[8])]  # another cell under the same id is run, not reused
     with pytest.raises(RuntimeError, match="nonexistent"):
         run.run_worker(changed, str(tiny_model_dirs[0]), 1, tmp_path, python="/nonexistent")
+
+
+def test_memsvc_rows_resume_from_their_store(tiny_model, tmp_path):
+    """memsvc's side keeps each row in memsvc_results.jsonl as it ends: a rerun runs only what is missing
+    (here a rerun with no model at all), and a tiered setting is its own row with its overrides."""
+    variants = run.parse_tiered_settings("h64:hot=64,warm=64")
+    cells = [{"cell": f"niah-200-{d:g}", "kind": "niah", "length": 200, "depth": d, "key": "7",
+              "prompt_ids": list(range(5, 205)), "answer_ids": [7, 8]} for d in (0, 1)]
+    store = tmp_path / "memsvc_results.jsonl"
+    rows = run.run_memsvc(tiny_model, ["full", "tiered-h64"], cells[:1], 2, variants, store)
+    assert [(r["method"], r["cell"]) for r in rows] == [("full", "niah-200-0"), ("tiered-h64", "niah-200-0")]
+    assert rows[1]["overrides"] == {"hot": 64, "warm": 64} and rows[1]["resident_bpt"] < rows[0]["resident_bpt"]
+    assert run.run_memsvc(None, ["full", "tiered-h64"], cells[:1], 2, variants, store) == rows
+    with pytest.raises(AttributeError):  # a cell not in the store is run (and None is no model)
+        run.run_memsvc(None, ["full"], cells, 2, variants, store)
+    other = run.parse_tiered_settings("h64:hot=128")  # same name, other settings: not reused
+    with pytest.raises(AttributeError):
+        run.run_memsvc(None, ["tiered-h64"], cells[:1], 2, other, store)
+
+
+def test_failed_peer_results_run_again(tmp_path):
+    cell = {"id": "hqq3|c", "kind": "niah", "method": "hqq", "params": {"nbits": 3}, "protocol": "prompt",
+            "prompt_ids": [1, 2, 3], "answer_ids": [4], "n_new": 2}
+    (tmp_path / "peer_results.jsonl").write_text(
+        json.dumps({"id": "hqq3|c", "ok": False, "error": "RuntimeError", "key": run.cell_key(cell)}) + "\n{\"cut")
+    with pytest.raises(RuntimeError, match="nonexistent"):  # not reused: run (by a worker that is not there)
+        run.run_worker([cell], "/nonexistent-model", 1, tmp_path, python="/nonexistent")

@@ -11,10 +11,21 @@ through memsvc.eval.runner.PolicyRun, and hands the same token ids to
 benchmarks/peers/worker.py inside benchmarks/peers/.venv-kvpress (kvpress 0.5.5,
 transformers 5.2, optimum-quanto; made by setup.sh on first use) for the peers:
 kvpress presses (SnapKV, StreamingLLM, ExpectedAttention, Knorm) at the
-compression ratio that holds `tiered`'s resident bytes per token at each length
-(and at fixed ratios, --ratios), and transformers' QuantizedCache (quanto 2/4-bit,
-residual 128) read through a plain forward, plus the same cache read the way
-kvpress's pipeline reads it (context quantized before the question).
+compression ratios that hold `tiered`'s and `tiered-h64`'s resident bytes per
+token at each length (--ratios; numbers give fixed ratios), and transformers'
+QuantizedCache (quanto 2/4-bit and hqq 2/3/4-bit, residual 128) read through a
+plain forward, plus quanto 4-bit read the way kvpress's pipeline reads it
+(context quantized before the question).
+
+memsvc's rows: --policies plus the tiered budget sweep, --tiered-settings
+(default `tiered-h64` = hot 64 + warm 64, `tiered-h128` = hot 128 + warm 128:
+at 1k-4k tiered's bytes are mostly its fixed exact windows). Each row is one
+point on the recall-vs-bytes and ppl-vs-bytes plots.
+
+Resuming: every memsvc row goes to --out's memsvc_results.jsonl and every peer
+cell to peer_results.jsonl as it ends, keyed by a digest of what it ran; the
+same command again skips what is there (failed peer cells run again).
+--fresh-memsvc forgets the memsvc rows (after memsvc's code changed).
 
 Resident bytes are counted as an fp16 model would hold them (float tensors at 2
 bytes; memsvc's compressed tiers are fp16 already), so `full` is 23,040 B/token
@@ -48,10 +59,16 @@ PEERS = {
     "quanto4": ("quanto", {"nbits": 4, "residual_length": 128, "q_group_size": 64}, "prompt"),
     "quanto2": ("quanto", {"nbits": 2, "residual_length": 128, "q_group_size": 64}, "prompt"),
     "quanto4-pipeline": ("quanto", {"nbits": 4, "residual_length": 128, "q_group_size": 64}, "pipeline"),
+    # QuantizedCache backend "hqq", axis 0 (axis 1 fails in hqq's bit packing on most lengths; see worker.py)
+    "hqq4": ("hqq", {"nbits": 4, "residual_length": 128, "q_group_size": 64, "axis_key": 0, "axis_value": 0}, "prompt"),
+    "hqq3": ("hqq", {"nbits": 3, "residual_length": 128, "q_group_size": 64, "axis_key": 0, "axis_value": 0}, "prompt"),
+    "hqq2": ("hqq", {"nbits": 2, "residual_length": 128, "q_group_size": 64, "axis_key": 0, "axis_value": 0}, "prompt"),
     # kvpress's own protocol (context compressed before the question is read); not in the default run
     "snapkv-pipeline": ("kvpress", {"press": "SnapKVPress"}, "pipeline"),
 }
 DEFAULT_PEERS = ",".join(p for p in PEERS if p != "snapkv-pipeline")
+# extra memsvc rows: tiered with smaller exact windows (its bytes at 1k-4k are mostly the hot and warm windows)
+DEFAULT_TIERED_SETTINGS = "h64:hot=64,warm=64;h128:hot=128,warm=128"
 QUESTION = "What is the pass key?"
 
 
@@ -61,6 +78,43 @@ def log(msg: str) -> None:
 
 def _list(s: str, cast=str) -> list:
     return [cast(x) for x in s.replace(" ", ",").split(",") if x]
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_tiered_settings(spec: str, base: str = "tiered") -> dict:
+    """'h64:hot=64,warm=64;h128:hot=128' -> {'tiered-h64': ('tiered', {'hot': 64, 'warm': 64}), ...}.
+
+    Each setting is one more memsvc row (and one point on the plots): `base` built with those
+    TieredPolicy fields (PolicyRun(loaded, base, **overrides)); the fields are checked here."""
+    from memsvc.cache.policies import get_policy
+    out: dict = {}
+    for part in (x.strip() for x in spec.split(";")):
+        if not part:
+            continue
+        name, _, body = part.partition(":")
+        name = name.strip()
+        if not name or not body.strip():
+            raise ValueError(f"tiered setting {part!r}: want NAME:field=value,...")
+        over = {}
+        for kv in (x.strip() for x in body.split(",")):
+            k, eq, v = kv.partition("=")
+            if not eq or not k.strip():
+                raise ValueError(f"tiered setting {part!r}: {kv!r} is not field=value")
+            over[k.strip()] = _value(v.strip())
+        get_policy(base, **over)  # ValueError on an unknown field or a bad value
+        label = f"{base}-{name}"
+        if label in out:
+            raise ValueError(f"tiered setting {label!r} given twice")
+        out[label] = (base, over)
+    return out
 
 
 # ---------------------------------------------------------------- cells
@@ -103,17 +157,38 @@ def ratio_for_bytes(bytes_per_token: float, fp16_per_token: int) -> float:
     return round(min(0.99, max(0.0, 1.0 - bytes_per_token / fp16_per_token)), 4)
 
 
-def matched_ratios(rows: list[dict], fp16_per_token: int, policy: str = "tiered") -> dict:
-    """(kind, length) -> compression ratio matching `policy`'s mean resident bytes per token there."""
+def matched_ratios(rows: list[dict], fp16_per_token: int, policies=("tiered",)) -> dict:
+    """(policy, kind, length) -> compression ratio matching `policy`'s mean resident bytes per token there."""
     acc: dict = {}
     for r in rows:
-        if r["method"] == policy and r.get("ok", True):
-            acc.setdefault((r["kind"], r["length"]), []).append(r["resident_bpt"])
+        if r["method"] in policies and r.get("ok", True):
+            acc.setdefault((r["method"], r["kind"], r["length"]), []).append(r["resident_bpt"])
     return {k: ratio_for_bytes(sum(v) / len(v), fp16_per_token) for k, v in acc.items()}
 
 
+def ratio_key(k: tuple) -> str:
+    """(policy, kind, length) as written in the JSON and --matched: 'niah@1024' for tiered, else 'tiered-h64/niah@1024'."""
+    pol, kind, n = k
+    return f"{kind}@{n}" if pol == "tiered" else f"{pol}/{kind}@{n}"
+
+
+def parse_ratio_key(s: str) -> tuple:
+    pol, _, rest = s.rpartition("/")
+    kind, _, n = rest.partition("@")
+    return (pol or "tiered", kind, int(n))
+
+
+def is_matched(ratio: str) -> bool:
+    """A --ratios entry that names a memsvc row (matched to its bytes) rather than a number."""
+    try:
+        float(ratio)
+        return False
+    except ValueError:
+        return True
+
+
 def peer_settings(peers: list[str], ratios: list[str]) -> list[tuple[str, str, object]]:
-    """(label, peer, ratio or None): kvpress presses once per ratio ('tiered' = matched), others once."""
+    """(label, peer, ratio or None): kvpress presses once per ratio (a memsvc row's name = matched to it), others once."""
     out = []
     for p in peers:
         if p not in PEERS:
@@ -136,7 +211,8 @@ def peer_cells(cells: list[dict], settings, ratios_at: dict, n_new: int = 8) -> 
             par = dict(params)
             proto = protocol if c["kind"] == "niah" else "prompt"  # a ppl prefix is all context
             if method == "kvpress":
-                par["compression_ratio"] = ratios_at[(c["kind"], c["length"])] if ratio == "tiered" else float(ratio)
+                par["compression_ratio"] = ratios_at[(ratio, c["kind"], c["length"])] if is_matched(ratio) \
+                    else float(ratio)
             w = {"id": f"{label}|{c['cell']}", "kind": c["kind"], "method": method, "params": par,
                  "protocol": proto, "prompt_ids": c["prompt_ids"], "answer_ids": c["answer_ids"], "n_new": n_new}
             if proto == "pipeline":
@@ -147,43 +223,100 @@ def peer_cells(cells: list[dict], settings, ratios_at: dict, n_new: int = 8) -> 
 
 # ---------------------------------------------------------------- memsvc side
 
-def run_memsvc(m, policies: list[str], cells: list[dict], n_new: int = 8) -> list[dict]:
+def memsvc_key(name: str, base: str, overrides: dict, c: dict, n_new: int) -> str:
+    """A memsvc row's identity: setting, cell and a digest of what it ran (policy, overrides, ids, n_new)."""
+    import hashlib
+    what = {"policy": base, "overrides": overrides, "prompt_ids": c["prompt_ids"], "answer_ids": c["answer_ids"],
+            "n_new": n_new}
+    return f"{name}|{c['cell']}#" + hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_jsonl(path: Path, field: str = "key") -> dict:
+    """{record[field]: record without it} of a JSONL store (a line cut by an interrupted write is skipped)."""
+    done: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interrupted write
+                    continue
+                done[r.pop(field)] = r
+    return done
+
+
+def run_memsvc(m, policies: list[str], cells: list[dict], n_new: int = 8, variants: dict | None = None,
+               store: Path | None = None, legacy: list[dict] | None = None) -> list[dict]:
+    """memsvc's rows, policy x cell, shortest cells first. `variants` maps extra names to (policy, overrides)
+    (the tiered settings). With `store` (a JSONL file) every row is appended as it ends and rows already
+    there (same setting, cell and digest) are read back instead of run: an interrupted run resumes.
+    `legacy`: rows of an older rows_memsvc.json, reused by (method, cell) (--reuse-memsvc)."""
+    variants = variants or {}
+    done = load_jsonl(store, "store_key") if store else {}  # ("key" is a NIAH row's passkey)
+    old = {(r["method"], r["cell"]): r for r in legacy or []}
+    spec = {p: variants.get(p, (p, {})) for p in policies}
+    jobs = [(c, p) for c in sorted(cells, key=lambda c: len(c["prompt_ids"])) for p in policies]
+    rows_at: dict = {}
+    todo = []
+    for c, p in jobs:
+        k = memsvc_key(p, *spec[p], c, n_new)
+        if k in done:
+            rows_at[k] = done[k]
+        elif (p, c["cell"]) in old:
+            rows_at[k] = old[(p, c["cell"])]
+        else:
+            todo.append((c, p, k))
+    if len(todo) < len(jobs):
+        log(f"[memsvc] {len(jobs) - len(todo)}/{len(jobs)} rows from earlier runs, {len(todo)} to run")
+    t_start = time.time()
+    for i, (c, p, k) in enumerate(todo):
+        row = _memsvc_row(m, p, spec[p], c, n_new)
+        rows_at[k] = row
+        if store:
+            with store.open("a") as f:
+                f.write(json.dumps(dict(row, store_key=k)) + "\n")
+        eta = (time.time() - t_start) / (i + 1) * (len(todo) - i - 1)
+        log(f"[memsvc {i + 1}/{len(todo)}] {p} {c['cell']}: {row['seconds']:.1f} s (eta {eta / 60:.1f} min)")
+    # in --policies order, cells in the order given
+    return [rows_at[memsvc_key(p, *spec[p], c, n_new)] for p in policies for c in cells]
+
+
+def _memsvc_row(m, p: str, spec: tuple, c: dict, n_new: int) -> dict:
+    """One policy x cell, on a fresh PolicyRun (its own block cache), as the harness runs it."""
     import torch
 
     from memsvc.eval.runner import PolicyRun, restore, snapshot
-    rows = []
-    t_start = time.time()
-    for i, c in enumerate(cells):
-        for p in policies:
-            run = PolicyRun(m, p)
-            t0 = time.time()
-            cache = run.new_cache()
-            row = {"side": "memsvc", "method": p, "setting": p, "cell": c["cell"], "kind": c["kind"],
-                   "length": c["length"], "prompt_tokens": len(c["prompt_ids"]), "ok": True}
-            if c["kind"] == "ppl":
-                run.forward(cache, c["prompt_ids"])
-                run.end_prompt(cache)
-                row["resident_bpt"] = _resident_fp16(run, cache) / len(c["prompt_ids"])
-                logits = run.forward(cache, c["answer_ids"], all_logits=True)
-                tgt = torch.tensor(c["answer_ids"][1:])
-                lp = torch.log_softmax(logits[:-1], -1).gather(1, tgt.unsqueeze(1))
-                row.update(nll=-float(lp.sum()) / tgt.numel(), count=tgt.numel())
-            else:
-                logits = run.forward(cache, c["prompt_ids"])
-                run.end_prompt(cache)
-                row["resident_bpt"] = _resident_fp16(run, cache) / len(c["prompt_ids"])
-                snap = snapshot(cache)
-                row["logprob"] = run.teacher_logprob(cache, logits, c["answer_ids"])
-                restore(cache, snap)
-                row["tokens"], row["decode_tok_s"] = run.decode_greedy(cache, logits, n_new)
-                run.flush(cache)
-                row.update(depth=c["depth"], key=c["key"])
-            row["seconds"] = time.time() - t0
-            rows.append(row)
-            del cache
-        eta = (time.time() - t_start) / (i + 1) * (len(cells) - i - 1)
-        log(f"[memsvc {i + 1}/{len(cells)}] {c['cell']} done (eta {eta / 60:.1f} min)")
-    return rows
+    base, overrides = spec
+    run = PolicyRun(m, base, **overrides)
+    t0 = time.time()
+    cache = run.new_cache()
+    row = {"side": "memsvc", "method": p, "setting": p, "cell": c["cell"], "kind": c["kind"],
+           "length": c["length"], "prompt_tokens": len(c["prompt_ids"]), "ok": True}
+    if overrides:
+        row.update(policy=base, overrides=overrides)
+    if c["kind"] == "ppl":
+        run.forward(cache, c["prompt_ids"])
+        run.end_prompt(cache)
+        row["resident_bpt"] = _resident_fp16(run, cache) / len(c["prompt_ids"])
+        logits = run.forward(cache, c["answer_ids"], all_logits=True)
+        tgt = torch.tensor(c["answer_ids"][1:])
+        lp = torch.log_softmax(logits[:-1], -1).gather(1, tgt.unsqueeze(1))
+        row.update(nll=-float(lp.sum()) / tgt.numel(), count=tgt.numel())
+    else:
+        logits = run.forward(cache, c["prompt_ids"])
+        run.end_prompt(cache)
+        row["resident_bpt"] = _resident_fp16(run, cache) / len(c["prompt_ids"])
+        snap = snapshot(cache)
+        row["logprob"] = run.teacher_logprob(cache, logits, c["answer_ids"])
+        restore(cache, snap)
+        row["tokens"], row["decode_tok_s"] = run.decode_greedy(cache, logits, n_new)
+        run.flush(cache)
+        row.update(depth=c["depth"], key=c["key"])
+    row["seconds"] = time.time() - t0
+    del cache
+    return row
+
+
 
 
 def _resident_fp16(run, cache) -> float:
@@ -216,12 +349,7 @@ def run_worker(wcells: list[dict], model_dir: str, threads: int, out_dir: Path, 
     workers > 1 splits the cells that remain over that many worker processes."""
     import threading
     store = out_dir / "peer_results.jsonl"
-    done: dict = {}
-    if store.exists():
-        for line in store.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r.pop("key")] = r
+    done = {k: r for k, r in load_jsonl(store).items() if r.get("ok")}  # a failed cell runs again
     # shortest prompts first: an interrupted run holds every setting at the short lengths
     todo = sorted((w for w in wcells if cell_key(w) not in done), key=lambda w: len(w["prompt_ids"]) + len(w["answer_ids"]))
     log(f"[peers] {len(wcells) - len(todo)} cells from {store.name}, {len(todo)} to run in {workers} process(es)")
@@ -379,7 +507,7 @@ def json_line(summary: list[dict], rows: list[dict], ratios_at: dict) -> str:
     keep = ("setting", "side", "resident_bytes_per_token", "x_vs_fp16", "recall", "retention", "mean_dlogprob",
             "dppl", "decode_tok_s", "failed")
     return json.dumps({"peers": [{k: s[k] for k in keep} for s in summary], "rows": len(rows),
-                       "matched_ratios": {f"{k}@{n}": v for (k, n), v in sorted(ratios_at.items())}})
+                       "matched_ratios": {ratio_key(k): v for k, v in sorted(ratios_at.items())}})
 
 
 def scatter(summary: list[dict], y: str, path: str, ylabel: str, title: str) -> None:
@@ -426,7 +554,8 @@ def report(rows: list[dict], fp16: int, ratios_at: dict, figures: str | None, de
         peers = [s for s in summary if s["side"] == "peer" and s["retention"] is not None and s["method"] != "hf-full"]
         best = max(peers, key=lambda s: (s["retention"], -(s["resident_bytes_per_token"] or 0)), default=None)
         hm = [dict(r, policy=r["setting"]) for r in rows if r["kind"] == "niah" and r.get("ok")]
-        for s in ["full", "tiered"] + ([best["setting"]] if best else []):
+        tiered_rows = [s["setting"] for s in summary if s["side"] == "memsvc" and s["setting"].startswith("tiered")]
+        for s in ["full"] + tiered_rows + ([best["setting"]] if best else []):
             if any(r["policy"] == s for r in hm):
                 heatmap(hm, s, os.path.join(figures, f"peers_niah_{s.replace('@', '_')}.png"))
         log(f"[report] figures in {figures}")
@@ -445,8 +574,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-target", type=int, default=512)
     ap.add_argument("--policies", default=MEMSVC_POLICIES, help="memsvc policies (tiered is needed for matching)")
     ap.add_argument("--peers", default=DEFAULT_PEERS)
-    ap.add_argument("--ratios", default="tiered,0.5",
-                    help="kvpress compression ratios; 'tiered' = the ratio holding tiered's bytes per token")
+    ap.add_argument("--ratios", default="tiered,tiered-h64",
+                    help="kvpress compression ratios: numbers, or a memsvc row's name (tiered, tiered-h64) = "
+                         "the ratio holding that row's bytes per token at each length")
+    ap.add_argument("--tiered-settings", default=DEFAULT_TIERED_SETTINGS,
+                    help="extra memsvc rows: tiered with other TieredPolicy fields, NAME:field=value,...;... "
+                         "(row 'tiered-NAME'); '' for none")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--new", dest="n_new", type=int, default=8, help="greedy tokens per NIAH cell")
     ap.add_argument("--threads", type=int, default=1)
@@ -454,12 +587,17 @@ def main(argv=None) -> int:
     ap.add_argument("--figures", default=None, help="directory for the scatter PNGs and heatmaps")
     ap.add_argument("--report", default=None, help="re-render a rows.json of an earlier run; runs nothing")
     ap.add_argument("--parallel", action="store_true",
-                    help="run the peers' process beside memsvc's remaining policies (2 processes, 1 thread each)")
+                    help="run the peers' processes beside memsvc's side from the start (QuantizedCache first, "
+                         "the matched presses once their ratios are known); 1 torch thread per process")
     ap.add_argument("--workers", type=int, default=1, help="peer worker processes (1 torch thread each)")
     ap.add_argument("--reuse-memsvc", action="store_true",
-                    help="take memsvc's rows from --out's rows_memsvc.json when it covers every policy x cell")
+                    help="also take memsvc rows (by setting and cell) from --out's rows_memsvc.json of an older run; "
+                         "rows in memsvc_results.jsonl (same ids and settings) are always reused")
+    ap.add_argument("--fresh-memsvc", action="store_true",
+                    help="forget memsvc_results.jsonl (memsvc's code changed): rerun every memsvc row")
     ap.add_argument("--matched", default="",
-                    help="kvpress ratios to use as 'tiered', e.g. niah@1024=0.54,ppl@4096=0.85 (peers-only runs)")
+                    help="kvpress ratios, e.g. niah@1024=0.54,ppl@4096=0.85,tiered-h64/niah@1024=0.8 "
+                         "(peers-only runs: those rows need not run)")
     ap.add_argument("--no-setup", action="store_true", help="do not build the peers' venv")
     args = ap.parse_args(argv)
 
@@ -475,7 +613,7 @@ def main(argv=None) -> int:
     decode = lambda ids: m.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     if args.report:
         saved = json.loads(Path(args.report).read_text())
-        ratios = {(k.split("@")[0], int(k.split("@")[1])): v for k, v in saved["matched_ratios"].items()}
+        ratios = {parse_ratio_key(k): v for k, v in saved["matched_ratios"].items()}
         report(saved["rows"], fp16, ratios, args.figures, decode)
         return 0
 
@@ -487,53 +625,67 @@ def main(argv=None) -> int:
     cells = build_niah_cells(tok, _list(args.lengths, int), _list(args.depths, float), args.seed)
     cells += build_ppl_cells(tok, _list(args.ppl_prefix, int), args.ppl_target)
     log(f"[cells] {len(cells)} cells ({sum(c['kind'] == 'niah' for c in cells)} NIAH), memsvc first")
+    variants = parse_tiered_settings(args.tiered_settings)
     policies = _list(args.policies)
+    if "tiered" in policies:  # the tiered settings go right after tiered
+        at = policies.index("tiered") + 1
+        policies[at:at] = [v for v in variants if v not in policies]
     ratios = _list(args.ratios)
-    # tiered first: the kvpress ratios are matched to its resident bytes
-    first = [p for p in policies if p == "tiered"] if "tiered" in ratios and not args.matched else []
-    rest = [p for p in policies if p not in first]
-    reused = reuse_memsvc(out / "rows_memsvc.json", policies, cells) if args.reuse_memsvc else None
-    if reused is not None:
-        log(f"[memsvc] {len(reused)} rows from {out / 'rows_memsvc.json'}")
-        first, rest = [], []
-    rows = reused if reused is not None else run_memsvc(m, first, cells, args.n_new) if first else []
-    ratios_at = matched_ratios(rows, fp16)
-    if args.matched:  # ratios given (e.g. from an earlier run's [budget] line), for a peers-only run
-        ratios_at = {(k.split("@")[0], int(k.split("@")[1])): float(v)
-                     for k, v in (x.split("=") for x in _list(args.matched))}
-    if "tiered" in ratios and not ratios_at:
-        raise SystemExit("--ratios tiered needs tiered among --policies")
-    log("[budget] kvpress ratios matching tiered: " + ", ".join(f"{k}@{n}: {v}" for (k, n), v in sorted(ratios_at.items())))
+    matched_to = [r for r in ratios if is_matched(r)]
+    for r in matched_to:
+        if r not in policies and not args.matched:
+            raise SystemExit(f"--ratios {r} needs {r} among the memsvc rows ({', '.join(policies)})")
+    if args.fresh_memsvc and (out / "memsvc_results.jsonl").exists():
+        (out / "memsvc_results.jsonl").unlink()
+    store = out / "memsvc_results.jsonl"
+    legacy = json.loads((out / "rows_memsvc.json").read_text()) \
+        if args.reuse_memsvc and (out / "rows_memsvc.json").exists() else None
     settings = peer_settings(_list(args.peers), ratios)
-    wcells = peer_cells(cells, settings, ratios_at, args.n_new)
-    if args.parallel:
-        # the peers' process runs beside the other memsvc policies (one torch thread each)
-        import threading
-        box: dict = {}
+    # the rows the kvpress ratios are matched to run first (unless --matched gives the ratios)
+    first = [] if args.matched else [p for p in policies if p in matched_to]
+    rest = [p for p in policies if p not in first]
+    given = {parse_ratio_key(k): float(v) for k, v in (x.split("=") for x in _list(args.matched))}
+    unmatched = [x for x in settings if not (PEERS[x[1]][0] == "kvpress" and is_matched(x[2]))]
+    matched = [x for x in settings if x not in unmatched]
+    wkw = dict(model_dir=str(m.path), threads=args.threads, out_dir=out, workers=args.workers)
+    box: dict = {}
+    ready = __import__("threading").Event()
 
-        def _peers():
-            try:
-                box["results"] = run_worker(wcells, str(m.path), args.threads, out, workers=args.workers)
-            except Exception as e:  # re-raised in the main thread
-                box["error"] = e
-        t = threading.Thread(target=_peers)
+    def _peers():  # the peers' processes; the matched presses wait for their ratios
+        try:
+            box["unmatched"] = run_worker(peer_cells(cells, unmatched, {}, args.n_new), **wkw)
+            ready.wait()
+            box["matched"] = run_worker(peer_cells(cells, matched, box["ratios"], args.n_new), **wkw) \
+                if "ratios" in box else []
+        except Exception as e:  # re-raised in the main thread
+            box["error"] = e
+            ready.set()
+    t = __import__("threading").Thread(target=_peers)
+    if args.parallel:  # the peers run beside memsvc from the start (1 torch thread per process)
         t.start()
-        rows += run_memsvc(m, rest, cells, args.n_new)
-        if reused is None and rows:  # never narrow or empty an earlier run's rows
-            (out / "rows_memsvc.json").write_text(json.dumps(rows))
-        t.join()
-        if "error" in box:
-            raise box["error"]
-        results = box["results"]
-    else:
-        rows += run_memsvc(m, rest, cells, args.n_new)
-        if reused is None and rows:  # never narrow or empty an earlier run's rows
-            (out / "rows_memsvc.json").write_text(json.dumps(rows))
-        results = run_worker(wcells, str(m.path), args.threads, out, workers=args.workers)
+    try:
+        rows = run_memsvc(m, first, cells, args.n_new, variants, store, legacy)
+        ratios_at = {**matched_ratios(rows, fp16, matched_to), **given}
+        missing = {(r, c["kind"], c["length"]) for r in matched_to for c in cells} - set(ratios_at)
+        if matched and missing:
+            raise SystemExit(f"no matched ratio for {sorted(missing)}: run {', '.join(matched_to)} or give --matched")
+        log("[budget] kvpress ratios matching " + ", ".join(f"{ratio_key(k)}: {v}" for k, v in sorted(ratios_at.items())))
+        box["ratios"] = ratios_at
+    finally:
+        ready.set()
+    rows += run_memsvc(m, rest, cells, args.n_new, variants, store, legacy)
+    (out / "rows_memsvc.json").write_text(json.dumps(rows))
+    if not args.parallel:
+        t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    wcells = peer_cells(cells, unmatched, {}, args.n_new) + peer_cells(cells, matched, ratios_at, args.n_new)
+    results = box["unmatched"] + box["matched"]
     rows.sort(key=lambda r: policies.index(r["method"]))  # memsvc rows in --policies order
     rows += peer_rows(wcells, results, cells)
     (out / "rows.json").write_text(json.dumps({"rows": rows, "matched_ratios": {
-        f"{k}@{n}": v for (k, n), v in sorted(ratios_at.items())}, "args": vars(args)}))
+        ratio_key(k): v for k, v in sorted(ratios_at.items())}, "args": vars(args)}))
     log(f"[out] {out / 'rows.json'}")
     report(rows, fp16, ratios_at, args.figures, decode)
     return 0

@@ -4,7 +4,9 @@
 # benchmarks/peers/.venv-kvpress. Everything comes from PyPI. torch is held at
 # 2.13.0 by a constraints file so that no dependency can pull another build
 # (a CUDA torch is gigabytes). optimum-quanto backs transformers' QuantizedCache
-# and compiles a C++ extension on first use (needs g++ and ninja).
+# and compiles a C++ extension on first use (needs g++ and ninja). hqq backs
+# QuantizedCache(backend="hqq") (pure PyTorch on CPU; its 3-bit packing fails
+# there, see worker.py).
 #
 #   bash benchmarks/peers/setup.sh          # idempotent: does nothing when the venv is complete
 #   PYTHON=python3.11 bash benchmarks/peers/setup.sh
@@ -13,7 +15,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/.venv-kvpress"
 py="${PYTHON:-python3}"
 stamp="$venv/.peers-ok"
-pins=(torch==2.13.0 "transformers==5.2.*" kvpress==0.5.5 optimum-quanto==0.2.7 ninja)
+pins=(torch==2.13.0 "transformers==5.2.*" kvpress==0.5.5 optimum-quanto==0.2.7 hqq==0.2.8.post1 ninja)
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" ]]; then
     echo "peers: $venv is ready (${pins[*]})" >&2
@@ -36,7 +38,8 @@ import importlib.metadata as md
 import torch, transformers, kvpress  # noqa: F401
 assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
 assert transformers.__version__.startswith("5.2."), transformers.__version__
-for p in ("torch", "transformers", "kvpress", "optimum-quanto"):
+import hqq.core.quantize  # noqa: F401
+for p in ("torch", "transformers", "kvpress", "optimum-quanto", "hqq"):
     print(f"peers: {p} {md.version(p)}")
 PY
 echo "${pins[*]}" > "$stamp"

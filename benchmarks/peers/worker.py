@@ -11,9 +11,16 @@ identical ids.
 Input: a JSON object {"cells": [cell, ...]} (or a bare list of cells), each cell:
     id            str, unique
     kind          "niah" | "ppl"
-    method        "full" | "kvpress" | "quanto"
+    method        "full" | "kvpress" | "quanto" | "hqq"
     params        {"press": "SnapKVPress", "compression_ratio": 0.8, ...} for kvpress;
-                  {"nbits": 4, "residual_length": 128, "q_group_size": 64} for quanto
+                  {"nbits": 4, "residual_length": 128, "q_group_size": 64} for quanto;
+                  the same for hqq: transformers' QuantizedCache backend "hqq" (hqq 0.2.8.post1
+                  from PyPI), 1/2/3/4/8 bits, axis_key/axis_value 0 (transformers' default) as for
+                  quanto. Axis 1 (grouping along head_dim, as transformers' docs show for HQQ) fails
+                  on CPU here whenever the group count is not a multiple of hqq's packing (2 per
+                  byte at 4 bits, 4 at 2, 10 per int32 at 3), i.e. for most prompt lengths, in
+                  hqq's dequantize (hqq/core/quantize.py:198): "RuntimeError: The size of tensor a
+                  (451) must match the size of tensor b (452) at non-singleton dimension 0"
     protocol      "prompt" (default): the whole prompt is one prefill, compressed
                   (or quantized) at its end, as memsvc's policies see it;
                   "pipeline": what kvpress's pipeline does: the first context_len
@@ -40,7 +47,7 @@ import sys
 import time
 
 KINDS = ("niah", "ppl")
-METHODS = ("full", "kvpress", "quanto")
+METHODS = ("full", "kvpress", "quanto", "hqq")
 PROTOCOLS = ("prompt", "pipeline")
 PRESSES = ("SnapKVPress", "StreamingLLMPress", "ExpectedAttentionPress", "KnormPress")
 RESULT_KEYS = ("id", "method", "ok", "prompt_tokens", "kept_tokens", "resident_bytes", "resident_bytes_fp16",
@@ -75,6 +82,8 @@ def validate_cell(cell: dict) -> dict:
             raise ValueError(f"cell {c['id']!r}: compression_ratio must be in [0, 1), got {r!r}")
     if c["method"] == "quanto" and c["params"].get("nbits", 4) not in (2, 4):
         raise ValueError(f"cell {c['id']!r}: quanto nbits must be 2 or 4")
+    if c["method"] == "hqq" and c["params"].get("nbits", 4) not in (1, 2, 3, 4, 8):
+        raise ValueError(f"cell {c['id']!r}: hqq nbits must be 1, 2, 3, 4 or 8")
     if c["protocol"] == "pipeline":
         n = c.get("context_len")
         if not isinstance(n, int) or not 0 < n < len(c["prompt_ids"]):
@@ -98,6 +107,9 @@ def tensor_bytes(t, fp16: bool = False) -> int:
     """Bytes of a tensor, walking tensor subclasses (quanto's packed/quantized tensors) to their storage.
     fp16: floating-point storage counted at 2 bytes per element."""
     import torch
+    if isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], dict):  # hqq: (packed tensor, meta)
+        q, meta = t
+        return tensor_bytes(q, fp16) + sum(tensor_bytes(meta.get(k), fp16) for k in ("scale", "zero"))
     if not isinstance(t, torch.Tensor):
         return 0
     if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
@@ -117,8 +129,11 @@ def cache_bytes(cache, fp16: bool = False) -> tuple[int, int]:
             total += tensor_bytes(t, fp16)
         if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
             n = layer.keys.shape[-2]
-        if getattr(layer, "_quantized_keys", None) is not None:
-            n += layer._quantized_keys.shape[-2]
+        q = getattr(layer, "_quantized_keys", None)
+        if isinstance(q, tuple):  # hqq: the original shape is in the meta
+            n += q[1]["shape"][-2]
+        elif q is not None:
+            n += q.shape[-2]
         kept = max(kept, n)
     return total, kept
 
@@ -146,10 +161,11 @@ class Worker:
 
     def new_cache(self, cell):
         from transformers import DynamicCache, QuantizedCache
-        if cell["method"] == "quanto":
+        if cell["method"] in ("quanto", "hqq"):
             p = cell["params"]
-            return QuantizedCache(backend="quanto", config=self.model.config, nbits=p.get("nbits", 4),
-                                  axis_key=p.get("axis_key", 0), axis_value=p.get("axis_value", 0),
+            axis = 0  # hqq at axis 1 fails on most lengths (see the module docstring)
+            return QuantizedCache(backend=cell["method"], config=self.model.config, nbits=p.get("nbits", 4),
+                                  axis_key=p.get("axis_key", axis), axis_value=p.get("axis_value", axis),
                                   q_group_size=p.get("q_group_size", 64),
                                   residual_length=p.get("residual_length", 128))
         return DynamicCache()
