@@ -525,11 +525,12 @@ def sessions_verify(session_ids: tuple[str, ...], data_dir: str, repair: bool, m
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
 def sessions_upgrade(data_dir: str) -> None:
     """Bring a store up to date in place: a store written before KV blocks were shared (format 1) is
-    converted in one transaction, then every tiered session whose layer states are stored whole (before
-    parts) has them rewritten as parts, one transaction per session.
+    converted in one transaction, then every tiered session whose layer states are stored in an older
+    layout (whole, before parts, or in parts of another size) has them rewritten, one transaction per
+    session.
 
     Stop the server first: nothing else may have the store open."""
-    from memsvc.cache.session import split_whole_states
+    from memsvc.cache.session import restate
     from memsvc.policies import get_policy
     from memsvc.store.errors import StoreError
     from memsvc.store.lmdb_store import STORE_FORMAT, upgrade_store
@@ -545,12 +546,12 @@ def sessions_upgrade(data_dir: str) -> None:
         for sid in store.session_ids():
             try:
                 rec = store.get(sid)
-                if rec.layout.get("form") == "tiered" and split_whole_states(store, sid, get_policy(rec.policy),
+                if rec.layout.get("form") == "tiered" and restate(store, sid, get_policy(rec.policy),
                                                                               rec.layout):
                     split += 1
             except (StoreError, ValueError) as exc:
                 click.echo(f"session {sid!r} left as it is: {exc}", err=True)
-    click.echo(f"{split} tiered session(s) now store their layer states in parts")
+    click.echo(f"{split} tiered session(s) rewrote their layer states in the current layout")
 
 
 @sessions.command("export")

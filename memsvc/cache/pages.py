@@ -4,7 +4,8 @@ KV entry indices of one layer (cold blocks are 0, 1, 2, ... below PART_BASE):
 - HEAD (0xFFFFFFFF): the counters, the sink, hot positions and scores, warm positions and
   scores, SnapKV's remembered queries, and the list of the other parts; small, every commit;
 - WARM (0xFFFFFFFE): the warm rows (8-bit codes, scales, mins); changes when a block ages;
-- SUM_BASE + g: the 8-bit summaries and live masks of cold blocks [SUM_PAGE*g, SUM_PAGE*(g+1));
+- SUM_BASE + g: the 8-bit summaries and live masks of cold blocks [SUM_PAGE*g, SUM_PAGE*(g+1))
+  (a state written with another page size still loads: pages hold their first block);
   only the last page grows, and an older one changes only when a warm token goes back to it;
 - HOT_BASE + p: the hot tokens at positions [HOT_PAGE*p, HOT_PAGE*(p+1)), exactly the ones
   still hot; a page that empties is dropped.
@@ -26,7 +27,7 @@ SUM_BASE = 0x80000000
 HOT_BASE = 0xC0000000
 WARM_INDEX = 0xFFFFFFFE
 HEAD_INDEX = 0xFFFFFFFF
-SUM_PAGE = 64  # cold blocks per summary page
+SUM_PAGE = 16  # cold blocks per summary page (a page is about 1 KB per block and layer)
 HOT_PAGE = 16  # tokens per hot page
 
 _HEAD = ("sink_k", "sink_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "q_window")
@@ -151,9 +152,12 @@ def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dt
         setattr(layer, name, _get(on, name))
     warm = {k: v.to(device) for k, v in parts[WARM_INDEX][0].items()}
     layer.keep_k, layer.keep_v = _get(warm, "keep_k"), _get(warm, "keep_v")
-    pages = sorted(i for i in parts if SUM_BASE <= i < HOT_BASE)
-    if len(pages) != math.ceil(layer.n_blocks / SUM_PAGE):
-        raise ValueError(f"{len(pages)} summary pages for {layer.n_blocks} cold blocks")
+    pages = sorted(i for i in parts if SUM_BASE <= i < HOT_BASE)  # of any page size: blocks in order
+    first = 0
+    for i in pages:
+        if int(parts[i][1].get("first_block", -1)) != first:
+            raise ValueError(f"summary page {i - SUM_BASE} does not start at block {first}")
+        first += parts[i][0]["live"].shape[0]
     sums = [{k: v.to(device) for k, v in parts[i][0].items()} for i in pages]
     H, D, Dv, B = layer.H, layer.D, layer.Dv, layer.plan.block
     for name in _SUMS:

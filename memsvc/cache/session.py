@@ -185,26 +185,13 @@ class TierKV:
         return kv
 
 
-def split_whole_states(store, sid: str, policy, layout: dict) -> int:
-    """Rewrite a tiered session's layer states stored whole (before parts) as parts, in one store
-    transaction; nothing else changes (the cache they load into is the same). Returns the layers split."""
-    from .cold import MemoryBlocks
-
-    dtype = _DTYPES[layout["dtype"]]
+def restate(store, sid: str, policy, layout: dict) -> int:
+    """Rewrite a tiered session's layer states in the current part layout (states stored whole, or in parts
+    of another size), in one store transaction; the cache they load into does not change. Returns the
+    state entries written."""
     rec = store.get(sid)
-    blocks: dict[tuple[int, int], bytes] = {}
-    counts: dict[tuple[int, int], int] = {}
-    for i in range(layout["layers"]):
-        raw = store.kv_block(sid, i, STATE_INDEX)
-        if raw is None:
-            raise ValueError(f"the state of layer {i} of session {sid!r} is missing")
-        head = decode(raw)
-        if listed_parts(head[1]) is not None or head[1].get("init") != "1":
-            continue
-        layer = TierLayer(policy.plan(i, layout["layers"]), i, ColdStore(MemoryBlocks()), dtype)
-        load_layer_state(layer, raw, torch.device("cpu"))
-        for index, part in layer_parts(layer).items():
-            blocks[(i, index)], counts[(i, index)] = encode(part), part[2]
-    if blocks:
-        store.rewrite_kv(sid, n_tokens=rec.n_tokens, blocks=blocks, block_tokens=counts)
-    return len({k[0] for k in blocks})
+    kv = TierKV.load(policy, store, sid, layout, torch.device("cpu"))
+    payloads, counts, drop = kv.dirty_blocks()
+    if payloads or drop:
+        store.rewrite_kv(sid, n_tokens=rec.n_tokens, blocks=payloads, block_tokens=counts, drop=drop)
+    return len(payloads)

@@ -115,9 +115,30 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
         assert not check_session(store, "s").damaged
     # offline, `memsvc sessions upgrade` splits the states of u without changing what it loads into
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
-    assert out.exit_code == 0 and "1 tiered session(s) now store their layer states in parts" in out.output
+    assert out.exit_code == 0 and "1 tiered session(s) rewrote their layer states in the current layout" in out.output
     with Store(tmp_path) as store:
         assert parts and all(k in set(store.kv_keys("u")) for k in parts)
         assert not check_session(store, "u").damaged
     with running_server(tmp_path, long_model) as (c, server):
         assert _greedy(c, "u") == want
+
+
+def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, long_model, monkeypatch):
+    import memsvc.cache.pages as pages
+
+    monkeypatch.setattr(pages, "SUM_PAGE", 4)  # 14 cold blocks: 4 pages of 4, 4, 4, 2 blocks
+    with running_server(tmp_path, long_model) as (c, server):
+        c.create_session("s", policy="tiered")
+        c.append("s", tokens=HISTORY)
+        want = _greedy(c, "s")
+        assert sum(1 for k in server.memsvc_store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < HOT_BASE) == 4
+    monkeypatch.undo()
+    with running_server(tmp_path, long_model) as (c, server):
+        assert _greedy(c, "s") == want
+    out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "1 tiered session(s) rewrote" in out.output
+    with Store(tmp_path) as store:
+        assert sum(1 for k in store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < HOT_BASE) == 1
+        assert not check_session(store, "s").damaged
+    with running_server(tmp_path, long_model) as (c, server):
+        assert _greedy(c, "s") == want
