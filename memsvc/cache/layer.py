@@ -319,11 +319,12 @@ class TierLayer(CacheLayerMixin):
             if n > 1:
                 # a prompt chunk decodes the union of its queries' blocks anyway; every query attends all of
                 # them (masking each query back to its own top-k compounds errors through the prompt's layers).
-                # The union is capped at k_sel blocks per B queries, so a short chunk (a question appended to a
-                # long session) reads what one decode step reads, not every cold block: the blocks with the
-                # most (head, query) picks stay, ties to the highest bound over heads and queries.
+                # The union is capped at k_sel blocks per B queries, at least k_sel * union_floor (4: 8,192
+                # tokens at the defaults, the model's whole context; at a floor of 1 a question lost the passkey
+                # at 3k-4k), so a short chunk appended to a long session reads a bounded number of blocks, not
+                # every one: those with the most (head, query) picks stay, ties to the highest bound.
                 votes = chosen.sum(dim=(0, 1))  # [nb]
-                cap = k_sel * -(-n // B)
+                cap = k_sel * max(p.union_floor, -(-n // B))
                 if int((votes > 0).sum()) > cap:
                     order = ub.amax(dim=(0, 1)).argsort(descending=True)  # [nb] by bound, then stably by votes
                     order = order[votes[order].argsort(descending=True, stable=True)]

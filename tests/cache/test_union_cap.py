@@ -19,8 +19,9 @@ H, G, D, B, NB, RETRIEVE = 2, 2, 16, 8, 24, 16
 K_SEL = RETRIEVE // B
 
 
-def _layer(seed: int = 0) -> TierLayer:
-    plan = LayerPlan(sink=0, hot=B, block=B, cold_k="k8v8_k", cold_v="k8v8_v", retrieve=RETRIEVE)
+def _layer(seed: int = 0, union_floor: int = 1) -> TierLayer:
+    plan = LayerPlan(sink=0, hot=B, block=B, cold_k="k8v8_k", cold_v="k8v8_v", retrieve=RETRIEVE,
+                     union_floor=union_floor)
     layer = TierLayer(plan, 0, ColdStore(), torch.float32)
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(1, H, (NB + 1) * B, D, generator=g)
@@ -91,3 +92,30 @@ def test_decode_step_reads_each_heads_own_top_k():
     assert sorted(ids.tolist()) == sorted(set(top.flatten().tolist()))
     for h in range(H):  # per head: its own picks, not the union
         assert sorted(chosen[h, 0].nonzero().flatten().tolist()) == sorted(top[h, 0].tolist())
+
+
+def test_the_floor_keeps_short_chunks_at_floor_times_k_sel_blocks():
+    q = _queries(5, seed=1)
+    votes, best = _picks(_layer(), q)
+    for floor in (1, 3, 6):
+        layer = _layer(union_floor=floor)
+        ids, _, _, _ = layer._cold_keys(q)
+        cap = K_SEL * max(floor, math.ceil(5 / B))
+        assert ids.numel() == min(cap, len(votes)) == layer.stats["cold_blocks_read"]
+        expect = sorted(votes, key=lambda b: (-votes[b], -float(best[b])))[:cap]
+        assert sorted(ids.tolist()) == sorted(expect)
+    layer = _layer(union_floor=NB)  # a floor above the union: the whole union
+    assert sorted(layer._cold_keys(q)[0].tolist()) == sorted(votes)
+
+
+def test_union_floor_is_validated():
+    import pytest
+
+    from memsvc.cache.policies.tiered import TieredPolicy
+
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="union_floor"):
+            TieredPolicy(union_floor=bad)
+    with pytest.raises(ValueError, match="union_floor"):
+        LayerPlan(union_floor=0)
+    assert TieredPolicy().plan(3, 30).union_floor == 4

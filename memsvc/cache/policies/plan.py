@@ -17,6 +17,8 @@ these per layer; the layer class knows nothing about policy names.
     window, pool  SnapKV's observation window and pooling kernel
     rest     cold blocks a query did not retrieve: "drop" them, or attend each as one
              "mean" pseudo-token (mean key/value of its live tokens, weighted by their count)
+    union_floor  a prompt chunk of n queries attends the union of its queries' retrieved
+             blocks, at most retrieve * max(union_floor, ceil(n / block)) tokens of it
     v_skip   sparse-V: cold value blocks whose every weight is below this are not decoded
     exact_dtype  dtype of the exact tiers (None: the model's)
 """
@@ -46,6 +48,7 @@ class LayerPlan:
     v_skip: float = 0.0
     exact_dtype: str | None = None
     rest: str = "drop"
+    union_floor: int = 4
 
     def __post_init__(self):
         if self.sink < 0 or self.block < 1 or self.keep < 0 or self.retrieve < 0:
@@ -68,6 +71,8 @@ class LayerPlan:
             raise ValueError("window must be >= 1 and pool an odd number >= 1")
         if self.rest not in ("drop", "mean"):
             raise ValueError(f"rest must be 'drop' or 'mean', got {self.rest!r}")
+        if self.union_floor < 1:
+            raise ValueError(f"union_floor must be >= 1, got {self.union_floor}")
         if not 0.0 <= self.v_skip < 1.0:
             raise ValueError(f"v_skip must be in [0, 1), got {self.v_skip}")
         if self.exact_dtype is not None and self.exact_dtype not in _DTYPES:

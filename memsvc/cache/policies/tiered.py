@@ -40,6 +40,7 @@ class TieredPolicy:
     exact_dtype: str | None = "float16"
     rest: str = "mean"  # blocks not retrieved: one mean pseudo-token each ("drop": ignore them, as Quest does)
     dense: tuple[int, ...] = ()  # layers that attend every cold block (no retrieval)
+    union_floor: int = 4  # a prompt chunk attends at most retrieve * max(union_floor, ceil(n / block)) cold tokens
 
     def __post_init__(self):
         check_budget("sink", self.sink, 0)
@@ -47,6 +48,7 @@ class TieredPolicy:
         check_budget("warm", self.warm, 0)
         check_budget("block_tokens", self.block_tokens)
         check_budget("retrieve", self.retrieve, 0)
+        check_budget("union_floor", self.union_floor)
         if self.retrieve and self.retrieve < self.block_tokens:
             raise ValueError(f"retrieve must be 0 or at least one block ({self.block_tokens}), got {self.retrieve}")
         from memsvc.kernels.registry import CODECS
@@ -61,5 +63,5 @@ class TieredPolicy:
             cold_k=self.boundary_key_codec if edge else self.key_codec,
             cold_v=self.boundary_value_codec if edge else self.value_codec,
             retrieve=0 if layer in {b % n_layers for b in self.dense} else self.retrieve, rest=self.rest, keep=self.warm, keep_by="attention" if self.warm else "none", keep_bits=8,
-            v_skip=self.v_skip, exact_dtype=self.exact_dtype,
+            v_skip=self.v_skip, exact_dtype=self.exact_dtype, union_floor=self.union_floor,
         )
