@@ -19,9 +19,9 @@ Servers run with --threads torch threads (default 1: the machine is shared).
 Resume-to-first-token, each repetition in a fresh server process (the session
 is on disk only, the block cache empty; the OS page cache is not dropped):
 untimed, fork the session (so the measured Append never changes it; a fork
-shares every block and loads nothing) and warm the process on a 64-token
-`full` session; timed, from sending Resume(fork) to receiving the first chunk
-of Generate:
+shares every block and loads nothing) and warm the process on a 400-token
+`tiered` session (cold blocks made and read, a 30-token Append, a reply);
+timed, from sending Resume(fork) to receiving the first chunk of Generate:
     Resume(fork) + Append(fork, question as chat message, committed) + Generate(max_new_tokens=8) first chunk.
 Median of --repeats.
 
@@ -150,8 +150,10 @@ def resume_once(args, data: Path, n: int, rep: int) -> dict:
         except Exception:
             pass
         c.fork_session(sid, fork)
-        c.create_session("warmup", policy="full")  # untimed: the process's first forward pays for warm-up
-        c.append("warmup", tokens=list(range(1000, 1064)))
+        # untimed: the process's first forward, and its first tiered call with cold blocks, pay for warm-up
+        c.create_session("warmup", policy="tiered")
+        c.append("warmup", tokens=list(range(1000, 1400)))  # past sink + hot + a block: cold blocks
+        c.append("warmup", tokens=list(range(2000, 2030)))
         _first_chunk(c, "warmup")
         c.delete_session("warmup")
         before = c.stats()

@@ -150,6 +150,8 @@ def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dt
     on = {k: v.to(device) for k, v in tensors.items()}
     for name in _HEAD:
         setattr(layer, name, _get(on, name))
+    if WARM_INDEX not in parts:
+        raise ValueError("the state lists no warm rows")
     warm = {k: v.to(device) for k, v in parts[WARM_INDEX][0].items()}
     layer.keep_k, layer.keep_v = _get(warm, "keep_k"), _get(warm, "keep_v")
     pages = sorted(i for i in parts if SUM_BASE <= i < HOT_BASE)  # of any page size: blocks in order
