@@ -3,12 +3,16 @@
 KV entry indices of one layer (cold blocks are 0, 1, 2, ... below PART_BASE):
 - HEAD (0xFFFFFFFF): the counters, the sink, hot positions and scores, warm positions and
   scores, SnapKV's remembered queries, and the list of the other parts; small, every commit;
-- WARM (0xFFFFFFFE): the warm rows (8-bit codes, scales, mins); changes when a block ages;
+- WARM_BASE + g: the warm rows (8-bit codes, scales, mins) of every head whose tokens came from
+  cold blocks [WARM_GROUP*g, WARM_GROUP*(g+1)); when a block ages, its winners make a new group
+  and the groups the losers leave change (in a long session, a few rows of one or two groups);
 - SUM_BASE + g: the 8-bit summaries and live masks of cold blocks [SUM_PAGE*g, SUM_PAGE*(g+1))
   (a state written with another page size still loads: pages hold their first block);
   only the last page grows, and an older one changes only when a warm token goes back to it;
 - HOT_BASE + p: the hot tokens at positions [HOT_PAGE*p, HOT_PAGE*(p+1)), exactly the ones
   still hot; a page that empties is dropped.
+
+(States written before warm groups hold all warm rows in one entry, WARM_INDEX; they still load.)
 
 A part is identified by a digest of its tensors and metadata: the session remembers the digest
 of every stored part and writes a part only when its digest changed (or it is new).
@@ -24,11 +28,13 @@ import torch
 
 PART_BASE = 0x80000000  # indices at or above this are state parts, below are cold blocks
 SUM_BASE = 0x80000000
+WARM_BASE = 0xA0000000
 HOT_BASE = 0xC0000000
-WARM_INDEX = 0xFFFFFFFE
+WARM_INDEX = 0xFFFFFFFE  # all warm rows in one entry: states written before warm groups
 HEAD_INDEX = 0xFFFFFFFF
 SUM_PAGE = 16  # cold blocks per summary page (a page is about 1 KB per block and layer)
 HOT_PAGE = 16  # tokens per hot page
+WARM_GROUP = 4  # cold blocks whose warm rows share a part
 
 _HEAD = ("sink_k", "sink_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "q_window")
 _SUMS = ("sum_min", "sum_max", "sum_mean_k", "sum_mean_v")
@@ -46,6 +52,8 @@ def part_name(index: int) -> str:
         return "warm"
     if index >= HOT_BASE:
         return f"hot{index - HOT_BASE}"
+    if index >= WARM_BASE:
+        return f"warm{index - WARM_BASE}"
     if index >= SUM_BASE:
         return f"sum{index - SUM_BASE}"
     return str(index)
@@ -73,6 +81,66 @@ def _rows(value, lo: int, hi: int):
     return tuple(t[lo:hi] for t in value) if isinstance(value, tuple) else value[lo:hi]
 
 
+def _flat(value, rows: int):
+    """[H, m, *] -> [H*m, *], of a tensor or of each tensor of an 8-bit triple."""
+    return tuple(t.reshape(rows, -1) for t in value) if isinstance(value, tuple) else value.reshape(rows, -1)
+
+
+def _take(value, idx: torch.Tensor):
+    return tuple(t[idx] for t in value) if isinstance(value, tuple) else value[idx]
+
+
+def _warm_groups(layer) -> dict[int, Part]:
+    """group -> part: every head's warm rows of tokens from cold blocks [WARM_GROUP*g, WARM_GROUP*(g+1)),
+    ordered by (head, position): tensors head [r] uint8, pos [r], k and v rows [r, D] (or 8-bit triples)."""
+    pos = layer.keep_pos  # [H, m]
+    H, m = pos.shape
+    if not m:
+        return {}
+    heads = torch.arange(H, device=pos.device).unsqueeze(1).expand(H, m).reshape(-1)  # [H*m]
+    flat = pos.reshape(-1)
+    group = (flat - layer.plan.sink).clamp(min=0) // (layer.plan.block * WARM_GROUP)
+    order = torch.argsort((group * H + heads) * (int(flat.max()) + 1) + flat)  # by group, head, position
+    k, v = _flat(layer.keep_k, H * m), _flat(layer.keep_v, H * m)
+    parts: dict[int, Part] = {}
+    sorted_groups = group[order]
+    for g in torch.unique_consecutive(sorted_groups).tolist():
+        idx = order[sorted_groups == g]
+        tensors = {"head": heads[idx].to(torch.uint8), "pos": flat[idx].contiguous()}
+        _put(tensors, "k", _take(k, idx))
+        _put(tensors, "v", _take(v, idx))
+        parts[WARM_BASE + g] = (tensors, {}, idx.numel())
+    return parts
+
+
+def _assemble_warm(layer, parts: dict[int, Part], device: torch.device) -> None:
+    """keep_k/keep_v [H, m, *] from the warm groups, in keep_pos's order. ValueError when rows are missing."""
+    H, m = layer.keep_pos.shape
+    groups = [parts[i][0] for i in sorted(parts) if WARM_BASE <= i < HOT_BASE]
+    if not m:
+        if groups:
+            raise ValueError("warm rows stored for an empty warm tier")
+        layer.keep_k = layer._keep_store(torch.empty(H, 0, layer.D, device=device))
+        layer.keep_v = layer._keep_store(torch.empty(H, 0, layer.Dv, device=device))
+        return
+    if not groups:
+        raise ValueError(f"the state lists no warm rows for its {H * m} warm tokens")
+    span = layer.seen + 1
+    have = torch.cat([g["head"].long() * span + g["pos"] for g in groups]).to(device)  # [R]
+    want = (torch.arange(H, device=device).unsqueeze(1) * span + layer.keep_pos).reshape(-1)  # [H*m]
+    order = have.argsort()
+    at = order[torch.searchsorted(have[order], want).clamp(max=have.numel() - 1)]
+    if have.numel() != want.numel() or not torch.equal(have[at], want):
+        raise ValueError("the warm groups do not hold the warm rows the state lists")
+    for name in ("k", "v"):
+        rows = [_get({kk: t.to(device) for kk, t in g.items()}, name) for g in groups]
+        if isinstance(rows[0], tuple):
+            value = tuple(torch.cat([r[i] for r in rows])[at].reshape(H, m, -1) for i in range(3))
+        else:
+            value = torch.cat(rows)[at].reshape(H, m, -1)
+        setattr(layer, "keep_k" if name == "k" else "keep_v", value)
+
+
 def layer_parts(layer) -> dict[int, Part]:
     """index -> part, for every part the layer's current state has."""
     if not layer.is_initialized:
@@ -93,10 +161,7 @@ def layer_parts(layer) -> dict[int, Part]:
             lo, hi = max(first, p * HOT_PAGE) - first, min(last + 1, (p + 1) * HOT_PAGE) - first
             tensors = {"k": layer.hot_k[:, lo:hi].contiguous(), "v": layer.hot_v[:, lo:hi].contiguous()}
             parts[HOT_BASE + p] = (tensors, {"first": str(first + lo)}, hi - lo)
-    warm: dict = {}
-    _put(warm, "keep_k", layer.keep_k)
-    _put(warm, "keep_v", layer.keep_v)
-    parts[WARM_INDEX] = (warm, {}, int(layer.keep_pos.shape[1]))
+    parts |= _warm_groups(layer)
     head: dict = {}
     for name in _HEAD:
         _put(head, name, getattr(layer, name))
@@ -150,11 +215,12 @@ def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dt
     on = {k: v.to(device) for k, v in tensors.items()}
     for name in _HEAD:
         setattr(layer, name, _get(on, name))
-    if WARM_INDEX not in parts:
-        raise ValueError("the state lists no warm rows")
-    warm = {k: v.to(device) for k, v in parts[WARM_INDEX][0].items()}
-    layer.keep_k, layer.keep_v = _get(warm, "keep_k"), _get(warm, "keep_v")
-    pages = sorted(i for i in parts if SUM_BASE <= i < HOT_BASE)  # of any page size: blocks in order
+    if WARM_INDEX in parts:  # written before warm groups: every warm row in one entry
+        warm = {k: v.to(device) for k, v in parts[WARM_INDEX][0].items()}
+        layer.keep_k, layer.keep_v = _get(warm, "keep_k"), _get(warm, "keep_v")
+    else:
+        _assemble_warm(layer, parts, device)
+    pages = sorted(i for i in parts if SUM_BASE <= i < WARM_BASE)  # of any page size: blocks in order
     first = 0
     for i in pages:
         if int(parts[i][1].get("first_block", -1)) != first:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from click.testing import CliRunner
 
-from memsvc.cache.pages import HOT_BASE, HOT_PAGE, SUM_BASE, WARM_INDEX, is_cold_block
+from memsvc.cache.pages import HOT_BASE, HOT_PAGE, SUM_BASE, WARM_BASE, WARM_INDEX, is_cold_block
 from memsvc.cache.session import STATE_INDEX, TierKV, layer_state
 from memsvc.cli import main
 from memsvc.policies import get_policy
@@ -78,7 +78,8 @@ def test_aging_writes_new_blocks_and_drops_emptied_hot_pages(tmp_path, long_mode
         c.append("s", tokens=list(range(500, 580)))  # 80 tokens: a block ages out of the hot window
         written, dropped = spy.calls[-1]
         assert any(is_cold_block(k[1]) for k in written), "the aged block is new"
-        assert dropped and all(HOT_BASE <= k[1] < WARM_INDEX for k in dropped)
+        assert any(HOT_BASE <= k[1] < WARM_INDEX for k in dropped), "the aged tokens' hot pages"
+        assert all(HOT_BASE <= k[1] < WARM_INDEX or WARM_BASE <= k[1] < HOT_BASE for k in dropped)  # or emptied warm groups
         assert not set(dropped) & set(store.kv_keys("s"))
         check = check_session(store, "s")
         assert not check.damaged, check.as_dict()
@@ -111,7 +112,8 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
         assert _greedy(c, "s") == want
         c.append("s", tokens=[7, 8, 9])
         keys = set(store.kv_keys("s"))
-        assert (0, WARM_INDEX) in keys and any(HOT_BASE <= k[1] < WARM_INDEX for k in keys)
+        assert any(WARM_BASE <= k[1] < HOT_BASE for k in keys) and any(HOT_BASE <= k[1] < WARM_INDEX for k in keys)
+        assert (0, WARM_INDEX) not in keys
         assert not check_session(store, "s").damaged
     # offline, `memsvc sessions upgrade` splits the states of u without changing what it loads into
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
@@ -131,14 +133,42 @@ def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, 
         c.create_session("s", policy="tiered")
         c.append("s", tokens=HISTORY)
         want = _greedy(c, "s")
-        assert sum(1 for k in server.memsvc_store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < HOT_BASE) == 4
+        assert sum(1 for k in server.memsvc_store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < WARM_BASE) == 4
     monkeypatch.undo()
     with running_server(tmp_path, long_model) as (c, server):
         assert _greedy(c, "s") == want
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
     assert out.exit_code == 0 and "1 tiered session(s) rewrote" in out.output
     with Store(tmp_path) as store:
-        assert sum(1 for k in store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < HOT_BASE) == 1
+        assert sum(1 for k in store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < WARM_BASE) == 1
+        assert not check_session(store, "s").damaged
+    with running_server(tmp_path, long_model) as (c, server):
+        assert _greedy(c, "s") == want
+
+
+def test_warm_rows_stored_in_one_entry_load_and_upgrade_groups_them(tmp_path, long_model, monkeypatch):
+    import memsvc.cache.pages as pages
+
+    def whole(layer):  # the layout before warm groups: every warm row in one entry
+        warm: dict = {}
+        pages._put(warm, "keep_k", layer.keep_k)
+        pages._put(warm, "keep_v", layer.keep_v)
+        return {WARM_INDEX: (warm, {}, int(layer.keep_pos.shape[1]))}
+
+    monkeypatch.setattr(pages, "_warm_groups", whole)
+    with running_server(tmp_path, long_model) as (c, server):
+        c.create_session("s", policy="tiered")
+        c.append("s", tokens=HISTORY)
+        want = _greedy(c, "s")
+        assert (0, WARM_INDEX) in set(server.memsvc_store.kv_keys("s"))
+    monkeypatch.undo()
+    with running_server(tmp_path, long_model) as (c, server):
+        assert _greedy(c, "s") == want
+    out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "1 tiered session(s) rewrote" in out.output
+    with Store(tmp_path) as store:
+        keys = set(store.kv_keys("s"))
+        assert (0, WARM_INDEX) not in keys and any(WARM_BASE <= k[1] < HOT_BASE for k in keys)
         assert not check_session(store, "s").damaged
     with running_server(tmp_path, long_model) as (c, server):
         assert _greedy(c, "s") == want
