@@ -4,7 +4,8 @@ Builds one session of --tokens essay tokens, forks it --forks times, appends a
 different chat turn to each fork and lets each generate a committed reply, then
 deletes the original. Reports the store's physical bytes at each step (Store.stats,
 every value of every database), what the new blocks of the forks' turns account
-for, and checks that every fork still answers as it did before the delete and
+for (and, by kind of entry, what their commits wrote before compression: new cold
+blocks, layer heads, hot pages, warm groups, summary pages), and checks that every fork still answers as it did before the delete and
 that gc finds nothing to free.
 
     python benchmarks/forks.py --tokens 4096 --forks 10
@@ -14,6 +15,7 @@ Prints a table and ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import tempfile
@@ -22,10 +24,29 @@ from pathlib import Path
 
 import torch
 
+from memsvc.cache.pages import is_cold_block, part_name
 from memsvc.clients import MemoryClient
 from memsvc.corpus import haystack_tokens
 from memsvc.model import load_model
 from memsvc.server import create_server
+
+
+def _kind(index: int) -> str:
+    """cold, state (a layer's head), hot, warm or sum (summary page)."""
+    return "cold" if is_cold_block(index) else part_name(index).rstrip("0123456789")
+
+
+def count_commits(store) -> collections.Counter:
+    """Payload bytes (before compression) every later commit of `store` writes, by kind of entry."""
+    written: collections.Counter = collections.Counter()
+    commit = store.commit
+
+    def counting(record, **kw):
+        for (_, index), payload in kw["blocks"].items():
+            written[_kind(index)] += len(payload)
+        return commit(record, **kw)
+    store.commit = counting
+    return written
 
 
 def main() -> None:
@@ -40,6 +61,7 @@ def main() -> None:
         server, port = create_server("127.0.0.1:0", data_dir=Path(tmp), model=model)
         server.start()
         store = server.memsvc_store
+        written = count_commits(store)
         c = MemoryClient(f"127.0.0.1:{port}", timeout=3600)
         try:
             t0 = time.perf_counter()
@@ -55,14 +77,15 @@ def main() -> None:
             forked = store.stats()
             turns = []
             for f in range(args.forks):
-                before = store.stats()
+                before, raw0 = store.stats(), collections.Counter(written)
                 c.append(f"f{f}", messages=[{"role": "user", "content": f"Question {f}: what is essay {f} about?"}])
                 reply = c.generate_text(f"f{f}", max_new_tokens=args.reply_tokens, commit=True)
                 after = store.stats()
                 turns.append({"fork": f"f{f}", "tokens_added": c.get_session(f"f{f}").tokens - orig.tokens,
                               "reply_tokens": len(reply.token_ids),
                               "blob_bytes_added": after["blob_bytes"] - before["blob_bytes"],
-                              "total_bytes_added": after["total_bytes"] - before["total_bytes"]})
+                              "total_bytes_added": after["total_bytes"] - before["total_bytes"],
+                              "written_raw_by_kind": dict(written - raw0)})
             turned = store.stats()
             answers = {f"f{f}": list(c.generate_text(f"f{f}", max_new_tokens=8).token_ids) for f in range(args.forks)}
             c.delete_session("orig")
@@ -90,8 +113,9 @@ def main() -> None:
     for name, delta, note in rows:
         print(f"{name:<26} {delta:>12,}  {note}")
     for t in turns:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(t["written_raw_by_kind"].items()))
         print(f"  {t['fork']}: +{t['tokens_added']} tokens, +{t['blob_bytes_added']:,} B of KV blobs, "
-              f"+{t['total_bytes_added']:,} B in all")
+              f"+{t['total_bytes_added']:,} B in all; written before compression: {kinds}")
     print(json.dumps({"bench": "forks", "machine": platform.machine(), "tokens": orig.tokens, "forks": args.forks,
                       "original_total_bytes": base["total_bytes"], "original_bytes_stored": orig.bytes_stored,
                       "forks_added_bytes": forked["total_bytes"] - base["total_bytes"],

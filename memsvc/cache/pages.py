@@ -6,8 +6,10 @@ KV entry indices of one layer (cold blocks are 0, 1, 2, ... below PART_BASE):
 - WARM_BASE + g: the warm rows (8-bit codes, scales, mins) of every head whose tokens came from
   cold blocks [WARM_GROUP*g, WARM_GROUP*(g+1)); when a block ages, its winners make a new group
   and the groups the losers leave change (in a long session, a few rows of one or two groups);
-- SUM_BASE + g: the 8-bit summaries and live masks of cold blocks [SUM_PAGE*g, SUM_PAGE*(g+1))
-  (a state written with another page size still loads: pages hold their first block);
+- SUM_BASE + g: the 8-bit summaries of cold blocks [SUM_PAGE*g, SUM_PAGE*(g+1)): only the last
+  page grows (a state written with another page size still loads: pages hold their first block);
+- LIVE_BASE + g: the live masks of the same blocks; a page changes when a warm token goes back
+  to one of its blocks (summary pages written before live pages hold the masks themselves);
   only the last page grows, and an older one changes only when a warm token goes back to it;
 - HOT_BASE + p: the hot tokens at positions [HOT_PAGE*p, HOT_PAGE*(p+1)), exactly the ones
   still hot; a page that empties is dropped.
@@ -28,6 +30,7 @@ import torch
 
 PART_BASE = 0x80000000  # indices at or above this are state parts, below are cold blocks
 SUM_BASE = 0x80000000
+LIVE_BASE = 0x90000000
 WARM_BASE = 0xA0000000
 HOT_BASE = 0xC0000000
 WARM_INDEX = 0xFFFFFFFE  # all warm rows in one entry: states written before warm groups
@@ -37,6 +40,7 @@ HOT_PAGE = 16  # tokens per hot page
 WARM_GROUP = 4  # cold blocks whose warm rows share a part
 
 _HEAD = ("sink_k", "sink_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "q_window")
+_POSITIONS = ("hot_pos", "keep_pos")  # stored as int32, held as int64
 _SUMS = ("sum_min", "sum_max", "sum_mean_k", "sum_mean_v")
 _INTS = ("seen", "evicted", "n_blocks", "H", "D", "Dv")
 
@@ -54,6 +58,8 @@ def part_name(index: int) -> str:
         return f"hot{index - HOT_BASE}"
     if index >= WARM_BASE:
         return f"warm{index - WARM_BASE}"
+    if index >= LIVE_BASE:
+        return f"live{index - LIVE_BASE}"
     if index >= SUM_BASE:
         return f"sum{index - SUM_BASE}"
     return str(index)
@@ -152,8 +158,8 @@ def layer_parts(layer) -> dict[int, Part]:
         tensors: dict = {}
         for name in _SUMS:
             _put(tensors, name, _rows(getattr(layer, name), lo, hi))
-        tensors["live"] = layer.live[lo:hi].contiguous()  # [b, H, B]
         parts[SUM_BASE + g] = (tensors, {"first_block": str(lo)}, (hi - lo) * B)
+        parts[LIVE_BASE + g] = ({"live": layer.live[lo:hi].contiguous()}, {"first_block": str(lo)}, (hi - lo) * B)
     pos = layer.hot_pos  # [h] consecutive positions
     if pos.numel():
         first, last = int(pos[0]), int(pos[-1])
@@ -164,7 +170,8 @@ def layer_parts(layer) -> dict[int, Part]:
     parts |= _warm_groups(layer)
     head: dict = {}
     for name in _HEAD:
-        _put(head, name, getattr(layer, name))
+        value = getattr(layer, name)
+        _put(head, name, value.to(torch.int32) if name in _POSITIONS else value)
     meta = {name: str(getattr(layer, name)) for name in _INTS}
     meta |= {"init": "1", "paged": "1", "model_dtype": str(layer.model_dtype).removeprefix("torch."),
              "parts": json.dumps(sorted(parts))}
@@ -205,6 +212,18 @@ def listed_parts(head_meta: dict) -> list[int] | None:
     return [int(i) for i in json.loads(head_meta["parts"])]
 
 
+def _pages(parts: dict[int, Part], lo: int, hi: int, rows: str) -> list[int]:
+    """Indices of the pages in [lo, hi), in order; ValueError unless they cover blocks 0, 1, ... without gaps
+    (a page holds its first block in its metadata and `rows`'s first dimension counts its blocks)."""
+    pages = sorted(i for i in parts if lo <= i < hi)
+    first = 0
+    for i in pages:
+        if int(parts[i][1].get("first_block", -1)) != first:
+            raise ValueError(f"page {i - lo} of {part_name(i)} does not start at block {first}")
+        first += parts[i][0][rows].shape[0]
+    return pages
+
+
 def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dtypes: dict) -> None:
     """Set a layer's state from its head and the parts the head lists. ValueError when they disagree."""
     tensors, meta, _ = head
@@ -214,18 +233,14 @@ def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dt
     layer.device = device
     on = {k: v.to(device) for k, v in tensors.items()}
     for name in _HEAD:
-        setattr(layer, name, _get(on, name))
+        value = _get(on, name)
+        setattr(layer, name, value.long() if name in _POSITIONS else value)
     if WARM_INDEX in parts:  # written before warm groups: every warm row in one entry
         warm = {k: v.to(device) for k, v in parts[WARM_INDEX][0].items()}
         layer.keep_k, layer.keep_v = _get(warm, "keep_k"), _get(warm, "keep_v")
     else:
         _assemble_warm(layer, parts, device)
-    pages = sorted(i for i in parts if SUM_BASE <= i < WARM_BASE)  # of any page size: blocks in order
-    first = 0
-    for i in pages:
-        if int(parts[i][1].get("first_block", -1)) != first:
-            raise ValueError(f"summary page {i - SUM_BASE} does not start at block {first}")
-        first += parts[i][0]["live"].shape[0]
+    pages = _pages(parts, SUM_BASE, LIVE_BASE, "sum_min.0")
     sums = [{k: v.to(device) for k, v in parts[i][0].items()} for i in pages]
     H, D, Dv, B = layer.H, layer.D, layer.Dv, layer.plan.block
     for name in _SUMS:
@@ -235,7 +250,10 @@ def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dt
                  torch.empty(0, H, 1, dtype=torch.float16, device=device))
         rows = [_get(s, name) for s in sums]
         setattr(layer, name, tuple(torch.cat([e] + [r[i] for r in rows]) for i, e in enumerate(empty)))
-    layer.live = torch.cat([torch.empty(0, H, B, dtype=torch.bool, device=device)] + [s["live"] for s in sums])
+    lives = [s for s in sums if "live" in s]  # summary pages written before live pages hold the masks
+    if not lives:
+        lives = [{"live": parts[i][0]["live"].to(device)} for i in _pages(parts, LIVE_BASE, WARM_BASE, "live")]
+    layer.live = torch.cat([torch.empty(0, H, B, dtype=torch.bool, device=device)] + [s["live"] for s in lives])
     if layer.live.shape[0] != layer.n_blocks:
         raise ValueError(f"summary pages hold {layer.live.shape[0]} blocks, the state says {layer.n_blocks}")
     hot = sorted(i for i in parts if i >= HOT_BASE and i != WARM_INDEX and i != HEAD_INDEX)

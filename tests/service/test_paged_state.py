@@ -4,10 +4,12 @@ the warm rows, the summaries or the cold blocks it did not make; emptied hot pag
 stored whole (before parts) still load and are written in parts by their next commit."""
 from __future__ import annotations
 
+import json
+
 import torch
 from click.testing import CliRunner
 
-from memsvc.cache.pages import HOT_BASE, HOT_PAGE, SUM_BASE, WARM_BASE, WARM_INDEX, is_cold_block
+from memsvc.cache.pages import HOT_BASE, HOT_PAGE, LIVE_BASE, SUM_BASE, WARM_BASE, WARM_INDEX, is_cold_block
 from memsvc.cache.session import STATE_INDEX, TierKV, layer_state
 from memsvc.cli import main
 from memsvc.policies import get_policy
@@ -126,21 +128,36 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
 
 
 def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, long_model, monkeypatch):
+    """Summary pages of 4 blocks holding the live masks themselves (before live pages)."""
     import memsvc.cache.pages as pages
+    import memsvc.cache.session as session
 
     monkeypatch.setattr(pages, "SUM_PAGE", 4)  # 14 cold blocks: 4 pages of 4, 4, 4, 2 blocks
+    current = pages.layer_parts
+
+    def live_in_summaries(layer):  # the layout before live pages: masks inside the summary pages
+        parts = current(layer)
+        for i in [i for i in parts if LIVE_BASE <= i < WARM_BASE]:
+            parts[SUM_BASE + i - LIVE_BASE][0]["live"] = parts.pop(i)[0]["live"]
+        if STATE_INDEX in parts and "parts" in parts[STATE_INDEX][1]:
+            parts[STATE_INDEX][1]["parts"] = json.dumps(sorted(k for k in parts if k != STATE_INDEX))
+        return parts
+
+    monkeypatch.setattr(pages, "layer_parts", live_in_summaries)
+    monkeypatch.setattr(session, "layer_parts", live_in_summaries)
     with running_server(tmp_path, long_model) as (c, server):
         c.create_session("s", policy="tiered")
         c.append("s", tokens=HISTORY)
         want = _greedy(c, "s")
-        assert sum(1 for k in server.memsvc_store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < WARM_BASE) == 4
+        assert sum(1 for k in server.memsvc_store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < LIVE_BASE) == 4
     monkeypatch.undo()
     with running_server(tmp_path, long_model) as (c, server):
         assert _greedy(c, "s") == want
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
     assert out.exit_code == 0 and "1 tiered session(s) rewrote" in out.output
     with Store(tmp_path) as store:
-        assert sum(1 for k in store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < WARM_BASE) == 1
+        assert sum(1 for k in store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < LIVE_BASE) == 1
+        assert sum(1 for k in store.kv_keys("s") if k[0] == 0 and LIVE_BASE <= k[1] < WARM_BASE) == 1
         assert not check_session(store, "s").damaged
     with running_server(tmp_path, long_model) as (c, server):
         assert _greedy(c, "s") == want
