@@ -52,7 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-from memsvc.cache.pages import is_cold_block
+from memsvc.cache.pages import is_cold_block, part_name
 from memsvc.clients import MemoryClient
 from served import ServeProcess
 
@@ -213,10 +213,11 @@ def stored_bytes(data: Path, n: int) -> dict:
                 continue
             raw = st.kv_block(sid, layer, index)
             head_len = int.from_bytes(raw[:8], "little")
+            kind = part_name(index).rstrip("0123456789")  # state (the head), hot, warm, sum, live
             for name, info in json.loads(raw[8:8 + head_len]).items():
                 if name == "__metadata__":
                     continue
-                group = _group(name)
+                group = _group(name) if kind == "state" else {"sum": "summaries", "live": "summaries"}.get(kind, kind)
                 tensors[group] = tensors.get(group, 0) + info["data_offsets"][1] - info["data_offsets"][0]
     return {"tokens": n, "stored_bytes": total, "stored_bytes_per_token": round(total / n, 1),
             "x_smaller_than_fp16": round(FP16_BYTES_PER_TOKEN * n / total, 2),
@@ -230,7 +231,7 @@ def _group(name: str) -> str:
         return "summaries"
     if base.startswith("keep_"):
         return "warm"
-    if base.startswith("hot_") or base in ("k", "v"):  # k, v: a hot page
+    if base.startswith("hot_"):
         return "hot"
     if base.startswith("sink_"):
         return "sink"
