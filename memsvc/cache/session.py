@@ -4,10 +4,11 @@ Stored form (LMDB kv namespace, keys (layer, index)):
 - (layer, i) for i < PART_BASE: cold block i of the layer, exactly the packed
   codec bytes the cache attends (written once, never rewritten);
 - (layer, i) for i >= PART_BASE: the layer's mutable state in parts (`pages`):
-  a small head at STATE_INDEX, the warm rows, summary pages of 64 blocks and hot
-  pages of 16 tokens. A commit writes the new cold blocks and the parts whose
-  content changed, and drops hot pages that emptied, so an Append writes about
-  what it added, not the whole state.
+  a small head at STATE_INDEX, hot pages of 16 tokens, warm rows grouped by the
+  cold blocks they came from, summary and live-mask pages of 16 blocks. A commit
+  writes the new cold blocks and the parts whose content changed, and drops hot
+  pages and warm groups that emptied, so an Append writes about what it added,
+  not the whole state.
 
 Resume reads the record, the token ids and each layer's head and parts; cold
 blocks stay in LMDB until retrieval asks for one (`StoreBlocks`), so resume
@@ -121,7 +122,8 @@ class TierKV:
 
     def dirty_blocks(self) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], int], list]:
         """What the next commit writes: (payloads, token counts, entries to drop): the new cold blocks,
-        the state parts that are new or changed, and the parts the state no longer has (emptied hot pages)."""
+        the state parts that are new or changed, and the parts the state no longer has (emptied hot pages and
+        warm groups)."""
         payloads = dict(self.cache.cold.take_pending())
         counts = {key: self.policy.plan(key[0], self.num_layers).block for key in payloads}
         now: dict[tuple[int, int], bytes] = {}
