@@ -148,9 +148,9 @@ def _assemble_warm(layer, parts: dict[int, Part], device: torch.device) -> None:
 
 
 def layer_parts(layer) -> dict[int, Part]:
-    """index -> part, for every part the layer's current state has."""
+    """index -> part, for every part but the head the layer's current state has (see `with_head`)."""
     if not layer.is_initialized:
-        return {HEAD_INDEX: ({}, {"init": "0"}, 0)}
+        return {}
     parts: dict[int, Part] = {}
     nb, B = layer.n_blocks, layer.plan.block
     for g in range(math.ceil(nb / SUM_PAGE)):
@@ -168,18 +168,39 @@ def layer_parts(layer) -> dict[int, Part]:
             tensors = {"k": layer.hot_k[:, lo:hi].contiguous(), "v": layer.hot_v[:, lo:hi].contiguous()}
             parts[HOT_BASE + p] = (tensors, {"first": str(first + lo)}, hi - lo)
     parts |= _warm_groups(layer)
-    head: dict = {}
-    for name in _HEAD:
-        value = getattr(layer, name)
-        _put(head, name, value.to(torch.int32) if name in _POSITIONS else value)
-    meta = {name: str(getattr(layer, name)) for name in _INTS}
-    meta |= {"init": "1", "paged": "1", "model_dtype": str(layer.model_dtype).removeprefix("torch."),
-             "parts": json.dumps(sorted(parts))}
-    parts[HEAD_INDEX] = (head, meta, layer.seen)
     return parts
 
 
+def with_head(layer, parts: dict[int, Part]) -> tuple[dict[int, Part], dict[int, bytes]]:
+    """The parts and the layer's head, which lists them with their digests (so that a resumed session
+    knows what is stored without hashing it again); and every part's digest, the head's included."""
+    if not layer.is_initialized:
+        head = ({}, {"init": "0"}, 0)
+        return {HEAD_INDEX: head}, {HEAD_INDEX: digest(head)}
+    digests = {i: digest(p) for i, p in parts.items()}
+    listed = sorted(parts)
+    tensors: dict = {"part_digests": torch.tensor([list(digests[i]) for i in listed], dtype=torch.uint8)
+                     .reshape(len(listed), 16)}
+    for name in _HEAD:
+        value = getattr(layer, name)
+        _put(tensors, name, value.to(torch.int32) if name in _POSITIONS else value)
+    meta = {name: str(getattr(layer, name)) for name in _INTS}
+    meta |= {"init": "1", "paged": "1", "model_dtype": str(layer.model_dtype).removeprefix("torch."),
+             "parts": json.dumps(listed)}
+    head = (tensors, meta, layer.seen)
+    return parts | {HEAD_INDEX: head}, digests | {HEAD_INDEX: digest(head)}
+
+
+def listed_digests(head: Part) -> dict[int, bytes] | None:
+    """The digests a head lists for its parts (None for a head written before it listed them)."""
+    listed, table = listed_parts(head[1]), head[0].get("part_digests")
+    if listed is None or table is None or table.shape != (len(listed), 16):
+        return None
+    return {i: bytes(row.tolist()) for i, row in zip(listed, table)}
+
+
 def digest(part: Part) -> bytes:
+    """16 bytes over a part's metadata and tensors (names, dtypes, shapes, contents)."""
     tensors, meta, _ = part
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(meta, sort_keys=True).encode())

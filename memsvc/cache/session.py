@@ -26,7 +26,7 @@ from .attention import active
 from .cache import TierCache
 from .cold import ColdStore
 from .layer import TierLayer, _q8_rows
-from .pages import HEAD_INDEX, assemble, decode, digest, encode, layer_parts, listed_parts
+from .pages import HEAD_INDEX, assemble, decode, digest, encode, layer_parts, listed_digests, listed_parts, with_head
 
 STATE_INDEX = HEAD_INDEX  # the layer's state entry (its head), after every possible block index
 _TENSORS = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "sum_min",
@@ -128,9 +128,10 @@ class TierKV:
         counts = {key: self.policy.plan(key[0], self.num_layers).block for key in payloads}
         now: dict[tuple[int, int], bytes] = {}
         for i, layer in enumerate(self.cache.layers):
-            for index, part in layer_parts(layer).items():
+            parts, digests = with_head(layer, layer_parts(layer))
+            for index, part in parts.items():
                 key = (i, index)
-                now[key] = digest(part)
+                now[key] = digests[index]
                 if self._stored.get(key) != now[key]:
                     payloads[key] = encode(part)
                     counts[key] = part[2]
@@ -182,7 +183,8 @@ class TierKV:
                     raise ValueError(f"part {index:#x} of the state of layer {i} is missing")
                 parts[index] = decode(part)
             assemble(layer, head, parts, device, _DTYPES)
-            kv._stored |= {(i, index): digest(part) for index, part in parts.items()}
+            known = listed_digests(head)  # what the commit that wrote them hashed; else hash them now
+            kv._stored |= {(i, index): known[index] if known else digest(part) for index, part in parts.items()}
             kv._stored[(i, STATE_INDEX)] = digest(head)
         return kv
 
