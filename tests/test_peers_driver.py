@@ -322,3 +322,28 @@ def test_failed_peer_results_run_again(tmp_path):
         json.dumps({"id": "hqq3|c", "ok": False, "error": "RuntimeError", "key": run.cell_key(cell)}) + "\n{\"cut")
     with pytest.raises(RuntimeError, match="nonexistent"):  # not reused: run (by a worker that is not there)
         run.run_worker([cell], "/nonexistent-model", 1, tmp_path, python="/nonexistent")
+
+
+def test_target_check_per_length():
+    rows = _rows()
+    run.mark_correct(rows, lambda ids: "The pass key is 12345" if ids == [1, 2] else "nothing")
+    at = run.by_length(rows)
+    assert at["tiered-h64"][1024] == {"bytes": 1152, "correct": 2, "of": 2}
+    assert at["hqq4"][1024]["correct"] == 1 and "ppl-4096" not in str(at)  # NIAH cells only
+    check = run.target_check(rows, 23040)
+    assert check["a"] == [] and check["a_held"]  # no peer keeps 90% here (hqq4 1/2)
+    assert check["b"] == [{"setting": "tiered-h64", "length": 1024, "retention": 1.0, "x_vs_fp16": 20.0}]
+    # a peer that keeps every cell: held by tiered-h64 (100%, fewer bytes), missed once no tiered row has fewer
+    for r in rows:
+        if r["setting"] == "hqq4" and r["kind"] == "niah":
+            r["correct"] = True
+    check = run.target_check(rows, 23040)
+    assert check["a"] == [{"peer": "hqq4", "length": 1024, "retention": 1.0, "bytes": 6480, "held": True,
+                           "by": "tiered-h64"}]
+    for r in rows:
+        if r["setting"] == "hqq4":
+            r["resident_bpt"] = 1000
+    check = run.target_check(rows, 23040)
+    assert not check["a_held"] and check["a"][0]["by"] is None
+    table = run.length_table(rows, 23040)
+    assert "| tiered-h64 | 2/2, 1,152 (20.0×) |" in table.splitlines()

@@ -484,6 +484,64 @@ def summarize(rows: list[dict], fp16_per_token: int, base: str = "full") -> list
     return out
 
 
+def by_length(rows: list[dict], base: str = "full") -> dict[str, dict[int, dict]]:
+    """setting -> length -> {bytes (mean resident B/token of its NIAH cells), correct, of (cells `base` answers)}."""
+    full = {r["cell"]: r for r in rows if r["side"] == "memsvc" and r["method"] == base and r.get("ok")}
+    out: dict = {}
+    for r in rows:
+        if r["kind"] != "niah" or not r.get("ok"):
+            continue
+        at = out.setdefault(r["setting"], {}).setdefault(r["length"], {"bytes": [], "correct": 0, "of": 0})
+        at["bytes"].append(r["resident_bpt"])
+        if r["cell"] in full and full[r["cell"]].get("correct"):
+            at["of"] += 1
+            at["correct"] += bool(r.get("correct"))
+    for lengths in out.values():
+        for at in lengths.values():
+            at["bytes"] = sum(at["bytes"]) / len(at["bytes"])
+    return out
+
+
+def target_check(rows: list[dict], fp16: int, keep: float = 0.9, best: float = 0.99, smaller: float = 10.0) -> dict:
+    """Issue 7's target, per length: (a) wherever a peer keeps >= `keep` retention, some tiered setting keeps at
+    least as much with fewer resident bytes; (b) some tiered setting keeps >= `best` retention at >= `smaller`x
+    fewer bytes than fp16. Lengths where `full` answers no cell are left out (no retention to compare)."""
+    at = by_length(rows)
+    side = {r["setting"]: r["side"] for r in rows}
+    tiered = [s for s in at if side[s] == "memsvc" and s.startswith("tiered")]
+
+    def ret(x):
+        return x["correct"] / x["of"]
+    a = []
+    for p in (s for s in at if side[s] == "peer"):
+        for n, x in sorted(at[p].items()):
+            if not x["of"] or ret(x) < keep:
+                continue
+            wins = [t for t in tiered if n in at[t] and ret(at[t][n]) >= ret(x) and at[t][n]["bytes"] < x["bytes"]]
+            a.append({"peer": p, "length": n, "retention": ret(x), "bytes": x["bytes"], "held": bool(wins),
+                      "by": min(wins, key=lambda t: at[t][n]["bytes"]) if wins else None})
+    b = [{"setting": t, "length": n, "retention": ret(x), "x_vs_fp16": fp16 / x["bytes"]}
+         for t in tiered for n, x in sorted(at[t].items()) if x["of"] and ret(x) >= best and fp16 / x["bytes"] >= smaller]
+    lengths = sorted({n for s in at for n, x in at[s].items() if x["of"]})
+    return {"a": a, "a_held": all(x["held"] for x in a), "b": b,
+            "b_lengths": sorted({x["length"] for x in b}), "lengths": lengths}
+
+
+def length_table(rows: list[dict], fp16: int) -> str:
+    at = by_length(rows)
+    lengths = sorted({n for s in at for n in at[s]})
+    lines = ["| method | " + " | ".join(f"{n:,}: retention, B/tok (×)" for n in lengths) + " |",
+             "|---|" + "---:|" * len(lengths)]
+    for s, per in at.items():
+        cells = []
+        for n in lengths:
+            x = per.get(n)
+            cells.append("—" if x is None else
+                         f"{x['correct']}/{x['of']}, {x['bytes']:,.0f} ({fp16 / x['bytes']:.1f}×)")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(summary: list[dict]) -> str:
     def f(v, fmt, none="—"):
         return none if v is None else format(v, fmt)
@@ -503,11 +561,12 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def json_line(summary: list[dict], rows: list[dict], ratios_at: dict) -> str:
+def json_line(summary: list[dict], rows: list[dict], ratios_at: dict, check: dict | None = None) -> str:
     keep = ("setting", "side", "resident_bytes_per_token", "x_vs_fp16", "recall", "retention", "mean_dlogprob",
             "dppl", "decode_tok_s", "failed")
     return json.dumps({"peers": [{k: s[k] for k in keep} for s in summary], "rows": len(rows),
-                       "matched_ratios": {ratio_key(k): v for k, v in sorted(ratios_at.items())}})
+                       "matched_ratios": {ratio_key(k): v for k, v in sorted(ratios_at.items())},
+                       "target": check})
 
 
 def scatter(summary: list[dict], y: str, path: str, ylabel: str, title: str) -> None:
@@ -544,6 +603,16 @@ def report(rows: list[dict], fp16: int, ratios_at: dict, figures: str | None, de
     mark_correct(rows, decode)
     summary = summarize(rows, fp16)
     print(table(summary))
+    print("\nBy length (retention: of the cells full answers, those the method answers; resident bytes per token):")
+    print(length_table(rows, fp16))
+    check = target_check(rows, fp16)
+    print("\nTarget (a): wherever a peer keeps >= 90% retention, a tiered setting keeps as much with fewer bytes:")
+    for x in check["a"]:
+        print(f"  {x['peer']} @{x['length']}: {x['retention']:.0%} at {x['bytes']:,.0f} B/tok -> "
+              + (f"held by {x['by']}" if x["held"] else "MISSED"))
+    print(f"Target (b): tiered >= 99% retention at >= 10x fewer bytes than fp16: at lengths {check['b_lengths']} "
+          f"of {check['lengths']}" + "".join(f"\n  {x['setting']} @{x['length']}: {x['retention']:.0%}, "
+                                              f"{x['x_vs_fp16']:.1f}x" for x in check["b"]))
     if figures:
         from memsvc.eval.niah import heatmap
         os.makedirs(figures, exist_ok=True)
@@ -559,7 +628,7 @@ def report(rows: list[dict], fp16: int, ratios_at: dict, figures: str | None, de
             if any(r["policy"] == s for r in hm):
                 heatmap(hm, s, os.path.join(figures, f"peers_niah_{s.replace('@', '_')}.png"))
         log(f"[report] figures in {figures}")
-    print(json_line(summary, rows, ratios_at))
+    print(json_line(summary, rows, ratios_at, check))
 
 
 # ---------------------------------------------------------------- main
