@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 DATA_DIR ?= ./data
 
-.PHONY: venv run test test-slow proto bench clean
+.PHONY: venv run test test-slow proto bench peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# issue 7: memsvc beside kvpress and transformers' QuantizedCache on the same token ids (builds the peers'
+# venv on first use; hours on 2 cores; a rerun continues where it stopped). Table and JSON on stdout.
+peers: venv
+	$(PY) benchmarks/peers/run.py --parallel --workers 2 --lengths 1024,2048,4096 \
+		--peers snapkv,streamingllm,expected-attn,knorm,quanto4,quanto2,quanto4-pipeline,hqq4,hqq3,hqq2 \
+		--out benchmarks/peers/out/full --figures benchmarks/figures
 
 proto: venv
 	$(PY) -m memsvc.proto.build
