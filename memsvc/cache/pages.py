@@ -2,22 +2,23 @@
 
 KV entry indices of one layer (cold blocks are 0, 1, 2, ... below PART_BASE):
 - HEAD (0xFFFFFFFF): the counters, the sink, hot positions and scores, warm positions and
-  scores, SnapKV's remembered queries, and the list of the other parts; small, every commit;
+  scores, SnapKV's remembered queries, and the other parts with their digests; every commit;
 - WARM_BASE + g: the warm rows (8-bit codes, scales, mins) of every head whose tokens came from
   cold blocks [WARM_GROUP*g, WARM_GROUP*(g+1)); when a block ages, its winners make a new group
   and the groups the losers leave change (in a long session, a few rows of one or two groups);
 - SUM_BASE + g: the 8-bit summaries of cold blocks [SUM_PAGE*g, SUM_PAGE*(g+1)): only the last
   page grows (a state written with another page size still loads: pages hold their first block);
-- LIVE_BASE + g: the live masks of the same blocks; a page changes when a warm token goes back
-  to one of its blocks (summary pages written before live pages hold the masks themselves);
-  only the last page grows, and an older one changes only when a warm token goes back to it;
+- LIVE_BASE + g: the live masks of the same blocks: the last page grows, and an older one
+  changes when a warm token goes back to one of its blocks (summary pages written before live
+  pages hold the masks themselves);
 - HOT_BASE + p: the hot tokens at positions [HOT_PAGE*p, HOT_PAGE*(p+1)), exactly the ones
   still hot; a page that empties is dropped.
 
 (States written before warm groups hold all warm rows in one entry, WARM_INDEX; they still load.)
 
 A part is identified by a digest of its tensors and metadata: the session remembers the digest
-of every stored part and writes a part only when its digest changed (or it is new).
+of every stored part (a resumed one reads them from the heads) and writes a part only when its
+digest changed (or it is new).
 """
 from __future__ import annotations
 
