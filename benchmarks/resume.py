@@ -13,6 +13,7 @@ Prints a table and ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -52,9 +53,13 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8000])
     ap.add_argument("--repeats", type=int, default=3, help="resume timings per length (median reported)")
     ap.add_argument("--data-dir", default=None, help="keep the data dir here instead of a temp dir")
+    ap.add_argument("--context", type=int, default=0,
+                    help="the server's context in tokens (as serve --context; default: the model's own, 8,192)")
     args = ap.parse_args()
 
     model = load_model()
+    if args.context:  # past the model's own context: timings and bytes, not answers
+        model = dataclasses.replace(model, max_positions=args.context)
     data = Path(args.data_dir or tempfile.mkdtemp(prefix="memsvc-bench-"))
     corpus = haystack_tokens(model.tokenizer, max(args.lengths))
     # Warm the model and the allocator once, so the first length does not pay for it.
