@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8000])
     ap.add_argument("--repeats", type=int, default=3, help="resume timings per length (median reported)")
     ap.add_argument("--data-dir", default=None, help="keep the data dir here instead of a temp dir")
+    ap.add_argument("--policy", default="full", help="the sessions' policy (full: the whole cache at the model's "
+                                                       "precision, as llama.cpp's slot restore reads it back)")
     ap.add_argument("--context", type=int, default=0,
                     help="the server's context in tokens (as serve --context; default: the model's own, 8,192)")
     args = ap.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
         sid = f"bench-{n}"
         server, client = _server(data, model)
         try:
-            client.create_session(sid)
+            client.create_session(sid, policy=args.policy)
             t0 = time.perf_counter()
             client.append(sid, tokens=ids)
             prefill_s, ref_tok = _first_token(client, sid)
@@ -108,7 +110,7 @@ def main() -> None:
     if not args.data_dir:
         shutil.rmtree(data, ignore_errors=True)
 
-    print(f"\nResume-to-first-token vs re-prefill, {model.name}, policy full, "
+    print(f"\nResume-to-first-token vs re-prefill, {model.name}, policy {args.policy}, "
           f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     head = f"{'tokens':>7} {'resume+1st tok':>15} {'re-prefill+1st tok':>19} {'speedup':>8} {'stored B/token':>15} {'model tokens':>13}"
     print(head)
@@ -116,7 +118,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['tokens']:>7} {r['resume_to_first_token_s'] * 1000:>13.0f}ms {r['reprefill_to_first_token_s']:>18.2f}s "
               f"{r['speedup']:>7.1f}x {r['stored_bytes_per_token']:>15} {r['tokens_processed_after_resume']:>13}")
-    print(json.dumps({"benchmark": "resume", "model": model.name, "policy": "full", "rows": rows}))
+    print(json.dumps({"benchmark": "resume", "model": model.name, "policy": args.policy, "rows": rows}))
 
 
 if __name__ == "__main__":
