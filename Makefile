@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 DATA_DIR ?= ./data
 
-.PHONY: venv run test test-slow proto bench peers clean
+.PHONY: venv run test test-slow proto bench peers peers-fidelity peers-speed clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,20 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-# issue 7: memsvc beside kvpress and transformers' QuantizedCache on the same token ids (builds the peers'
+# issue 7 (make peers = both): memsvc beside kvpress and transformers' QuantizedCache on the same token ids (builds the peers'
 # venv on first use; hours on 2 cores; a rerun continues where it stopped). Table and JSON on stdout.
-peers: venv
+peers: peers-fidelity peers-speed
+
+peers-fidelity: venv
 	$(PY) benchmarks/peers/run.py --parallel --workers 2 --lengths 1024,2048,4096 \
 		--peers snapkv,streamingllm,expected-attn,knorm,quanto4,quanto2,quanto4-pipeline,hqq4,hqq3,hqq2 \
 		--out benchmarks/peers/out/full --figures benchmarks/figures
+
+# resume-to-first-token of tiered sessions (a question appended) against re-prefill, and restoring a
+# full-precision cache (policy full: what llama.cpp's slot restore reads back), at 1k/8k/32k
+peers-speed: venv
+	$(PY) benchmarks/resume_tiered.py
+	$(PY) benchmarks/resume.py --policy full --lengths 1024 8192 32768 --context 33792
 
 proto: venv
 	$(PY) -m memsvc.proto.build
