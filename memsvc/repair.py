@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import safetensors.torch as st
 import torch
 
 from memsvc.store.errors import CorruptRecord, StoreError
@@ -40,7 +39,7 @@ from memsvc.store.records import SessionRecord
 
 from .cache import use_memsvc_attention
 from .cache.cold import ColdStore
-from .cache.pages import is_cold_block, listed_parts, part_name
+from .cache.pages import decode, digest, is_cold_block, listed_parts, part_name
 from .cache.session import STATE_INDEX, StoreBlocks, TierKV
 from .kvcache import SessionKV
 from .policies import get_policy
@@ -170,11 +169,6 @@ def rebuild(model, rec: SessionRecord, tokens: Sequence[int], feeds: Sequence[in
     return (*(kv.blocks_since(0) if isinstance(kv, SessionKV) else kv.dirty_blocks()[:2]), True)
 
 
-def _header(raw: bytes) -> dict:
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(bytes(raw[8:8 + n]))
-
-
 def _same(key: tuple[int, int], stored: bytes | None, rebuilt: bytes | None) -> bool:
     """Whether a stored entry equals its rebuilt one. Layer states are compared by content: safetensors
     writes its header's keys in no fixed order, so equal states need not be equal bytes."""
@@ -182,12 +176,9 @@ def _same(key: tuple[int, int], stored: bytes | None, rebuilt: bytes | None) -> 
         return stored == rebuilt
     if is_cold_block(key[1]):
         return False
-    try:
-        a, b = st.load(bytes(stored)), st.load(bytes(rebuilt))
-        if _header(stored).get("__metadata__") != _header(rebuilt).get("__metadata__") or a.keys() != b.keys():
-            return False
-        return all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
-    except Exception:  # noqa: BLE001 - an unreadable state is not the rebuilt one
+    try:  # the digest the commits use: metadata and every tensor's name, dtype, shape and contents
+        return digest(decode(stored)) == digest(decode(rebuilt))
+    except ValueError:  # an unreadable state is not the rebuilt one
         return False
 
 
