@@ -36,6 +36,12 @@ def _greedy(c, sid: str, n: int = 10) -> list[int]:
     return list(c.generate_text(sid, max_new_tokens=n).token_ids)
 
 
+def _build(c, sid: str = "s") -> None:
+    """A tiered session of HISTORY: 14 cold blocks per layer, a full warm tier, 299 hot tokens."""
+    c.create_session(sid, policy="tiered")
+    c.append(sid, tokens=HISTORY)
+
+
 def _state_bytes(store, sid: str) -> int:
     return sum(len(store.kv_block(sid, *k)) for k in store.kv_keys(sid) if not is_cold_block(k[1]))
 
@@ -43,8 +49,7 @@ def _state_bytes(store, sid: str) -> int:
 def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_model):
     with running_server(tmp_path, long_model) as (c, server):
         store = server.memsvc_store
-        c.create_session("s", policy="tiered")
-        c.append("s", tokens=HISTORY)
+        _build(c)
         spy = Spy(store)
         layers = long_model.num_layers
         before = len(HISTORY)  # tokens stored; the cache holds all but the last
@@ -79,8 +84,7 @@ def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_mo
 def test_aging_writes_new_blocks_and_drops_emptied_hot_pages(tmp_path, long_model):
     with running_server(tmp_path, long_model) as (c, server):
         store = server.memsvc_store
-        c.create_session("s", policy="tiered")
-        c.append("s", tokens=HISTORY)
+        _build(c)
         spy = Spy(store)
         c.append("s", tokens=list(range(500, 580)))  # 80 tokens: a block ages out of the hot window
         written, dropped = spy.calls[-1]
@@ -100,8 +104,7 @@ def test_aging_writes_new_blocks_and_drops_emptied_hot_pages(tmp_path, long_mode
 def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, long_model):
     with running_server(tmp_path, long_model) as (c, server):
         store = server.memsvc_store
-        c.create_session("s", policy="tiered")
-        c.append("s", tokens=HISTORY)
+        _build(c)
         want = _greedy(c, "s")
         rec = store.get("s")
         kv = TierKV.load(get_policy("tiered"), store, "s", rec.layout, torch.device("cpu"))
@@ -149,8 +152,7 @@ def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, 
     monkeypatch.setattr(pages, "layer_parts", live_in_summaries)
     monkeypatch.setattr(session, "layer_parts", live_in_summaries)
     with running_server(tmp_path, long_model) as (c, server):
-        c.create_session("s", policy="tiered")
-        c.append("s", tokens=HISTORY)
+        _build(c)
         want = _greedy(c, "s")
         assert sum(1 for k in server.memsvc_store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < LIVE_BASE) == 4
     monkeypatch.undo()
@@ -177,8 +179,7 @@ def test_warm_rows_stored_in_one_entry_load_and_upgrade_groups_them(tmp_path, lo
 
     monkeypatch.setattr(pages, "_warm_groups", whole)
     with running_server(tmp_path, long_model) as (c, server):
-        c.create_session("s", policy="tiered")
-        c.append("s", tokens=HISTORY)
+        _build(c)
         want = _greedy(c, "s")
         assert (0, WARM_INDEX) in set(server.memsvc_store.kv_keys("s"))
     monkeypatch.undo()
