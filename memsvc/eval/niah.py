@@ -41,6 +41,27 @@ def cell_prompt(tok, n_tokens: int, depth: float, key: str) -> tuple[list[int], 
     return ids + prefix, full[len(prefix):]
 
 
+# The essay needle of the original needle-in-a-haystack test: a sentence about the world, not a number.
+NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+NEEDLE_QUESTION = "What is the best thing to do in San Francisco?"
+NEEDLE_PREFIX = "The best thing to do in San Francisco is"
+NEEDLE_KEY = "sandwich"  # a greedy reply holding it found the needle
+
+
+def needle_prompt(tok, n_tokens: int, depth: float) -> tuple[list[int], list[int]]:
+    """(prompt ids ending in the answer prefix, answer ids) of the essay needle at `depth`."""
+    text = ("Read the text below and answer the question that follows it.\n\n"
+            + corpus.insert_at_depth(tok, n_tokens, " " + NEEDLE + " ", depth)
+            + "\n\n" + NEEDLE_QUESTION + " Answer from the text.")
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    ids = tok(rendered, add_special_tokens=False)["input_ids"]
+    prefix = tok(NEEDLE_PREFIX, add_special_tokens=False)["input_ids"]
+    full = tok(NEEDLE, add_special_tokens=False)["input_ids"]
+    if full[:len(prefix)] != prefix:
+        raise ValueError("the answer prefix does not tokenize as a prefix of the needle")
+    return ids + prefix, full[len(prefix):]
+
+
 def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float], *, seed: int = 0,
              n_new: int = 8, overrides: dict | None = None, split: int = 0, progress=sys.stderr) -> list[dict]:
     """One row per (policy, length, depth); `split` tokens of the prompt's tail go in a call of their own."""
@@ -111,7 +132,7 @@ def summarize(rows: list[dict], fp16_per_token: int) -> list[dict]:
     return out
 
 
-def heatmap(rows: list[dict], policy: str, path: str) -> None:
+def heatmap(rows: list[dict], policy: str, path: str, what: str = "passkey") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,7 +147,7 @@ def heatmap(rows: list[dict], policy: str, path: str) -> None:
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context tokens")
     ax.set_ylabel("needle depth")
-    ax.set_title(f"passkey recall: {policy} (SmolLM2-135M)")
+    ax.set_title(f"{what} recall: {policy} (SmolLM2-135M)")
     for y, row in enumerate(grid):
         for x, v in enumerate(row):
             ax.text(x, y, "✓" if v else "✗", ha="center", va="center")
