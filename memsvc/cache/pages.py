@@ -108,16 +108,15 @@ def _warm_groups(layer) -> dict[int, Part]:
     flat = pos.reshape(-1)
     group = (flat - layer.plan.sink).clamp(min=0) // (layer.plan.block * WARM_GROUP)
     order = torch.argsort((group * H + heads) * (int(flat.max()) + 1) + flat)  # by group, head, position
-    k, v = _flat(layer.keep_k, H * m), _flat(layer.keep_v, H * m)
-    parts: dict[int, Part] = {}
-    sorted_groups = group[order]
-    for g in torch.unique_consecutive(sorted_groups).tolist():
-        idx = order[sorted_groups == g]
-        tensors = {"head": heads[idx].to(torch.uint8), "pos": flat[idx].contiguous()}
-        _put(tensors, "k", _take(k, idx))
-        _put(tensors, "v", _take(v, idx))
-        parts[WARM_BASE + g] = (tensors, {}, idx.numel())
-    return parts
+    # one gather per tensor in (group, head, position) order, then each group's rows as a slice of it
+    cols = {"head": heads[order].to(torch.uint8), "pos": flat[order]}
+    _put(cols, "k", _take(_flat(layer.keep_k, H * m), order))
+    _put(cols, "v", _take(_flat(layer.keep_v, H * m), order))
+    groups, counts = torch.unique_consecutive(group[order], return_counts=True)
+    counts = counts.tolist()
+    pieces = {name: t.split(counts) for name, t in cols.items()}  # name -> one view per group
+    return {WARM_BASE + g: ({name: pieces[name][i] for name in cols}, {}, c)
+            for i, (g, c) in enumerate(zip(groups.tolist(), counts))}
 
 
 def _assemble_warm(layer, parts: dict[int, Part], device: torch.device) -> None:
@@ -208,7 +207,7 @@ def digest(part: Part) -> bytes:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())  # the bytes, through the buffer protocol
     return h.digest()
 
 
