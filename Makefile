@@ -30,7 +30,7 @@ test-slow: venv
 peers: peers-fidelity peers-speed
 
 peers-fidelity: venv
-	$(PY) benchmarks/peers/run.py --parallel --workers 2 --lengths 1024,2048,4096 \
+	$(PY) benchmarks/peers/run.py --parallel --workers 2 --lengths 1024,2048,3072,4096 \
 		--peers snapkv,streamingllm,expected-attn,knorm,quanto4,quanto2,quanto4-pipeline,hqq4,hqq3,hqq2 \
 		--out benchmarks/peers/out/full --figures benchmarks/figures
 

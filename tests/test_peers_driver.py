@@ -138,7 +138,8 @@ def test_tiered_settings_and_default_run():
     from memsvc.cache.policies import get_policy
     got = run.parse_tiered_settings(run.DEFAULT_TIERED_SETTINGS)
     assert got == {"tiered-h64": ("tiered", {"hot": 64, "warm": 64}),
-                   "tiered-h128": ("tiered", {"hot": 128, "warm": 128})}
+                   "tiered-h128": ("tiered", {"hot": 128, "warm": 128}),
+                   "tiered-h16": ("tiered", {"hot": 16, "warm": 16})}
     pol = get_policy(*got["tiered-h64"][:1], **got["tiered-h64"][1])
     assert (pol.hot, pol.warm) == (64, 64) and pol.retrieve == get_policy("tiered").retrieve
     assert run.parse_tiered_settings("") == {}

@@ -20,8 +20,9 @@ plain forward, plus quanto 4-bit read the way kvpress's pipeline reads it
 (context quantized before the question).
 
 memsvc's rows: --policies plus the tiered budget sweep, --tiered-settings
-(default `tiered-h64` = hot 64 + warm 64, `tiered-h128` = hot 128 + warm 128:
-at 1k-4k tiered's bytes are mostly its fixed exact windows). Each row is one
+(default `tiered-h64` = hot 64 + warm 64, `tiered-h128` = hot 128 + warm 128,
+`tiered-h16` = hot 16 + warm 16: at 1k-4k tiered's bytes are mostly its fixed
+exact windows; hot always holds up to one block more than `hot`). Each row is one
 point on the recall-vs-bytes and ppl-vs-bytes plots.
 
 Resuming: every memsvc row goes to --out's memsvc_results.jsonl and every peer
@@ -70,7 +71,7 @@ PEERS = {
 }
 DEFAULT_PEERS = ",".join(p for p in PEERS if p != "snapkv-pipeline")
 # extra memsvc rows: tiered with smaller exact windows (its bytes at 1k-4k are mostly the hot and warm windows)
-DEFAULT_TIERED_SETTINGS = "h64:hot=64,warm=64;h128:hot=128,warm=128"
+DEFAULT_TIERED_SETTINGS = "h64:hot=64,warm=64;h128:hot=128,warm=128;h16:hot=16,warm=16"
 QUESTION = "What is the pass key?"
 TASKS = ("passkey", "needle")  # the NIAH tasks: the passkey prompt and the essay needle
 
