@@ -101,10 +101,13 @@ def _fp16(m) -> int:
 @click.option("--split-question", "split", default=0, show_default=True, type=click.IntRange(0),
               help="Feed the prompt's last N tokens (question, chat template, answer prefix) as their own chunk "
                    "after the context, as a question appended to a stored session (0: one pass).")
+@click.option("--task", default="passkey", show_default=True, type=click.Choice(["passkey", "needle"]),
+              help="passkey: the classic pass key; needle: the essay needle (\"The best thing to do in San "
+                   "Francisco is ...\").")
 @click.option("--threads", default=0)
 @click.option("--out", default=None, help="Write the cells as JSON here.")
-def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, split, threads, out):
-    """Passkey recall over lengths × depths; retention against full; heatmaps."""
+def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, split, task, threads, out):
+    """Needle recall (passkey or essay needle) over lengths × depths; retention against full; heatmaps."""
     from . import niah
     pols = _list(policies)
     _check(pols)
@@ -115,7 +118,7 @@ def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, split, thr
     rows = []
     for n in _list(lengths, int):
         first = [p for p in pols if p not in EVICTION or not match_budget]
-        got = niah.run_grid(m, first, [n], _list(depths, float), seed=seed + n, split=split)
+        got = niah.run_grid(m, first, [n], _list(depths, float), seed=seed + n, split=split, task=task)
         rows += got
         later = [p for p in pols if p in EVICTION and match_budget]
         if later:
@@ -126,7 +129,7 @@ def niah_cmd(policies, lengths, depths, match_budget, heatmaps, seed, split, thr
             print(f"[niah] eviction budget at {n}: {b} tokens per head", file=sys.stderr)
             rows += [dict(r, budget=b) for r in niah.run_grid(m, later, [n], _list(depths, float), seed=seed + n,
                                                               overrides={p: {"budget": b} for p in later},
-                                                              split=split)]
+                                                              split=split, task=task)]
     if out:
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)
@@ -141,7 +144,8 @@ def _niah_report(rows: list[dict], fp16: int, heatmaps: str | None) -> None:
     if heatmaps:
         os.makedirs(heatmaps, exist_ok=True)
         for p in dict.fromkeys(r["policy"] for r in rows):
-            niah.heatmap(rows, p, os.path.join(heatmaps, f"niah_{p}.png"))
+            what = "essay needle" if rows[0].get("task") == "needle" else "passkey"
+            niah.heatmap(rows, p, os.path.join(heatmaps, f"niah_{p}.png"), what=what)
     click.echo(niah.dump(summary, rows))
 
 

@@ -62,9 +62,24 @@ def needle_prompt(tok, n_tokens: int, depth: float) -> tuple[list[int], list[int
     return ids + prefix, full[len(prefix):]
 
 
+TASKS = ("passkey", "needle")
+
+
+def task_prompt(tok, task: str, n_tokens: int, depth: float, key: str) -> tuple[list[int], list[int], str]:
+    """(prompt ids, answer ids, the string a correct reply holds) of a passkey or essay-needle cell."""
+    if task == "passkey":
+        return (*cell_prompt(tok, n_tokens, depth, key), key)
+    if task == "needle":
+        return (*needle_prompt(tok, n_tokens, depth), NEEDLE_KEY)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
 def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float], *, seed: int = 0,
-             n_new: int = 8, overrides: dict | None = None, split: int = 0, progress=sys.stderr) -> list[dict]:
+             n_new: int = 8, overrides: dict | None = None, split: int = 0, task: str = "passkey",
+             progress=sys.stderr) -> list[dict]:
     """One row per (policy, length, depth); `split` tokens of the prompt's tail go in a call of their own."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     tok = loaded.tokenizer
     rng = random.Random(seed)
     cells = [(n, d, str(rng.randint(10000, 99999))) for n in lengths for d in depths]
@@ -72,7 +87,7 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
     runs = {p: PolicyRun(loaded, p, **(overrides or {}).get(p, {})) for p in policies}
     t_start = time.time()
     for i, (n, d, key) in enumerate(cells):
-        prompt, answer = cell_prompt(tok, n, d, key)
+        prompt, answer, key = task_prompt(tok, task, n, d, key)
         if not 0 <= split < len(prompt):
             raise ValueError(f"split must be in [0, {len(prompt)}) tokens, got {split}")
         for p, run in runs.items():
@@ -95,7 +110,7 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
             run.flush(cache)
             res = run.measure(cache)
             text = tok.decode(out, skip_special_tokens=True)
-            rows.append({"policy": p, "length": n, "depth": d, "key": key, "prompt_tokens": len(prompt),
+            rows.append({"policy": p, "task": task, "length": n, "depth": d, "key": key, "prompt_tokens": len(prompt),
                          "split": split,
                          "answer": text, "correct": key in text, "logprob": lp,
                          "resident_bytes_per_token": res.resident_bytes / max(res.tokens, 1),

@@ -53,3 +53,31 @@ def test_cli_policy_lists_match_the_registry():
     from memsvc.cache import EVICTION, POLICIES
     from memsvc.eval import cli
     assert set(cli.ALL.split(",")) == set(POLICIES) and tuple(cli.EVICTION) == tuple(EVICTION)
+
+
+def test_run_grid_runs_the_essay_needle(tiny_model, monkeypatch, tmp_path):
+    """--task needle: the cells are the essay needle's prompts (the same sentence at each depth), scored by
+    whether the greedy reply holds "sandwich"; the passkey stays the default; an unknown task is refused."""
+    import io
+    import random
+
+    import pytest
+
+    import memsvc.corpus as corpus
+    rng = random.Random(5)
+    words = "the of startup founders users idea money work good make people time think want".split()
+    (tmp_path / "a.txt").write_text(". ".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)))
+    monkeypatch.setattr(corpus, "essays_dir", lambda home=None: tmp_path)
+    tok = tiny_model.tokenizer
+    rows = niah.run_grid(tiny_model, ["full", "tiered"], [200], [0.0, 1.0], n_new=2, task="needle",
+                         progress=io.StringIO())
+    assert [(r["policy"], r["depth"]) for r in rows] == [("full", 0.0), ("tiered", 0.0), ("full", 1.0), ("tiered", 1.0)]
+    for r in rows:
+        prompt, answer = niah.needle_prompt(tok, 200, r["depth"])
+        assert r["task"] == "needle" and r["key"] == niah.NEEDLE_KEY == "sandwich"
+        assert r["prompt_tokens"] == len(prompt) and r["correct"] == ("sandwich" in r["answer"])
+        assert niah.NEEDLE in tok.decode(prompt) and niah.NEEDLE_PREFIX + tok.decode(answer) == niah.NEEDLE
+    passkey = niah.run_grid(tiny_model, ["full"], [200], [0.5], n_new=2, progress=io.StringIO())
+    assert passkey[0]["task"] == "passkey" and passkey[0]["key"].isdigit()
+    with pytest.raises(ValueError, match="unknown task"):
+        niah.run_grid(tiny_model, ["full"], [200], [0.5], task="haystack")
