@@ -71,6 +71,12 @@ class CheckedBlocks(StoreBlocks):
         except CorruptRecord as exc:
             raise DamagedBlock(self.sid, layer, index, exc) from exc
 
+    def read_many(self, layer: int, indices: list[int]) -> list[bytes | None]:
+        try:
+            return super().read_many(layer, indices)
+        except CorruptRecord:  # which one: read them one by one (DamagedBlock names the first)
+            return [self.read(layer, index) for index in indices]
+
 
 # ---- the feeds log ----------------------------------------------------------------------------------
 

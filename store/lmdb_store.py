@@ -506,6 +506,19 @@ class Store:
             return None if value is None else self._kv_block(txn, key, value, layer, index)
         return self._read(fn)
 
+    def kv_blocks_at(self, sid: str, layer: int, indices: Sequence[int]) -> list[bytes | None]:
+        """kv_block for each of `indices` of one layer, in order, in one read transaction."""
+        prefix = _prefix(sid)
+
+        def fn(txn):
+            out: list[bytes | None] = []
+            for index in indices:
+                key = prefix + _pack_kv(layer, index)
+                value = txn.get(key, db=self._db["kv"])
+                out.append(None if value is None else self._kv_block(txn, key, value, layer, index))
+            return out
+        return self._read(fn)
+
     def session_keys(self, sid: str) -> tuple[int, int]:
         """(entries, bytes) this session references: its record, token blocks and KV pointers, and the
         bytes of the record, the token blocks and every blob it points to (shared ones in full)."""

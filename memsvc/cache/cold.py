@@ -257,6 +257,35 @@ class ColdStore:
         self.cache.put((self.owner, layer, index), k, v, len(raw))
         return k, v
 
+    def get_many(self, layer: int, indices: list[int]) -> list[tuple[Packed, Packed]]:
+        """get() of each index, in order; the blocks not in memory are read from the backend together
+        (one store transaction for a backend with read_many)."""
+        out: list = [None] * len(indices)
+        missing = []
+        for i, index in enumerate(indices):
+            key = (layer, index)
+            mem = self.backend.blocks.get(key) if isinstance(self.backend, MemoryBlocks) else None
+            hit = (mem[0], mem[1]) if mem is not None else self._pending_packed.get(key)
+            if hit is None:
+                hit = self.cache.get((self.owner, layer, index))
+            if hit is None:
+                missing.append(i)
+            else:
+                self.hits += 1
+                out[i] = hit
+        if missing:
+            wanted = [indices[i] for i in missing]
+            read_many = getattr(self.backend, "read_many", None)
+            raws = read_many(layer, wanted) if read_many else [self.backend.read(layer, x) for x in wanted]
+            for i, index, raw in zip(missing, wanted, raws):
+                if raw is None:
+                    raise KeyError(f"cold block (layer {layer}, block {index}) is not stored")
+                self.misses += 1
+                k, v = block_from_bytes(raw)
+                self.cache.put((self.owner, layer, index), k, v, len(raw))
+                out[i] = (k, v)
+        return out
+
     def discard_from(self, layer: int, index: int) -> None:
         """Forget pending blocks of `layer` from `index` on (undo of an uncommitted step)."""
         if isinstance(self.backend, MemoryBlocks):

@@ -338,7 +338,7 @@ class TierLayer(CacheLayerMixin):
         else:
             ids = torch.arange(nb, device=dev)
             chosen = picked = None
-        packs = [self.cold.get(self.layer_idx, b)[0] for b in ids.tolist()]
+        packs = [kv[0] for kv in self.cold.get_many(self.layer_idx, ids.tolist())]
         self.stats["cold_blocks_read"] += len(packs)
         k_cold = self._decode(self.kcodec, packs)
         live = self.live[ids]  # [U, H, B]
@@ -363,7 +363,7 @@ class TierLayer(CacheLayerMixin):
             self.stats["v_blocks_skipped"] += U - keep.numel()
             if not keep.numel():
                 return torch.zeros(H, G * n, self.Dv, device=self.device)
-        packs = [self.cold.get(self.layer_idx, b)[1] for b in ids[keep].tolist()]
+        packs = [kv[1] for kv in self.cold.get_many(self.layer_idx, ids[keep].tolist())]
         v = self._decode(self.vcodec, packs)  # [H, K*B, Dv]
         pk = pb[:, :, :, keep].reshape(H, G * n, -1)
         return torch.bmm(pk, v)

@@ -37,7 +37,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class StoreBlocks:
-    """Cold blocks read one at a time from a session's entries in the LMDB store."""
+    """Cold blocks read from a session's entries in the LMDB store (one, or many in one transaction)."""
 
     resident = False
 
@@ -46,6 +46,9 @@ class StoreBlocks:
 
     def read(self, layer: int, index: int) -> bytes | None:
         return self.store.kv_block(self.sid, layer, index)
+
+    def read_many(self, layer: int, indices: list[int]) -> list[bytes | None]:
+        return self.store.kv_blocks_at(self.sid, layer, indices)
 
     def write(self, blocks) -> None:
         raise RuntimeError("a session's blocks are written by its commit, not by the cache")
@@ -177,8 +180,7 @@ class TierKV:
                     kv._stored[(i, STATE_INDEX)] = digest(head)
                 continue
             parts = {}
-            for index in listed:
-                part = store.kv_block(sid, i, index)
+            for index, part in zip(listed, store.kv_blocks_at(sid, i, listed)):  # one read transaction
                 if part is None:
                     raise ValueError(f"part {index:#x} of the state of layer {i} is missing")
                 parts[index] = decode(part)

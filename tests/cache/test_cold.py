@@ -70,3 +70,35 @@ def test_memory_backend_counts_everything_resident():
     store.put(1, 0, k, k)
     assert store.resident_bytes() == store.stored_bytes() == len(block_bytes(k, k))
     assert store.get(1, 0)[0] is k
+
+
+def test_get_many_equals_get_one_by_one():
+    """Batched reads: the same blocks as get(), in order, hits and misses counted alike, misses read from the
+    backend in one read_many call when it has one; a block never stored raises KeyError."""
+    codec = get_codec("turbo3")
+    blocks = {i: (codec.encode(torch.randn(3, 64, 64)), codec.encode(torch.randn(3, 64, 64))) for i in range(5)}
+
+    class Counted(FileBlocks):
+        batches: list = []
+
+        def read_many(self, layer, indices):
+            self.batches.append(list(indices))
+            return [self.read(layer, i) for i in indices]
+
+    store = ColdStore(Counted(), cache_bytes=1 << 20)
+    for i, (k, v) in blocks.items():
+        store.put(2, i, k, v)
+    store.flush()
+    store.cache.drop(store.owner)  # nothing cached: every block comes from the backend
+    got = store.get_many(2, [3, 0, 4])
+    assert [(k.to_bytes(), v.to_bytes()) for k, v in got] == \
+        [(blocks[i][0].to_bytes(), blocks[i][1].to_bytes()) for i in (3, 0, 4)]
+    assert store.backend.batches == [[3, 0, 4]] and (store.hits, store.misses) == (0, 3)
+    again = store.get_many(2, [0, 1])  # 0 is cached now, 1 is read
+    assert store.backend.batches[-1] == [1] and (store.hits, store.misses) == (1, 4)
+    assert again[0][0].to_bytes() == store.get(2, 0)[0].to_bytes() and store.get_many(2, []) == []
+    with pytest.raises(KeyError):
+        store.get_many(2, [1, 9])
+    mem = ColdStore(MemoryBlocks())  # a backend without read_many, blocks kept as objects
+    mem.put(0, 0, *blocks[0])
+    assert mem.get_many(0, [0])[0][0] is blocks[0][0]

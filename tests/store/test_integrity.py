@@ -103,3 +103,15 @@ def test_rewrite_kv_replaces_entries_in_one_transaction(tmp_path):
         s.gc()
         assert not any(s.check_refs().values()) and s.kv_blocks("t")[(0, 1)] == b"b" * 64
         assert good[("refs", good[("kv", K00)])] != s.dump()[("refs", good[("kv", K00)])]  # one reference fewer
+
+
+def test_kv_blocks_at_reads_a_layer_in_one_transaction(tmp_path):
+    """What kv_block gives, block by block, in the order asked (None where nothing is stored); a damaged
+    block raises as kv_block does."""
+    from memsvc.store.errors import CorruptBlock
+    with _store(tmp_path) as s:
+        assert s.kv_blocks_at("s", 0, [1, 0, 7]) == [b"b" * 64, b"a" * 64, None]
+        assert s.kv_blocks_at("t", 1, [0]) == [s.kv_block("t", 1, 0)] and s.kv_blocks_at("s", 0, []) == []
+        raw_put(s, "kv", K01, b"\1\2")
+        with pytest.raises(CorruptBlock):
+            s.kv_blocks_at("s", 0, [0, 1])
