@@ -235,27 +235,7 @@ class ColdStore:
         self._pending_packed[(layer, index)] = (k, v)
 
     def get(self, layer: int, index: int) -> tuple[Packed, Packed]:
-        key = (layer, index)
-        if isinstance(self.backend, MemoryBlocks):
-            mem = self.backend.blocks.get(key)
-            if mem is not None:
-                self.hits += 1
-                return mem[0], mem[1]
-        mine = self._pending_packed.get(key)
-        if mine is not None:
-            self.hits += 1
-            return mine
-        hit = self.cache.get((self.owner, layer, index))
-        if hit is not None:
-            self.hits += 1
-            return hit
-        self.misses += 1
-        raw = self.backend.read(layer, index)
-        if raw is None:
-            raise KeyError(f"cold block (layer {layer}, block {index}) is not stored")
-        k, v = block_from_bytes(raw)
-        self.cache.put((self.owner, layer, index), k, v, len(raw))
-        return k, v
+        return self.get_many(layer, [index])[0]
 
     def get_many(self, layer: int, indices: list[int]) -> list[tuple[Packed, Packed]]:
         """get() of each index, in order; the blocks not in memory are read from the backend together
