@@ -136,7 +136,7 @@ def build_niah_cells(tok, lengths: list[int], depths: list[float], seed: int = 0
     """One cell per (task, length, depth), kind "niah". Passkey cells ("niah-N-D"): keys drawn as
     `memsvc eval niah` draws them (Random(seed + length)). Essay-needle cells ("needle-N-D"): the same needle
     everywhere; a reply holding "sandwich" found it."""
-    from memsvc.eval.niah import NEEDLE_KEY, NEEDLE_QUESTION, cell_prompt, needle_prompt
+    from memsvc.eval.niah import NEEDLE_QUESTION, task_prompt
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; known: {', '.join(TASKS)}")
@@ -145,16 +145,12 @@ def build_niah_cells(tok, lengths: list[int], depths: list[float], seed: int = 0
         rng = random.Random(seed + n)
         keys = [str(rng.randint(10000, 99999)) for _ in depths]
         for d, key in zip(depths, keys):
-            if "passkey" in tasks:
-                prompt, answer = cell_prompt(tok, n, d, key)
-                cells.append({"cell": f"niah-{n}-{d:g}", "kind": "niah", "task": "passkey", "length": n, "depth": d,
-                              "key": key, "prompt_ids": prompt, "answer_ids": answer,
-                              "context_len": question_start(tok, prompt)})
-            if "needle" in tasks:
-                prompt, answer = needle_prompt(tok, n, d)
-                cells.append({"cell": f"needle-{n}-{d:g}", "kind": "niah", "task": "needle", "length": n, "depth": d,
-                              "key": NEEDLE_KEY, "prompt_ids": prompt, "answer_ids": answer,
-                              "context_len": question_start(tok, prompt, NEEDLE_QUESTION)})
+            for t in (t for t in TASKS if t in tasks):  # passkey first, as before the needle
+                prompt, answer, holds = task_prompt(tok, t, n, d, key)
+                question = QUESTION if t == "passkey" else NEEDLE_QUESTION
+                cells.append({"cell": f"{'niah' if t == 'passkey' else t}-{n}-{d:g}", "kind": "niah", "task": t,
+                              "length": n, "depth": d, "key": holds, "prompt_ids": prompt, "answer_ids": answer,
+                              "context_len": question_start(tok, prompt, question)})
     return cells
 
 
