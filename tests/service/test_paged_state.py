@@ -42,6 +42,20 @@ def _build(c, sid: str = "s") -> None:
     c.append(sid, tokens=HISTORY)
 
 
+def _loads_upgrades_and_loads_again(tmp_path, long_model, want: list[int], upgraded) -> None:
+    """Session "s", stored in an older layout, gives the same greedy reply; `memsvc sessions upgrade` rewrites
+    it (upgraded(its KV keys) asserts the new layout, and the store checks clean); it still gives that reply."""
+    with running_server(tmp_path, long_model) as (c, server):
+        assert _greedy(c, "s") == want
+    out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "1 tiered session(s) rewrote" in out.output
+    with Store(tmp_path) as store:
+        upgraded(set(store.kv_keys("s")))
+        assert not check_session(store, "s").damaged
+    with running_server(tmp_path, long_model) as (c, server):
+        assert _greedy(c, "s") == want
+
+
 def _state_bytes(store, sid: str) -> int:
     return sum(len(store.kv_block(sid, *k)) for k in store.kv_keys(sid) if not is_cold_block(k[1]))
 
@@ -156,16 +170,11 @@ def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, 
         want = _greedy(c, "s")
         assert sum(1 for k in server.memsvc_store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < LIVE_BASE) == 4
     monkeypatch.undo()
-    with running_server(tmp_path, long_model) as (c, server):
-        assert _greedy(c, "s") == want
-    out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
-    assert out.exit_code == 0 and "1 tiered session(s) rewrote" in out.output
-    with Store(tmp_path) as store:
-        assert sum(1 for k in store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < LIVE_BASE) == 1
-        assert sum(1 for k in store.kv_keys("s") if k[0] == 0 and LIVE_BASE <= k[1] < WARM_BASE) == 1
-        assert not check_session(store, "s").damaged
-    with running_server(tmp_path, long_model) as (c, server):
-        assert _greedy(c, "s") == want
+
+    def upgraded(keys):  # one summary page and one live page of 16 blocks each
+        assert sum(1 for k in keys if k[0] == 0 and SUM_BASE <= k[1] < LIVE_BASE) == 1
+        assert sum(1 for k in keys if k[0] == 0 and LIVE_BASE <= k[1] < WARM_BASE) == 1
+    _loads_upgrades_and_loads_again(tmp_path, long_model, want, upgraded)
 
 
 def test_warm_rows_stored_in_one_entry_load_and_upgrade_groups_them(tmp_path, long_model, monkeypatch):
@@ -183,13 +192,7 @@ def test_warm_rows_stored_in_one_entry_load_and_upgrade_groups_them(tmp_path, lo
         want = _greedy(c, "s")
         assert (0, WARM_INDEX) in set(server.memsvc_store.kv_keys("s"))
     monkeypatch.undo()
-    with running_server(tmp_path, long_model) as (c, server):
-        assert _greedy(c, "s") == want
-    out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
-    assert out.exit_code == 0 and "1 tiered session(s) rewrote" in out.output
-    with Store(tmp_path) as store:
-        keys = set(store.kv_keys("s"))
+
+    def upgraded(keys):
         assert (0, WARM_INDEX) not in keys and any(WARM_BASE <= k[1] < HOT_BASE for k in keys)
-        assert not check_session(store, "s").damaged
-    with running_server(tmp_path, long_model) as (c, server):
-        assert _greedy(c, "s") == want
+    _loads_upgrades_and_loads_again(tmp_path, long_model, want, upgraded)
