@@ -148,9 +148,7 @@ def _assemble_warm(layer, parts: dict[int, Part], device: torch.device) -> None:
 
 
 def layer_parts(layer) -> dict[int, Part]:
-    """index -> part, for every part but the head the layer's current state has (see `with_head`)."""
-    if not layer.is_initialized:
-        return {}
+    """index -> part, for every part but the head the (initialized) layer's state has (see `with_head`)."""
     parts: dict[int, Part] = {}
     nb, B = layer.n_blocks, layer.plan.block
     for g in range(math.ceil(nb / SUM_PAGE)):
@@ -174,9 +172,6 @@ def layer_parts(layer) -> dict[int, Part]:
 def with_head(layer, parts: dict[int, Part]) -> tuple[dict[int, Part], dict[int, bytes]]:
     """The parts and the layer's head, which lists them with their digests (so that a resumed session
     knows what is stored without hashing it again); and every part's digest, the head's included."""
-    if not layer.is_initialized:
-        head = ({}, {"init": "0"}, 0)
-        return {HEAD_INDEX: head}, {HEAD_INDEX: digest(head)}
     digests = {i: digest(p) for i, p in parts.items()}
     listed = sorted(parts)
     tensors: dict = {"part_digests": torch.tensor([list(digests[i]) for i in listed], dtype=torch.uint8)

@@ -131,6 +131,8 @@ class TierKV:
         counts = {key: self.policy.plan(key[0], self.num_layers).block for key in payloads}
         now: dict[tuple[int, int], bytes] = {}
         for i, layer in enumerate(self.cache.layers):
+            if not layer.is_initialized:  # nothing computed yet (a session of one token): no entry, as
+                continue                  # `repair.expected_keys` says; such a session loads fresh
             parts, digests = with_head(layer, layer_parts(layer))
             for index, part in parts.items():
                 key = (i, index)

@@ -60,6 +60,21 @@ def _state_bytes(store, sid: str) -> int:
     return sum(len(store.kv_block(sid, *k)) for k in store.kv_keys(sid) if not is_cold_block(k[1]))
 
 
+def test_a_one_token_session_stores_no_kv_and_checks_clean(tmp_path, long_model):
+    """One token computes nothing (it is fed with the next append): no KV entry, as verify expects (empty layer
+    heads once made verify call them stray, seen when a crash test killed the server at that point)."""
+    with running_server(tmp_path, long_model) as (c, server):
+        store = server.memsvc_store
+        c.create_session("s")
+        c.append("s", tokens=[11])
+        assert store.kv_keys("s") == [] and not check_session(store, "s").damaged
+        c.append("s", tokens=[12, 13])
+        assert {k[1] for k in store.kv_keys("s")} >= {STATE_INDEX} and not check_session(store, "s").damaged
+    with running_server(tmp_path, long_model) as (c, server):
+        c.append("s", tokens=[14])
+        assert not check_session(server.memsvc_store, "s").damaged
+
+
 def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_model):
     with running_server(tmp_path, long_model) as (c, server):
         store = server.memsvc_store
