@@ -15,6 +15,7 @@ This module knows nothing about sessions, tiers, storage or models. It defines:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -115,7 +116,7 @@ class Packed:
         if version != _FORMAT_VERSION:
             raise ValueError(f"packed record format version {version} is not supported (expected {_FORMAT_VERSION})")
         off = _HEAD.size
-        doc = json.loads(bytes(buf[off : off + json_len]))
+        codec, shape, dtype, meta = _header(bytes(buf[off : off + json_len]))
         off += json_len
         tensors: dict[str, torch.Tensor] = {}
         for _ in range(n):
@@ -125,25 +126,27 @@ class Packed:
             off += 4 * ndim
             name = bytes(buf[off : off + name_len]).decode()
             off += name_len
-            dtype = _DTYPE_BY_CODE[code]
+            dtype_t = _DTYPE_BY_CODE[code]
             count = 1
             for d in dims:
                 count *= d
-            size = count * torch.empty((), dtype=dtype).element_size()
+            size = count * dtype_t.itemsize
             raw = bytearray(buf[off : off + size])
             off += size
             if len(raw) != size:
                 raise ValueError(f"packed record is truncated in tensor {name!r}")
-            tensors[name] = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(dims) if size else torch.empty(dims, dtype=dtype)
+            tensors[name] = torch.frombuffer(raw, dtype=dtype_t).reshape(dims) if size else torch.empty(dims, dtype=dtype_t)
         if off != len(buf):
             raise ValueError("packed record has trailing bytes")
-        return cls(
-            codec=doc["codec"],
-            shape=tuple(doc["shape"]),
-            dtype=_DTYPE_NAMES[doc["dtype"]],
-            tensors=tensors,
-            meta=doc["meta"],
-        )
+        return cls(codec=codec, shape=shape, dtype=dtype, tensors=tensors, meta=dict(meta))
+
+
+@functools.lru_cache(maxsize=256)
+def _header(head: bytes) -> tuple[str, tuple[int, ...], torch.dtype, dict]:
+    """A record's JSON header -> (codec, shape, dtype, meta); the blocks of one layer share theirs, so
+    it is parsed once (callers copy meta before handing it out)."""
+    doc = json.loads(head)
+    return doc["codec"], tuple(doc["shape"]), _DTYPE_NAMES[doc["dtype"]], doc["meta"]
 
 
 class Codec(Protocol):
