@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 
 import safetensors.torch as st
 import torch
@@ -147,17 +148,20 @@ def _assemble_warm(layer, parts: dict[int, Part], device: torch.device) -> None:
         setattr(layer, "keep_k" if name == "k" else "keep_v", value)
 
 
-def layer_parts(layer) -> dict[int, Part]:
-    """index -> part, for every part but the head the (initialized) layer's state has (see `with_head`)."""
+def layer_parts(layer, skip: frozenset[int] | set[int] = frozenset()) -> dict[int, Part]:
+    """index -> part, for every part but the head the (initialized) layer's state has (see `with_head`);
+    the summary and live pages in `skip` (known unchanged) are left out."""
     parts: dict[int, Part] = {}
     nb, B = layer.n_blocks, layer.plan.block
     for g in range(math.ceil(nb / SUM_PAGE)):
         lo, hi = g * SUM_PAGE, min(nb, (g + 1) * SUM_PAGE)
-        tensors: dict = {}
-        for name in _SUMS:
-            _put(tensors, name, _rows(getattr(layer, name), lo, hi))
-        parts[SUM_BASE + g] = (tensors, {"first_block": str(lo)}, (hi - lo) * B)
-        parts[LIVE_BASE + g] = ({"live": layer.live[lo:hi].contiguous()}, {"first_block": str(lo)}, (hi - lo) * B)
+        if SUM_BASE + g not in skip:
+            tensors: dict = {}
+            for name in _SUMS:
+                _put(tensors, name, _rows(getattr(layer, name), lo, hi))
+            parts[SUM_BASE + g] = (tensors, {"first_block": str(lo)}, (hi - lo) * B)
+        if LIVE_BASE + g not in skip:
+            parts[LIVE_BASE + g] = ({"live": layer.live[lo:hi].contiguous()}, {"first_block": str(lo)}, (hi - lo) * B)
     pos = layer.hot_pos  # [h] consecutive positions
     if pos.numel():
         first, last = int(pos[0]), int(pos[-1])
@@ -169,11 +173,13 @@ def layer_parts(layer) -> dict[int, Part]:
     return parts
 
 
-def with_head(layer, parts: dict[int, Part]) -> tuple[dict[int, Part], dict[int, bytes]]:
+def with_head(layer, parts: dict[int, Part], known: dict[int, bytes] | None = None
+              ) -> tuple[dict[int, Part], dict[int, bytes]]:
     """The parts and the layer's head, which lists them with their digests (so that a resumed session
-    knows what is stored without hashing it again); and every part's digest, the head's included."""
-    digests = {i: digest(p) for i, p in parts.items()}
-    listed = sorted(parts)
+    knows what is stored without hashing it again); and every part's digest, the head's included.
+    known: digests of parts the state has but `parts` leaves out (unchanged since they were stored)."""
+    digests = dict(known or {}) | {i: digest(p) for i, p in parts.items()}
+    listed = sorted(digests)
     tensors: dict = {"part_digests": torch.tensor([list(digests[i]) for i in listed], dtype=torch.uint8)
                      .reshape(len(listed), 16)}
     for name in _HEAD:
@@ -184,6 +190,59 @@ def with_head(layer, parts: dict[int, Part]) -> tuple[dict[int, Part], dict[int,
              "parts": json.dumps(listed)}
     head = (tensors, meta, layer.seen)
     return parts | {HEAD_INDEX: head}, digests | {HEAD_INDEX: digest(head)}
+
+
+def block_rows(layer) -> tuple[int, list[torch.Tensor], torch.Tensor]:
+    """What the summary and live pages are cut from: (blocks, the summary tensors [nb, ...], live [nb, H, B])."""
+    sums = [t for name in _SUMS for t in getattr(layer, name)]
+    return layer.n_blocks, sums, layer.live
+
+
+def _changed_rows(new: list[torch.Tensor], old: list[torch.Tensor], n: int) -> torch.Tensor:
+    """[n] bool: blocks among the first n whose rows differ in any of the tensors."""
+    changed = torch.zeros(n, dtype=torch.bool)
+    for a, b in zip(new, old):
+        if a is not b:
+            changed |= (a[:n] != b[:n]).reshape(n, -1).any(1).cpu()
+    return changed
+
+
+def unchanged_pages(layer, before: tuple, stored: Callable[[int], bytes | None]) -> dict[int, bytes]:
+    """index -> digest of the summary and live pages whose blocks (bounds and rows) are what they were in
+    `before` (`block_rows` of the state whose part digests `stored(index)` gives), so a commit need not
+    rebuild them.
+    Summary rows only grow, and live rows change where a warm token goes back to its block."""
+    n_old, sums_old, live_old = before
+    n_new, sums_new, live_new = block_rows(layer)
+    n = min(n_old, n_new)
+    if not n:
+        return {}
+    changed = {SUM_BASE: _changed_rows(sums_new, sums_old, n), LIVE_BASE: _changed_rows([live_new], [live_old], n)}
+    out = {}
+    for g in range(math.ceil(n_new / SUM_PAGE)):
+        lo, hi = g * SUM_PAGE, min(n_new, (g + 1) * SUM_PAGE)
+        if hi > n or hi != min(n_old, (g + 1) * SUM_PAGE):  # the page grew (or shrank) since
+            break
+        for base, rows in changed.items():
+            known = stored(base + g)
+            if known is not None and not bool(rows[lo:hi].any()):
+                out[base + g] = known
+    return out
+
+
+def pages_in_layout(parts: dict[int, Part], n_blocks: int) -> bool:
+    """Whether a loaded state's summary and live pages are the ones `layer_parts` cuts now (SUM_PAGE blocks
+    each, live masks in their own pages), so that their stored digests can stand for unchanged pages."""
+    for base, rows in ((SUM_BASE, "sum_min.0"), (LIVE_BASE, "live")):
+        got = sorted(i for i in parts if base <= i < base + 0x10000000)
+        if got != [base + g for g in range(math.ceil(n_blocks / SUM_PAGE))]:
+            return False
+        for g, i in enumerate(got):
+            tensors, meta, _ = parts[i]
+            lo, hi = g * SUM_PAGE, min(n_blocks, (g + 1) * SUM_PAGE)
+            if meta.get("first_block") != str(lo) or rows not in tensors or tensors[rows].shape[0] != hi - lo:
+                return False
+    return True
 
 
 def listed_digests(head: Part) -> dict[int, bytes] | None:

@@ -26,7 +26,8 @@ from .attention import active
 from .cache import TierCache
 from .cold import ColdStore
 from .layer import TierLayer, _q8_rows
-from .pages import HEAD_INDEX, assemble, decode, digest, encode, layer_parts, listed_digests, listed_parts, with_head
+from .pages import (HEAD_INDEX, assemble, block_rows, decode, digest, encode, layer_parts, listed_digests, listed_parts,
+                    pages_in_layout, unchanged_pages, with_head)
 
 STATE_INDEX = HEAD_INDEX  # the layer's state entry (its head), after every possible block index
 _TENSORS = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_pos", "keep_score", "sum_min",
@@ -106,6 +107,10 @@ class TierKV:
         self.cache = TierCache(policy, num_layers, dtype, cold)
         self._stored: dict[tuple[int, int], bytes] = {}  # (layer, part index) -> digest of the stored part
         self._pending: dict[tuple[int, int], bytes] | None = None  # the same after the commit in flight
+        # layer -> `block_rows` of its stored state (when its pages are in the current layout), and the same
+        # after the commit in flight: a commit rebuilds and hashes only the summary and live pages that changed
+        self._rows: dict[int, tuple] = {}
+        self._rows_pending: dict[int, tuple] | None = None
 
     @property
     def length(self) -> int:
@@ -130,17 +135,21 @@ class TierKV:
         payloads = dict(self.cache.cold.take_pending())
         counts = {key: self.policy.plan(key[0], self.num_layers).block for key in payloads}
         now: dict[tuple[int, int], bytes] = {}
+        rows: dict[int, tuple] = {}
         for i, layer in enumerate(self.cache.layers):
             if not layer.is_initialized:  # nothing computed yet (a session of one token): no entry, as
                 continue                  # `repair.expected_keys` says; such a session loads fresh
-            parts, digests = with_head(layer, layer_parts(layer))
+            before = self._rows.get(i)
+            same = {} if before is None else unchanged_pages(layer, before, lambda index: self._stored.get((i, index)))
+            parts, digests = with_head(layer, layer_parts(layer, skip=set(same)), same)
+            rows[i] = block_rows(layer)
+            now |= {(i, index): d for index, d in digests.items()}  # the unchanged pages' too
             for index, part in parts.items():
                 key = (i, index)
-                now[key] = digests[index]
                 if self._stored.get(key) != now[key]:
                     payloads[key] = encode(part)
                     counts[key] = part[2]
-        self._pending = now
+        self._pending, self._rows_pending = now, rows
         return payloads, counts, sorted(set(self._stored) - set(now))
 
     def mark_clean(self) -> None:
@@ -148,6 +157,7 @@ class TierKV:
         self.cache.cold.flushed()
         if self._pending is not None:
             self._stored, self._pending = self._pending, None
+            self._rows, self._rows_pending = self._rows_pending, None
 
     def resident_bytes(self) -> int:
         return self.cache.resident_bytes()
@@ -187,6 +197,8 @@ class TierKV:
                     raise ValueError(f"part {index:#x} of the state of layer {i} is missing")
                 parts[index] = decode(part)
             assemble(layer, head, parts, device, _DTYPES)
+            if pages_in_layout(parts, layer.n_blocks):
+                kv._rows[i] = block_rows(layer)
             known = listed_digests(head)  # what the commit that wrote them hashed; else hash them now
             kv._stored |= {(i, index): known[index] if known else digest(part) for index, part in parts.items()}
             kv._stored[(i, STATE_INDEX)] = digest(head)

@@ -172,7 +172,8 @@ def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, 
     monkeypatch.setattr(pages, "SUM_PAGE", 4)  # 14 cold blocks: 4 pages of 4, 4, 4, 2 blocks
     current = pages.layer_parts
 
-    def live_in_summaries(layer):  # the layout before live pages: masks inside the summary pages
+    def live_in_summaries(layer, skip=frozenset()):  # the layout before live pages (masks inside the summary
+        # pages); it builds every page, as that writer did
         parts = current(layer)
         for i in [i for i in parts if LIVE_BASE <= i < WARM_BASE]:
             parts[SUM_BASE + i - LIVE_BASE][0]["live"] = parts.pop(i)[0]["live"]
@@ -211,3 +212,61 @@ def test_warm_rows_stored_in_one_entry_load_and_upgrade_groups_them(tmp_path, lo
     def upgraded(keys):
         assert (0, WARM_INDEX) not in keys and any(WARM_BASE <= k[1] < HOT_BASE for k in keys)
     _loads_upgrades_and_loads_again(tmp_path, long_model, want, upgraded)
+
+
+def test_commits_skip_unchanged_summary_and_live_pages_and_store_exactly_the_state(tmp_path, long_model, monkeypatch):
+    """A commit rebuilds only the summary and live pages whose blocks changed (also the first commit after a
+    resume), yet after every Append the stored state loads to exactly the in-memory one: the live masks of old
+    blocks that warm tokens went back to included."""
+    import memsvc.cache.pages as pages
+    from memsvc.sessions import SessionManager
+
+    monkeypatch.setattr(pages, "SUM_PAGE", 2)  # 14 blocks: 7 pages, most of them old
+    built = []
+    current = pages.layer_parts
+
+    def spy(layer, skip=frozenset()):
+        built.append(sum(1 for i in current(layer, skip) if SUM_BASE <= i < WARM_BASE))
+        return current(layer, skip)
+    monkeypatch.setattr(pages, "layer_parts", spy)
+    import memsvc.cache.session as session
+    monkeypatch.setattr(session, "layer_parts", spy)
+
+    def same_state(manager, sid):
+        live = manager._live[sid].kv.cache.layers
+        loaded = TierKV.load(get_policy("tiered"), manager.store, sid, manager.store.get(sid).layout,
+                             torch.device("cpu")).cache.layers
+        for a, b in zip(live, loaded):
+            assert a.n_blocks == b.n_blocks and torch.equal(a.live, b.live)
+            for name in ("sum_min", "sum_max", "sum_mean_k", "sum_mean_v"):
+                assert all(torch.equal(x, y) for x, y in zip(getattr(a, name), getattr(b, name)))
+            assert torch.equal(a.keep_pos, b.keep_pos) and torch.equal(a.hot_pos, b.hot_pos)
+
+    store = Store(tmp_path)
+    try:
+        m = SessionManager(store, long_model, sweep_every=0)
+        m.create("s", policy="tiered")
+        m.append("s", tokens=HISTORY)
+        revived = 0
+        for turn in range(4):  # each ages a block or two; warm tokens that lose go back to old blocks
+            before = [layer.live.clone() for layer in m._live["s"].kv.cache.layers]
+            if turn % 2:  # kept tokens lose to the next aged block: they go back to their (old) cold blocks
+                for layer in m._live["s"].kv.cache.layers:
+                    layer.keep_score = torch.zeros_like(layer.keep_score)
+            built.clear()
+            m.append("s", tokens=[(7 + 31 * j + turn) % 4000 for j in range(80)])
+            old = [(layer.live[:b.shape[0]] != b).any(-1).any(-1) for layer, b in
+                   zip(m._live["s"].kv.cache.layers, before)]
+            revived += sum(int(o.sum()) for o in old)
+            # pages: 2 blocks each, summary + live; rebuilt are the grown last page(s) and the pages of revived blocks
+            assert sum(built) < sum(2 * -(-layer.n_blocks // 2) for layer in m._live["s"].kv.cache.layers)
+            same_state(m, "s")
+        assert revived, "no warm token went back to an old block: the test would not cover live-page changes"
+        m._forget("s")
+        built.clear()
+        m.append("s", tokens=list(range(100, 180)))  # the first commit after a resume skips them too
+        assert sum(built) < sum(2 * -(-layer.n_blocks // 2) for layer in m._live["s"].kv.cache.layers)
+        same_state(m, "s")
+        assert not check_session(store, "s").damaged
+    finally:
+        store.close()
