@@ -356,16 +356,16 @@ class TierLayer(CacheLayerMixin):
         H, B = self.H, self.plan.block
         G, n = probs.shape[1], probs.shape[2]
         U = ids.numel()
-        pb = probs.reshape(H, G, n, U, B)
+        pb = probs.reshape(H, G * n, U, B)
         keep = torch.arange(U, device=self.device)
         if self.plan.v_skip > 0:
-            keep = (pb.amax(dim=(0, 1, 2, 4)) >= self.plan.v_skip).nonzero().flatten()
+            keep = (pb.amax(dim=-1).amax(dim=(0, 1)) >= self.plan.v_skip).nonzero().flatten()  # [K]
             self.stats["v_blocks_skipped"] += U - keep.numel()
             if not keep.numel():
                 return torch.zeros(H, G * n, self.Dv, device=self.device)
         packs = [kv[1] for kv in self.cold.get_many(self.layer_idx, ids[keep].tolist())]
         v = self._decode(self.vcodec, packs)  # [H, K*B, Dv]
-        pk = pb[:, :, :, keep].reshape(H, G * n, -1)
+        pk = pb.reshape(H, G * n, U * B) if keep.numel() == U else pb[:, :, keep].reshape(H, G * n, -1)
         return torch.bmm(pk, v)
 
     # ---- moving tokens between tiers ---------------------------------------------------
