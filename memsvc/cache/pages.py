@@ -269,13 +269,31 @@ def encode(part: Part) -> bytes:
     return st.save(part[0], metadata=part[1])
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 def decode(raw: bytes) -> Part:
-    """Stored bytes -> part (tokens unknown: 0). ValueError when they do not parse."""
+    """Stored bytes (safetensors, as `encode` writes them) -> part (tokens unknown: 0). ValueError when they do
+    not parse. One JSON parse and one copy of the data for the whole part: its tensors are views of that copy."""
     try:
-        tensors = st.load(bytes(raw))
         n = int.from_bytes(raw[:8], "little")
-        meta = json.loads(bytes(raw[8:8 + n])).get("__metadata__", {}) or {}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
+        if len(raw) < 8 + n:
+            raise ValueError("the header runs past the end")
+        doc = json.loads(bytes(raw[8:8 + n]))
+        meta = doc.pop("__metadata__", None) or {}
+        data = bytearray(raw[8 + n:])
+        tensors = {}
+        for name, spec in doc.items():
+            dtype, shape = _ST_DTYPES[spec["dtype"]], [int(x) for x in spec["shape"]]
+            lo, hi = (int(x) for x in spec["data_offsets"])
+            count = math.prod(shape)
+            if not 0 <= lo <= hi <= len(data) or hi - lo != count * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} has data offsets {lo}..{hi} for shape {shape} {spec['dtype']}")
+            view = torch.frombuffer(data, dtype=dtype, count=count, offset=lo) if count else torch.empty(0, dtype=dtype)
+            tensors[name] = view.reshape(shape)
+    except Exception as exc:  # noqa: BLE001 - bad JSON, keys, types or offsets
         raise ValueError(f"a layer state part does not parse: {exc}") from exc
     return tensors, meta, 0
 
