@@ -139,7 +139,10 @@ def test_tiered_settings_and_default_run():
     got = run.parse_tiered_settings(run.DEFAULT_TIERED_SETTINGS)
     assert got == {"tiered-h64": ("tiered", {"hot": 64, "warm": 64}),
                    "tiered-h128": ("tiered", {"hot": 128, "warm": 128}),
-                   "tiered-h16": ("tiered", {"hot": 16, "warm": 16})}
+                   "tiered-h16": ("tiered", {"hot": 16, "warm": 16}),
+                   "tiered-h128r3kv8": ("tiered", {"hot": 128, "warm": 128, "retrieve": 3072, "value_codec": "k8v8_v"})}
+    pol = get_policy("tiered", **got["tiered-h128r3kv8"][1])
+    assert pol.plan(5, 30).cold_v == "k8v8_v" and pol.retrieve == 3072
     pol = get_policy(*got["tiered-h64"][:1], **got["tiered-h64"][1])
     assert (pol.hot, pol.warm) == (64, 64) and pol.retrieve == get_policy("tiered").retrieve
     assert run.parse_tiered_settings("") == {}

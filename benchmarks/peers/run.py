@@ -70,8 +70,10 @@ PEERS = {
     "snapkv-pipeline": ("kvpress", {"press": "SnapKVPress"}, "pipeline"),
 }
 DEFAULT_PEERS = ",".join(p for p in PEERS if p != "snapkv-pipeline")
-# extra memsvc rows: tiered with smaller exact windows (its bytes at 1k-4k are mostly the hot and warm windows)
-DEFAULT_TIERED_SETTINGS = "h64:hot=64,warm=64;h128:hot=128,warm=128;h16:hot=16,warm=16"
+# extra memsvc rows: tiered with smaller exact windows (its bytes at 1k-4k are mostly the hot and warm windows),
+# and h128r3kv8: 8-bit cold values (not resident: they cost stored bytes) with a 3,072-token retrieve budget
+DEFAULT_TIERED_SETTINGS = ("h64:hot=64,warm=64;h128:hot=128,warm=128;h16:hot=16,warm=16;"
+                           "h128r3kv8:hot=128,warm=128,retrieve=3072,value_codec=k8v8_v")
 QUESTION = "What is the pass key?"
 TASKS = ("passkey", "needle")  # the NIAH tasks: the passkey prompt and the essay needle
 
