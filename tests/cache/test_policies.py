@@ -22,6 +22,7 @@ SMALL = {
     "kivi4": {"hot": 16, "block_tokens": 32},
     "turbo3": {"hot": 16, "block_tokens": 8},
     "tiered": {"sink": 2, "hot": 16, "warm": 8, "retrieve": 24, "block_tokens": 8},
+    "tiered-v8": {"sink": 2, "hot": 16, "warm": 8, "retrieve": 24, "block_tokens": 8},
     "streaming": {"budget": 40, "sink": 2},
     "h2o": {"budget": 40},
     "snapkv": {"budget": 40, "window": 8},
@@ -114,12 +115,12 @@ def test_tier_invariants_and_budgets(tiny, name):
         if name in ("snapkv", "pyramidkv"):  # budget after the prompt, plus the 30 decoded tokens
             assert attended <= layer.plan.keep + layer.plan.window + 30
     tiers = cache.tier_tokens()
-    if name == "tiered":
+    if name.startswith("tiered"):
         assert tiers["sink"] == 2 and tiers["warm"] == 8 and tiers["cold"] > 150
         assert cache.stats()["cold_blocks_read"] > 0
     by_tier = cache.tier_bytes()  # every resident byte belongs to one tier
     assert sum(by_tier.values()) == cache.resident_bytes() > 0
-    if name == "tiered":
+    if name.startswith("tiered"):
         assert min(by_tier[t] for t in ("sink", "hot", "warm", "summaries")) > 0
 
 
@@ -233,3 +234,13 @@ def test_layer_state_from_before_8bit_summaries_loads(tiny):
     assert bool((_dq8(fresh.sum_min) <= _dq8(layer.sum_min).half().float() + 1e-5).all())
     assert bool((_dq8(fresh.sum_max) >= _dq8(layer.sum_max).half().float() - 1e-5).all())
     assert torch.allclose(_dq8(fresh.sum_mean_k), _dq8(layer.sum_mean_k), atol=0.05)
+
+
+def test_tiered_v8_is_tiered_with_8bit_cold_values_a_wider_retrieve_and_128_token_windows():
+    p, base = get_policy("tiered-v8"), get_policy("tiered")
+    assert (p.name, p.hot, p.warm, p.retrieve, p.value_codec) == ("tiered-v8", 128, 128, 3072, "k8v8_v")
+    assert (p.key_codec, p.block_tokens, p.sink) == (base.key_codec, base.block_tokens, base.sink)
+    assert p.plan(5, 30).cold_v == "k8v8_v" and p.plan(5, 30).retrieve == 3072
+    assert get_policy("tiered-v8", hot=64).hot == 64
+    with pytest.raises(ValueError, match="hot"):
+        get_policy("tiered-v8", hot=0)

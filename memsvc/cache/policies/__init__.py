@@ -14,7 +14,7 @@ from .pyramidkv import PyramidKVPolicy
 from .quantized import QuantizedPolicy, quantized
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
-from .tiered import TieredPolicy
+from .tiered import TieredPolicy, tiered_v8
 
 POLICIES: dict[str, Callable] = {
     "full": FullPolicy,
@@ -24,6 +24,7 @@ POLICIES: dict[str, Callable] = {
     "kivi4": quantized("kivi4", "kivi4_k", "kivi4_v"),
     "turbo3": quantized("turbo3", "turbo3", "turbo3"),
     "tiered": TieredPolicy,
+    "tiered-v8": tiered_v8,
     "streaming": StreamingPolicy,
     "h2o": H2OPolicy,
     "snapkv": SnapKVPolicy,
