@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import signal
@@ -506,6 +507,10 @@ def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = Non
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    # Everything loaded by now (model, tokenizer, libraries) lives until exit: frozen, the cyclic collector's full
+    # passes no longer walk it while a call allocates thousands of block objects (an 8k session's question: a
+    # pass could add 0.2 s; median 1.44 -> 1.30 s over 5 runs in one process). Unfrozen at exit.
+    gc.freeze()
     server.start()
     m = server.memsvc_manager.model
     extras = [f"auth {'on' if server.memsvc_auth else 'off'}", "TLS" if options.get("tls_cert") else "plaintext"]
@@ -518,4 +523,5 @@ def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = Non
     server.stop(grace=5).wait()
     server.memsvc_metrics.close()
     server.memsvc_store.close()
+    gc.unfreeze()
     print("memsvc: stopped", flush=True)
