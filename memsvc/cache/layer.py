@@ -296,7 +296,12 @@ class TierLayer(CacheLayerMixin):
         self.q_window = fresh
 
     def _decode(self, codec, packs: list) -> torch.Tensor:
-        """Packed blocks [H, B, D] -> [H, U*B, D] float, one decode call."""
+        """Packed blocks [H, B, D] -> [H, U*B, D] float, one decode call. ValueError for blocks another codec
+        wrote (a stored session names its policy, not the policy's codecs: a policy changed since would
+        otherwise misread them)."""
+        if packs[0].codec != codec.name:
+            raise ValueError(f"cold block of layer {self.layer_idx} holds {packs[0].codec!r} codes; the policy "
+                             f"decodes {codec.name!r} here")
         x = codec.decode(stack_packed(packs)).float()  # [U, H, B, D]
         U, H, B, D = x.shape
         return x.permute(1, 0, 2, 3).reshape(H, U * B, D)

@@ -244,3 +244,16 @@ def test_tiered_v8_is_tiered_with_8bit_cold_values_a_wider_retrieve_and_128_toke
     assert get_policy("tiered-v8", hot=64).hot == 64
     with pytest.raises(ValueError, match="hot"):
         get_policy("tiered-v8", hot=0)
+
+
+def test_cold_blocks_another_codec_wrote_are_refused_not_misread(tiny):
+    """A stored session names its policy, not the policy's codecs: if what a name means ever changed, its
+    cold blocks would be decoded by the wrong codec. The layer refuses them, naming both codecs."""
+    from memsvc.kernels.registry import get_codec
+    cache = _cache(tiny, "tiered", ColdStore(FileBlocks()))
+    _run(tiny.model, cache, _ids(200, seed=8))
+    layer = cache.layers[1]  # the last layer, K8V8 cold blocks
+    assert layer.n_blocks and layer.vcodec.name == "k8v8_v"
+    layer.vcodec = get_codec("turbo3", layer=1)
+    with pytest.raises(ValueError, match="holds 'k8v8_v' codes; the policy decodes 'turbo3'"):
+        _run(tiny.model, cache, _ids(3, seed=9))
