@@ -299,7 +299,7 @@ class TierLayer(CacheLayerMixin):
         """Packed blocks [H, B, D] -> [H, U*B, D] float, one decode call. ValueError for blocks another codec
         wrote (a stored session names its policy, not the policy's codecs: a policy changed since would
         otherwise misread them)."""
-        if packs[0].codec != codec.name:
+        if packs and packs[0].codec != codec.name:
             raise ValueError(f"cold block of layer {self.layer_idx} holds {packs[0].codec!r} codes; the policy "
                              f"decodes {codec.name!r} here")
         x = codec.decode(stack_packed(packs)).float()  # [U, H, B, D]
