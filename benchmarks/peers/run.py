@@ -689,8 +689,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-target", type=int, default=512)
     ap.add_argument("--policies", default=MEMSVC_POLICIES, help="memsvc policies (tiered is needed for matching)")
     ap.add_argument("--peers", default=DEFAULT_PEERS)
-    ap.add_argument("--ratios", default="tiered,tiered-h64",
-                    help="kvpress compression ratios: numbers, or a memsvc row's name (tiered, tiered-h64) = "
+    ap.add_argument("--ratios", default="tiered,tiered-h64,tiered-h128r3kv8",
+                    help="kvpress compression ratios: numbers, or a memsvc row's name (tiered, tiered-h64, ...) = "
                          "the ratio holding that row's bytes per token at each length")
     ap.add_argument("--tiered-settings", default=DEFAULT_TIERED_SETTINGS,
                     help="extra memsvc rows: tiered with other TieredPolicy fields, NAME:field=value,...;... "
