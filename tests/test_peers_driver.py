@@ -155,7 +155,7 @@ def test_tiered_settings_and_default_run():
     # QuantizedCache quanto 4/2-bit and hqq 4/3/2-bit (axis 0: axis 1 fails in hqq's bit packing on CPU)
     ap_defaults = {a.dest: a.default for a in _parser()._actions}
     assert ap_defaults["lengths"] == "1024,2048,3072,4096" and ap_defaults["depths"] == "0,0.25,0.5,0.75,1"
-    assert ap_defaults["ppl_prefix"] == "4096" and ap_defaults["ratios"] == "tiered,tiered-h64"
+    assert ap_defaults["ppl_prefix"] == "4096" and ap_defaults["ratios"] == "tiered,tiered-h64,tiered-h128r3kv8"
     assert {"hqq4", "hqq3", "hqq2", "quanto4", "quanto2", "snapkv", "knorm"} <= set(run.DEFAULT_PEERS.split(","))
     assert all(run.PEERS[h][0] == "hqq" and run.PEERS[h][1]["axis_key"] == 0 for h in ("hqq4", "hqq3", "hqq2"))
 
