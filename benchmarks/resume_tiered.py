@@ -3,7 +3,7 @@
 Everything goes through the real service: `memsvc serve` in a subprocess on
 127.0.0.1 (port 0), the default model, gRPC on loopback.
 
-Build (once): one `tiered` session per length from the essays
+Build (once): one session per length (policy --policy, default `tiered`; named POLICY-LENGTH) from the essays
 (memsvc.corpus), appended --build-chunk tokens per Append, in a data dir that
 later runs reuse (default $MEMSVC_HOME/bench/resume-tiered/data). A session
 that an earlier run left part-built is continued; a complete one is reused.
@@ -113,7 +113,7 @@ def build(args, data: Path, n: int, corpus: list[int], deadline: float | None = 
     """Session tiered-n built from the essays, or continued from where an earlier run stopped (it is
     reused when complete). Stops appending at `deadline` (time.time()). Returns (tokens it holds,
     seconds spent building in this run)."""
-    sid = f"tiered-{n}"
+    sid = f"{args.policy}-{n}"
     have = _stored_prefix(data, sid, corpus) if (data / "data.mdb").exists() else None
     if have == n:
         log(f"{sid}: reusing the stored session ({n} tokens)")
@@ -126,7 +126,7 @@ def build(args, data: Path, n: int, corpus: list[int], deadline: float | None = 
             c.delete_session(sid)
             have = None
         if have is None:
-            c.create_session(sid, policy="tiered")
+            c.create_session(sid, policy=args.policy)
             have = 0
         else:
             log(f"{sid}: continuing from {have} stored tokens")
@@ -142,7 +142,7 @@ def build(args, data: Path, n: int, corpus: list[int], deadline: float | None = 
 
 
 def resume_once(args, data: Path, n: int, rep: int) -> dict:
-    sid, fork = f"tiered-{n}", f"tiered-{n}-fork{rep}"  # n: the session's name (its target length)
+    sid, fork = f"{args.policy}-{n}", f"{args.policy}-{n}-fork{rep}"  # n: the session's name (its target length)
     with Server(data, context=args.context, block_cache=args.block_cache, threads=args.threads) as s:
         c = s.client
         try:
@@ -151,7 +151,7 @@ def resume_once(args, data: Path, n: int, rep: int) -> dict:
             pass
         c.fork_session(sid, fork)
         # untimed: the process's first forward, and its first tiered call with cold blocks, pay for warm-up
-        c.create_session("warmup", policy="tiered")
+        c.create_session("warmup", policy=args.policy)
         c.append("warmup", tokens=list(range(1000, 1400)))  # past sink + hot + a block: cold blocks
         c.append("warmup", tokens=list(range(2000, 2030)))
         _first_chunk(c, "warmup")
@@ -195,11 +195,10 @@ def reprefill_once(args, data: Path, n: int, corpus: list[int]) -> dict:
     return {"total_s": t2 - t0, "history_append_s": t1 - t0, "first_token": tok}
 
 
-def stored_bytes(data: Path, n: int) -> dict:
+def stored_bytes(data: Path, sid: str) -> dict:
     """Bytes of the session as stored, split into cold blocks and per-layer states (and the states' tensors)."""
     from memsvc.store.lmdb_store import Store
 
-    sid = f"tiered-{n}"
     with Store(data, readonly=True) as st:
         n = st.get(sid).n_tokens
         total = st.session_keys(sid)[1]
@@ -242,6 +241,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--reprefill", type=int, nargs="*", default=[8192], help="lengths to re-prefill (full policy)")
+    ap.add_argument("--policy", default="tiered", help="the stored sessions' policy (a tiered one: tiered, tiered-v8)")
     ap.add_argument("--repeats", type=int, default=5, help="resume timings per length (median reported)")
     ap.add_argument("--reprefill-repeats", type=int, default=1)
     ap.add_argument("--data-dir", default=None, help="default: $MEMSVC_HOME/bench/resume-tiered/data")
@@ -296,7 +296,7 @@ def main() -> None:
             row["reprefill_to_first_token_s"] = round(statistics.median(p["total_s"] for p in pre), 3)
             row["reprefill_runs_s"] = [round(p["total_s"], 3) for p in pre]
             row["speedup"] = round(row["reprefill_to_first_token_s"] / row["resume_to_first_token_s"], 1)
-        row["stored"] = stored_bytes(data, n)
+        row["stored"] = stored_bytes(data, f"{args.policy}-{n}")
         rows.append(row)
         log(f"{have} tokens: resume-to-first-token median {row['resume_to_first_token_s'] * 1000:.0f} ms; "
             f"stored {row['stored']['stored_bytes_per_token']:,.0f} B/token")
@@ -305,7 +305,7 @@ def main() -> None:
 
     times = [r["resume_to_first_token_s"] for r in rows]
     spread = max(times) / statistics.mean(times) - 1, 1 - min(times) / statistics.mean(times)
-    print(f"\nResume-to-first-token of tiered sessions (Resume + Append question + Generate first chunk, "
+    print(f"\nResume-to-first-token of {args.policy} sessions (Resume + Append question + Generate first chunk, "
           f"fresh server each run, median of {args.repeats}); {platform.machine()}, {os.cpu_count()} cores")
     head = (f"{'tokens':>7} {'resume→1st':>11} {'resume':>8} {'append':>8} {'1st chunk':>10} {'re-prefill':>11} "
             f"{'speedup':>8} {'stored B/tok':>13} {'vs fp16':>8} {'cold B/tok':>11} {'state B/tok':>12} "
@@ -323,7 +323,7 @@ def main() -> None:
               f"{r['commit_bytes'] / 1e6:>7.2f}MB")
     print("commit: payload bytes the question's Append wrote (new cold blocks and changed state parts)")
     print(f"spread: slowest {spread[0] * 100:+.0f}% / fastest {-spread[1] * 100:+.0f}% of the mean (target ±25%)")
-    print(json.dumps({"benchmark": "resume_tiered", "question": QUESTION, "context": args.context,
+    print(json.dumps({"benchmark": "resume_tiered", "policy": args.policy, "question": QUESTION, "context": args.context,
                       "block_cache": args.block_cache, "rows": rows}))
 
 
