@@ -110,7 +110,7 @@ def _stored_prefix(data: Path, sid: str, corpus: list[int]) -> int | None:
 
 
 def build(args, data: Path, n: int, corpus: list[int], deadline: float | None = None) -> tuple[int, float]:
-    """Session tiered-n built from the essays, or continued from where an earlier run stopped (it is
+    """Session POLICY-n built from the essays, or continued from where an earlier run stopped (it is
     reused when complete). Stops appending at `deadline` (time.time()). Returns (tokens it holds,
     seconds spent building in this run)."""
     sid = f"{args.policy}-{n}"
