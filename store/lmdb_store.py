@@ -499,12 +499,7 @@ class Store:
         return self._read(fn)
 
     def kv_block(self, sid: str, layer: int, index: int) -> bytes | None:
-        key = _prefix(sid) + _pack_kv(layer, index)
-
-        def fn(txn):
-            value = txn.get(key, db=self._db["kv"])
-            return None if value is None else self._kv_block(txn, key, value, layer, index)
-        return self._read(fn)
+        return self.kv_blocks_at(sid, layer, [index])[0]
 
     def kv_blocks_at(self, sid: str, layer: int, indices: Sequence[int]) -> list[bytes | None]:
         """kv_block for each of `indices` of one layer, in order, in one read transaction."""

@@ -22,7 +22,9 @@ plain forward, plus quanto 4-bit read the way kvpress's pipeline reads it
 memsvc's rows: --policies plus the tiered budget sweep, --tiered-settings
 (default `tiered-h64` = hot 64 + warm 64, `tiered-h128` = hot 128 + warm 128,
 `tiered-h16` = hot 16 + warm 16: at 1k-4k tiered's bytes are mostly its fixed
-exact windows; hot always holds up to one block more than `hot`). Each row is one
+exact windows; hot always holds up to one block more than `hot`; and
+`tiered-h128r3kv8` = hot/warm 128, 8-bit cold values, retrieve 3,072, the
+service's policy `tiered-v8`). Each row is one
 point on the recall-vs-bytes and ppl-vs-bytes plots.
 
 Resuming: every memsvc row goes to --out's memsvc_results.jsonl and every peer

@@ -233,15 +233,14 @@ def unchanged_pages(layer, before: tuple, stored: Callable[[int], bytes | None])
 def pages_in_layout(parts: dict[int, Part], n_blocks: int) -> bool:
     """Whether a loaded state's summary and live pages are the ones `layer_parts` cuts now (SUM_PAGE blocks
     each, live masks in their own pages), so that their stored digests can stand for unchanged pages."""
-    for base, rows in ((SUM_BASE, "sum_min.0"), (LIVE_BASE, "live")):
-        got = sorted(i for i in parts if base <= i < base + 0x10000000)
-        if got != [base + g for g in range(math.ceil(n_blocks / SUM_PAGE))]:
+    sizes = [min(SUM_PAGE, n_blocks - lo) for lo in range(0, n_blocks, SUM_PAGE)]
+    for lo, hi, rows in ((SUM_BASE, LIVE_BASE, "sum_min.0"), (LIVE_BASE, WARM_BASE, "live")):
+        try:
+            pages = _pages(parts, lo, hi, rows)
+        except (ValueError, KeyError):  # a gap, or a page without those rows
             return False
-        for g, i in enumerate(got):
-            tensors, meta, _ = parts[i]
-            lo, hi = g * SUM_PAGE, min(n_blocks, (g + 1) * SUM_PAGE)
-            if meta.get("first_block") != str(lo) or rows not in tensors or tensors[rows].shape[0] != hi - lo:
-                return False
+        if pages != [lo + g for g in range(len(sizes))] or [parts[i][0][rows].shape[0] for i in pages] != sizes:
+            return False
     return True
 
 
