@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from memsvc.proto import memsvc_pb2 as pb
 from memsvc.store.lmdb_store import Store
 
+from .alloc import keep_heap
 from .auth import KeyRing, Tenant, bearer_key, is_loopback
 from .errors import Cancelled, InvalidArgument, ServiceError
 from .limits import LimitExceeded, Limits, Quotas
@@ -497,6 +498,7 @@ def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = Non
     """Serve until SIGTERM or SIGINT; in-flight calls get a grace period, then the store closes.
     log_rpcs: one JSON line per RPC on stderr. options: those of create_server (auth, api_keys,
     tls_cert, tls_key, limits, metrics_port, ...) and of SessionManager."""
+    keep_heap()  # before the model loads: large buffers come from the heap, not fresh pages (memsvc.alloc)
     server, bound = create_server(f"{host}:{port}", data_dir=data_dir, model=model, device=device, **options)
     configure_rpc_log(enabled=log_rpcs)
     stop = threading.Event()
