@@ -55,6 +55,17 @@ def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return codes, scale, mn16
 
 
+# cold p.v operands: bf16 where oneDNN has bf16 dot products (AVX512-BF16, AMX), else fp32 (emulated bf16 is slower)
+def _cpu_has_bf16_dot() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+_PV_DTYPE = torch.bfloat16 if _cpu_has_bf16_dot() else torch.float32
+
+
 def _softmax_parts(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Softmax over the last dim of the parts laid end to end, computed in place in each part (no concatenated
     copy of the logits). parts: [..., T_i] float with the same leading dims; a row must have one finite entry."""
@@ -389,11 +400,12 @@ class TierLayer(CacheLayerMixin):
             if not keep.numel():
                 return torch.zeros(H, G * n, self.Dv, device=self.device)
         packs = [kv[1] for kv in self.cold.get_many(self.layer_idx, ids[keep].tolist())]
-        # bf16 operands, fp32 accumulation (5x faster on CPUs with AVX512-BF16): a weight's rounding (2^-9
-        # relative) is far below the 3-4-bit values' own error
-        v = self._decode(self.vcodec, packs, torch.bfloat16)  # [H, K*B, Dv]
+        # bf16 operands, fp32 accumulation where the CPU has bf16 dot products (5x faster): a weight's rounding
+        # (2^-9 relative) is far below the 3-4-bit values' own error
+        dt = _PV_DTYPE if torch.device(self.device).type == "cpu" else torch.float32
+        v = self._decode(self.vcodec, packs, dt)  # [H, K*B, Dv]
         pk = pb.reshape(H, G * n, U * B) if keep.numel() == U else pb[:, :, keep].reshape(H, G * n, -1)
-        return torch.bmm(pk.to(torch.bfloat16), v).float()
+        return torch.bmm(pk.to(dt), v).float()
 
     # ---- moving tokens between tiers ---------------------------------------------------
 
