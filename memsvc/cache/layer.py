@@ -332,7 +332,7 @@ class TierLayer(CacheLayerMixin):
         return out.view(H, U * B, D)
 
     def _cold_keys(self, q: torch.Tensor):
-        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D], visible [H, n, U*B] or None when all are,
+        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D], visible [H, n or 1, U*B] or None when all are,
         chosen [H, n, nb] blocks each query retrieved, or None without retrieval)."""
         p, H, B = self.plan, self.H, self.plan.block
         n = q.shape[2]
@@ -370,7 +370,7 @@ class TierLayer(CacheLayerMixin):
                     picked_any = torch.zeros_like(picked_any).index_fill_(0, order[:cap], True)
                 chosen = picked_any.view(1, 1, nb).expand(H, n, nb)
             ids = chosen.any(dim=1).any(dim=0).nonzero().flatten()  # [U]
-            picked = chosen[:, :, ids]  # [H, n, U]
+            picked = chosen[:, :, ids] if n == 1 else None  # [H, n, U]; a chunk's queries see every block
         else:
             ids = torch.arange(nb, device=dev)
             chosen = picked = None
@@ -380,7 +380,7 @@ class TierLayer(CacheLayerMixin):
         live = self.live[ids]  # [U, H, B]
         visible = None
         if chosen is not None or not bool(live.all()):
-            visible = live.permute(1, 0, 2).reshape(H, 1, -1).expand(H, n, -1)
+            visible = live.permute(1, 0, 2).reshape(H, 1, -1)  # the same for every query of a chunk
             if picked is not None:
                 visible = visible & picked.repeat_interleave(B, dim=2)
         return ids, k_cold, visible, chosen
