@@ -2,9 +2,15 @@
 
 stdout is read until the server prints the port it bound; stderr goes to a log file. Knows the command
 line only; imports neither torch nor the model.
+
+The server runs the memsvc of the checkout this file is in, whatever the current directory: `-P` keeps the
+current directory off its import path and PYTHONPATH names this checkout first. (Without that, `python -m`
+imported memsvc from the current directory, so a benchmark run from another checkout, to compare two
+commits, served the current directory's code.)
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -13,10 +19,15 @@ import threading
 from pathlib import Path
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root that holds benchmarks/ and memsvc/
+
+
 class ServeProcess:
     def __init__(self, args: list[str], log_path: Path, *, env: dict | None = None, append_log: bool = False,
                  start_timeout: float = 600, stop_timeout: float = 60):
-        cmd = [sys.executable, "-m", "memsvc", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        cmd = [sys.executable, "-P", "-m", "memsvc", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p)
         self.log_path = log_path
         self.stop_timeout = stop_timeout
         self._log = open(log_path, "ab" if append_log else "wb")
