@@ -3,9 +3,10 @@
 glibc's malloc serves a large request (past its mmap threshold, which grows only to the largest block freed
 so far) with a fresh mmap, and returns freed heap top to the kernel past its trim threshold. A resumed
 session's first prompt chunk builds tensors of megabytes per layer (its cold keys and values, the attention
-logits), so a fresh process paid a page fault per 4 KiB page of each, every layer: an 8k session's question
-took 1.54 s in the first call of a process and 1.15 s in the next. With large requests served from the heap
-and freed memory kept (up to `trim` bytes), the first call takes what later calls take.
+logits), so a fresh process paid a page fault per 4 KiB page of many of them. With large requests served from
+the heap and freed memory kept (up to `trim` bytes), they are reused instead: over three interleaved runs of a
+fresh process's first question after Resume, 8k 1.13 -> 1.09 s and 32k 1.70 -> 1.65 s (page faults 37-42k ->
+18-29k at 8k; BENCHMARKS.md, issue 5).
 """
 from __future__ import annotations
 
