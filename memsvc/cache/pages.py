@@ -22,6 +22,7 @@ digest changed (or it is new).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -275,26 +276,38 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 def decode(raw: bytes) -> Part:
     """Stored bytes (safetensors, as `encode` writes them) -> part (tokens unknown: 0). ValueError when they do
-    not parse. One JSON parse and one copy of the data for the whole part: its tensors are views of that copy."""
+    not parse. One copy of the data for the whole part: its tensors are views of that copy. Parts of one kind
+    share their header (a layer's summary pages, hot pages, ...): it is parsed and checked once."""
     try:
         n = int.from_bytes(raw[:8], "little")
         if len(raw) < 8 + n:
             raise ValueError("the header runs past the end")
-        doc = json.loads(bytes(raw[8:8 + n]))
-        meta = doc.pop("__metadata__", None) or {}
+        meta, specs, end = _layout(bytes(raw[8:8 + n]))
         data = bytearray(raw[8 + n:])
-        tensors = {}
-        for name, spec in doc.items():
-            dtype, shape = _ST_DTYPES[spec["dtype"]], [int(x) for x in spec["shape"]]
-            lo, hi = (int(x) for x in spec["data_offsets"])
-            count = math.prod(shape)
-            if not 0 <= lo <= hi <= len(data) or hi - lo != count * dtype.itemsize:
-                raise ValueError(f"tensor {name!r} has data offsets {lo}..{hi} for shape {shape} {spec['dtype']}")
-            view = torch.frombuffer(data, dtype=dtype, count=count, offset=lo) if count else torch.empty(0, dtype=dtype)
-            tensors[name] = view.reshape(shape)
+        if end > len(data):
+            raise ValueError(f"the tensors need {end} bytes of data, the part has {len(data)}")
+        tensors = {name: torch.frombuffer(data, dtype=dtype, count=count, offset=lo).reshape(shape) if count
+                   else torch.empty(shape, dtype=dtype) for name, dtype, shape, lo, count in specs}
     except Exception as exc:  # noqa: BLE001 - bad JSON, keys, types or offsets
         raise ValueError(f"a layer state part does not parse: {exc}") from exc
-    return tensors, meta, 0
+    return tensors, dict(meta), 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(header: bytes) -> tuple[dict, tuple, int]:
+    """A safetensors header -> (metadata, ((name, dtype, shape, offset, count), ...), bytes of data it needs)."""
+    doc = json.loads(header)
+    meta = doc.pop("__metadata__", None) or {}
+    specs, end = [], 0
+    for name, spec in doc.items():
+        dtype, shape = _ST_DTYPES[spec["dtype"]], [int(x) for x in spec["shape"]]
+        lo, hi = (int(x) for x in spec["data_offsets"])
+        count = math.prod(shape)
+        if not 0 <= lo <= hi or hi - lo != count * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} has data offsets {lo}..{hi} for shape {shape} {spec['dtype']}")
+        specs.append((name, dtype, shape, lo, count))
+        end = max(end, hi)
+    return meta, tuple(specs), end
 
 
 def listed_parts(head_meta: dict) -> list[int] | None:

@@ -1,0 +1,46 @@
+"""Layer state parts as stored (safetensors): round trips, a shared header parsed once, bad bytes refused."""
+import json
+
+import pytest
+import torch
+
+from memsvc.cache.pages import decode, encode
+
+
+def _part(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"k": torch.randn(3, 16, 64, generator=g).half(), "pos": torch.arange(16) + seed,
+               "q": torch.randint(0, 255, (16, 3, 64), generator=g, dtype=torch.uint8)}
+    return tensors, {"first": "16", "kind": "hot"}, 16
+
+
+def test_parts_round_trip_and_parts_sharing_a_header_keep_their_own_data():
+    a, b = _part(1), _part(2)
+    ra, rb = encode(a), encode(b)
+    head = lambda raw: raw[:8 + int.from_bytes(raw[:8], "little")]  # noqa: E731
+    assert head(ra) == head(rb) and ra != rb  # one header (parsed once), other data
+    for part, raw in ((a, ra), (b, rb), (a, ra)):  # the second decode of a's header comes from the memo
+        tensors, meta, _ = decode(raw)
+        assert meta == part[1]
+        assert tensors.keys() == part[0].keys()
+        for name, t in part[0].items():
+            assert tensors[name].dtype == t.dtype and torch.equal(tensors[name], t)
+    tensors, meta, _ = decode(ra)
+    meta["first"] = "changed"
+    tensors["pos"].add_(100)  # the caller's copies: the next decode is unaffected
+    again, meta2, _ = decode(ra)
+    assert meta2 == a[1] and torch.equal(again["pos"], a[0]["pos"])
+
+
+def test_bad_parts_are_refused_with_value_error():
+    raw = encode(_part(3))
+    n = int.from_bytes(raw[:8], "little")
+    with pytest.raises(ValueError, match="does not parse"):
+        decode(raw[:-1])  # data one byte short
+    with pytest.raises(ValueError, match="does not parse"):
+        decode(raw[:8 + n - 1])  # header cut
+    doc = json.loads(raw[8:8 + n])
+    doc["k"]["data_offsets"][1] += 2  # offsets that do not match the shape
+    head = json.dumps(doc).encode()
+    with pytest.raises(ValueError, match="does not parse"):
+        decode(len(head).to_bytes(8, "little") + head + raw[8 + n:])
