@@ -400,9 +400,10 @@ class TierLayer(CacheLayerMixin):
             if not keep.numel():
                 return torch.zeros(H, G * n, self.Dv, device=self.device)
         packs = [kv[1] for kv in self.cold.get_many(self.layer_idx, ids[keep].tolist())]
-        # bf16 operands, fp32 accumulation where the CPU has bf16 dot products (5x faster): a weight's rounding
-        # (2^-9 relative) is far below the 3-4-bit values' own error
-        dt = _PV_DTYPE if torch.device(self.device).type == "cpu" else torch.float32
+        # bf16 operands, fp32 accumulation where the CPU has bf16 dot products (5x faster): rounding a weight or a
+        # value (at most 2^-8 relative) is far below what values of 4 bits or fewer lose; 8-bit values keep fp32
+        low_bits = getattr(self.vcodec, "bits", 16) <= 4
+        dt = _PV_DTYPE if low_bits and torch.device(self.device).type == "cpu" else torch.float32
         v = self._decode(self.vcodec, packs, dt)  # [H, K*B, Dv]
         pk = pb.reshape(H, G * n, U * B) if keep.numel() == U else pb[:, :, keep].reshape(H, G * n, -1)
         return torch.bmm(pk.to(dt), v).float()
