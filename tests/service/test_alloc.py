@@ -32,7 +32,9 @@ def _probe(mode: str) -> dict:
 
 def test_keep_heap_serves_large_buffers_from_the_heap_and_keeps_them_after_free():
     default, kept = _probe("default"), _probe("keep")
-    assert default["in_heap"] is False  # glibc's default: a fresh mmap (its pages fault in at first touch)
+    # glibc's default: a fresh mmap (its pages fault in at first touch), or, where its dynamic threshold has
+    # grown past 16 MiB, heap memory handed back to the kernel when freed
+    assert default["in_heap"] is False or default["heap_after_free"] < default["heap"]
     assert kept["kept"] is True
     assert kept["in_heap"] is True
     assert kept["heap_after_free"] == kept["heap"] >= 16 << 20  # not trimmed back to the kernel
