@@ -5,7 +5,7 @@ For each `eval niah` cell (same keys: seed = length) the prompt's whole
 the rest is fed two ways: "unsplit" (the rest as one chunk, as `eval niah`
 does: 110 tokens) and "split40" (the rest minus 40 tokens, then the last 40 as
 their own chunk: the question appended to a stored session, as `eval niah
---split-question 40`), each with `tiered`'s layers set to union_floor 1, 3, 4
+--split-question 40`), each with `tiered`'s layers set to union_floor 1, 2, 3, 4
 and 10**6 (never binds). Per variant: greedy answer, log p(answer) teacher-forced,
 the last chunk's seconds and cold blocks read (summed over layers), and the
 cold blocks a decode step reads per layer.
@@ -27,7 +27,7 @@ from memsvc.eval import niah
 from memsvc.eval.cli import _load
 from memsvc.eval.runner import PolicyRun, restore, snapshot
 
-FLOORS = {"floor1": 1, "floor3": 3, "floor4": 4, "none": 10 ** 6}
+FLOORS = {"floor1": 1, "floor2": 2, "floor3": 3, "floor4": 4, "none": 10 ** 6}
 
 
 def main() -> None:
