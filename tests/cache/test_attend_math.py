@@ -39,3 +39,30 @@ def test_cold_pv_in_its_dtype_stays_within_the_bf16_rounding_bound():
     assert bool(((got - ref).abs() <= bound + 1e-6).all())
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 0.01 and math.isfinite(rel)
+
+
+@pytest.mark.parametrize("cold_v", ["k8v8_v", "turbo3"])
+def test_cold_values_keep_fp32_for_8bit_values_and_stay_within_bf16_rounding_for_3bit(cold_v):
+    from memsvc.cache import ColdStore
+    from memsvc.cache.cold import stack_packed
+    from memsvc.cache.layer import TierLayer
+    from memsvc.cache.policies.plan import LayerPlan
+
+    H, D, B, NB = 2, 16, 8, 6
+    plan = LayerPlan(sink=0, hot=B, block=B, cold_k="k8v8_k", cold_v=cold_v)
+    layer = TierLayer(plan, 3, ColdStore(), torch.float32)
+    g = torch.Generator().manual_seed(5)
+    layer.update(torch.randn(1, H, (NB + 1) * B, D, generator=g), torch.randn(1, H, (NB + 1) * B, D, generator=g))
+    layer.settle()
+    assert layer.n_blocks == NB
+    ids = torch.arange(NB)
+    probs = torch.softmax(torch.randn(H, 2, 3, NB * B, generator=g), -1)  # [H, G, n, U*B]
+    got = layer._cold_values(ids, probs)  # [H, G*n, D]
+    v = layer.vcodec.decode(stack_packed([kv[1] for kv in layer.cold.get_many(3, ids.tolist())])).float()
+    v = v.permute(1, 0, 2, 3).reshape(H, NB * B, D)  # [H, U*B, D] fp32
+    ref = torch.bmm(probs.reshape(H, 6, NB * B), v)
+    if cold_v == "k8v8_v" or _PV_DTYPE == torch.float32:
+        assert torch.equal(got, ref)  # 8-bit values: bf16 rounding would be as large as their own step
+    else:
+        bound = 2 * 2 ** -8 * torch.bmm(probs.reshape(H, 6, NB * B), v.abs())
+        assert bool(((got - ref).abs() <= bound + 1e-6).all()) and not torch.equal(got, ref)
