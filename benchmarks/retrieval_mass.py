@@ -63,8 +63,8 @@ def record(args) -> tuple[list[dict], list[int], float]:
     def spy(self, q):
         out = keys(self, q)
         if q.shape[2] == 1 and self.n_blocks:
-            packs = [kv[0] for kv in self.cold.get_many(self.layer_idx, list(range(self.n_blocks)))]
-            recs.append({"q": q[:, :, 0].float().clone(), "k": self._decode(self.kcodec, packs), "live": self.live.clone(),
+            packed = self.cold.get_stacked(self.layer_idx, list(range(self.n_blocks)), 0)
+            recs.append({"q": q[:, :, 0].float().clone(), "k": self._decode(self.kcodec, packed), "live": self.live.clone(),
                          "mn": L._dq8(self.sum_min), "mx": L._dq8(self.sum_max), "mean": L._dq8(self.sum_mean_k),
                          "B": self.plan.block, "scale": scale})
         return out

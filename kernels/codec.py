@@ -108,17 +108,59 @@ class Packed:
     @classmethod
     def from_bytes(cls, buf: bytes | memoryview) -> "Packed":
         buf = memoryview(buf)
-        if len(buf) < _HEAD.size:
-            raise ValueError("packed record is truncated")
-        magic, version, json_len, n = _HEAD.unpack_from(buf, 0)
-        if magic != _MAGIC:
-            raise ValueError("not a packed KV record (bad magic)")
-        if version != _FORMAT_VERSION:
-            raise ValueError(f"packed record format version {version} is not supported (expected {_FORMAT_VERSION})")
-        off = _HEAD.size
-        codec, shape, dtype, meta = _header(bytes(buf[off : off + json_len]))
-        off += json_len
+        codec, shape, dtype, meta, layout = _layout(buf)
         tensors: dict[str, torch.Tensor] = {}
+        for name, dtype_t, dims, off, size in layout:
+            raw = bytearray(buf[off : off + size])
+            tensors[name] = torch.frombuffer(raw, dtype=dtype_t).reshape(dims) if size else torch.empty(dims, dtype=dtype_t)
+        return cls(codec=codec, shape=shape, dtype=dtype, tensors=tensors, meta=dict(meta))
+
+    @classmethod
+    def stack_from_bytes(cls, bufs: list[bytes | memoryview]) -> "Packed":
+        """Records of one layout (the blocks of one layer: same codec, shape, metadata and tensor sizes) ->
+        one Packed of shape [U, *shape], as `stack_packed` of their `from_bytes` would give: tensors of two
+        or more dims stacked on a new first axis, flat ones concatenated. Parses the first record and checks
+        that every other one has its length and the same bytes outside the tensor data; ValueError if not."""
+        if not bufs:
+            raise ValueError("stack_from_bytes needs at least one record")
+        views = [memoryview(b) for b in bufs]
+        first = views[0]
+        codec, shape, dtype, meta, layout = _layout(first)
+        fixed, at = [], 0  # the byte ranges outside tensor data
+        for _, _, _, off, size in layout:
+            fixed.append((at, off))
+            at = off + size
+        heads = [bytes(first[lo:hi]) for lo, hi in fixed]
+        for v in views[1:]:
+            if len(v) != len(first) or any(bytes(v[lo:hi]) != h for (lo, hi), h in zip(fixed, heads)):
+                raise ValueError("stack_from_bytes needs records of one layout (codec, shape, metadata, sizes)")
+        tensors: dict[str, torch.Tensor] = {}
+        U = len(views)
+        for name, dtype_t, dims, off, size in layout:
+            if not size:
+                tensors[name] = torch.empty((U, *dims) if len(dims) > 1 else (0,), dtype=dtype_t)
+                continue
+            raw = bytearray().join(v[off : off + size] for v in views)
+            flat = torch.frombuffer(raw, dtype=dtype_t)
+            tensors[name] = flat.reshape(U, *dims) if len(dims) > 1 else flat
+        return cls(codec=codec, shape=(U, *shape), dtype=dtype, tensors=tensors, meta=dict(meta))
+
+
+def _layout(buf: memoryview) -> tuple[str, tuple[int, ...], torch.dtype, dict, list]:
+    """A record's fields and, per tensor, (name, dtype, dims, data offset, data bytes); ValueError for a record
+    that is truncated, has trailing bytes, or is not one."""
+    if len(buf) < _HEAD.size:
+        raise ValueError("packed record is truncated")
+    magic, version, json_len, n = _HEAD.unpack_from(buf, 0)
+    if magic != _MAGIC:
+        raise ValueError("not a packed KV record (bad magic)")
+    if version != _FORMAT_VERSION:
+        raise ValueError(f"packed record format version {version} is not supported (expected {_FORMAT_VERSION})")
+    off = _HEAD.size
+    codec, shape, dtype, meta = _header(bytes(buf[off : off + json_len]))
+    off += json_len
+    layout = []
+    try:
         for _ in range(n):
             name_len, code, ndim = _TENSOR_HEAD.unpack_from(buf, off)
             off += _TENSOR_HEAD.size
@@ -131,14 +173,15 @@ class Packed:
             for d in dims:
                 count *= d
             size = count * dtype_t.itemsize
-            raw = bytearray(buf[off : off + size])
-            off += size
-            if len(raw) != size:
+            if off + size > len(buf):
                 raise ValueError(f"packed record is truncated in tensor {name!r}")
-            tensors[name] = torch.frombuffer(raw, dtype=dtype_t).reshape(dims) if size else torch.empty(dims, dtype=dtype_t)
-        if off != len(buf):
-            raise ValueError("packed record has trailing bytes")
-        return cls(codec=codec, shape=shape, dtype=dtype, tensors=tensors, meta=dict(meta))
+            layout.append((name, dtype_t, dims, off, size))
+            off += size
+    except (struct.error, KeyError, UnicodeDecodeError) as exc:
+        raise ValueError(f"packed record is malformed: {exc}") from exc
+    if off != len(buf):
+        raise ValueError("packed record has trailing bytes")
+    return codec, shape, dtype, meta, layout
 
 
 @functools.lru_cache(maxsize=256)

@@ -7,9 +7,10 @@ A cold block is the packed keys and values of `block` tokens of one layer
 - the service's LMDB store (`StoreBlocks` in memsvc.sessions' adapter).
 `ColdStore` puts new blocks in `pending` until the owner flushes them to the
 backend (the service does that inside its commit transaction), and keeps
-recently read (and just flushed) blocks in a `BlockCache`: its own of
+recently read (and just flushed) blocks' bytes in a `BlockCache`: its own of
 `cache_bytes`, or one LRU shared by every session of a server, keyed by owner
-(the session id), layer and index. Pending blocks, a private cache and
+(the session id), layer and index. `get_stacked` parses the keys (or values)
+of many blocks of a layer at once, into the one record the codec decodes. Pending blocks, a private cache and
 in-memory backends count as a store's resident bytes; a shared cache is
 bounded and counted on its own.
 """
@@ -34,14 +35,20 @@ def block_bytes(k: Packed, v: Packed) -> bytes:
     return _LEN.pack(len(kb)) + kb + v.to_bytes()
 
 
-def block_from_bytes(raw: bytes | memoryview) -> tuple[Packed, Packed]:
+def _halves(raw: bytes | memoryview) -> tuple[memoryview, memoryview]:
+    """A block's bytes -> its keys' and values' records."""
     raw = memoryview(raw)
     if len(raw) < _LEN.size:
         raise ValueError("cold block is truncated")
     (n,) = _LEN.unpack_from(raw, 0)
     if _LEN.size + n > len(raw):
         raise ValueError("cold block is truncated")
-    return Packed.from_bytes(raw[_LEN.size:_LEN.size + n]), Packed.from_bytes(raw[_LEN.size + n:])
+    return raw[_LEN.size:_LEN.size + n], raw[_LEN.size + n:]
+
+
+def block_from_bytes(raw: bytes | memoryview) -> tuple[Packed, Packed]:
+    k, v = _halves(raw)
+    return Packed.from_bytes(k), Packed.from_bytes(v)
 
 
 class Backend(Protocol):
@@ -116,7 +123,7 @@ class FileBlocks:
 
 
 class BlockCache:
-    """A bounded LRU of parsed cold blocks (by bytes), shareable by many `ColdStore`s; thread-safe.
+    """A bounded LRU of cold blocks' bytes (`block_bytes`), shareable by many `ColdStore`s; thread-safe.
 
     Keys are (owner, layer, index): `owner` is whatever the ColdStore was given (the
     service passes the session id), so stores with different owners never see each
@@ -129,7 +136,7 @@ class BlockCache:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
             raise ValueError(f"the block cache needs an integer capacity >= 0 (bytes), got {capacity!r}")
         self.capacity = capacity
-        self._lru: OrderedDict[tuple, tuple[Packed, Packed, int]] = OrderedDict()
+        self._lru: OrderedDict[tuple, tuple[bytes, int]] = OrderedDict()
         self._owned: dict[object, set[tuple]] = {}
         self._size = 0
         self._lock = threading.Lock()
@@ -137,7 +144,7 @@ class BlockCache:
         self.misses = 0
         self.evictions = 0
 
-    def get(self, key: tuple) -> tuple[Packed, Packed] | None:
+    def get(self, key: tuple) -> bytes | None:
         with self._lock:
             hit = self._lru.get(key)
             if hit is None:
@@ -145,14 +152,15 @@ class BlockCache:
                 return None
             self._lru.move_to_end(key)
             self.hits += 1
-            return hit[0], hit[1]
+            return hit[0]
 
-    def put(self, key: tuple, k: Packed, v: Packed, size: int) -> None:
+    def put(self, key: tuple, raw: bytes) -> None:
+        size = len(raw)
         with self._lock:
             self._pop(key)
             if size > self.capacity:
                 return
-            self._lru[key] = (k, v, size)
+            self._lru[key] = (raw, size)
             self._owned.setdefault(key[0], set()).add(key)
             self._size += size
             while self._size > self.capacity:
@@ -163,7 +171,7 @@ class BlockCache:
         old = self._lru.pop(key, None)
         if old is None:
             return
-        self._size -= old[2]
+        self._size -= old[1]
         keys = self._owned.get(key[0])
         if keys is not None:
             keys.discard(key)
@@ -186,7 +194,7 @@ class BlockCache:
 
     def owner_bytes(self, owner) -> int:
         with self._lock:
-            return sum(self._lru[key][2] for key in self._owned.get(owner, ()))
+            return sum(self._lru[key][1] for key in self._owned.get(owner, ()))
 
     @property
     def nbytes(self) -> int:
@@ -219,7 +227,6 @@ class ColdStore:
         self.cache = cache if cache is not None else BlockCache(cache_bytes)
         self.owner = owner if owner is not None else object()
         self.pending: dict[tuple[int, int], bytes] = {}
-        self._pending_packed: dict[tuple[int, int], tuple[Packed, Packed]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -232,7 +239,6 @@ class ColdStore:
             self.backend.blocks[(layer, index)] = (k, v, k.nbytes() + v.nbytes() + _LEN.size)
             return
         self.pending[(layer, index)] = block_bytes(k, v)
-        self._pending_packed[(layer, index)] = (k, v)
 
     def get(self, layer: int, index: int) -> tuple[Packed, Packed]:
         return self.get_many(layer, [index])[0]
@@ -240,12 +246,33 @@ class ColdStore:
     def get_many(self, layer: int, indices: list[int]) -> list[tuple[Packed, Packed]]:
         """get() of each index, in order; the blocks not in memory are read from the backend together
         (one store transaction for a backend with read_many)."""
+        if isinstance(self.backend, MemoryBlocks):
+            return [self._held(layer, index) for index in indices]
+        return [block_from_bytes(raw) for raw in self._raw_many(layer, indices)]
+
+    def get_stacked(self, layer: int, indices: list[int], half: int) -> Packed:
+        """The keys (half 0) or values (half 1) of blocks `indices` of `layer`, in order, as one Packed
+        [U, ...]: `stack_packed` of get_many's, parsed once for all of them."""
+        if half not in (0, 1):
+            raise ValueError(f"half must be 0 (keys) or 1 (values), got {half!r}")
+        if isinstance(self.backend, MemoryBlocks):
+            return stack_packed([self._held(layer, index)[half] for index in indices])
+        return Packed.stack_from_bytes([_halves(raw)[half] for raw in self._raw_many(layer, indices)])
+
+    def _held(self, layer: int, index: int) -> tuple[Packed, Packed]:
+        hit = self.backend.blocks.get((layer, index))
+        if hit is None:
+            raise KeyError(f"cold block (layer {layer}, block {index}) is not stored")
+        self.hits += 1
+        return hit[0], hit[1]
+
+    def _raw_many(self, layer: int, indices: list[int]) -> list[bytes]:
+        """The bytes of each block, in order: pending, cached, or read from the backend together (one store
+        transaction for a backend with read_many), then cached."""
         out: list = [None] * len(indices)
         missing = []
         for i, index in enumerate(indices):
-            key = (layer, index)
-            mem = self.backend.blocks.get(key) if isinstance(self.backend, MemoryBlocks) else None
-            hit = (mem[0], mem[1]) if mem is not None else self._pending_packed.get(key)
+            hit = self.pending.get((layer, index))
             if hit is None:
                 hit = self.cache.get((self.owner, layer, index))
             if hit is None:
@@ -261,9 +288,8 @@ class ColdStore:
                 if raw is None:
                     raise KeyError(f"cold block (layer {layer}, block {index}) is not stored")
                 self.misses += 1
-                k, v = block_from_bytes(raw)
-                self.cache.put((self.owner, layer, index), k, v, len(raw))
-                out[i] = (k, v)
+                self.cache.put((self.owner, layer, index), raw)
+                out[i] = raw
         return out
 
     def discard_from(self, layer: int, index: int) -> None:
@@ -273,7 +299,6 @@ class ColdStore:
                 del self.backend.blocks[key]
         for key in [k for k in self.pending if k[0] == layer and k[1] >= index]:
             del self.pending[key]
-            del self._pending_packed[key]
         # The cache holds stored blocks only, and a stored block is never undone: nothing to drop there.
 
     def take_pending(self) -> dict[tuple[int, int], bytes]:
@@ -282,10 +307,9 @@ class ColdStore:
     def flushed(self) -> None:
         """The owner wrote the pending blocks to the backend's storage itself (in its own transaction).
         They move to the cache: the next steps are likely to read recent blocks."""
-        for key, (k, v) in self._pending_packed.items():
-            self.cache.put((self.owner, *key), k, v, len(self.pending[key]))
+        for key, raw in self.pending.items():
+            self.cache.put((self.owner, *key), raw)
         self.pending.clear()
-        self._pending_packed.clear()
 
     def flush(self) -> None:
         self.backend.write(self.pending)

@@ -29,7 +29,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from memsvc.kernels.registry import get_codec
 
-from .cold import ColdStore, stack_packed
+from .cold import ColdStore
 from .policies.plan import LayerPlan
 
 _STATE = ("sink_k", "sink_v", "hot_k", "hot_v", "hot_pos", "hot_score", "keep_k", "keep_v", "keep_pos",
@@ -55,7 +55,8 @@ def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return codes, scale, mn16
 
 
-# cold p.v operands: bf16 where oneDNN has bf16 dot products (AVX512-BF16, AMX), else fp32 (emulated bf16 is slower)
+# cold q.k and p.v operands of few-bit codes: bf16 where oneDNN has bf16 dot products (AVX512-BF16, AMX), else
+# fp32 (emulated bf16 is slower). Rounding an operand to bf16 (at most 2^-9 relative) is far below a code's step.
 def _cpu_has_bf16_dot() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -63,7 +64,9 @@ def _cpu_has_bf16_dot() -> bool:
         return False
 
 
-_PV_DTYPE = torch.bfloat16 if _cpu_has_bf16_dot() else torch.float32
+_LOW_DTYPE = torch.bfloat16 if _cpu_has_bf16_dot() else torch.float32
+KEY_BF16_BITS = 6  # keys of at most 6 bits (a step of 1/63 of the row's range): q.k in bf16
+VALUE_BF16_BITS = 4  # values of at most 4 bits: p.v in bf16; 8-bit values and keys keep fp32
 
 
 def _softmax_parts(parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -277,7 +280,11 @@ class TierLayer(CacheLayerMixin):
         cold = None
         if self.n_blocks:
             ids, k_cold, visible, chosen = self._cold_keys(q.view(H, G, n, D))
-            lc = torch.bmm(q, k_cold.transpose(1, 2)).mul_(scaling).view(H, G, n, -1)
+            if k_cold.dtype == torch.float32:
+                lc = torch.bmm(q, k_cold.transpose(1, 2)).mul_(scaling)
+            else:  # bf16 operands, fp32 accumulation, the logits rounded to bf16 once (2^-9 relative)
+                lc = torch.bmm((q * scaling).to(k_cold.dtype), k_cold.transpose(1, 2)).float()
+            lc = lc.view(H, G, n, -1)  # [H, G, n, U*B]
             del k_cold
             if visible is not None:
                 lc.masked_fill_(~visible.unsqueeze(1), float("-inf"))
@@ -318,21 +325,26 @@ class TierLayer(CacheLayerMixin):
             fresh = torch.cat([self.q_window, fresh], 1)[:, -p.window:]
         self.q_window = fresh
 
-    def _decode(self, codec, packs: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Packed blocks [H, B, D] -> [H, U*B, D] in `dtype`, one decode call. ValueError for blocks another codec
-        wrote (a stored session names its policy, not the policy's codecs: a policy changed since would
-        otherwise misread them)."""
-        if packs and packs[0].codec != codec.name:
-            raise ValueError(f"cold block of layer {self.layer_idx} holds {packs[0].codec!r} codes; the policy "
+    def _decode(self, codec, packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """U blocks stacked in one Packed [U, H, B, D] -> [H, U*B, D] in `dtype`, one decode call. ValueError for
+        blocks another codec wrote (a stored session names its policy, not the policy's codecs: a policy changed
+        since would otherwise misread them)."""
+        if packed.codec != codec.name:
+            raise ValueError(f"cold block of layer {self.layer_idx} holds {packed.codec!r} codes; the policy "
                              f"decodes {codec.name!r} here")
-        x = codec.decode(stack_packed(packs))  # [U, H, B, D]
+        x = codec.decode(packed)  # [U, H, B, D]
         U, H, B, D = x.shape
         out = torch.empty(H, U, B, D, dtype=dtype, device=x.device)
         out.copy_(x.permute(1, 0, 2, 3))  # one pass: head-major and in the wanted dtype
         return out.view(H, U * B, D)
 
+    def _dot_dtype(self, codec, max_bits: int) -> torch.dtype:
+        """The operand dtype of the cold tier's products with `codec`'s decoded codes."""
+        low = getattr(codec, "bits", 16) <= max_bits and torch.device(self.device).type == "cpu"
+        return _LOW_DTYPE if low else torch.float32
+
     def _cold_keys(self, q: torch.Tensor):
-        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D], visible [H, n or 1, U*B] or None when all are,
+        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D] (fp32, or bf16 for few-bit codes), visible [H, n or 1, U*B] or None when all are,
         chosen [H, n, nb] blocks each query retrieved, or None without retrieval)."""
         p, H, B = self.plan, self.H, self.plan.block
         n = q.shape[2]
@@ -374,9 +386,9 @@ class TierLayer(CacheLayerMixin):
         else:
             ids = torch.arange(nb, device=dev)
             chosen = picked = None
-        packs = [kv[0] for kv in self.cold.get_many(self.layer_idx, ids.tolist())]
-        self.stats["cold_blocks_read"] += len(packs)
-        k_cold = self._decode(self.kcodec, packs)
+        packed = self.cold.get_stacked(self.layer_idx, ids.tolist(), 0)
+        self.stats["cold_blocks_read"] += ids.numel()
+        k_cold = self._decode(self.kcodec, packed, self._dot_dtype(self.kcodec, KEY_BF16_BITS))
         live = self.live[ids]  # [U, H, B]
         visible = None
         if chosen is not None or not bool(live.all()):
@@ -399,12 +411,11 @@ class TierLayer(CacheLayerMixin):
             self.stats["v_blocks_skipped"] += U - keep.numel()
             if not keep.numel():
                 return torch.zeros(H, G * n, self.Dv, device=self.device)
-        packs = [kv[1] for kv in self.cold.get_many(self.layer_idx, ids[keep].tolist())]
+        packed = self.cold.get_stacked(self.layer_idx, ids[keep].tolist(), 1)
         # bf16 operands, fp32 accumulation where the CPU has bf16 dot products (5x faster): rounding a weight or a
         # value (at most 2^-8 relative) is far below what values of 4 bits or fewer lose; 8-bit values keep fp32
-        low_bits = getattr(self.vcodec, "bits", 16) <= 4
-        dt = _PV_DTYPE if low_bits and torch.device(self.device).type == "cpu" else torch.float32
-        v = self._decode(self.vcodec, packs, dt)  # [H, K*B, Dv]
+        dt = self._dot_dtype(self.vcodec, VALUE_BF16_BITS)
+        v = self._decode(self.vcodec, packed, dt)  # [H, K*B, Dv]
         pk = pb.reshape(H, G * n, U * B) if keep.numel() == U else pb[:, :, keep].reshape(H, G * n, -1)
         return torch.bmm(pk.to(dt), v).float()
 

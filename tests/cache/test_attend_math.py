@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from memsvc.cache.layer import _PV_DTYPE, _softmax_parts
+from memsvc.cache.layer import _LOW_DTYPE, _softmax_parts
 
 
 @pytest.mark.parametrize("sizes", [(5,), (7, 130), (3, 64, 9), (1, 1, 1)])
@@ -34,7 +34,7 @@ def test_cold_pv_in_its_dtype_stays_within_the_bf16_rounding_bound():
     p = torch.softmax(torch.randn(3, 123, 8192, generator=g) * 3, -1)
     v = torch.randn(3, 8192, 64, generator=g)
     ref = torch.bmm(p.double(), v.double())
-    got = torch.bmm(p.to(_PV_DTYPE), v.to(_PV_DTYPE)).double()
+    got = torch.bmm(p.to(_LOW_DTYPE), v.to(_LOW_DTYPE)).double()
     bound = 2 * 2 ** -8 * torch.bmm(p.double(), v.double().abs())  # |Σ p v| error <= Σ p |v| (δp + δv)
     assert bool(((got - ref).abs() <= bound + 1e-6).all())
     rel = ((got - ref).norm() / ref.norm()).item()
@@ -61,8 +61,43 @@ def test_cold_values_keep_fp32_for_8bit_values_and_stay_within_bf16_rounding_for
     v = layer.vcodec.decode(stack_packed([kv[1] for kv in layer.cold.get_many(3, ids.tolist())])).float()
     v = v.permute(1, 0, 2, 3).reshape(H, NB * B, D)  # [H, U*B, D] fp32
     ref = torch.bmm(probs.reshape(H, 6, NB * B), v)
-    if cold_v == "k8v8_v" or _PV_DTYPE == torch.float32:
+    if cold_v == "k8v8_v" or _LOW_DTYPE == torch.float32:
         assert torch.equal(got, ref)  # 8-bit values: bf16 rounding would be as large as their own step
     else:
         bound = 2 * 2 ** -8 * torch.bmm(probs.reshape(H, 6, NB * B), v.abs())
         assert bool(((got - ref).abs() <= bound + 1e-6).all()) and not torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("cold_k", ["k8v8_k", "k6v4_k"])
+def test_cold_logits_keep_fp32_for_8bit_keys_and_stay_within_bf16_rounding_for_6bit(cold_k, monkeypatch):
+    """6-bit keys: q.k with bf16 operands and logits; each of q, k and the logit rounds at most 2^-9 relative, so
+    every logit moves by at most d = 3 * 2^-9 * scaling * sum|q||k|, every weight by a factor within e^(+-2d), and
+    the output by at most (e^(2d) - 1) * max|v|. 8-bit keys keep fp32: the same output bit for bit."""
+    from memsvc.cache import ColdStore
+    from memsvc.cache import layer as layer_mod
+    from memsvc.cache.layer import TierLayer
+    from memsvc.cache.policies.plan import LayerPlan
+
+    H, G, D, B, NB, n, scaling = 2, 3, 16, 8, 6, 5, 0.25
+    plan = LayerPlan(sink=0, hot=B, block=B, cold_k=cold_k, cold_v="k8v8_v")  # values fp32: only keys differ
+    layer = TierLayer(plan, 3, ColdStore(), torch.float32)
+    g = torch.Generator().manual_seed(11)
+    layer.update(torch.randn(1, H, (NB + 1) * B, D, generator=g) * 2, torch.randn(1, H, (NB + 1) * B, D, generator=g))
+    layer.settle()
+    q = torch.randn(1, H * G, n, D, generator=g) * 2
+    got = layer.attend(q, scaling)
+    bf16 = layer_mod._LOW_DTYPE == torch.bfloat16
+    monkeypatch.setattr(layer_mod, "_LOW_DTYPE", torch.float32)
+    ref = layer.attend(q, scaling)
+    if cold_k == "k8v8_k" or not bf16:
+        assert torch.equal(got, ref)
+        return
+    k = torch.cat([layer.hot_k.float()] + [layer._decode(layer.kcodec, layer.cold.get_stacked(3, list(range(NB)), 0))], 1)
+    qq = q[0].float().reshape(H, G * n, D)
+    d = 3 * 2 ** -9 * scaling * torch.bmm(qq.abs(), k.abs().transpose(1, 2)).max().item()
+    v = torch.cat([layer.hot_v.float()] + [layer._decode(layer.vcodec, layer.cold.get_stacked(3, list(range(NB)), 1))], 1)
+    v_max = v.abs().max().item()
+    bound = (math.exp(2 * d) - 1) * v_max
+    assert not torch.equal(got, ref)
+    assert (got - ref).abs().max().item() <= bound
+    assert ((got - ref).norm() / ref.norm()).item() < 0.01  # in practice far inside the bound

@@ -25,16 +25,17 @@ def test_bound_lru_order_and_counters():
     blocks = _blocks(6, 0)
     size = _size(blocks[0])
     cache = BlockCache(3 * size)
-    for i, (k, v) in enumerate(blocks[:3]):
-        cache.put(("a", 0, i), k, v, size)
+    raws = [block_bytes(*kv) for kv in blocks]
+    for i in range(3):
+        cache.put(("a", 0, i), raws[i])
     assert len(cache) == 3 and cache.nbytes == 3 * size
     assert cache.get(("a", 0, 0)) is not None  # 0 is now the most recently used
-    cache.put(("a", 0, 3), *blocks[3], size)  # evicts 1, the least recently used
+    cache.put(("a", 0, 3), raws[3])  # evicts 1, the least recently used
     assert cache.get(("a", 0, 1)) is None
-    assert cache.get(("a", 0, 0))[0] is blocks[0][0]
+    assert cache.get(("a", 0, 0)) is raws[0]
     assert cache.nbytes <= cache.capacity and len(cache) == 3
     assert (cache.hits, cache.misses, cache.evictions) == (2, 1, 1)
-    cache.put(("a", 0, 9), *blocks[4], 4 * size)  # larger than the whole cache: not kept, nothing evicted
+    cache.put(("a", 0, 9), raws[4] * 4)  # larger than the whole cache: not kept, nothing evicted
     assert cache.get(("a", 0, 9)) is None and len(cache) == 3
     with pytest.raises(ValueError):
         BlockCache(-1)
@@ -93,7 +94,7 @@ def test_uncommitted_blocks_are_discarded_not_cached():
     s.put(0, 0, *blocks[0])
     s.flush()
     s.put(0, 1, *blocks[1])  # an uncommitted step's block
-    assert s.get(0, 1)[0] is blocks[1][0] and s.resident_bytes() == _size(blocks[1])
+    assert s.get(0, 1)[0].to_bytes() == blocks[1][0].to_bytes() and s.resident_bytes() == _size(blocks[1])
     s.discard_from(0, 1)
     with pytest.raises(KeyError):
         s.get(0, 1)
