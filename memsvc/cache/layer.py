@@ -280,14 +280,17 @@ class TierLayer(CacheLayerMixin):
         cold = None
         if self.n_blocks:
             ids, k_cold, visible, chosen = self._cold_keys(q.view(H, G, n, D))
+            kt = k_cold.transpose(1, 2)  # [H, D, U*B]
+            # tokens a query does not see get -inf through the GEMM's bias input (one pass less than a fill)
+            bias = None if visible is None else \
+                torch.zeros(visible.shape, dtype=k_cold.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
             if k_cold.dtype == torch.float32:
-                lc = torch.bmm(q, k_cold.transpose(1, 2)).mul_(scaling)
+                lc = torch.bmm(q, kt).mul_(scaling) if bias is None else torch.baddbmm(bias, q, kt, alpha=scaling)
             else:  # bf16 operands, fp32 accumulation, the logits rounded to bf16 once (2^-9 relative)
-                lc = torch.bmm((q * scaling).to(k_cold.dtype), k_cold.transpose(1, 2)).float()
+                qs = (q * scaling).to(k_cold.dtype)
+                lc = (torch.bmm(qs, kt) if bias is None else torch.baddbmm(bias, qs, kt)).float()
             lc = lc.view(H, G, n, -1)  # [H, G, n, U*B]
-            del k_cold
-            if visible is not None:
-                lc.masked_fill_(~visible.unsqueeze(1), float("-inf"))
+            del k_cold, kt, bias
             parts.append(lc)
             cold = ids
             if chosen is not None and p.rest == "mean":
@@ -408,9 +411,16 @@ class TierLayer(CacheLayerMixin):
         keep = torch.arange(U, device=self.device)
         if self.plan.v_skip > 0:
             keep = (pb.amax(dim=-1).amax(dim=(0, 1)) >= self.plan.v_skip).nonzero().flatten()  # [K]
-            self.stats["v_blocks_skipped"] += U - keep.numel()
-            if not keep.numel():
+            K = keep.numel()
+            if not K:
+                self.stats["v_blocks_skipped"] += U
                 return torch.zeros(H, G * n, self.Dv, device=self.device)
+            if K < U and (U - K) * self.Dv <= G * n * K:
+                # leaving blocks out saves decoding B*Dv values per head each, but copies the K kept blocks'
+                # G*n*B weights per head: where the copy is the larger (a prompt chunk's many queries), every
+                # block is decoded and weighted, the left-out ones exactly too
+                keep = torch.arange(U, device=self.device)
+            self.stats["v_blocks_skipped"] += U - keep.numel()
         packed = self.cold.get_stacked(self.layer_idx, ids[keep].tolist(), 1)
         # bf16 operands, fp32 accumulation where the CPU has bf16 dot products (5x faster): rounding a weight or a
         # value (at most 2^-8 relative) is far below what values of 4 bits or fewer lose; 8-bit values keep fp32

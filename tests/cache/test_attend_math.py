@@ -101,3 +101,27 @@ def test_cold_logits_keep_fp32_for_8bit_keys_and_stay_within_bf16_rounding_for_6
     assert not torch.equal(got, ref)
     assert (got - ref).abs().max().item() <= bound
     assert ((got - ref).norm() / ref.norm()).item() < 0.01  # in practice far inside the bound
+
+
+def test_values_of_blocks_below_v_skip_are_left_out_only_where_that_saves_work():
+    """One query (G*n = 2 weight rows per head): a block under v_skip is not decoded. A chunk of 40 queries: copying
+    its kept weights would cost more than decoding the block, so every block is weighted, the same as v_skip 0."""
+    from memsvc.cache import ColdStore
+    from memsvc.cache.layer import TierLayer
+    from memsvc.cache.policies.plan import LayerPlan
+
+    H, D, B, NB = 2, 16, 8, 6
+    out = {}
+    for v_skip in (1e-4, 0.0):
+        plan = LayerPlan(sink=0, hot=B, block=B, cold_k="k8v8_k", cold_v="k8v8_v", v_skip=v_skip)
+        layer = TierLayer(plan, 3, ColdStore(), torch.float32)
+        g = torch.Generator().manual_seed(2)
+        layer.update(torch.randn(1, H, (NB + 1) * B, D, generator=g), torch.randn(1, H, (NB + 1) * B, D, generator=g))
+        layer.settle()
+        for n in (1, 40):
+            probs = torch.softmax(torch.randn(H, 2, n, NB * B, generator=g), -1)  # [H, G, n, U*B]
+            probs[..., 2 * B:3 * B] = 1e-6  # block 2: below v_skip everywhere
+            before = layer.stats["v_blocks_skipped"]
+            out[v_skip, n] = (layer._cold_values(torch.arange(NB), probs), layer.stats["v_blocks_skipped"] - before)
+    assert out[1e-4, 1][1] == 1 and not torch.equal(out[1e-4, 1][0], out[0.0, 1][0])
+    assert out[1e-4, 40][1] == 0 and torch.equal(out[1e-4, 40][0], out[0.0, 40][0])
