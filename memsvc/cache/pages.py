@@ -28,7 +28,6 @@ import json
 import math
 from collections.abc import Callable
 
-import safetensors.torch as st
 import torch
 
 PART_BASE = 0x80000000  # indices at or above this are state parts, below are cold blocks
@@ -253,25 +252,48 @@ def listed_digests(head: Part) -> dict[int, bytes] | None:
     return {i: bytes(row.tolist()) for i, row in zip(listed, table)}
 
 
+def _data(t: torch.Tensor):
+    """A CPU tensor's bytes, as a buffer (no copy when it is contiguous)."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
 def digest(part: Part) -> bytes:
     """16 bytes over a part's metadata and tensors (names, dtypes, shapes, contents)."""
     tensors, meta, _ = part
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(meta, sort_keys=True).encode())
+    h = hashlib.blake2b(json.dumps(meta, sort_keys=True).encode(), digest_size=16)
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name].cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())  # the bytes, through the buffer protocol
+        h.update(_data(t))  # the bytes, through the buffer protocol
     return h.digest()
 
 
 def encode(part: Part) -> bytes:
-    return st.save(part[0], metadata=part[1])
+    """A part as safetensors bytes: the header (metadata, then each tensor's dtype, shape and data offsets, in
+    name order; padded with spaces to 8 bytes), then the tensors' data in that order. Written here rather than by
+    safetensors.torch.save, which takes 3-4x longer for parts this small; `safetensors` reads it alike."""
+    tensors, meta, _ = part
+    header: dict = {"__metadata__": meta} if meta else {}
+    data, at = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].cpu()
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {name!r} has a dtype safetensors does not store: {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
+        data.append(_data(t))
+        at += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return b"".join([len(head).to_bytes(8, "little"), head, *data])
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
 def decode(raw: bytes) -> Part:

@@ -44,3 +44,38 @@ def test_bad_parts_are_refused_with_value_error():
     head = json.dumps(doc).encode()
     with pytest.raises(ValueError, match="does not parse"):
         decode(len(head).to_bytes(8, "little") + head + raw[8 + n:])
+
+
+def test_encode_writes_what_safetensors_reads_and_digests_stay_what_heads_stored():
+    """Parts stored before (safetensors.torch.save) and now (memsvc's encoder) read back alike, by safetensors and
+    by `decode`; and `digest` gives the bytes it gave when heads listed them (the same fields, hashed alike)."""
+    import hashlib
+
+    import safetensors.torch as st
+
+    from memsvc.cache.pages import digest
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {"b": torch.randn(2, 5, generator=g).bfloat16(), "live": torch.rand(3, 2, 8, generator=g) > 0.5,
+               "a.0": torch.randint(0, 255, (3, 2, 7), generator=g, dtype=torch.uint8),
+               "pos": torch.arange(5, dtype=torch.int32), "s": torch.randn(3, 1, generator=g).half(),
+               "e": torch.empty(0, 3), "t": torch.randn(4, 6, generator=g)[:, ::2]}  # not contiguous
+    for meta in ({"first_block": "32"}, {}):
+        part = (tensors, meta, 5)
+        raw = encode(part)
+        assert int.from_bytes(raw[:8], "little") % 8 == 0
+        for got in (st.load(raw), decode(raw)[0], decode(st.save({k: v.contiguous() for k, v in tensors.items()},
+                                                                  metadata=meta or None))[0]):
+            assert got.keys() == tensors.keys()
+            for name, t in tensors.items():
+                assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+        assert decode(raw)[1] == meta
+        old = hashlib.blake2b(digest_size=16)  # the digest as heads written before this encoder computed it
+        old.update(json.dumps(meta, sort_keys=True).encode())
+        for name in sorted(tensors):
+            t = tensors[name].contiguous()
+            old.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            old.update(t.reshape(-1).view(torch.uint8).cpu().numpy())
+        assert digest(part) == old.digest()
+    with pytest.raises(ValueError, match="dtype"):
+        encode(({"c": torch.zeros(2, dtype=torch.complex64)}, {}, 0))
