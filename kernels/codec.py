@@ -112,7 +112,8 @@ class Packed:
         tensors: dict[str, torch.Tensor] = {}
         for name, dtype_t, dims, off, size in layout:
             raw = bytearray(buf[off : off + size])
-            tensors[name] = torch.frombuffer(raw, dtype=dtype_t).reshape(dims) if size else torch.empty(dims, dtype=dtype_t)
+            tensors[name] = (torch.frombuffer(raw, dtype=dtype_t).reshape(dims) if size
+                             else torch.empty(dims, dtype=dtype_t))
         return cls(codec=codec, shape=shape, dtype=dtype, tensors=tensors, meta=dict(meta))
 
     @classmethod

@@ -10,9 +10,9 @@ backend (the service does that inside its commit transaction), and keeps
 recently read (and just flushed) blocks' bytes in a `BlockCache`: its own of
 `cache_bytes`, or one LRU shared by every session of a server, keyed by owner
 (the session id), layer and index. `get_stacked` parses the keys (or values)
-of many blocks of a layer at once, into the one record the codec decodes. Pending blocks, a private cache and
-in-memory backends count as a store's resident bytes; a shared cache is
-bounded and counted on its own.
+of many blocks of a layer at once, into the one record the codec decodes.
+Pending blocks, a private cache and in-memory backends count as a store's
+resident bytes; a shared cache is bounded and counted on its own.
 """
 from __future__ import annotations
 

@@ -347,8 +347,9 @@ class TierLayer(CacheLayerMixin):
         return _LOW_DTYPE if low else torch.float32
 
     def _cold_keys(self, q: torch.Tensor):
-        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D] (fp32, or bf16 for few-bit codes), visible [H, n or 1, U*B] or None when all are,
-        chosen [H, n, nb] blocks each query retrieved, or None without retrieval)."""
+        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D] (fp32, or bf16 for few-bit codes), visible
+        [H, n or 1, U*B] or None when all are, chosen [H, n, nb] blocks each query retrieved, or None without
+        retrieval)."""
         p, H, B = self.plan, self.H, self.plan.block
         n = q.shape[2]
         nb = self.n_blocks

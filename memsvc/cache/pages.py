@@ -276,6 +276,8 @@ def encode(part: Part) -> bytes:
     safetensors.torch.save, which takes about twice as long for parts this small; `safetensors` reads it
     alike."""
     tensors, meta, _ = part
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError(f"safetensors metadata maps strings to strings, got {meta!r}")
     header: dict = {"__metadata__": meta} if meta else {}
     data, at = [], 0
     for name in sorted(tensors):

@@ -79,3 +79,5 @@ def test_encode_writes_what_safetensors_reads_and_digests_stay_what_heads_stored
         assert digest(part) == old.digest()
     with pytest.raises(ValueError, match="dtype"):
         encode(({"c": torch.zeros(2, dtype=torch.complex64)}, {}, 0))
+    with pytest.raises(ValueError, match="metadata"):
+        encode(({"c": torch.zeros(2)}, {"first": 3}, 0))
