@@ -69,6 +69,9 @@ def main(verbose: bool) -> None:
 @click.option("--block-cache", default=256 << 20, show_default=True, type=int,
               help="Bytes of cold KV blocks read back from the store that stay in memory, one LRU shared by "
                    "every tiered session (0 = none).")
+@click.option("--decoded-cache", default=256 << 20, show_default=True, type=int,
+              help="Bytes of decoded cold keys and values that stay in memory, each tiered layer's last read, one "
+                   "LRU shared by every session: the next call decodes only the blocks that read did not (0 = none).")
 @click.option("--context", default=None, type=int,
               help="Tokens a session may hold, instead of the model's max_position_embeddings (past it the "
                    "model runs on positions it was not trained on; for benchmarks).")
@@ -78,7 +81,7 @@ def serve(host: str, port: int, data_dir: str, model: str | None, device: str, m
           api_keys_file: str | None, tls_cert: str | None, tls_key: str | None, metrics_port: int | None,
           metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
           max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, ttl: float,
-          block_cache: int, context: int | None, log_rpcs: bool) -> None:
+          block_cache: int, decoded_cache: int, context: int | None, log_rpcs: bool) -> None:
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
     from .auth import KeyRing
     from .limits import Limits
@@ -92,7 +95,7 @@ def serve(host: str, port: int, data_dir: str, model: str | None, device: str, m
         _serve(host, port, data_dir=data_dir, model=model, device=device, max_new_tokens=max_new_tokens,
                log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget, ttl=ttl,
-               block_cache_bytes=block_cache, context=context)
+               block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, context=context)
     except ValueError as exc:
         raise click.ClickException(str(exc))
 

@@ -86,6 +86,18 @@ class _ServiceCollector:
         g = GaugeMetricFamily("memsvc_block_cache_capacity_bytes", "Bound of the shared block cache (--block-cache).")
         g.add_metric([], cache["capacity"])
         yield g
+        dec = self.manager.decoded_cache.stats() if self.manager.decoded_cache is not None else None
+        if dec is not None:
+            m = CounterMetricFamily("memsvc_decoded_cache_hits", "Tiered layer reads that found the layer's last "
+                                    "decoded cold keys or values (only blocks they lack are decoded).")
+            m.add_metric([], dec["hits"])
+            yield m
+            g = GaugeMetricFamily("memsvc_decoded_cache_bytes", "Bytes of decoded cold keys and values kept.")
+            g.add_metric([], dec["bytes"])
+            yield g
+            g = GaugeMetricFamily("memsvc_decoded_cache_capacity_bytes", "Bound of the decoded cache (--decoded-cache).")
+            g.add_metric([], dec["capacity"])
+            yield g
         n, nbytes = self.manager.resident()
         g = GaugeMetricFamily("memsvc_sessions_resident", "Sessions held in memory.")
         g.add_metric([], n)

@@ -142,16 +142,22 @@ class SessionView:
 
 DEFAULT_RESIDENT_BUDGET = 512 << 20
 DEFAULT_BLOCK_CACHE = 256 << 20
+DEFAULT_DECODED_CACHE = 256 << 20
 
 
 class SessionManager:
     """resident_budget: bytes of KV cache that idle sessions may keep in memory (0 = no limit).
     block_cache_bytes: bound of the one LRU of cold blocks read back from the store, shared by every
-    tiered session (0 = none; blocks are then parsed again at each read)."""
+    tiered session (0 = none; blocks are then parsed again at each read).
+    decoded_cache_bytes: bound of the one LRU of each tiered layer's last decoded cold keys and values, shared
+    by every session (0 = none: each read decodes every block it picks; with it, a call decodes only the blocks
+    the layer's previous call did not, such as a question's answer after the question, or a decode step after
+    the one before)."""
 
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
                  max_new_tokens: int = 4096, prefill_chunk: int = 512, block_cache_bytes: int = DEFAULT_BLOCK_CACHE,
-                 resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0):
+                 resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0,
+                 decoded_cache_bytes: int = DEFAULT_DECODED_CACHE):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
         for name, v in (("ttl", ttl), ("sweep_every", sweep_every)):
@@ -159,8 +165,9 @@ class SessionManager:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0 (0 = off), got {v!r}")
         if not isinstance(resident_budget, int) or isinstance(resident_budget, bool) or resident_budget < 0:
             raise ValueError(f"resident_budget must be an integer >= 0 (bytes; 0 = no limit), got {resident_budget!r}")
-        if not isinstance(block_cache_bytes, int) or isinstance(block_cache_bytes, bool) or block_cache_bytes < 0:
-            raise ValueError(f"block_cache_bytes must be an integer >= 0 (bytes; 0 = none), got {block_cache_bytes!r}")
+        for name, v in (("block_cache_bytes", block_cache_bytes), ("decoded_cache_bytes", decoded_cache_bytes)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (bytes; 0 = none), got {v!r}")
         self.store = store
         self.model = model
         self.default_new_tokens = min(default_new_tokens, max_new_tokens)
@@ -170,6 +177,7 @@ class SessionManager:
         # (session id, n), n new each time it is created or loaded, and dropped when it leaves memory:
         # a deleted, expired, recreated or offline-changed session can never meet stale blocks.
         self.block_cache = BlockCache(block_cache_bytes)
+        self.decoded_cache = BlockCache(decoded_cache_bytes) if decoded_cache_bytes else None  # keyed alike
         self._generation = itertools.count()
         self.resident_budget = resident_budget
         use_memsvc_attention(model.model)  # tiered sessions attend through it; plain ones get SDPA unchanged
@@ -204,7 +212,8 @@ class SessionManager:
         return TierKV(policy, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.device, self._cold(sid))
 
     def _cold(self, sid: str) -> ColdStore:
-        return ColdStore(CheckedBlocks(self.store, sid), cache=self.block_cache, owner=(sid, next(self._generation)))
+        return ColdStore(CheckedBlocks(self.store, sid), cache=self.block_cache, owner=(sid, next(self._generation)),
+                         decoded=self.decoded_cache)
 
     def _check_model(self, rec: SessionRecord) -> None:
         if rec.model_fingerprint != self.model.fingerprint:

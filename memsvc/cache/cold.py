@@ -154,8 +154,9 @@ class BlockCache:
             self.hits += 1
             return hit[0]
 
-    def put(self, key: tuple, raw: bytes) -> None:
-        size = len(raw)
+    def put(self, key: tuple, raw, size: int | None = None) -> None:
+        """raw: a block's bytes (size: their length), or any value whose bytes `size` gives."""
+        size = len(raw) if size is None else size
         with self._lock:
             self._pop(key)
             if size > self.capacity:
@@ -216,10 +217,13 @@ class ColdStore:
     store's resident bytes), read and written under `owner`; without one the store
     keeps a private cache of `cache_bytes`, counted as resident. hits / misses count
     this store's reads (pending blocks and in-memory backends count as hits).
+    decoded: a BlockCache (shared too, bounded on its own) where each layer's last decoded keys and values
+    stay, so that the next call's retrieval, which picks mostly the same blocks, decodes only the new ones;
+    None: every read decodes.
     """
 
     def __init__(self, backend=None, cache_bytes: int = 1 << 20, *, cache: BlockCache | None = None,
-                 owner=None):
+                 owner=None, decoded: BlockCache | None = None):
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.backend = backend if backend is not None else MemoryBlocks()
@@ -227,6 +231,7 @@ class ColdStore:
         self.cache = cache if cache is not None else BlockCache(cache_bytes)
         self.owner = owner if owner is not None else object()
         self.pending: dict[tuple[int, int], bytes] = {}
+        self.decoded = decoded
         self.hits = 0
         self.misses = 0
 
@@ -292,8 +297,20 @@ class ColdStore:
                 out[i] = raw
         return out
 
+    def last_decoded(self, layer: int, half: int) -> tuple[tuple[int, ...], torch.Tensor] | None:
+        """The last blocks of `layer` whose keys (half 0) or values (half 1) were decoded, and what they decoded
+        to: (block indices, [H, U, B, D]); None without a decoded cache or once it let them go."""
+        return None if self.decoded is None else self.decoded.get((self.owner, layer, half))
+
+    def remember_decoded(self, layer: int, half: int, indices: tuple[int, ...], x: torch.Tensor) -> None:
+        if self.decoded is not None:
+            self.decoded.put((self.owner, layer, half), (indices, x), x.numel() * x.element_size())
+
     def discard_from(self, layer: int, index: int) -> None:
-        """Forget pending blocks of `layer` from `index` on (undo of an uncommitted step)."""
+        """Forget pending blocks of `layer` from `index` on (undo of an uncommitted step), and what the layer
+        last decoded (it may hold them)."""
+        if self.decoded is not None:
+            self.decoded.discard(self.owner, layer, 0)
         if isinstance(self.backend, MemoryBlocks):
             for key in [k for k in self.backend.blocks if k[0] == layer and k[1] >= index]:
                 del self.backend.blocks[key]
@@ -316,8 +333,10 @@ class ColdStore:
         self.flushed()
 
     def close(self) -> None:
-        """Drop this store's blocks from the cache (its session left memory or is gone)."""
+        """Drop this store's blocks from the caches (its session left memory or is gone)."""
         self.cache.drop(self.owner)
+        if self.decoded is not None:
+            self.decoded.drop(self.owner)
 
     def resident_bytes(self) -> int:
         total = sum(len(b) for b in self.pending.values())

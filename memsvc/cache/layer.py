@@ -128,7 +128,7 @@ class TierLayer(CacheLayerMixin):
         self.evicted = 0  # token-heads dropped by an eviction policy
         self.n_blocks = 0
         self.q_window = None  # [Hq, w, D] last prompt queries (SnapKV)
-        self.stats = {"cold_blocks_read": 0, "v_blocks_skipped": 0, "attend_calls": 0}
+        self.stats = {"cold_blocks_read": 0, "cold_blocks_reused": 0, "v_blocks_skipped": 0, "attend_calls": 0}
 
     # ---- transformers Cache API --------------------------------------------------------
 
@@ -341,6 +341,32 @@ class TierLayer(CacheLayerMixin):
         out.copy_(x.permute(1, 0, 2, 3))  # one pass: head-major and in the wanted dtype
         return out.view(H, U * B, D)
 
+    def _cold_tensor(self, half: int, ids: list[int], codec, dtype: torch.dtype) -> torch.Tensor:
+        """Blocks `ids` of this layer's keys (half 0) or values (half 1), decoded: [H, U*B, D] in `dtype`. Blocks
+        the layer's last decode of that half holds (the cold store's decoded cache) are copied from it; only
+        the others are read and decoded. The result becomes the layer's last decode. Callers only read it."""
+        H, B = self.H, self.plan.block
+        last = self.cold.last_decoded(self.layer_idx, half)
+        if last is not None and last[1].dtype != dtype:
+            last = None
+        at = {} if last is None else {b: j for j, b in enumerate(last[0])}
+        if last is not None and list(last[0]) == ids:
+            self.stats["cold_blocks_reused"] += len(ids)
+            return last[1].view(H, len(ids) * B, -1)
+        missing = [b for b in ids if b not in at]
+        self.stats["cold_blocks_reused"] += len(ids) - len(missing)
+        x = None
+        if missing:
+            x = self._decode(codec, self.cold.get_stacked(self.layer_idx, missing, half), dtype)
+            x = x.view(H, len(missing), B, -1)  # [H, M, B, D]
+        if len(missing) < len(ids):  # some from the last decode: one gather over it and the new blocks
+            fresh = iter(range(len(last[0]), len(last[0]) + len(missing)))
+            src = last[1] if x is None else torch.cat([last[1], x], 1)
+            order = torch.tensor([at[b] if b in at else next(fresh) for b in ids], device=src.device)
+            x = src.index_select(1, order)
+        self.cold.remember_decoded(self.layer_idx, half, tuple(ids), x)
+        return x.view(H, len(ids) * B, -1)
+
     def _dot_dtype(self, codec, max_bits: int) -> torch.dtype:
         """The operand dtype of the cold tier's products with `codec`'s decoded codes."""
         low = getattr(codec, "bits", 16) <= max_bits and torch.device(self.device).type == "cpu"
@@ -390,9 +416,8 @@ class TierLayer(CacheLayerMixin):
         else:
             ids = torch.arange(nb, device=dev)
             chosen = picked = None
-        packed = self.cold.get_stacked(self.layer_idx, ids.tolist(), 0)
         self.stats["cold_blocks_read"] += ids.numel()
-        k_cold = self._decode(self.kcodec, packed, self._dot_dtype(self.kcodec, KEY_BF16_BITS))
+        k_cold = self._cold_tensor(0, ids.tolist(), self.kcodec, self._dot_dtype(self.kcodec, KEY_BF16_BITS))
         live = self.live[ids]  # [U, H, B]
         visible = None
         if chosen is not None or not bool(live.all()):
@@ -422,11 +447,10 @@ class TierLayer(CacheLayerMixin):
                 # block is decoded and weighted, the left-out ones exactly too
                 keep = torch.arange(U, device=self.device)
             self.stats["v_blocks_skipped"] += U - keep.numel()
-        packed = self.cold.get_stacked(self.layer_idx, ids[keep].tolist(), 1)
         # bf16 operands, fp32 accumulation where the CPU has bf16 dot products (5x faster): rounding a weight or a
         # value (at most 2^-8 relative) is far below what values of 4 bits or fewer lose; 8-bit values keep fp32
         dt = self._dot_dtype(self.vcodec, VALUE_BF16_BITS)
-        v = self._decode(self.vcodec, packed, dt)  # [H, K*B, Dv]
+        v = self._cold_tensor(1, ids[keep].tolist(), self.vcodec, dt)  # [H, K*B, Dv]
         pk = pb.reshape(H, G * n, U * B) if keep.numel() == U else pb[:, :, keep].reshape(H, G * n, -1)
         return torch.bmm(pk.to(dt), v).float()
 

@@ -102,11 +102,16 @@ def test_budget_loads_and_cold_cache_are_counted(tmp_path, tiny_model):
         assert _get(m1, "memsvc_tier_tokens_resident", tier="hot") == 0
         assert _get(m1, "memsvc_tier_tokens_stored", tier="hot") > 0
         hits1, misses1 = _get(m1, "memsvc_cold_cache_hits_total"), _get(m1, "memsvc_cold_cache_misses_total")
+        reused1 = _get(m1, "memsvc_decoded_cache_hits_total")
         c.generate_text("s", max_new_tokens=4)  # loads again: its cold LRU starts empty
         m2 = _scrape(mport)
         assert _get(m2, "memsvc_session_loads_total") == 2 and _get(m2, "memsvc_sessions_unloaded_total") == 2
         assert _get(m2, "memsvc_cold_cache_misses_total") > misses1
-        assert _get(m2, "memsvc_cold_cache_hits_total") > hits1  # later decode steps read the same blocks
+        # later decode steps read the same blocks: from the layers' last decodes, or parsed again from the cache
+        assert _get(m2, "memsvc_decoded_cache_hits_total") > reused1
+        assert _get(m2, "memsvc_cold_cache_hits_total") >= hits1
+        assert _get(m2, "memsvc_decoded_cache_bytes") == 0  # dropped with the session (the 1-byte budget)
+        assert _get(m2, "memsvc_decoded_cache_capacity_bytes") == 256 << 20
         c.resume("s")
         m3 = _scrape(mport)
         assert _get(m3, "memsvc_resumes_total") == 1 and _get(m3, "memsvc_session_loads_total") == 3

@@ -113,11 +113,11 @@ def _flip_live(store: Store, sid: str, where, rng: random.Random) -> None:
 
 
 def test_damage_met_in_the_middle_of_a_streamed_reply(tmp_path, long_model):
-    """A block goes bad while a reply streams (no block cache: every step reads the store): the step
-    that meets it is rolled back, the session repaired, the reply computed again, and the chunks already
-    sent are not sent again."""
+    """A block goes bad while a reply streams (no block cache and no decoded cache: every step reads the
+    store): the step that meets it is rolled back, the session repaired, the reply computed again, and the
+    chunks already sent are not sent again."""
     data, rng = tmp_path / "data", random.Random(4)
-    with running_server(data, long_model, block_cache_bytes=0) as (c, server):
+    with running_server(data, long_model, block_cache_bytes=0, decoded_cache_bytes=0) as (c, server):
         build(c, "s", HISTORY)
         store = server.memsvc_store
         _copy(store, "s", "ref")

@@ -26,7 +26,9 @@ def _references(tmp_path, model) -> dict[str, list[int]]:
 
 def test_sessions_share_the_cache_but_never_each_others_blocks(tmp_path, tiny_model):
     ref = _references(tmp_path, tiny_model)
-    with served(tmp_path / "data", tiny_model, block_cache_bytes=30_000) as (server, port), client(port) as c:
+    # decoded_cache_bytes=0: decode steps read the block cache itself (not the layers' last decodes)
+    with served(tmp_path / "data", tiny_model, block_cache_bytes=30_000, decoded_cache_bytes=0) as (server, port), \
+            client(port) as c:
         cache = server.memsvc_manager.block_cache
         for name, hist in (("a", HISTORY_A), ("b", HISTORY_B)):
             c.create_session(name)
@@ -54,7 +56,8 @@ def test_sessions_share_the_cache_but_never_each_others_blocks(tmp_path, tiny_mo
 
 def test_a_session_dropped_from_memory_leaves_the_cache(tmp_path, tiny_model):
     ref = _references(tmp_path, tiny_model)
-    with served(tmp_path / "data", tiny_model, resident_budget=1) as (server, port), client(port) as c:
+    with served(tmp_path / "data", tiny_model, resident_budget=1, decoded_cache_bytes=0) as (server, port), \
+            client(port) as c:
         cache = server.memsvc_manager.block_cache
         c.create_session("a")
         c.append("a", tokens=HISTORY_A)
