@@ -171,7 +171,9 @@ def niah_report_cmd(files, heatmaps, layers, kv_heads, head_dim):
 @click.option("--lengths", default="4096,8192", show_default=True)
 @click.option("--new", "n_new", default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--threads", default=0)
-def speed_cmd(policies, lengths, n_new, threads):
+@click.option("--decoded-cache", default=256 << 20, show_default=True, type=click.IntRange(min=0),
+              help="Bytes of each tiered layer's last decoded cold keys and values kept (as `serve`; 0 = none).")
+def speed_cmd(policies, lengths, n_new, threads, decoded_cache):
     """Decode tokens/s after a prompt of each length (greedy, one token at a time)."""
     from memsvc import corpus
 
@@ -183,7 +185,7 @@ def speed_cmd(policies, lengths, n_new, threads):
     for n in _list(lengths, int):
         ids = corpus.haystack_tokens(m.tokenizer, n)
         for p in pols:
-            run = PolicyRun(m, p)
+            run = PolicyRun(m, p, decoded_cache=decoded_cache)
             cache = run.new_cache()
             t0 = time.time()
             logits = run.forward(cache, ids)

@@ -6,7 +6,9 @@ whose cold blocks go to a temporary file when it retrieves (so they are not
 resident) and stay in memory when every query reads them all. Blocks read back
 from the file go through one `BlockCache` shared by the run's caches, as the
 service shares one between sessions (`block_cache` bytes, the service's default;
-not counted in a cache's resident bytes, as in the service; 0: a private 1 MiB LRU that is).
+not counted in a cache's resident bytes, as in the service; 0: a private 1 MiB LRU that is), and each
+layer's last decoded keys and values through one decoded cache (`decoded_cache` bytes, the service's
+default; 0: none).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from transformers import DynamicCache
 
 from memsvc.cache import ColdStore, FileBlocks, TierCache, active, fp16_bytes_per_token, get_policy, use_memsvc_attention
 from memsvc.cache.cold import BlockCache
-from memsvc.sessions import DEFAULT_BLOCK_CACHE
+from memsvc.sessions import DEFAULT_BLOCK_CACHE, DEFAULT_DECODED_CACHE
 
 
 @dataclass
@@ -34,9 +36,11 @@ PRIVATE_CACHE_BYTES = 1 << 20
 
 
 class PolicyRun:
-    def __init__(self, loaded, policy: str, chunk: int = 512, block_cache: int = DEFAULT_BLOCK_CACHE, **overrides):
+    def __init__(self, loaded, policy: str, chunk: int = 512, block_cache: int = DEFAULT_BLOCK_CACHE,
+                 decoded_cache: int = DEFAULT_DECODED_CACHE, **overrides):
         self.m = loaded
         self.block_cache = BlockCache(block_cache) if block_cache else None
+        self.decoded_cache = BlockCache(decoded_cache) if decoded_cache else None  # as `memsvc serve` has them
         self.name = policy
         self.policy = get_policy(policy, **overrides)
         self.chunk = chunk
@@ -49,9 +53,9 @@ class PolicyRun:
         if not retrieves:
             cold = ColdStore()
         elif self.block_cache is not None:
-            cold = ColdStore(FileBlocks(), cache=self.block_cache)
+            cold = ColdStore(FileBlocks(), cache=self.block_cache, decoded=self.decoded_cache)
         else:
-            cold = ColdStore(FileBlocks(), cache_bytes=PRIVATE_CACHE_BYTES)
+            cold = ColdStore(FileBlocks(), cache_bytes=PRIVATE_CACHE_BYTES, decoded=self.decoded_cache)
         return TierCache(self.policy, self.m.num_layers, self.m.dtype, cold)
 
     @torch.no_grad()
