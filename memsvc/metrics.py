@@ -5,7 +5,7 @@ Per RPC: `memsvc_rpc_total{method,code}` and `memsvc_rpc_duration_seconds{method
 Read from the session manager at scrape time: tokens appended / generated /
 run through the model, resumes, session loads and unloads (the resident budget),
 resident sessions, bytes and tokens per tier, the shared cold block cache (hits, misses,
-bytes, capacity);
+bytes, capacity), the decoded cache (hits, bytes, capacity);
 from the store, at most every `store_every` seconds (it walks every value):
 stored sessions, bytes and tokens per tier (as of each session's last commit).
 
@@ -21,6 +21,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _cache_gauges(name: str, bytes_doc: str, bound_doc: str, stats: dict):
+    """memsvc_<name>_bytes and memsvc_<name>_capacity_bytes of a BlockCache's stats()."""
+    for suffix, doc, key in (("bytes", bytes_doc, "bytes"), ("capacity_bytes", bound_doc, "capacity")):
+        g = GaugeMetricFamily(f"memsvc_{name}_{suffix}", doc)
+        g.add_metric([], stats[key])
+        yield g
 
 
 def _tiers(name: str, doc: str, tokens: dict[str, float]) -> GaugeMetricFamily:
@@ -79,25 +87,16 @@ class _ServiceCollector:
         m = CounterMetricFamily("memsvc_cold_cache_misses", "Cold block reads that went to the store.")
         m.add_metric([], misses)
         yield m
-        cache = self.manager.block_cache.stats()
-        g = GaugeMetricFamily("memsvc_block_cache_bytes", "Bytes of cold blocks in the shared block cache.")
-        g.add_metric([], cache["bytes"])
-        yield g
-        g = GaugeMetricFamily("memsvc_block_cache_capacity_bytes", "Bound of the shared block cache (--block-cache).")
-        g.add_metric([], cache["capacity"])
-        yield g
-        dec = self.manager.decoded_cache.stats() if self.manager.decoded_cache is not None else None
-        if dec is not None:
+        yield from _cache_gauges("block_cache", "Bytes of cold blocks in the shared block cache.",
+                                 "Bound of the shared block cache (--block-cache).", self.manager.block_cache.stats())
+        if self.manager.decoded_cache is not None:
+            dec = self.manager.decoded_cache.stats()
             m = CounterMetricFamily("memsvc_decoded_cache_hits", "Tiered layer reads that found the layer's last "
                                     "decoded cold keys or values (only blocks they lack are decoded).")
             m.add_metric([], dec["hits"])
             yield m
-            g = GaugeMetricFamily("memsvc_decoded_cache_bytes", "Bytes of decoded cold keys and values kept.")
-            g.add_metric([], dec["bytes"])
-            yield g
-            g = GaugeMetricFamily("memsvc_decoded_cache_capacity_bytes", "Bound of the decoded cache (--decoded-cache).")
-            g.add_metric([], dec["capacity"])
-            yield g
+            yield from _cache_gauges("decoded_cache", "Bytes of decoded cold keys and values kept.",
+                                     "Bound of the decoded cache (--decoded-cache).", dec)
         n, nbytes = self.manager.resident()
         g = GaugeMetricFamily("memsvc_sessions_resident", "Sessions held in memory.")
         g.add_metric([], n)
