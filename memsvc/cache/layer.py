@@ -349,10 +349,10 @@ class TierLayer(CacheLayerMixin):
         last = self.cold.last_decoded(self.layer_idx, half)
         if last is not None and last[1].dtype != dtype:
             last = None
-        at = {} if last is None else {b: j for j, b in enumerate(last[0])}
-        if last is not None and list(last[0]) == ids:
+        if last is not None and list(last[0]) == ids:  # the same blocks again (a decode step's usual case)
             self.stats["cold_blocks_reused"] += len(ids)
             return last[1].view(H, len(ids) * B, -1)
+        at = {} if last is None else {b: j for j, b in enumerate(last[0])}
         missing = [b for b in ids if b not in at]
         self.stats["cold_blocks_reused"] += len(ids) - len(missing)
         x = None
