@@ -88,6 +88,8 @@ def _session_pb(view: SessionView, tenant: Tenant) -> pb.Session:
         stored_bytes_per_token=rec.stored_bytes / rec.n_tokens if rec.n_tokens else 0.0,
         fp16_bytes_per_token=view.fp16_bytes_per_token,
         tier_tokens=view.tier_tokens,
+        ttl_seconds=view.ttl,
+        expires_unix=view.expires if math.isfinite(view.expires) else 0.0,
     )
 
 

@@ -133,6 +133,17 @@ class SessionView:
     resident: bool
     resident_bytes: int = 0
     tier_tokens: dict[str, float] = field(default_factory=dict)
+    default_ttl: float = 0.0  # the manager's ttl, for sessions without their own
+
+    @property
+    def ttl(self) -> float:
+        """Seconds without a change after which the session expires (0 = never)."""
+        return self.record.ttl or self.default_ttl
+
+    @property
+    def expires(self) -> float:
+        """Unix time at which the session expires (infinity = never)."""
+        return self.record.expires(self.default_ttl)
 
     @property
     def fp16_bytes_per_token(self) -> int:
@@ -479,9 +490,12 @@ class SessionManager:
         rec = live.record if live is not None else self._stored(sid)
         if self._expired(rec) and self._try_expire(sid):
             raise self._gone(sid)
+        return self._view(rec, live)
+
+    def _view(self, rec: SessionRecord, live: _Live | None) -> SessionView:
         if live is not None:
-            return SessionView(live.record, True, live.resident_bytes, live.tier_tokens)
-        return SessionView(rec, False)
+            return SessionView(live.record, True, live.resident_bytes, live.tier_tokens, self.ttl)
+        return SessionView(rec, False, default_ttl=self.ttl)
 
     def list(self, *, after: str = "", limit: int = 100, labels: dict[str, str] | None = None
              ) -> tuple[list[SessionView], str]:
@@ -496,15 +510,13 @@ class SessionManager:
         recs = recs[:limit]
         views = []
         for rec in recs:
-            live = self._live.get(rec.id)
-            views.append(SessionView(live.record, True, live.resident_bytes, live.tier_tokens) if live
-                         else SessionView(rec, False))
+            views.append(self._view(rec, self._live.get(rec.id)))
         return views, (recs[-1].id if more else "")
 
     def resume(self, sid: str) -> SessionView:
         with self._using(sid) as live:
             self._count(resumes=1)
-        return SessionView(live.record, True, live.resident_bytes, live.tier_tokens)
+        return self._view(live.record, live)
 
     def append(self, sid: str, *, messages: list[dict] | None = None, text: str | None = None,
                tokens: Sequence[int] | None = None, admit: Admit | None = None) -> tuple[SessionRecord, list[int]]:

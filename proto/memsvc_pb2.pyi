@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Session(_message.Message):
-    __slots__ = ("id", "model", "model_fingerprint", "policy", "tokens", "bytes_stored", "bytes_resident", "created_unix", "updated_unix", "labels", "resident", "messages", "resident_bytes_per_token", "stored_bytes_per_token", "fp16_bytes_per_token", "tier_tokens")
+    __slots__ = ("id", "model", "model_fingerprint", "policy", "tokens", "bytes_stored", "bytes_resident", "created_unix", "updated_unix", "labels", "resident", "messages", "resident_bytes_per_token", "stored_bytes_per_token", "fp16_bytes_per_token", "tier_tokens", "ttl_seconds", "expires_unix")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class Session(_message.Message):
     STORED_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FP16_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     model_fingerprint: str
@@ -54,7 +56,9 @@ class Session(_message.Message):
     stored_bytes_per_token: float
     fp16_bytes_per_token: float
     tier_tokens: _containers.ScalarMap[str, float]
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., resident: _Optional[bool] = ..., messages: _Optional[int] = ..., resident_bytes_per_token: _Optional[float] = ..., stored_bytes_per_token: _Optional[float] = ..., fp16_bytes_per_token: _Optional[float] = ..., tier_tokens: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    ttl_seconds: float
+    expires_unix: float
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., resident: _Optional[bool] = ..., messages: _Optional[int] = ..., resident_bytes_per_token: _Optional[float] = ..., stored_bytes_per_token: _Optional[float] = ..., fp16_bytes_per_token: _Optional[float] = ..., tier_tokens: _Optional[_Mapping[str, float]] = ..., ttl_seconds: _Optional[float] = ..., expires_unix: _Optional[float] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "policy", "labels", "ttl_seconds")

@@ -66,3 +66,22 @@ def test_a_commit_refreshes_the_ttl_and_bad_ttls_are_refused(tmp_path, tiny_mode
     for bad in (-1, float("nan"), "10"):
         with pytest.raises(ValueError, match="ttl"):
             SessionManager(None, tiny_model, ttl=bad)
+
+
+def test_session_replies_say_when_the_session_expires(tmp_path, tiny_model):
+    with running_server(tmp_path / "d", tiny_model, ttl=600.0, sweep_every=0) as (c, server):
+        own = c.create_session("own", ttl_seconds=30)
+        default = c.create_session("default")
+        assert (own.ttl_seconds, default.ttl_seconds) == (30, 600)
+        assert own.expires_unix == pytest.approx(own.updated_unix + 30)
+        assert default.expires_unix == pytest.approx(default.updated_unix + 600)
+        time.sleep(0.05)
+        c.append("own", tokens=[7, 8])  # a change moves the expiry with updated_unix
+        got = c.get_session("own")
+        assert got.updated_unix > own.updated_unix and got.expires_unix == pytest.approx(got.updated_unix + 30)
+        assert c.resume("own").expires_unix == got.expires_unix
+        listed = {s.id: s for s in c.list_sessions()}
+        assert (listed["own"].expires_unix, listed["default"].ttl_seconds) == (got.expires_unix, 600)
+    with running_server(tmp_path / "e", tiny_model, sweep_every=0) as (c, server):
+        never = c.create_session("never")
+        assert (never.ttl_seconds, never.expires_unix) == (0, 0)  # no ttl anywhere: never expires
