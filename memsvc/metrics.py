@@ -95,6 +95,10 @@ class _ServiceCollector:
                                     "decoded cold keys or values (only blocks they lack are decoded).")
             m.add_metric([], dec["hits"])
             yield m
+            m = CounterMetricFamily("memsvc_decoded_cache_skipped", "Decodes not kept, since their session already "
+                                    "held its share of the decoded cache (the capacity over the sessions in it).")
+            m.add_metric([], dec["skipped"])
+            yield m
             yield from _cache_gauges("decoded_cache", "Bytes of decoded cold keys and values kept.",
                                      "Bound of the decoded cache (--decoded-cache).", dec)
         n, nbytes = self.manager.resident()

@@ -188,7 +188,7 @@ class SessionManager:
         # (session id, n), n new each time it is created or loaded, and dropped when it leaves memory:
         # a deleted, expired, recreated or offline-changed session can never meet stale blocks.
         self.block_cache = BlockCache(block_cache_bytes)
-        self.decoded_cache = BlockCache(decoded_cache_bytes) if decoded_cache_bytes else None  # keyed alike
+        self.decoded_cache = BlockCache(decoded_cache_bytes, fair=True) if decoded_cache_bytes else None  # keyed alike
         self._generation = itertools.count()
         self.resident_budget = resident_budget
         use_memsvc_attention(model.model)  # tiered sessions attend through it; plain ones get SDPA unchanged

@@ -40,7 +40,7 @@ class PolicyRun:
                  decoded_cache: int = DEFAULT_DECODED_CACHE, **overrides):
         self.m = loaded
         self.block_cache = BlockCache(block_cache) if block_cache else None
-        self.decoded_cache = BlockCache(decoded_cache) if decoded_cache else None  # as `memsvc serve` has them
+        self.decoded_cache = BlockCache(decoded_cache, fair=True) if decoded_cache else None  # as `memsvc serve` has them
         self.name = policy
         self.policy = get_policy(policy, **overrides)
         self.chunk = chunk

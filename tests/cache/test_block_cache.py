@@ -130,3 +130,45 @@ def test_threads_share_a_cache_within_its_bound():
         t.join()
     assert not errors
     assert cache.nbytes <= 5 * size and cache.hits + cache.misses == 200
+
+
+def _cycle(cache: BlockCache, owners: list[str], keys: int, size: int, steps: int) -> dict[str, int]:
+    """Each step, each owner re-reads and re-puts its `keys` entries in order (a session's layers at each decode
+    step, as the decoded cache sees them); hits per owner over the last half of the steps."""
+    hits = dict.fromkeys(owners, 0)
+    for step in range(steps):
+        for owner in owners:
+            for k in range(keys):
+                if cache.get((owner, k, 0)) is not None and step >= steps // 2:
+                    hits[owner] += 1
+                cache.put((owner, k, 0), object(), size)
+    return hits
+
+
+def test_fair_sharing_keeps_a_stable_part_where_lru_thrashes():
+    # two owners cycling through 10 entries of 8 bytes each (160 bytes) over a capacity of 100
+    plain = _cycle(BlockCache(100), ["a", "b"], 10, 8, 20)
+    assert plain == {"a": 0, "b": 0}  # LRU evicts every entry just before its next use
+    fair = BlockCache(100, fair=True)
+    hits = _cycle(fair, ["a", "b"], 10, 8, 20)
+    # each owner keeps what fits in its share (50 bytes: 6 entries), and hits them on every later step
+    assert hits == {"a": 6 * 10, "b": 6 * 10}
+    assert fair.owner_bytes("a") == fair.owner_bytes("b") == 48 and fair.nbytes <= fair.capacity
+    assert fair.skipped > 0 and fair.stats()["skipped"] == fair.skipped
+
+
+def test_fair_sharing_gives_one_owner_everything_and_makes_room_for_a_newcomer():
+    cache = BlockCache(100, fair=True)
+    assert _cycle(cache, ["a"], 12, 8, 4) == {"a": 12 * 2}  # 96 bytes: alone, an owner may fill the cache
+    assert cache.owner_bytes("a") == 96
+    cache.put(("b", 0, 0), object(), 40)  # b's share is 50: a's least recently used entries go
+    assert cache.owner_bytes("b") == 40 and cache.owner_bytes("a") == 56 and cache.nbytes == 96
+    assert cache.get(("a", 0, 0)) is None and cache.get(("a", 11, 0)) is not None  # the oldest went first
+    cache.put(("b", 1, 0), object(), 16)  # would take b past its share: not kept, a keeps its entries
+    assert cache.get(("b", 1, 0)) is None and cache.owner_bytes("a") == 56
+    cache.put(("b", 2, 0), object(), 4)  # fits in the free room: kept whatever the shares
+    assert cache.owner_bytes("b") == 44 and cache.nbytes == 100
+    cache.drop("b")
+    assert cache.owner_bytes("b") == 0 and cache.nbytes == 56
+    with pytest.raises(ValueError):
+        BlockCache(-1, fair=True)
