@@ -112,6 +112,7 @@ def test_budget_loads_and_cold_cache_are_counted(tmp_path, tiny_model):
         assert _get(m2, "memsvc_cold_cache_hits_total") >= hits1
         assert _get(m2, "memsvc_decoded_cache_bytes") == 0  # dropped with the session (the 1-byte budget)
         assert _get(m2, "memsvc_decoded_cache_capacity_bytes") == 256 << 20
+        assert _get(m2, "memsvc_decoded_cache_skipped_total") == 0  # one session: it may fill the whole cache
         c.resume("s")
         m3 = _scrape(mport)
         assert _get(m3, "memsvc_resumes_total") == 1 and _get(m3, "memsvc_session_loads_total") == 3
