@@ -310,7 +310,7 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
     lines = [
         ("id", rec.id),
         ("model", f"{rec.model_name}  fingerprint {rec.model_fingerprint[:16]}"),
-        ("policy", rec.policy),
+        ("policy", f"{rec.policy}  {_settings_line(rec)}"),
         ("tokens", str(rec.n_tokens)),
         ("messages", str(len(rec.messages))),
         ("bytes stored", f"{rec.stored_bytes} ({_human_bytes(rec.stored_bytes)})"),
@@ -332,6 +332,21 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         click.echo(f"{k.ljust(width)}  {v}")
+
+
+def _settings_line(rec) -> str:
+    """The session's stored policy settings that differ from this memsvc's defaults."""
+    config = rec.layout.get("policy_config")
+    if config is None:
+        return "(settings not stored: read with this memsvc's defaults)"
+    from memsvc.policies import get_policy, policy_config, stored_policy
+
+    try:
+        today, used = policy_config(get_policy(rec.policy)), policy_config(stored_policy(rec.policy, config))
+    except ValueError as exc:
+        return f"(settings this memsvc cannot use: {exc})"
+    other = {k: v for k, v in used.items() if today[k] != v}
+    return "(settings as stored: " + (", ".join(f"{k}={v}" for k, v in sorted(other.items())) or "today's defaults") + ")"
 
 
 def _repair_line(rep) -> str:
@@ -534,7 +549,7 @@ def sessions_upgrade(data_dir: str) -> None:
 
     Stop the server first: nothing else may have the store open."""
     from memsvc.cache.session import restate
-    from memsvc.policies import get_policy
+    from memsvc.policies import stored_policy
     from memsvc.store.errors import StoreError
     from memsvc.store.lmdb_store import STORE_FORMAT, upgrade_store
 
@@ -549,8 +564,8 @@ def sessions_upgrade(data_dir: str) -> None:
         for sid in store.session_ids():
             try:
                 rec = store.get(sid)
-                if rec.layout.get("form") == "tiered" and restate(store, sid, get_policy(rec.policy),
-                                                                              rec.layout):
+                policy = stored_policy(rec.policy, rec.layout.get("policy_config"))
+                if rec.layout.get("form") == "tiered" and restate(store, sid, policy, rec.layout):
                     split += 1
             except (StoreError, ValueError) as exc:
                 click.echo(f"session {sid!r} left as it is: {exc}", err=True)

@@ -37,6 +37,7 @@ from memsvc.proto import memsvc_pb2 as pb
 from memsvc.store.lmdb_store import Store
 
 from .alloc import keep_heap
+from .cache.layer import CodecMismatch
 from .auth import KeyRing, Tenant, bearer_key, is_loopback
 from .errors import Cancelled, InvalidArgument, ServiceError
 from .limits import LimitExceeded, Limits, Quotas
@@ -163,6 +164,8 @@ class MemoryServicer:
             code = _stopped(context)
         elif isinstance(exc, ServiceError):
             code = getattr(grpc.StatusCode, exc.code)
+        elif isinstance(exc, CodecMismatch):  # the stored session, not the request
+            code = grpc.StatusCode.FAILED_PRECONDITION
         elif isinstance(exc, ValueError):
             code = grpc.StatusCode.INVALID_ARGUMENT
         else:

@@ -57,7 +57,7 @@ from .cache.cold import BlockCache, ColdStore
 from .cache.session import TierKV
 from .kvcache import SessionKV, dtype_name
 from .model import LoadedModel
-from .policies import get_policy
+from .policies import get_policy, policy_config, stored_policy
 from .repair import FEEDS, CheckedBlocks, DamagedBlock, Unrepairable, recorded_feeds, repair_session, rle
 
 MAX_STOP_STRINGS = 16
@@ -305,7 +305,7 @@ class SessionManager:
             return live
         self._check_model(rec)
         try:
-            policy = get_policy(rec.policy)
+            policy = stored_policy(rec.policy, rec.layout.get("policy_config"))
         except ValueError as exc:
             raise DataLoss(f"session {sid!r} cannot be read back: {exc}") from exc
         try:
@@ -475,7 +475,8 @@ class SessionManager:
         try:
             rec = SessionRecord(
                 id=sid, model_name=self.model.name, model_fingerprint=self.model.fingerprint, policy=pol.name,
-                created=now, updated=now, labels=dict(labels or {}), messages=[], layout=kv.layout(), ttl=ttl,
+                created=now, updated=now, labels=dict(labels or {}), messages=[], ttl=ttl,
+                layout={**kv.layout(), "policy_config": policy_config(pol)},
             )
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc

@@ -1,10 +1,12 @@
 """Policy registry: name -> policy dataclass (each with `plan(layer, n_layers)`).
 
 `get_policy(name, **overrides)`; an unknown name raises a ValueError listing
-the valid ones.
+the valid ones. A session's record keeps its policy's settings (`policy_config`),
+and `stored_policy` builds the policy a stored session is read with.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from .full import FullPolicy
@@ -45,5 +47,33 @@ def get_policy(name: str = "", **overrides):
         raise ValueError(f"bad settings for policy {name!r}: {exc}") from None
 
 
-__all__ = ["POLICIES", "DEFAULT_POLICY", "EVICTION", "LayerPlan", "get_policy", "FullPolicy", "QuantizedPolicy",
+def policy_config(policy) -> dict:
+    """A policy's settings in JSON types (tuples as lists), as a session's record keeps them."""
+    out = {}
+    for f in dataclasses.fields(policy):
+        value = getattr(policy, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def stored_policy(name: str, config: dict | None = None):
+    """The policy a stored session is read with: `name`'s policy with the session's own settings (`config`, as
+    `policy_config` wrote them when it was created), so that a default changed since cannot misread what it
+    stored. Settings the policy lists as READ_SIDE (how attention reads the cache, not what is stored: retrieval
+    budgets, say) follow this server's defaults, and so do settings the config lacks (a session created before
+    they existed, or before records kept settings). Settings this memsvc no longer has are ignored. ValueError for
+    an unknown name or settings the policy refuses."""
+    policy = get_policy(name)
+    if not config:
+        return policy
+    fields = {f.name for f in dataclasses.fields(policy)} - {"name"} - set(getattr(policy, "READ_SIDE", ()))
+    pinned = {}
+    for key, value in config.items():
+        if key in fields:
+            pinned[key] = tuple(value) if isinstance(value, list) and isinstance(getattr(policy, key), tuple) \
+                else value
+    return get_policy(name, **pinned)
+
+
+__all__ = ["POLICIES", "DEFAULT_POLICY", "EVICTION", "LayerPlan", "get_policy", "policy_config", "stored_policy", "FullPolicy", "QuantizedPolicy",
            "TieredPolicy", "StreamingPolicy", "H2OPolicy", "SnapKVPolicy", "PyramidKVPolicy"]

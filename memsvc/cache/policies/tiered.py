@@ -19,6 +19,7 @@ they need.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .plan import LayerPlan, check_budget
 
@@ -41,6 +42,8 @@ class TieredPolicy:
     rest: str = "mean"  # blocks not retrieved: one mean pseudo-token each ("drop": ignore them, as Quest does)
     dense: tuple[int, ...] = ()  # layers that attend every cold block (no retrieval)
     union_floor: int = 4  # a prompt chunk attends at most retrieve * max(union_floor, ceil(n / block)) cold tokens
+    # settings that only change how attention reads the cache: a stored session follows the server's (stored_policy)
+    READ_SIDE: ClassVar[tuple[str, ...]] = ("retrieve", "v_skip", "rest", "dense", "union_floor")
 
     def __post_init__(self):
         check_budget("sink", self.sink, 0)
