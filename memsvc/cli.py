@@ -346,7 +346,8 @@ def _settings_line(rec) -> str:
     except ValueError as exc:
         return f"(settings this memsvc cannot use: {exc})"
     other = {k: v for k, v in used.items() if today[k] != v}
-    return "(settings as stored: " + (", ".join(f"{k}={v}" for k, v in sorted(other.items())) or "today's defaults") + ")"
+    listed = ", ".join(f"{k}={v}" for k, v in sorted(other.items())) or "today's defaults"
+    return f"(settings as stored: {listed})"
 
 
 def _repair_line(rep) -> str:

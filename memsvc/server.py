@@ -37,8 +37,8 @@ from memsvc.proto import memsvc_pb2 as pb
 from memsvc.store.lmdb_store import Store
 
 from .alloc import keep_heap
-from .cache.layer import CodecMismatch
 from .auth import KeyRing, Tenant, bearer_key, is_loopback
+from .cache.layer import CodecMismatch
 from .errors import Cancelled, InvalidArgument, ServiceError
 from .limits import LimitExceeded, Limits, Quotas
 from .logs import configure_rpc_log, log_rpc

@@ -75,5 +75,5 @@ def stored_policy(name: str, config: dict | None = None):
     return get_policy(name, **pinned)
 
 
-__all__ = ["POLICIES", "DEFAULT_POLICY", "EVICTION", "LayerPlan", "get_policy", "policy_config", "stored_policy", "FullPolicy", "QuantizedPolicy",
-           "TieredPolicy", "StreamingPolicy", "H2OPolicy", "SnapKVPolicy", "PyramidKVPolicy"]
+__all__ = ["POLICIES", "DEFAULT_POLICY", "EVICTION", "LayerPlan", "get_policy", "policy_config", "stored_policy",
+           "FullPolicy", "QuantizedPolicy", "TieredPolicy", "StreamingPolicy", "H2OPolicy", "SnapKVPolicy", "PyramidKVPolicy"]
