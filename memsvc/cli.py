@@ -9,6 +9,7 @@ its next restart). Nothing imports this module.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -546,11 +547,12 @@ def sessions_upgrade(data_dir: str) -> None:
     """Bring a store up to date in place: a store written before KV blocks were shared (format 1) is
     converted in one transaction, then every tiered session whose layer states are stored in an older
     layout (whole, before parts, or in parts of another size) has them rewritten, one transaction per
-    session.
+    session, and every record that does not keep its policy's settings gets the ones it is read with now
+    (this memsvc's defaults), so that later defaults cannot change how it is read.
 
     Stop the server first: nothing else may have the store open."""
     from memsvc.cache.session import restate
-    from memsvc.policies import stored_policy
+    from memsvc.policies import policy_config, stored_policy
     from memsvc.store.errors import StoreError
     from memsvc.store.lmdb_store import STORE_FORMAT, upgrade_store
 
@@ -560,7 +562,7 @@ def sessions_upgrade(data_dir: str) -> None:
     except StoreError as exc:
         if "already has a format stamp" not in str(exc):
             raise click.ClickException(str(exc))
-    split = 0
+    split = pinned = 0
     with _open_store(data_dir, readonly=False) as store:
         for sid in store.session_ids():
             try:
@@ -568,9 +570,16 @@ def sessions_upgrade(data_dir: str) -> None:
                 policy = stored_policy(rec.policy, rec.layout.get("policy_config"))
                 if rec.layout.get("form") == "tiered" and restate(store, sid, policy, rec.layout):
                     split += 1
+                if "policy_config" not in rec.layout:
+                    rec = store.get(sid)  # as restate left it
+                    layout = {**rec.layout, "policy_config": policy_config(policy)}
+                    store.commit(dataclasses.replace(rec, layout=layout), first_token=rec.n_tokens, tokens=[],
+                                 blocks={})
+                    pinned += 1
             except (StoreError, ValueError) as exc:
                 click.echo(f"session {sid!r} left as it is: {exc}", err=True)
     click.echo(f"{split} tiered session(s) rewrote their layer states in the current layout")
+    click.echo(f"{pinned} record(s) now keep their policy's settings")
 
 
 @sessions.command("export")

@@ -104,3 +104,36 @@ def test_without_its_settings_the_old_record_reads_with_todays_defaults(tmp_path
     with Store(data, readonly=True) as store:
         now = store.export("s")
     assert (now.record, now.tokens, now.kv) == (stored.record, stored.tokens, stored.kv)  # nothing changed
+
+
+def test_upgrade_pins_the_settings_of_old_records(tmp_path, long_model, monkeypatch):
+    """`sessions upgrade` gives a record without settings the ones it is read with now, changing nothing else:
+    a later change of the defaults then no longer reaches it."""
+    data = tmp_path / "d"
+    with running_server(data, long_model) as (c, _):
+        c.create_session("s", policy="tiered")
+        c.append("s", tokens=HISTORY)
+        before = _greedy(c, "s")
+    with Store(data) as store:  # the record without settings, as an older memsvc wrote it
+        exp = store.export("s")
+        rec = SessionRecord.from_bytes(exp.record)
+        exp.record = dataclasses.replace(
+            rec, layout={k: v for k, v in rec.layout.items() if k != "policy_config"}).to_bytes()
+        store.delete("s")
+        store.import_session(exp)
+        old = store.get("s")
+    out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(data)])
+    assert out.exit_code == 0 and "1 record(s) now keep their policy's settings" in out.output, out.output
+    with Store(data, readonly=True) as store:
+        rec = store.get("s")
+        now = store.export("s")
+    assert rec.layout == {**old.layout, "policy_config": policy_config(TieredPolicy())}
+    # timestamps, tokens, messages: unchanged; the bytes stored grow by the longer record only
+    assert dataclasses.replace(rec, layout=old.layout, stored_bytes=old.stored_bytes) == old
+    assert 0 < rec.stored_bytes - old.stored_bytes < 1000
+    assert (now.tokens, now.kv) == (exp.tokens, exp.kv)
+    monkeypatch.setitem(POLICIES, "tiered", lambda **kw: TieredPolicy(**{"boundary_key_codec": "k6v4_k", **kw}))
+    with running_server(data, long_model) as (c, _):
+        assert _greedy(c, "s") == before
+    again = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(data)])
+    assert "0 record(s) now keep" in again.output, again.output
