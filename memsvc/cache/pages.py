@@ -120,6 +120,13 @@ def _warm_groups(layer) -> dict[int, Part]:
             for i, (g, c) in enumerate(zip(groups.tolist(), counts))}
 
 
+def _moved(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A decoded part's tensors (CPU) on `device`: the same dict on the CPU (no call per tensor)."""
+    if torch.device(device).type == "cpu":
+        return tensors
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 def _assemble_warm(layer, parts: dict[int, Part], device: torch.device) -> None:
     """keep_k/keep_v [H, m, *] from the warm groups, in keep_pos's order. ValueError when rows are missing."""
     H, m = layer.keep_pos.shape
@@ -140,7 +147,7 @@ def _assemble_warm(layer, parts: dict[int, Part], device: torch.device) -> None:
     if have.numel() != want.numel() or not torch.equal(have[at], want):
         raise ValueError("the warm groups do not hold the warm rows the state lists")
     for name in ("k", "v"):
-        rows = [_get({kk: t.to(device) for kk, t in g.items()}, name) for g in groups]
+        rows = [_get(_moved(g, device), name) for g in groups]
         if isinstance(rows[0], tuple):
             value = tuple(torch.cat([r[i] for r in rows])[at].reshape(H, m, -1) for i in range(3))
         else:
@@ -361,17 +368,17 @@ def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dt
         setattr(layer, name, int(meta[name]))
     layer.model_dtype = dtypes[meta["model_dtype"]]
     layer.device = device
-    on = {k: v.to(device) for k, v in tensors.items()}
+    on = _moved(tensors, device)
     for name in _HEAD:
         value = _get(on, name)
         setattr(layer, name, value.long() if name in _POSITIONS else value)
     if WARM_INDEX in parts:  # written before warm groups: every warm row in one entry
-        warm = {k: v.to(device) for k, v in parts[WARM_INDEX][0].items()}
+        warm = _moved(parts[WARM_INDEX][0], device)
         layer.keep_k, layer.keep_v = _get(warm, "keep_k"), _get(warm, "keep_v")
     else:
         _assemble_warm(layer, parts, device)
     pages = _pages(parts, SUM_BASE, LIVE_BASE, "sum_min.0")
-    sums = [{k: v.to(device) for k, v in parts[i][0].items()} for i in pages]
+    sums = [_moved(parts[i][0], device) for i in pages]
     H, D, Dv, B = layer.H, layer.D, layer.Dv, layer.plan.block
     for name in _SUMS:
         width = Dv if name == "sum_mean_v" else D
