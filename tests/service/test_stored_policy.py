@@ -75,15 +75,14 @@ def test_a_stored_session_keeps_its_settings_when_the_defaults_change(tmp_path, 
     assert "settings as stored: today's defaults" in show.output, show.output
 
 
-def test_without_its_settings_the_old_record_reads_with_todays_defaults(tmp_path, long_model, monkeypatch):
-    """A record written before records kept settings is read as before: with the current defaults. If those
-    changed the stored codecs, the call is refused as FAILED_PRECONDITION (not misread, nothing changed)."""
-    data = tmp_path / "d"
-    with running_server(data, long_model) as (c, _):
+def _old_session(data, model):
+    """Session "s" of HISTORY whose record lacks its settings, as a memsvc before `policy_config` wrote it.
+    Returns (its sampled reply, its export as stored)."""
+    with running_server(data, model) as (c, _):
         c.create_session("s", policy="tiered")
         c.append("s", tokens=HISTORY)
         before = _greedy(c, "s")
-    with Store(data) as store:  # the record without settings, as an older memsvc wrote it
+    with Store(data) as store:
         exp = store.export("s")
         rec = SessionRecord.from_bytes(exp.record)
         exp.record = dataclasses.replace(
@@ -91,6 +90,14 @@ def test_without_its_settings_the_old_record_reads_with_todays_defaults(tmp_path
         store.delete("s")
         store.import_session(exp)
         assert "policy_config" not in store.get("s").layout
+    return before, exp
+
+
+def test_without_its_settings_the_old_record_reads_with_todays_defaults(tmp_path, long_model, monkeypatch):
+    """A record written before records kept settings is read as before: with the current defaults. If those
+    changed the stored codecs, the call is refused as FAILED_PRECONDITION (not misread, nothing changed)."""
+    data = tmp_path / "d"
+    before, _ = _old_session(data, long_model)
     with running_server(data, long_model) as (c, _):
         assert _greedy(c, "s") == before
     monkeypatch.setitem(POLICIES, "tiered", lambda **kw: TieredPolicy(**{"boundary_key_codec": "k6v4_k", **kw}))
@@ -110,17 +117,8 @@ def test_upgrade_pins_the_settings_of_old_records(tmp_path, long_model, monkeypa
     """`sessions upgrade` gives a record without settings the ones it is read with now, changing nothing else:
     a later change of the defaults then no longer reaches it."""
     data = tmp_path / "d"
-    with running_server(data, long_model) as (c, _):
-        c.create_session("s", policy="tiered")
-        c.append("s", tokens=HISTORY)
-        before = _greedy(c, "s")
-    with Store(data) as store:  # the record without settings, as an older memsvc wrote it
-        exp = store.export("s")
-        rec = SessionRecord.from_bytes(exp.record)
-        exp.record = dataclasses.replace(
-            rec, layout={k: v for k, v in rec.layout.items() if k != "policy_config"}).to_bytes()
-        store.delete("s")
-        store.import_session(exp)
+    before, exp = _old_session(data, long_model)
+    with Store(data, readonly=True) as store:
         old = store.get("s")
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(data)])
     assert out.exit_code == 0 and "1 record(s) now keep their policy's settings" in out.output, out.output
