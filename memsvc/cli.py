@@ -337,13 +337,12 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
 
 def _settings_line(rec) -> str:
     """The session's stored policy settings that differ from this memsvc's defaults."""
-    config = rec.layout.get("policy_config")
-    if config is None:
-        return "(settings not stored: read with this memsvc's defaults)"
-    from memsvc.policies import get_policy, policy_config, stored_policy
+    from memsvc.policies import POLICY_CONFIG, get_policy, policy_config, record_policy
 
+    if POLICY_CONFIG not in rec.layout:
+        return "(settings not stored: read with this memsvc's defaults)"
     try:
-        today, used = policy_config(get_policy(rec.policy)), policy_config(stored_policy(rec.policy, config))
+        today, used = policy_config(get_policy(rec.policy)), policy_config(record_policy(rec))
     except ValueError as exc:
         return f"(settings this memsvc cannot use: {exc})"
     other = {k: v for k, v in used.items() if today[k] != v}
@@ -552,7 +551,7 @@ def sessions_upgrade(data_dir: str) -> None:
 
     Stop the server first: nothing else may have the store open."""
     from memsvc.cache.session import restate
-    from memsvc.policies import policy_config, stored_policy
+    from memsvc.policies import POLICY_CONFIG, policy_config, record_policy
     from memsvc.store.errors import StoreError
     from memsvc.store.lmdb_store import STORE_FORMAT, upgrade_store
 
@@ -567,12 +566,12 @@ def sessions_upgrade(data_dir: str) -> None:
         for sid in store.session_ids():
             try:
                 rec = store.get(sid)
-                policy = stored_policy(rec.policy, rec.layout.get("policy_config"))
+                policy = record_policy(rec)
                 if rec.layout.get("form") == "tiered" and restate(store, sid, policy, rec.layout):
                     split += 1
-                if "policy_config" not in rec.layout:
+                if POLICY_CONFIG not in rec.layout:
                     rec = store.get(sid)  # as restate left it
-                    layout = {**rec.layout, "policy_config": policy_config(policy)}
+                    layout = {**rec.layout, POLICY_CONFIG: policy_config(policy)}
                     store.commit(dataclasses.replace(rec, layout=layout), first_token=rec.n_tokens, tokens=[],
                                  blocks={})
                     pinned += 1

@@ -42,7 +42,7 @@ from .cache.cold import ColdStore
 from .cache.pages import decode, digest, is_cold_block, listed_parts, part_name
 from .cache.session import STATE_INDEX, StoreBlocks, TierKV
 from .kvcache import SessionKV
-from .policies import stored_policy
+from .policies import record_policy
 
 log = logging.getLogger("memsvc.repair")
 FEEDS = "feeds"  # record.extra key: the run-length encoded model calls of the cache
@@ -155,7 +155,7 @@ def rebuild(model, rec: SessionRecord, tokens: Sequence[int], feeds: Sequence[in
 
     until: cold blocks of a tiered session; the replay stops once it has made all of them (a cold block
     never changes once made) and returns the cold blocks made so far, no layer states (complete False)."""
-    policy = stored_policy(rec.policy, rec.layout.get("policy_config"))
+    policy = record_policy(rec)
     kv = _fresh_kv(model, policy, rec.layout)
     pos = 0
     early = until is not None and isinstance(kv, TierKV) and all(is_cold_block(k[1]) for k in until)

@@ -57,7 +57,7 @@ from .cache.cold import BlockCache, ColdStore
 from .cache.session import TierKV
 from .kvcache import SessionKV, dtype_name
 from .model import LoadedModel
-from .policies import get_policy, policy_config, stored_policy
+from .policies import POLICY_CONFIG, get_policy, policy_config, record_policy
 from .repair import FEEDS, CheckedBlocks, DamagedBlock, Unrepairable, recorded_feeds, repair_session, rle
 
 MAX_STOP_STRINGS = 16
@@ -305,7 +305,7 @@ class SessionManager:
             return live
         self._check_model(rec)
         try:
-            policy = stored_policy(rec.policy, rec.layout.get("policy_config"))
+            policy = record_policy(rec)
         except ValueError as exc:
             raise DataLoss(f"session {sid!r} cannot be read back: {exc}") from exc
         try:
@@ -476,7 +476,7 @@ class SessionManager:
             rec = SessionRecord(
                 id=sid, model_name=self.model.name, model_fingerprint=self.model.fingerprint, policy=pol.name,
                 created=now, updated=now, labels=dict(labels or {}), messages=[], ttl=ttl,
-                layout={**kv.layout(), "policy_config": policy_config(pol)},
+                layout={**kv.layout(), POLICY_CONFIG: policy_config(pol)},
             )
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc

@@ -65,14 +65,14 @@ def _cpu_has_bf16_dot() -> bool:
 
 
 _LOW_DTYPE = torch.bfloat16 if _cpu_has_bf16_dot() else torch.float32
+KEY_BF16_BITS = 6  # keys of at most 6 bits (a step of 1/63 of the row's range): q.k in bf16
+VALUE_BF16_BITS = 4  # values of at most 4 bits: p.v in bf16; 8-bit values and keys keep fp32
+
+
 class CodecMismatch(ValueError):
     """A stored cold block holds another codec's codes than the layer's policy decodes: the session was stored
     with other policy settings than it is read with (a record from before records kept them, read after a
     default changed). The service answers FAILED_PRECONDITION: the caller's request is not at fault."""
-
-
-KEY_BF16_BITS = 6  # keys of at most 6 bits (a step of 1/63 of the row's range): q.k in bf16
-VALUE_BF16_BITS = 4  # values of at most 4 bits: p.v in bf16; 8-bit values and keys keep fp32
 
 
 def _softmax_parts(parts: list[torch.Tensor]) -> list[torch.Tensor]:
