@@ -1,14 +1,16 @@
-# memsvc service image (CPU). For CUDA, install a CUDA torch build before `pip install .`.
+# memsvc service image (CPU): exactly the versions of requirements.lock (torch's CPU build from PyTorch's index).
+# For CUDA, install torch==2.13.0+cu128 from https://download.pytorch.org/whl/cu128 after the lock.
 FROM python:3.11-slim
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 MEMSVC_HOME=/var/lib/memsvc/home
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY memsvc memsvc
 COPY store store
 COPY kernels kernels
 COPY proto proto
 COPY clients clients
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu . \
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.lock \
+ && pip install --no-cache-dir --no-deps --no-build-isolation . \
  && memsvc model pull
 VOLUME ["/var/lib/memsvc"]
 # Binding 0.0.0.0 turns API keys on: the server refuses to start without them.

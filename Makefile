@@ -5,16 +5,17 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 50051
 DATA_DIR ?= ./data
+export PYTHON VENV
 
-.PHONY: venv run test test-slow proto bench peers peers-fidelity peers-speed clean
+.PHONY: venv lock run test test-slow proto bench peers peers-fidelity peers-speed clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install -e '.[dev]'
-	touch $@
+# exactly requirements.lock (checked each time: a venv made from another lock is made again)
+venv:
+	@tools/venv.sh
 
-venv: $(VENV)/.installed
+# resolve pyproject.toml's dependencies again in a new venv and rewrite requirements.lock
+lock:
+	tools/lock.sh
 
 run: venv
 	$(VENV)/bin/memsvc serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)

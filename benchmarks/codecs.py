@@ -205,7 +205,7 @@ def capture(m, ids: list[int]):
     finally:
         for h in hooks:
             h.remove()
-    cache = out.past_key_values
+    cache = out.cache
     keys = [cache.layers[i].keys[0].detach().clone() for i in range(len(layers))]
     values = [cache.layers[i].values[0].detach().clone() for i in range(len(layers))]
     queries, model_out = [], []
@@ -271,7 +271,7 @@ def nll(model, cache, ids: list[int], chunk: int = 128) -> tuple[float, int]:
         for t0 in range(0, len(ids) - 1, chunk):
             inp = x[:, t0 : min(t0 + chunk, len(ids) - 1)]
             tgt = x[:, t0 + 1 : t0 + 1 + inp.shape[1]]
-            logits = model(inp, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(inp, cache=cache, use_cache=True).logits.float()
             total += torch.nn.functional.cross_entropy(logits[0], tgt[0], reduction="sum").item()
             count += tgt.numel()
     return total, count
@@ -415,7 +415,7 @@ def main() -> None:
         else:
             log(f"segment {j}: prefill {prefix} tokens at offset {j * span}")
             with torch.no_grad():
-                c = model(torch.tensor([window[:prefix]]), use_cache=True).past_key_values
+                c = model(torch.tensor([window[:prefix]]), use_cache=True).cache
             pk = [c.layers[l].keys[0].clone() for l in range(n_layers)]
             pv = [c.layers[l].values[0].clone() for l in range(n_layers)]
         cont = window[prefix:]

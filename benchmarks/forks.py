@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from memsvc.cache.pages import is_cold_block, part_name
-from memsvc.clients import MemoryClient
+from memsvc.clients.client import MemoryClient
 from memsvc.corpus import haystack_tokens
 from memsvc.model import load_model
 from memsvc.server import create_server

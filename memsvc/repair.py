@@ -165,7 +165,7 @@ def rebuild(model, rec: SessionRecord, tokens: Sequence[int], feeds: Sequence[in
             continue
         part = torch.tensor([list(tokens[pos:pos + n])], dtype=torch.long, device=model.device)
         with kv.forward_context():
-            model.model(input_ids=part, past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
+            model.model(input_ids=part, cache=kv.cache, use_cache=True, logits_to_keep=1)
         pos += n
         if early and until <= kv.cache.cold.pending.keys():
             cold = dict(kv.cache.cold.pending)

@@ -418,7 +418,7 @@ class SessionManager:
         for lo in range(0, len(ids), self.prefill_chunk):
             part = torch.tensor([list(ids[lo:lo + self.prefill_chunk])], dtype=torch.long, device=self.model.device)
             with kv.forward_context():
-                out = self.model.model(input_ids=part, past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
+                out = self.model.model(input_ids=part, cache=kv.cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[0, -1]
             if feeds is not None:
                 feeds.append(part.shape[1])

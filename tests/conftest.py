@@ -77,7 +77,7 @@ def real_model(real_model_dir):
 @contextlib.contextmanager
 def running_server(data_dir: Path, model, **options):
     """An in-process server on 127.0.0.1:0; yields (client, server)."""
-    from memsvc.clients import MemoryClient
+    from memsvc.clients.client import MemoryClient
     from memsvc.server import create_server
 
     server, port = create_server("127.0.0.1:0", data_dir=data_dir, model=model, **options)

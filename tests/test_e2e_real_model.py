@@ -20,7 +20,7 @@ import time
 import pytest
 
 from memsvc.chat import generation_prompt_ids
-from memsvc.clients import MemoryClient
+from memsvc.clients.client import MemoryClient
 from memsvc.corpus import haystack_tokens, passkey_prompt
 
 PASSKEY = "71432"

@@ -1,19 +1,46 @@
 """The committed stubs match memsvc.proto; health and reflection answer."""
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from memsvc.proto.build import HERE, OUTPUTS, generate
+from memsvc.proto.build import HERE, OUTPUTS, generate, generator_version, stale
+
+LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
+
+
+def _locked(package: str) -> str:
+    for line in LOCK.read_text().splitlines():
+        if line.lower().startswith(package + "=="):
+            return line.split("==", 1)[1]
+    raise AssertionError(f"{package} is not in {LOCK}")
 
 
 def test_committed_stubs_are_current(tmp_path):
     generate(tmp_path)
-    for name in OUTPUTS:
-        assert (tmp_path / name).read_text() == (HERE / name).read_text(), f"{name} is stale: run `make proto`"
+    assert stale(HERE, tmp_path) == [], "the committed stubs are stale: run `make proto`"
+    # they come from the generator the lock pins; with that generator installed they match byte for byte
+    assert generator_version() == _locked("grpcio-tools")
+    if version("grpcio-tools") == _locked("grpcio-tools"):
+        for name in OUTPUTS:
+            assert (tmp_path / name).read_text() == (HERE / name).read_text(), name
+
+
+def test_stubs_check_fails_on_a_proto_edit_without_make_proto(tmp_path):
+    edited = tmp_path / "memsvc.proto"
+    edited.write_text((HERE / "memsvc.proto").read_text() + "\nmessage Unused { string note = 1; }\n")
+    generate(tmp_path / "out", proto=edited)
+    assert stale(HERE, tmp_path / "out") == ["memsvc_pb2.py", "memsvc_pb2.pyi"]  # no service changed
+    # a changed field number is caught too (it only changes the serialized descriptor)
+    src = (HERE / "memsvc.proto").read_text()
+    assert "ttl_seconds = 17;" in src
+    edited.write_text(src.replace("ttl_seconds = 17;", "ttl_seconds = 19;", 1))
+    generate(tmp_path / "out2", proto=edited)
+    assert "memsvc_pb2.py" in stale(HERE, tmp_path / "out2")
 
 
 def test_health_and_reflection(tiny_server):
@@ -31,7 +58,7 @@ def test_health_and_reflection(tiny_server):
 def test_async_client(tiny_server):
     import asyncio
 
-    from memsvc.clients import AsyncMemoryClient
+    from memsvc.clients.client import AsyncMemoryClient
 
     _, server = tiny_server
     port = server.memsvc_port

@@ -158,6 +158,10 @@ class Worker:
             torch.set_num_threads(threads)
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # transformers >= 5.25 names the cache argument `cache` (past_key_values is deprecated); the peers' venv
+        # pins an older transformers, whose argument is past_key_values
+        import inspect
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def new_cache(self, cell):
         from transformers import DynamicCache, QuantizedCache
@@ -183,8 +187,8 @@ class Worker:
         torch = self.torch
         x = torch.tensor([ids])
         position_ids = torch.arange(pos, pos + len(ids)).unsqueeze(0)
-        out = self.model(input_ids=x, past_key_values=cache, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=0 if all_logits else 1)
+        out = self.model(input_ids=x, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=0 if all_logits else 1, **{self.cache_arg: cache})
         return out.logits[0].float() if all_logits else out.logits[0, -1].float()
 
     def prefill(self, cell, cache):

@@ -2,7 +2,7 @@
 
     cache = TierCache(get_policy("tiered"), n_layers, dtype)
     with active(cache):
-        model(input_ids=..., past_key_values=cache)   # attention runs on the tiers
+        model(input_ids=..., cache=cache)   # attention runs on the tiers
     cache.end_prompt()                                # SnapKV-style policies compress here
 
 `snapshot()` / `restore()` undo everything since the snapshot (an uncommitted

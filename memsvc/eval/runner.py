@@ -65,7 +65,7 @@ class PolicyRun:
         with active(cache if isinstance(cache, TierCache) else None):
             for lo in range(0, len(ids), self.chunk):
                 part = torch.tensor([ids[lo:lo + self.chunk]], device=self.m.device)
-                out = self.m.model(input_ids=part, past_key_values=cache, use_cache=True,
+                out = self.m.model(input_ids=part, cache=cache, use_cache=True,
                                    logits_to_keep=0 if all_logits else 1)
                 outs.append(out.logits[0].float())
         return torch.cat(outs) if all_logits else outs[-1][-1]

@@ -42,7 +42,7 @@ def _run(model, cache, ids, chunk=37):
     with active(cache if isinstance(cache, TierCache) else None):
         for lo in range(0, len(ids), chunk):
             part = torch.tensor([ids[lo:lo + chunk]])
-            out = model(input_ids=part, past_key_values=cache, use_cache=True).logits[0, -1]
+            out = model(input_ids=part, cache=cache, use_cache=True).logits[0, -1]
     return out
 
 

@@ -21,6 +21,6 @@ def served(data_dir: Path, model, address: str = "127.0.0.1:0", **options):
 
 
 def client(port: int, **kwargs):
-    from memsvc.clients import MemoryClient
+    from memsvc.clients.client import MemoryClient
 
     return MemoryClient(f"127.0.0.1:{port}", timeout=120, **kwargs)

@@ -254,7 +254,7 @@ def test_tls_serves_with_a_certificate(tmp_path, tiny_model):
 def test_async_client_sends_its_key(tenants):
     import asyncio
 
-    from memsvc.clients import AsyncMemoryClient
+    from memsvc.clients.client import AsyncMemoryClient
 
     _, port, alice, _ = tenants
     alice.create_session("a")

@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from memsvc.cli import main
-from memsvc.clients import MemoryClient
+from memsvc.clients.client import MemoryClient
 from memsvc.store.lmdb_store import Store
 
 SESSIONS = ("c0", "c1", "c2")

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from click.testing import CliRunner
 
-from memsvc.clients import MemoryClient
+from memsvc.clients.client import MemoryClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
