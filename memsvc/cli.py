@@ -9,7 +9,6 @@ its next restart). Nothing imports this module.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -337,7 +336,7 @@ def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
 
 def _settings_line(rec) -> str:
     """The session's stored policy settings that differ from this memsvc's defaults."""
-    from memsvc.policies import POLICY_CONFIG, get_policy, policy_config, record_policy
+    from memsvc.cache import POLICY_CONFIG, get_policy, policy_config, record_policy
 
     if POLICY_CONFIG not in rec.layout:
         return "(settings not stored: read with this memsvc's defaults)"
@@ -550,8 +549,7 @@ def sessions_upgrade(data_dir: str) -> None:
     (this memsvc's defaults), so that later defaults cannot change how it is read.
 
     Stop the server first: nothing else may have the store open."""
-    from memsvc.cache.session import restate
-    from memsvc.policies import POLICY_CONFIG, policy_config, record_policy
+    from memsvc.cache.upgrade import upgrade_session
     from memsvc.store.errors import StoreError
     from memsvc.store.lmdb_store import STORE_FORMAT, upgrade_store
 
@@ -565,18 +563,12 @@ def sessions_upgrade(data_dir: str) -> None:
     with _open_store(data_dir, readonly=False) as store:
         for sid in store.session_ids():
             try:
-                rec = store.get(sid)
-                policy = record_policy(rec)
-                if rec.layout.get("form") == "tiered" and restate(store, sid, policy, rec.layout):
-                    split += 1
-                if POLICY_CONFIG not in rec.layout:
-                    rec = store.get(sid)  # as restate left it
-                    layout = {**rec.layout, POLICY_CONFIG: policy_config(policy)}
-                    store.commit(dataclasses.replace(rec, layout=layout), first_token=rec.n_tokens, tokens=[],
-                                 blocks={})
-                    pinned += 1
+                done = upgrade_session(store, sid)
             except (StoreError, ValueError) as exc:
                 click.echo(f"session {sid!r} left as it is: {exc}", err=True)
+                continue
+            split += bool(done.entries)
+            pinned += done.pinned
     click.echo(f"{split} tiered session(s) rewrote their layer states in the current layout")
     click.echo(f"{pinned} record(s) now keep their policy's settings")
 

@@ -38,7 +38,6 @@ from memsvc.store.lmdb_store import Store
 
 from .alloc import keep_heap
 from .auth import KeyRing, Tenant, bearer_key, is_loopback
-from .cache.layer import CodecMismatch
 from .errors import Cancelled, InvalidArgument, ServiceError
 from .limits import LimitExceeded, Limits, Quotas
 from .logs import configure_rpc_log, log_rpc
@@ -164,8 +163,6 @@ class MemoryServicer:
             code = _stopped(context)
         elif isinstance(exc, ServiceError):
             code = getattr(grpc.StatusCode, exc.code)
-        elif isinstance(exc, CodecMismatch):  # the stored session, not the request
-            code = grpc.StatusCode.FAILED_PRECONDITION
         elif isinstance(exc, ValueError):
             code = grpc.StatusCode.INVALID_ARGUMENT
         else:

@@ -1,8 +1,13 @@
-"""memsvc.cache: the tiered, attention-guided KV cache a session's model attends over."""
-from .attention import active, use_memsvc_attention
-from .cache import TierCache, fp16_bytes_per_token
-from .cold import ColdStore, FileBlocks, MemoryBlocks
-from .policies import DEFAULT_POLICY, EVICTION, POLICIES, get_policy
+"""memsvc.cache: a session's KV cache. One `SessionCache` surface (base.py), the full and tiered caches beside it
+(full.py, tiered/), a factory that picks one from a policy (factory.py), the policies (policies/), the one
+forward path (forward.py) and where the caches read stored entries (storage.py)."""
+from .base import Backing, Changes, KVShape, SessionCache, fp16_bytes_per_token
+from .factory import cache_class, entry_name, expected_entries, is_final, load_cache, new_cache, same_entry
+from .forward import run
+from .policies import DEFAULT_POLICY, EVICTION, POLICIES, POLICY_CONFIG, get_policy, policy_config, record_policy
+from .storage import CheckedEntries, DamagedBlock, NoEntries, StoreEntries
 
-__all__ = ["TierCache", "ColdStore", "FileBlocks", "MemoryBlocks", "active", "use_memsvc_attention",
-           "fp16_bytes_per_token", "POLICIES", "DEFAULT_POLICY", "EVICTION", "get_policy"]
+__all__ = ["Backing", "Changes", "KVShape", "SessionCache", "fp16_bytes_per_token", "cache_class", "entry_name", "expected_entries",
+           "is_final", "load_cache", "new_cache", "same_entry", "run", "DEFAULT_POLICY", "EVICTION", "POLICIES",
+           "POLICY_CONFIG", "get_policy", "policy_config", "record_policy", "CheckedEntries", "DamagedBlock",
+           "NoEntries", "StoreEntries"]

@@ -1,7 +1,7 @@
 """The `memsvc` attention function, registered with transformers' AttentionInterface.
 
 A model whose `config._attn_implementation` is "memsvc" calls `memsvc_attention`
-in every attention layer. While a `TierCache` is active in this thread
+in every attention layer. While a `TieredCache` is active in this thread
 (`with active(cache):`), attention reads that cache's tiers (its layer's
 `attend`, then `settle`); otherwise it is exactly SDPA with the SDPA mask, so
 one loaded model serves tiered and plain sessions side by side.
@@ -44,5 +44,6 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def use_memsvc_attention(model) -> None:
-    """Switch a loaded transformers model to the memsvc attention function."""
-    model.set_attn_implementation(NAME)
+    """Switch a loaded transformers model to the memsvc attention function (once)."""
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        model.set_attn_implementation(NAME)

@@ -21,9 +21,9 @@ import sys
 import time
 
 from memsvc import corpus
-from memsvc.cache import EVICTION, TierCache
+from memsvc.cache import EVICTION
 
-from .runner import PolicyRun, restore, snapshot
+from .runner import PolicyRun
 
 ANSWER_PREFIX = "The pass key is"
 
@@ -101,9 +101,9 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
             else:
                 logits = run.forward(cache, prompt)
             run.end_prompt(cache)
-            snap = snapshot(cache)
+            snap = cache.checkpoint()
             lp = run.teacher_logprob(cache, logits, answer)
-            restore(cache, snap)
+            cache.restore(snap)
             out, _ = run.decode_greedy(cache, logits, n_new)
             run.flush(cache)
             res = run.measure(cache)
@@ -123,7 +123,7 @@ def run_grid(loaded, policies: list[str], lengths: list[int], depths: list[float
 
 def _cold_reads(cache) -> int:
     """Cold blocks read so far, summed over layers (0 for `full`)."""
-    return cache.stats()["cold_blocks_read"] if isinstance(cache, TierCache) else 0
+    return cache.stats().get("cold_blocks_read", 0)
 
 
 def summarize(rows: list[dict], fp16_per_token: int) -> list[dict]:

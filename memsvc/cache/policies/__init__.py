@@ -34,6 +34,7 @@ POLICIES: dict[str, Callable] = {
 }
 
 DEFAULT_POLICY = "tiered"
+POLICY_CONFIG = "policy_config"  # the record's layout key for its policy's settings
 EVICTION = ("streaming", "h2o", "snapkv", "pyramidkv")
 
 
@@ -75,5 +76,11 @@ def stored_policy(name: str, config: dict | None = None):
     return get_policy(name, **pinned)
 
 
-__all__ = ["POLICIES", "DEFAULT_POLICY", "EVICTION", "LayerPlan", "get_policy", "policy_config", "stored_policy",
+def record_policy(rec):
+    """The policy a stored session (its SessionRecord) is read with: its own settings where its record keeps them
+    (see `stored_policy`). ValueError for a policy or settings this memsvc cannot use."""
+    return stored_policy(rec.policy, rec.layout.get(POLICY_CONFIG))
+
+
+__all__ = ["POLICY_CONFIG", "record_policy", "POLICIES", "DEFAULT_POLICY", "EVICTION", "LayerPlan", "get_policy", "policy_config", "stored_policy",
            "FullPolicy", "QuantizedPolicy", "TieredPolicy", "StreamingPolicy", "H2OPolicy", "SnapKVPolicy", "PyramidKVPolicy"]

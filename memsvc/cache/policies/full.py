@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .plan import LayerPlan, check_budget
 
@@ -9,6 +10,7 @@ from .plan import LayerPlan, check_budget
 @dataclass(frozen=True)
 class FullPolicy:
     name: str = "full"
+    cache: ClassVar[str] = "full"  # the cache class that holds its sessions (memsvc.cache.factory)
     block_tokens: int = 64  # tokens per stored KV block
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ competes with the kept heavy hitters; the lowest cumulative score is evicted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .plan import LayerPlan, check_budget
 
@@ -14,6 +15,7 @@ from .plan import LayerPlan, check_budget
 @dataclass(frozen=True)
 class H2OPolicy:
     name: str = "h2o"
+    cache: ClassVar[str] = "tiered"  # the cache class that holds its sessions (memsvc.cache.factory)
     budget: int = 512  # resident tokens per head
     recent_fraction: float = 0.5
     block_tokens: int = 64

@@ -8,6 +8,7 @@ first `sink` tokens stay exact (set sink=0 for the plain codec).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .plan import LayerPlan, check_budget
 
@@ -15,6 +16,7 @@ from .plan import LayerPlan, check_budget
 @dataclass(frozen=True)
 class QuantizedPolicy:
     name: str = "k6v4"
+    cache: ClassVar[str] = "tiered"  # the cache class that holds its sessions (memsvc.cache.factory)
     key_codec: str = "k6v4_k"
     value_codec: str = "k6v4_v"
     hot: int = 128

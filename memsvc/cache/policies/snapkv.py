@@ -9,6 +9,7 @@ evicted. Generated tokens are appended until the next prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .plan import LayerPlan, check_budget
 
@@ -16,6 +17,7 @@ from .plan import LayerPlan, check_budget
 @dataclass(frozen=True)
 class SnapKVPolicy:
     name: str = "snapkv"
+    cache: ClassVar[str] = "tiered"  # the cache class that holds its sessions (memsvc.cache.factory)
     budget: int = 512  # resident tokens per head after each prompt
     window: int = 32
     pool: int = 7

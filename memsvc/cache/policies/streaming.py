@@ -6,6 +6,7 @@ that leaves the window is evicted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .plan import LayerPlan, check_budget
 
@@ -13,6 +14,7 @@ from .plan import LayerPlan, check_budget
 @dataclass(frozen=True)
 class StreamingPolicy:
     name: str = "streaming"
+    cache: ClassVar[str] = "tiered"  # the cache class that holds its sessions (memsvc.cache.factory)
     budget: int = 512  # resident tokens per head
     sink: int = 4
     block_tokens: int = 64

@@ -27,6 +27,7 @@ from .plan import LayerPlan, check_budget
 @dataclass(frozen=True)
 class TieredPolicy:
     name: str = "tiered"
+    cache: ClassVar[str] = "tiered"  # the cache class that holds its sessions (memsvc.cache.factory)
     sink: int = 4
     hot: int = 256
     warm: int = 256

@@ -9,12 +9,12 @@ KV entry indices of one layer (cold blocks are 0, 1, 2, ... below PART_BASE):
 - SUM_BASE + g: the 8-bit summaries of cold blocks [SUM_PAGE*g, SUM_PAGE*(g+1)): only the last
   page grows (a state written with another page size still loads: pages hold their first block);
 - LIVE_BASE + g: the live masks of the same blocks: the last page grows, and an older one
-  changes when a warm token goes back to one of its blocks (summary pages written before live
-  pages hold the masks themselves);
+  changes when a warm token goes back to one of its blocks;
 - HOT_BASE + p: the hot tokens at positions [HOT_PAGE*p, HOT_PAGE*(p+1)), exactly the ones
   still hot; a page that empties is dropped.
 
-(States written before warm groups hold all warm rows in one entry, WARM_INDEX; they still load.)
+States of older layouts (stored whole, all warm rows in one entry at WARM_INDEX, live masks inside the
+summary pages) are read by memsvc.cache.tiered.upgrade, which turns them into these parts.
 
 A part is identified by a digest of its tensors and metadata: the session remembers the digest
 of every stored part (a resumed one reads them from the heads) and writes a part only when its
@@ -22,13 +22,13 @@ digest changed (or it is new).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 from collections.abc import Callable
 
 import torch
+
+from .partcodec import Part, digest
 
 PART_BASE = 0x80000000  # indices at or above this are state parts, below are cold blocks
 SUM_BASE = 0x80000000
@@ -67,7 +67,6 @@ def part_name(index: int) -> str:
     return str(index)
 
 
-Part = tuple[dict[str, torch.Tensor], dict[str, str], int]  # tensors, metadata, tokens it holds
 
 
 def _put(tensors: dict, name: str, value) -> None:
@@ -98,21 +97,21 @@ def _take(value, idx: torch.Tensor):
     return tuple(t[idx] for t in value) if isinstance(value, tuple) else value[idx]
 
 
-def _warm_groups(layer) -> dict[int, Part]:
+def warm_groups(pos: torch.Tensor, keep_k, keep_v, sink: int, block: int) -> dict[int, Part]:
     """group -> part: every head's warm rows of tokens from cold blocks [WARM_GROUP*g, WARM_GROUP*(g+1)),
-    ordered by (head, position): tensors head [r] uint8, pos [r], k and v rows [r, D] (or 8-bit triples)."""
-    pos = layer.keep_pos  # [H, m]
+    ordered by (head, position): tensors head [r] uint8, pos [r], k and v rows [r, D] (or 8-bit triples).
+    pos: keep_pos [H, m]; keep_k / keep_v: [H, m, D] (or 8-bit triples) in its order."""
     H, m = pos.shape
     if not m:
         return {}
     heads = torch.arange(H, device=pos.device).unsqueeze(1).expand(H, m).reshape(-1)  # [H*m]
     flat = pos.reshape(-1)
-    group = (flat - layer.plan.sink).clamp(min=0) // (layer.plan.block * WARM_GROUP)
+    group = (flat - sink).clamp(min=0) // (block * WARM_GROUP)
     order = torch.argsort((group * H + heads) * (int(flat.max()) + 1) + flat)  # by group, head, position
     # one gather per tensor in (group, head, position) order, then each group's rows as a slice of it
     cols = {"head": heads[order].to(torch.uint8), "pos": flat[order]}
-    _put(cols, "k", _take(_flat(layer.keep_k, H * m), order))
-    _put(cols, "v", _take(_flat(layer.keep_v, H * m), order))
+    _put(cols, "k", _take(_flat(keep_k, H * m), order))
+    _put(cols, "v", _take(_flat(keep_v, H * m), order))
     groups, counts = torch.unique_consecutive(group[order], return_counts=True)
     counts = counts.tolist()
     pieces = {name: t.split(counts) for name, t in cols.items()}  # name -> one view per group
@@ -176,7 +175,7 @@ def layer_parts(layer, skip: frozenset[int] | set[int] = frozenset()) -> dict[in
             lo, hi = max(first, p * HOT_PAGE) - first, min(last + 1, (p + 1) * HOT_PAGE) - first
             tensors = {"k": layer.hot_k[:, lo:hi].contiguous(), "v": layer.hot_v[:, lo:hi].contiguous()}
             parts[HOT_BASE + p] = (tensors, {"first": str(first + lo)}, hi - lo)
-    parts |= _warm_groups(layer)
+    parts |= warm_groups(layer.keep_pos, layer.keep_k, layer.keep_v, layer.plan.sink, layer.plan.block)
     return parts
 
 
@@ -259,89 +258,6 @@ def listed_digests(head: Part) -> dict[int, bytes] | None:
     return {i: bytes(row.tolist()) for i, row in zip(listed, table)}
 
 
-def _data(t: torch.Tensor):
-    """A CPU tensor's bytes, as a buffer (no copy when it is contiguous)."""
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def digest(part: Part) -> bytes:
-    """16 bytes over a part's metadata and tensors (names, dtypes, shapes, contents)."""
-    tensors, meta, _ = part
-    h = hashlib.blake2b(json.dumps(meta, sort_keys=True).encode(), digest_size=16)
-    for name in sorted(tensors):
-        t = tensors[name].cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(_data(t))  # the bytes, through the buffer protocol
-    return h.digest()
-
-
-def encode(part: Part) -> bytes:
-    """A part as safetensors bytes: the header (metadata, then each tensor's dtype, shape and data offsets, in
-    name order; padded with spaces to 8 bytes), then the tensors' data in that order. Written here rather than by
-    safetensors.torch.save, which takes about twice as long for parts this small; `safetensors` reads it
-    alike."""
-    tensors, meta, _ = part
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise ValueError(f"safetensors metadata maps strings to strings, got {meta!r}")
-    header: dict = {"__metadata__": meta} if meta else {}
-    data, at = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].cpu()
-        if t.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r} has a dtype safetensors does not store: {t.dtype}")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
-        data.append(_data(t))
-        at += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return b"".join([len(head).to_bytes(8, "little"), head, *data])
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
-
-
-def decode(raw: bytes) -> Part:
-    """Stored bytes (safetensors, as `encode` writes them) -> part (tokens unknown: 0). ValueError when they do
-    not parse. One copy of the data for the whole part: its tensors are views of that copy. Parts of one kind
-    share their header (a layer's summary pages, hot pages, ...): it is parsed and checked once."""
-    try:
-        n = int.from_bytes(raw[:8], "little")
-        if len(raw) < 8 + n:
-            raise ValueError("the header runs past the end")
-        meta, specs, end = _layout(bytes(raw[8:8 + n]))
-        data = bytearray(raw[8 + n:])
-        if end > len(data):
-            raise ValueError(f"the tensors need {end} bytes of data, the part has {len(data)}")
-        tensors = {name: torch.frombuffer(data, dtype=dtype, count=count, offset=lo).reshape(shape) if count
-                   else torch.empty(shape, dtype=dtype) for name, dtype, shape, lo, count in specs}
-    except Exception as exc:  # noqa: BLE001 - bad JSON, keys, types or offsets
-        raise ValueError(f"a layer state part does not parse: {exc}") from exc
-    return tensors, dict(meta), 0
-
-
-@functools.lru_cache(maxsize=1024)
-def _layout(header: bytes) -> tuple[dict, tuple, int]:
-    """A safetensors header -> (metadata, ((name, dtype, shape, offset, count), ...), bytes of data it needs)."""
-    doc = json.loads(header)
-    meta = doc.pop("__metadata__", None) or {}
-    specs, end = [], 0
-    for name, spec in doc.items():
-        dtype, shape = _ST_DTYPES[spec["dtype"]], [int(x) for x in spec["shape"]]
-        lo, hi = (int(x) for x in spec["data_offsets"])
-        count = math.prod(shape)
-        if not 0 <= lo <= hi or hi - lo != count * dtype.itemsize:
-            raise ValueError(f"tensor {name!r} has data offsets {lo}..{hi} for shape {shape} {spec['dtype']}")
-        specs.append((name, dtype, shape, lo, count))
-        end = max(end, hi)
-    return meta, tuple(specs), end
-
-
 def listed_parts(head_meta: dict) -> list[int] | None:
     """The part indices a head lists (None for a state stored whole, before parts)."""
     if head_meta.get("paged") != "1":
@@ -372,11 +288,7 @@ def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dt
     for name in _HEAD:
         value = _get(on, name)
         setattr(layer, name, value.long() if name in _POSITIONS else value)
-    if WARM_INDEX in parts:  # written before warm groups: every warm row in one entry
-        warm = _moved(parts[WARM_INDEX][0], device)
-        layer.keep_k, layer.keep_v = _get(warm, "keep_k"), _get(warm, "keep_v")
-    else:
-        _assemble_warm(layer, parts, device)
+    _assemble_warm(layer, parts, device)
     pages = _pages(parts, SUM_BASE, LIVE_BASE, "sum_min.0")
     sums = [_moved(parts[i][0], device) for i in pages]
     H, D, Dv, B = layer.H, layer.D, layer.Dv, layer.plan.block
@@ -387,13 +299,11 @@ def assemble(layer, head: Part, parts: dict[int, Part], device: torch.device, dt
                  torch.empty(0, H, 1, dtype=torch.float16, device=device))
         rows = [_get(s, name) for s in sums]
         setattr(layer, name, tuple(torch.cat([e] + [r[i] for r in rows]) for i, e in enumerate(empty)))
-    lives = [s for s in sums if "live" in s]  # summary pages written before live pages hold the masks
-    if not lives:
-        lives = [{"live": parts[i][0]["live"].to(device)} for i in _pages(parts, LIVE_BASE, WARM_BASE, "live")]
+    lives = [{"live": parts[i][0]["live"].to(device)} for i in _pages(parts, LIVE_BASE, WARM_BASE, "live")]
     layer.live = torch.cat([torch.empty(0, H, B, dtype=torch.bool, device=device)] + [s["live"] for s in lives])
     if layer.live.shape[0] != layer.n_blocks:
         raise ValueError(f"summary pages hold {layer.live.shape[0]} blocks, the state says {layer.n_blocks}")
-    hot = sorted(i for i in parts if i >= HOT_BASE and i != WARM_INDEX and i != HEAD_INDEX)
+    hot = sorted(i for i in parts if HOT_BASE <= i < WARM_INDEX)
     ks = [parts[i][0]["k"].to(device) for i in hot]
     vs = [parts[i][0]["v"].to(device) for i in hot]
     starts = [int(parts[i][1]["first"]) for i in hot]
