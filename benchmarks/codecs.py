@@ -61,11 +61,11 @@ from typing import Callable
 import torch
 
 from memsvc.corpus import haystack_tokens
-from memsvc.kernels.attention import packed_attention
-from memsvc.kernels.codec import Codec, use_reference
-from memsvc.kernels.lowrank import LowRankCodec
+from memsvc.kernels.codec import Codec
+from memsvc.kernels.dispatch import packed_attention, use_reference
+from memsvc.kernels.lowrank_codec import LowRankCodec
 from memsvc.kernels.registry import get_codec
-from memsvc.kernels.sparse_outliers import SparseOutlierCodec
+from memsvc.kernels.sparse_outliers_codec import SparseOutlierCodec
 from memsvc.model import load_model
 
 Factory = Callable[[int], Codec]  # layer -> codec

@@ -1,6 +1,6 @@
 """Decode-step attention that reads packed KV blocks directly.
 
-`packed_attention(q [H_q, D], keys, values, key_codec=..., value_codec=...)`
+`packed_attention_reference(q [H_q, D], keys, values, key_codec=..., value_codec=...)`
 computes softmax(q·kᵀ·scale)·v over a list of blocks `[H_kv, T_i, D]` (GQA:
 query head h reads KV head h // (H_q / H_kv)). A block is either a `Packed`
 record of the given codec or a plain float tensor (the uncompressed hot window,
@@ -23,19 +23,21 @@ granularity for dequantization: a block with at least one surviving row is
 decoded whole (the codecs have no row-wise decode).
 
 The math of each block (scores; fused online update; weighted sum of values) is
-an `_Ops` backend: pure torch here, Triton in `attention_triton.py`, same
-signatures; `use_reference()` picks. This module knows nothing of sessions,
-tiers, retrieval or which blocks to include: callers pass the blocks to attend.
+an `_Ops` backend: pure torch here, Triton in `attention_triton.py`
+(`packed_attention_triton`, same signature); `dispatch.packed_attention` picks.
+This module knows nothing of sessions, tiers, retrieval or which blocks to
+include: callers pass the blocks to attend. (The service attends in
+memsvc/cache/layer.py; this path serves benchmarks/codecs.py's cross-check.)
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import torch
 
-from .codec import Codec, Packed, use_reference
+from .codec import Packed
 
 Block = Packed | torch.Tensor
 
@@ -97,36 +99,12 @@ TORCH_OPS = _Ops(_scores_torch, _online_torch, _weighted_torch)
 
 
 # ---------------------------------------------------------------------------
-# public entry points
-
-
-def packed_attention(
-    q: torch.Tensor,
-    keys: Sequence[Block],
-    values: Sequence[Block],
-    *,
-    key_codec: Codec | None,
-    value_codec: Codec | None,
-    scale: float | None = None,
-    v_skip_threshold: float = 0.0,
-) -> tuple[torch.Tensor, AttentionStats]:
-    """q: [H_q, D]; keys/values: blocks [H_kv, T_i, D] -> (out [H_q, D] in q.dtype, stats).
-
-    Torch reference or Triton per `use_reference()`; both give the same result.
-    """
-    if use_reference():
-        return packed_attention_reference(
-            q, keys, values, key_codec=key_codec, value_codec=value_codec, scale=scale, v_skip_threshold=v_skip_threshold
-        )
-    from .attention_triton import packed_attention_triton
-
-    return packed_attention_triton(
-        q, keys, values, key_codec=key_codec, value_codec=value_codec, scale=scale, v_skip_threshold=v_skip_threshold
-    )
+# the reference entry point
 
 
 def packed_attention_reference(q, keys, values, *, key_codec, value_codec, scale=None, v_skip_threshold=0.0):
-    """The pure-torch path of `packed_attention` (same signature)."""
+    """q: [H_q, D]; keys/values: blocks [H_kv, T_i, D] (Packed of key_codec / value_codec, or float tensors)
+    -> (out [H_q, D] in q.dtype, AttentionStats). key_codec / value_codec: a codec or None (plain blocks only)."""
     return attend(q, keys, values, key_codec, value_codec, scale, v_skip_threshold, TORCH_OPS)
 
 

@@ -1,7 +1,7 @@
-"""Triton backend of `attention.packed_attention`: the per-block math as kernels.
+"""Triton twin of `attention.packed_attention_reference`: the per-block math as kernels.
 
-Same signature and result as `attention.packed_attention_reference`; the block
-loop, decoding, rotation and sparse-V selection are shared (`attention.attend`),
+Same signature, and the same result within float rounding; the block loop,
+decoding, rotation and sparse-V selection are shared (`attention.attend`),
 the kernels do the scores, the fused online-softmax update and the weighted sum
 of values over one dequantized tile of keys/values at a time. One program per
 query head; it reads KV head `hq // G`. A query is one vector, so the inner
@@ -118,5 +118,5 @@ TRITON_OPS = _Ops(_scores_triton, _online_triton, _weighted_triton)
 
 
 def packed_attention_triton(q, keys, values, *, key_codec, value_codec, scale=None, v_skip_threshold=0.0):
-    """The Triton path of `attention.packed_attention` (same signature and result)."""
+    """The Triton twin of `attention.packed_attention_reference` (same signature; `dispatch.packed_attention` picks)."""
     return attend(q, keys, values, key_codec, value_codec, scale, v_skip_threshold, TRITON_OPS)

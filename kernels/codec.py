@@ -11,13 +11,15 @@ This module knows nothing about sessions, tiers, storage or models. It defines:
   `from_bytes`) so that `nbytes(p) == len(p.to_bytes())`: what we report is
   what would be stored;
 - `Codec`: the protocol each codec file implements;
-- `use_reference()`: the switch that forces the pure-torch path everywhere.
+- `nest_packed` / `unnest_packed`: one record stored inside another (codecs that
+  compose another codec: low-rank latents, the dense part of sparse outliers).
+
+Which implementation (pure torch or Triton) runs is `dispatch.py`'s business.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -43,19 +45,6 @@ _DTYPES: dict[torch.dtype, int] = {
 }
 _DTYPE_BY_CODE = {v: k for k, v in _DTYPES.items()}
 _DTYPE_NAMES = {str(k).removeprefix("torch."): k for k in _DTYPES}
-
-
-def use_reference() -> bool:
-    """True when the pure-torch reference path must be used instead of Triton.
-
-    Set `MEMSVC_KERNELS=reference` to force it; without a CUDA device and
-    without `TRITON_INTERPRET=1` the reference path is the only one that runs.
-    """
-    if os.environ.get("MEMSVC_KERNELS", "").lower() == "reference":
-        return True
-    if os.environ.get("MEMSVC_KERNELS", "").lower() == "triton":
-        return False
-    return not torch.cuda.is_available()
 
 
 @dataclass
@@ -209,3 +198,28 @@ class Codec(Protocol):
     def nbytes(self, p: Packed) -> int:
         """All bytes stored for p (== len(p.to_bytes()))."""
         ...
+
+
+def nest_packed(prefix: str, inner: Packed) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten `inner` into (tensors, meta) entries of an outer record under `prefix.`."""
+    tensors = {f"{prefix}.{k}": v for k, v in inner.tensors.items()}
+    meta = {
+        "codec": inner.codec,
+        "shape": list(inner.shape),
+        "dtype": str(inner.dtype).removeprefix("torch."),
+        "meta": inner.meta,
+    }
+    return tensors, meta
+
+
+def unnest_packed(prefix: str, outer: Packed, meta: dict) -> Packed:
+    """Inverse of `nest_packed`: rebuild the inner record from `outer`."""
+    cut = len(prefix) + 1
+    tensors = {k[cut:]: v for k, v in outer.tensors.items() if k.startswith(prefix + ".")}
+    return Packed(
+        codec=meta["codec"],
+        shape=tuple(meta["shape"]),
+        dtype=getattr(torch, meta["dtype"]),
+        tensors=tensors,
+        meta=meta["meta"],
+    )

@@ -12,7 +12,7 @@ required to be a power of two). Products are `tl.dot` in IEEE fp32
 (`input_precision="ieee"`: no TF32 on the GPU), so results agree with the torch
 matmul within float rounding, not bit for bit (the summation order differs).
 
-Imported lazily by `lowrank.py`: `TRITON_INTERPRET=1` must be set before this
+Imported lazily by `dispatch.py`: `TRITON_INTERPRET=1` must be set before this
 module is first imported for the kernels to run on CPU.
 """
 from __future__ import annotations

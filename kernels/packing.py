@@ -13,18 +13,15 @@ Internally a row is cut into *cells* of `g` codes that fill exactly `nb` whole
 bytes (`g * bits == 8 * nb`); a row whose length is not a multiple of `g` is
 padded with zero codes, and the trailing all-zero bytes are cut off again.
 
-This module knows nothing about quantization: it moves bits. `pack_bits` /
-`unpack_bits` dispatch on `codec.use_reference()` between the pure-torch
-reference here and the Triton kernels in `packing_triton.py` (imported lazily,
-so that `TRITON_INTERPRET=1` set by a test before the first call takes effect).
+This module knows nothing about quantization: it moves bits. It is the
+pure-torch reference; `packing_triton.py` is its Triton twin (same signatures,
+same bytes), and `dispatch.pack_bits` / `dispatch.unpack_bits` pick one.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-
-from .codec import use_reference
 
 SUPPORTED_BITS = (1, 2, 3, 4, 6, 8)
 
@@ -162,37 +159,3 @@ def unpack_bits_reference(packed: torch.Tensor, bits: int, n: int) -> torch.Tens
         hi = (w & high).bitwise_left_shift_(shift)
         w.bitwise_and_(low).bitwise_or_(hi)
     return _trim(w.view(torch.uint8), n)
-
-
-def pack_bits_triton(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Same contract as `pack_bits_reference`, computed by a Triton kernel."""
-    from .packing_triton import pack_bits_triton as impl
-
-    _check_codes(codes, bits, check_range=True)
-    return impl(codes, bits)
-
-
-def unpack_bits_triton(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Same contract as `unpack_bits_reference`, computed by a Triton kernel."""
-    from .packing_triton import unpack_bits_triton as impl
-
-    _check_packed(packed, bits, n)
-    return impl(packed, bits, n)
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: uint8 [..., N] with values < 2**bits -> uint8 [..., ceil(N * bits / 8)].
-
-    bits in {1, 2, 3, 4, 6, 8}; little-endian bit order; ValueError on bad bits
-    or out-of-range codes.
-    """
-    if use_reference():
-        return pack_bits_reference(codes, bits)
-    return pack_bits_triton(codes, bits)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The inverse of `pack_bits`: uint8 [..., ceil(n * bits / 8)] -> uint8 [..., n]."""
-    if use_reference():
-        return unpack_bits_reference(packed, bits, n)
-    return unpack_bits_triton(packed, bits, n)

@@ -6,7 +6,7 @@ gathers a cell's g codes into one int32 word (at most 24 bits used) and writes
 the word's nb low bytes. Unpacking reverses it. The wrappers do the padding and
 the final trim, so the kernels only see whole cells.
 
-Imported lazily by `packing.py`: `TRITON_INTERPRET=1` must be set before this
+Imported lazily by `dispatch.py`: `TRITON_INTERPRET=1` must be set before this
 module is first imported for the kernels to run on CPU.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .packing import _pad_last, _trim, cell, packed_size
+from .packing import _check_codes, _check_packed, _pad_last, _trim, cell, packed_size
 
 BLOCK = 256  # cells per program
 
@@ -49,7 +49,8 @@ def _unpack_kernel(packed_ptr, out_ptr, n_cells, BITS: tl.constexpr, G: tl.const
 
 
 def pack_bits_triton(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    # codes: uint8 [..., N] (already validated) -> uint8 [..., ceil(N * bits / 8)]
+    """codes: uint8 [..., N], values < 2**bits -> packed uint8 [..., ceil(N * bits / 8)], as `pack_bits_reference`."""
+    _check_codes(codes, bits, check_range=True)
     n = codes.shape[-1]
     g, nb = cell(bits)
     padded = _pad_last(codes, g).contiguous()
@@ -61,7 +62,8 @@ def pack_bits_triton(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits_triton(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    # packed: uint8 [..., ceil(n * bits / 8)] (already validated) -> uint8 [..., n]
+    """packed: uint8 [..., ceil(n * bits / 8)] -> codes uint8 [..., n], as `unpack_bits_reference`."""
+    _check_packed(packed, bits, n)
     g, nb = cell(bits)
     padded = _pad_last(packed, nb).contiguous()
     n_cells = padded.numel() // nb

@@ -2,6 +2,11 @@
 
 Each value is a callable (usually the codec's dataclass) that takes keyword
 config and returns a codec object satisfying `memsvc.kernels.codec.Codec`.
+
+This is the only module that knows codec names. Codecs that compose another one
+(low-rank latents, the dense part of sparse outliers) take the inner codec as an
+object; their entries below build it, and `get_codec` turns a name given for one
+(`latent_codec="k8v8_k"`, `dense="kivi2_k"`) into that codec.
 """
 from __future__ import annotations
 
@@ -9,29 +14,33 @@ from functools import partial
 from typing import Callable
 
 from .codec import Codec
-from .lowrank import LowRankCodec
-from .sparse_outliers import SparseOutlierCodec
-from .turboquant import TurboQuant
-from .uniform import UniformCodec
+from .lowrank_codec import LowRankCodec
+from .sparse_outliers_codec import SparseOutlierCodec
+from .turboquant_codec import TurboQuant
+from .uniform_codec import UniformCodec
+
+# the uniform codecs that others compose (registered below under the same names)
+_K8V8_K = partial(UniformCodec, name="k8v8_k", bits=8, axis="token")
+_KIVI4_K = partial(UniformCodec, name="kivi4_k", bits=4, group_size=32, axis="channel")
+_KIVI4_V = partial(UniformCodec, name="kivi4_v", bits=4, group_size=32, axis="token")
 
 CODECS: dict[str, Callable[..., Codec]] = {
-    # filled in by the codec files' entries below, one line each
     # uniform asymmetric (min/max, fp16 scale + min per group); _k / _v: for keys / values
     "uniform": UniformCodec,  # generic: 8 bits, per-token, whole row; takes any config
     "kivi2_k": partial(UniformCodec, name="kivi2_k", bits=2, group_size=32, axis="channel"),
     "kivi2_v": partial(UniformCodec, name="kivi2_v", bits=2, group_size=32, axis="token"),
-    "kivi4_k": partial(UniformCodec, name="kivi4_k", bits=4, group_size=32, axis="channel"),
-    "kivi4_v": partial(UniformCodec, name="kivi4_v", bits=4, group_size=32, axis="token"),
-    "k8v8_k": partial(UniformCodec, name="k8v8_k", bits=8, axis="token"),
+    "kivi4_k": _KIVI4_K,
+    "kivi4_v": _KIVI4_V,
+    "k8v8_k": _K8V8_K,
     "k8v8_v": partial(UniformCodec, name="k8v8_v", bits=8, axis="token"),
     "k6v4_k": partial(UniformCodec, name="k6v4_k", bits=6, axis="token"),
     "k6v4_v": partial(UniformCodec, name="k6v4_v", bits=4, axis="token"),
     "lowrank": LowRankCodec,  # full rank, fp16 latent: exact up to fp16
     "lowrank_ev99": partial(LowRankCodec, name="lowrank_ev99", explained_variance=0.99),
-    "lowrank_ev99_k8": partial(LowRankCodec, name="lowrank_ev99_k8", explained_variance=0.99, latent_codec="k8v8_k"),
+    "lowrank_ev99_k8": partial(LowRankCodec, name="lowrank_ev99_k8", explained_variance=0.99, latent_codec=_K8V8_K()),
     # dense-and-sparse (KVQuant): 1% largest |x| exact, the rest 4-bit KIVI (keys per-channel, values per-token)
-    "sparse_outliers": SparseOutlierCodec,
-    "sparse_outliers_v": partial(SparseOutlierCodec, name="sparse_outliers_v", dense="kivi4_v"),
+    "sparse_outliers": partial(SparseOutlierCodec, dense=_KIVI4_K()),
+    "sparse_outliers_v": partial(SparseOutlierCodec, name="sparse_outliers_v", dense=_KIVI4_V()),
     # TurboQuant: keys and values are named separately by a policy (e.g. K "turbo4", V "turbo3")
     "turbo": TurboQuant,  # 3-bit MSE, Hadamard, norm-corrected
     "turbo2": partial(TurboQuant, name="turbo2", bits=2),
@@ -44,9 +53,14 @@ CODECS: dict[str, Callable[..., Codec]] = {
     "turbo3_out8": partial(TurboQuant, name="turbo3_out8", bits=3, outlier_channels=8),
 }
 
+_INNER = ("latent_codec", "dense")  # config keys whose value is a codec (given here by name, or as an object)
+
 
 def get_codec(name: str, **config) -> Codec:
     if name not in CODECS:
         valid = ", ".join(sorted(CODECS)) or "(none registered)"
         raise ValueError(f"unknown codec {name!r}; valid codecs: {valid}")
+    for key in _INNER:
+        if isinstance(config.get(key), str):
+            config[key] = get_codec(config[key])
     return CODECS[name](**config)

@@ -11,7 +11,7 @@ precision (fp16/bf16) entries move as raw 16-bit words, and the only conversions
 are fp32 -> fp16 (split, round to nearest even as `Tensor.to`) and fp16 -> fp32
 (merge, exact). One program handles BLOCK outliers.
 
-Imported lazily by `sparse_outliers.py`: `TRITON_INTERPRET=1` must be set before
+Imported lazily by `dispatch.py`: `TRITON_INTERPRET=1` must be set before
 this module is first imported for the kernels to run on CPU.
 """
 from __future__ import annotations

@@ -12,8 +12,8 @@ One program handles BLOCK_T vectors of one head. The norm is a tree sum here
 and a vectorized sum in torch: they can differ in the last bit, which moves a
 code only for a coordinate within an ulp of a boundary.
 
-Imported lazily: TRITON_INTERPRET=1 must be set before the first import for
-the kernels to run on CPU.
+Imported lazily by `dispatch.py`: TRITON_INTERPRET=1 must be set before the
+first import for the kernels to run on CPU.
 """
 from __future__ import annotations
 
@@ -151,8 +151,9 @@ def encode_mse_triton(x: torch.Tensor, bits: int, seed: int, layer: int, norm_co
     return codes, scales
 
 
-def decode_mse_triton(codes: torch.Tensor, scales: torch.Tensor, bits: int, seed: int, layer: int, shape) -> torch.Tensor:
-    """(packed codes, fp16 scales) of a block of `shape` [..., H, T, D] -> float32 [..., H, T, D]."""
+def decode_mse_triton(codes: torch.Tensor, scales: torch.Tensor, bits: int, seed: int, layer: int, shape,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(packed codes, fp16 scales) of a block of `shape` [..., H, T, D] -> [..., H, T, D] of dtype (computed in float32)."""
     shape = tuple(shape)
     bh, h, t, d = _geometry(shape)
     dp = next_pow2(d)
@@ -167,4 +168,4 @@ def decode_mse_triton(codes: torch.Tensor, scales: torch.Tensor, bits: int, seed
             codes.contiguous(), scales.contiguous(), signs, cent, out, t, h, 1.0 / math.sqrt(dp),
             D=d, DP=dp, LOG=dp.bit_length() - 1, BITS=bits, G=g, NB=nb, BT=BLOCK_T,
         )
-    return out
+    return out.to(dtype)

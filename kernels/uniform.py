@@ -33,25 +33,24 @@ Registered names (`registry.CODECS`, one line each; keyword config overrides the
 | k6v4_k / k6v4_v   | 6 / 4| whole | token   | K6V4 (keys 6, values 4)    |
 
 KIVI's full-precision residual window of recent tokens is a tier policy, not
-part of this codec. This module knows nothing about sessions, tiers or storage.
-`quantize` / `dequantize` dispatch on `codec.use_reference()` between the
-pure-torch reference here (the fast CPU path) and the Triton kernels in
-`uniform_triton.py` (imported lazily).
+part of this codec. Nothing here knows about sessions, tiers or storage.
+
+This module is the pure-torch reference of the math (`quantize_reference`,
+`dequantize_reference`: the fast CPU path); `uniform_triton.py` is its Triton
+twin (same signatures, same codes), `dispatch.quantize` / `dispatch.dequantize`
+pick one, and `uniform_codec.UniformCodec` is the codec built on them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .codec import Packed, use_reference
-from .packing import SUPPORTED_BITS, pack_bits, unpack_bits
+from .packing import SUPPORTED_BITS
 
 AXES = ("token", "channel")
 FP16_MAX = 65504.0
 
 
-def _check_config(bits: int, group_size: int | None, axis: str) -> None:
+def check_config(bits: int, group_size: int | None, axis: str) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
@@ -113,7 +112,7 @@ def quantize_reference(x: torch.Tensor, bits: int, group_size: int | None, axis:
     fp32 min/max -> fp16 scale and min -> off = min - scale/2, inv = 1/scale
     (0 for a constant group) -> q = (x - off) * inv -> clamp to [0, qmax] -> truncate.
     """
-    _check_config(bits, group_size, axis)
+    check_config(bits, group_size, axis)
     *lead, T, D = x.shape
     qmax = (1 << bits) - 1
     # everything in fp32: torch's CPU reductions over fp16/bf16 are not vectorized
@@ -150,75 +149,3 @@ def dequantize_reference(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Ten
     out.copy_(cg).mul_(s).add_(m)
     out = _ungroup(out.to(dtype), T, D, axis)
     return out.reshape(*lead, T, D) if out.is_contiguous() else out.contiguous().reshape(*lead, T, D)
-
-
-def quantize_triton(x: torch.Tensor, bits: int, group_size: int | None, axis: str):
-    """Same contract and bit-exact codes as `quantize_reference`, computed by a Triton kernel."""
-    from .uniform_triton import quantize_triton as impl
-
-    _check_config(bits, group_size, axis)
-    return impl(x, bits, group_size, axis)
-
-
-def dequantize_triton(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, group_size: int | None, axis: str, dtype: torch.dtype) -> torch.Tensor:
-    """Same contract as `dequantize_reference`, computed by a Triton kernel."""
-    from .uniform_triton import dequantize_triton as impl
-
-    if axis not in AXES:
-        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
-    return impl(codes, scale, mn, group_size, axis, dtype)
-
-
-def quantize(x, bits, group_size, axis):
-    if use_reference():
-        return quantize_reference(x, bits, group_size, axis)
-    return quantize_triton(x, bits, group_size, axis)
-
-
-def dequantize(codes, scale, mn, group_size, axis, dtype):
-    if use_reference():
-        return dequantize_reference(codes, scale, mn, group_size, axis, dtype)
-    return dequantize_triton(codes, scale, mn, group_size, axis, dtype)
-
-
-@dataclass(frozen=True)
-class UniformCodec:
-    """Uniform asymmetric quantization of `[..., T, D]` blocks; see the module docstring."""
-
-    bits: int = 8
-    group_size: int | None = None
-    axis: str = "token"
-    name: str = "uniform"
-
-    def __post_init__(self):
-        _check_config(self.bits, self.group_size, self.axis)
-
-    def encode(self, x: torch.Tensor) -> Packed:
-        # x: [..., T, D] floating
-        if not torch.is_floating_point(x) or x.dim() < 2:
-            raise ValueError(f"expected a floating tensor [..., T, D], got {x.dtype} of shape {tuple(x.shape)}")
-        codes, scale, mn = quantize(x, self.bits, self.group_size, self.axis)
-        return Packed(
-            codec=self.name,
-            shape=tuple(x.shape),
-            dtype=x.dtype,
-            tensors={"codes": pack_bits(codes.reshape(-1), self.bits), "scale": scale, "min": mn},
-            meta={"bits": self.bits, "group_size": self.group_size, "axis": self.axis},
-        )
-
-    def decode(self, p: Packed) -> torch.Tensor:
-        # -> x_hat: p.shape, p.dtype
-        try:
-            bits, group_size, axis = p.meta["bits"], p.meta["group_size"], p.meta["axis"]
-            packed, scale, mn = p.tensors["codes"], p.tensors["scale"], p.tensors["min"]
-        except KeyError as e:
-            raise ValueError(f"not a uniform-quantized record (codec {p.codec!r}): missing {e}") from None
-        _check_config(bits, group_size, axis)
-        numel = 1
-        for n in p.shape:
-            numel *= n
-        codes = unpack_bits(packed, bits, numel).reshape(p.shape)
-        return dequantize(codes, scale, mn, group_size, axis, p.dtype)
-
-    def nbytes(self, p: Packed) -> int:
-        return p.nbytes()

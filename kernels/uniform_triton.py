@@ -10,7 +10,7 @@ operation order, so codes agree bit for bit. Codes come out unpacked; the codec
 packs them with `packing.pack_bits` (a fused quantize-and-pack kernel for the
 GPU is a later optimization).
 
-Imported lazily by `uniform.py`: `TRITON_INTERPRET=1` must be set before this
+Imported lazily by `dispatch.py`: `TRITON_INTERPRET=1` must be set before this
 module is first imported for the kernels to run on CPU.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .uniform import FP16_MAX, _grouped, _ungroup
+from .uniform import AXES, FP16_MAX, _grouped, _ungroup, check_config
 
 
 @triton.jit
@@ -80,6 +80,7 @@ def _launch_shape(C: int, K: int):
 
 def quantize_triton(x: torch.Tensor, bits: int, group_size: int | None, axis: str):
     """x: [..., T, D] float -> (codes uint8 [..., T, D], scale fp16, min fp16), as `quantize_reference`."""
+    check_config(bits, group_size, axis)
     *lead, T, D = x.shape
     # fp16/fp32 go in as they are (exact in fp32 inside); others (bf16) through an exact fp32 copy
     src = x if x.dtype in (torch.float16, torch.float32) else x.float()
@@ -103,6 +104,8 @@ def quantize_triton(x: torch.Tensor, bits: int, group_size: int | None, axis: st
 
 def dequantize_triton(codes, scale, mn, group_size, axis, dtype):
     """codes uint8 [..., T, D], scale/min fp16 -> x_hat [..., T, D] of `dtype`, as `dequantize_reference`."""
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
     *lead, T, D = codes.shape
     cg, _ = _grouped(codes.reshape(-1, T, D), group_size, axis, pad_zero=True)
     cg = cg.contiguous()

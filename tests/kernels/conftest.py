@@ -4,7 +4,7 @@
 `@triton.jit` kernel is imported (the decorator picks the interpreter at
 definition time), so it is set here, when pytest loads this conftest, before
 any test module of this folder is imported. The `*_triton.py` kernel modules are
-imported lazily by their dispatchers, so setting it here is early enough.
+imported lazily by kernels/dispatch.py, so setting it here is early enough.
 """
 import os
 

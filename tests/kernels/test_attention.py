@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from memsvc.kernels.attention import packed_attention, packed_attention_reference
+from memsvc.kernels.attention import packed_attention_reference
 from memsvc.kernels.attention_triton import packed_attention_triton
 from memsvc.kernels.codec import Packed
-from memsvc.kernels.lowrank import LowRankCodec
+from memsvc.kernels.dispatch import packed_attention
+from memsvc.kernels.lowrank_codec import LowRankCodec
 
 BACKENDS = {"reference": packed_attention_reference, "triton": packed_attention_triton}
 

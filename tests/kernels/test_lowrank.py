@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from memsvc.kernels.codec import Packed
-from memsvc.kernels.lowrank import LowRankCodec
-from memsvc.kernels.registry import CODECS, get_codec
+from memsvc.kernels.lowrank_codec import LowRankCodec
+from memsvc.kernels.registry import get_codec
 
 
 def _keys(shape, rank=None, seed=0):
@@ -98,20 +98,35 @@ def test_lowrank_saves_bytes_at_low_rank():
 
 def test_latent_through_a_composed_codec():
     x = _keys((3, 17, 64))
-    codec = LowRankCodec(rank=64, latent_codec="lowrank")  # any registered codec composes
+    codec = LowRankCodec(rank=64, latent_codec=get_codec("lowrank"))  # any codec composes
     p = codec.encode(x)
     assert "latent.latent" in p.tensors and p.meta["latent"]["codec"] == "lowrank"
     assert _rel(codec.decode(Packed.from_bytes(p.to_bytes())), x) < 5e-3
 
 
-@pytest.mark.skipif(not any(n.startswith("k8v8") for n in CODECS), reason="uniform 8-bit codec not registered yet")
 def test_latent_quantized_8bit():
-    name = next(n for n in sorted(CODECS) if n.startswith("k8v8"))
     x = _keys((3, 64, 64), rank=16)
-    codec = LowRankCodec(rank=17, latent_codec=name)  # 16 directions + the channel bias
+    codec = LowRankCodec(rank=17, latent_codec=get_codec("k8v8_k"))  # 16 directions + the channel bias
     p = codec.encode(x)
+    assert p.meta["latent"]["codec"] == "k8v8_k" and p.tensors["latent.codes"].dtype == torch.uint8
     assert p.nbytes() < LowRankCodec(rank=17).encode(x).nbytes()
-    assert _rel(codec.decode(p), x) < 1e-2
+    assert _rel(codec.decode(Packed.from_bytes(p.to_bytes())), x) < 1e-2
+
+
+def test_registry_builds_the_latent_codec_from_a_name():
+    x = _keys((3, 64, 64), rank=16)
+    by_name = get_codec("lowrank", rank=17, latent_codec="k8v8_k")
+    assert by_name.latent_codec == get_codec("k8v8_k")
+    assert by_name.encode(x).to_bytes() == LowRankCodec(rank=17, latent_codec=get_codec("k8v8_k")).encode(x).to_bytes()
+    assert get_codec("lowrank_ev99_k8").latent_codec == get_codec("k8v8_k")
+    with pytest.raises(ValueError, match="valid codecs"):
+        get_codec("lowrank", latent_codec="nope")
+
+
+def test_a_quantized_latent_needs_a_latent_codec_to_decode():
+    p = LowRankCodec(rank=8, latent_codec=get_codec("k8v8_k")).encode(_keys((2, 17, 64)))
+    with pytest.raises(ValueError, match="k8v8_k"):
+        LowRankCodec(rank=8).decode(p)
 
 
 def test_all_zero_block_and_single_token():

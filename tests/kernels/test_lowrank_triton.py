@@ -1,14 +1,26 @@
-"""Low-rank codec: Triton projection/reconstruction (interpreted on CPU) == torch reference."""
+"""Low-rank codec: Triton projection/reconstruction (interpreted on CPU) == torch reference.
+
+On data whose products and sums are exact in fp32 (small integers, halves) the two paths agree bit for
+bit, records included; on real-ish data they differ by the summation order only (float rounding).
+"""
 import pytest
 import torch
 
-from memsvc.kernels.lowrank import (
-    LowRankCodec,
-    project_reference,
-    project_triton,
-    reconstruct_reference,
-    reconstruct_triton,
-)
+from memsvc.kernels.lowrank import project_reference, reconstruct_reference
+from memsvc.kernels.lowrank_codec import LowRankCodec
+from memsvc.kernels.registry import get_codec
+
+
+def project_triton(x, basis, mean):
+    from memsvc.kernels.lowrank_triton import project_triton as impl
+
+    return impl(x, basis, mean)
+
+
+def reconstruct_triton(latent, basis, mean, dtype):
+    from memsvc.kernels.lowrank_triton import reconstruct_triton as impl
+
+    return impl(latent, basis, mean, dtype)
 
 
 def _basis(lead, d, r, seed):
@@ -57,7 +69,7 @@ def test_broadcast_basis_and_mean_over_a_batch(kv_like, require_interpreted):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("codec", [LowRankCodec(rank=16), LowRankCodec(rank=24, center=True), LowRankCodec(rank=16, latent_codec="kivi4_k")])
+@pytest.mark.parametrize("codec", [LowRankCodec(rank=16), LowRankCodec(rank=24, center=True), LowRankCodec(rank=16, latent_codec=get_codec("kivi4_k"))])
 def test_codec_round_trip_through_triton(codec, dtype, kv_like, require_interpreted, monkeypatch):
     from memsvc.kernels import lowrank_triton
 
@@ -84,12 +96,51 @@ def test_codec_round_trip_through_triton(codec, dtype, kv_like, require_interpre
     torch.testing.assert_close(y_tri.float(), y_ref.float(), rtol=tol, atol=tol)
 
 
-def test_reference_switch_does_not_import_triton_kernels(monkeypatch, kv_like):
-    import memsvc.kernels.lowrank as lowrank
+def _exact(shape, seed, lo=-8, hi=9, step=1.0):
+    # values whose products and sums stay exact in fp32 (and in fp16 where stored)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, shape, generator=g).float() * step
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("T,D,r", [(1, 64, 1), (17, 96, 7), (65, 64, 64), (33, 128, 40)])
+def test_bit_exact_on_exactly_representable_data(T, D, r, center, require_interpreted):
+    from memsvc.kernels import lowrank_triton
+
+    require_interpreted(lowrank_triton._project_kernel)
+    x = _exact((2, T, D), seed=T + D)
+    basis = _exact((2, D, r), seed=r, lo=-2, hi=3, step=0.5).half()
+    mean = _exact((2, 1, D), seed=7, lo=-4, hi=5).half() if center else None
+    lat_ref, lat_tri = project_reference(x, basis, mean), project_triton(x, basis, mean)
+    assert torch.equal(lat_tri, lat_ref)
+    lat = _exact((2, T, r), seed=3).half()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(reconstruct_triton(lat, basis, mean, dtype), reconstruct_reference(lat, basis, mean, dtype))
+
+
+@pytest.mark.parametrize("latent_codec", [None, "k8v8_k"])
+def test_records_bit_exact_on_exactly_representable_data(latent_codec, require_interpreted, monkeypatch):
+    from memsvc.kernels import lowrank_triton
+
+    require_interpreted(lowrank_triton._project_kernel)
+    x = _exact((3, 33, 64), seed=11).half()
+    basis = _exact((3, 64, 16), seed=12, lo=-2, hi=3, step=0.5)
+    codec = LowRankCodec(rank=16, latent_codec=latent_codec and get_codec(latent_codec))
+    monkeypatch.setenv("MEMSVC_KERNELS", "reference")
+    p_ref = codec.encode(x, basis=basis)
+    y_ref = codec.decode(p_ref)
+    monkeypatch.setenv("MEMSVC_KERNELS", "triton")
+    p_tri = codec.encode(x, basis=basis)
+    assert p_tri.to_bytes() == p_ref.to_bytes()
+    assert torch.equal(codec.decode(p_ref), y_ref)
+
+
+def test_reference_switch_does_not_call_triton_kernels(monkeypatch, kv_like):
+    from memsvc.kernels import lowrank_triton
 
     calls = []
-    monkeypatch.setattr(lowrank, "project_triton", lambda *a: calls.append(a))
-    monkeypatch.setattr(lowrank, "reconstruct_triton", lambda *a: calls.append(a))
+    monkeypatch.setattr(lowrank_triton, "project_triton", lambda *a: calls.append(a))
+    monkeypatch.setattr(lowrank_triton, "reconstruct_triton", lambda *a: calls.append(a))
     monkeypatch.setenv("MEMSVC_KERNELS", "reference")
     x = kv_like((2, 17, 64))
     c = LowRankCodec(rank=8)

@@ -2,17 +2,9 @@
 import pytest
 import torch
 
-from memsvc.kernels import packing
-from memsvc.kernels.packing import (
-    SUPPORTED_BITS,
-    pack_bits,
-    pack_bits_reference,
-    pack_bits_triton,
-    packed_size,
-    unpack_bits,
-    unpack_bits_reference,
-    unpack_bits_triton,
-)
+from memsvc.kernels import dispatch
+from memsvc.kernels.dispatch import pack_bits, unpack_bits
+from memsvc.kernels.packing import SUPPORTED_BITS, pack_bits_reference, packed_size, unpack_bits_reference
 
 
 def random_codes(shape, bits, seed=0):
@@ -61,15 +53,19 @@ def test_non_contiguous_input():
     assert torch.equal(unpack_bits_reference(pack_bits_reference(codes, 3), 3, 64), codes)
 
 
+@pytest.mark.parametrize("path", ["reference", "triton"])
 @pytest.mark.parametrize("bits", [0, 5, 7, 9, 16])
-def test_bad_bits(bits):
+def test_bad_bits(bits, path, monkeypatch):
+    monkeypatch.setenv("MEMSVC_KERNELS", path)  # both paths check their input (no kernel is reached)
     with pytest.raises(ValueError, match="bits"):
         pack_bits(torch.zeros(8, dtype=torch.uint8), bits)
     with pytest.raises(ValueError, match="bits"):
         unpack_bits(torch.zeros(8, dtype=torch.uint8), bits, 8)
 
 
-def test_bad_codes():
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_bad_codes(path, monkeypatch):
+    monkeypatch.setenv("MEMSVC_KERNELS", path)
     with pytest.raises(ValueError, match="out of range"):
         pack_bits(torch.tensor([0, 8], dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="uint8"):
@@ -86,18 +82,20 @@ def test_triton_matches_reference(bits, shape, require_interpreted):
     require_interpreted(packing_triton._pack_kernel)
     codes = random_codes(shape, bits, seed=bits)
     ref = pack_bits_reference(codes, bits)
-    tri = pack_bits_triton(codes, bits)
+    tri = packing_triton.pack_bits_triton(codes, bits)
     assert torch.equal(tri.view(torch.uint8), ref.view(torch.uint8))
-    back = unpack_bits_triton(ref, bits, shape[-1])
+    back = packing_triton.unpack_bits_triton(ref, bits, shape[-1])
     assert torch.equal(back, codes)
 
 
 def test_dispatch_follows_switch(monkeypatch):
+    from memsvc.kernels import packing_triton
+
     calls = []
-    monkeypatch.setattr(packing, "pack_bits_reference", lambda c, b: calls.append("ref"))
-    monkeypatch.setattr(packing, "pack_bits_triton", lambda c, b: calls.append("triton"))
+    monkeypatch.setattr(dispatch, "pack_bits_reference", lambda c, b: calls.append("ref"))
+    monkeypatch.setattr(packing_triton, "pack_bits_triton", lambda c, b: calls.append("triton"))
     monkeypatch.setenv("MEMSVC_KERNELS", "reference")
-    packing.pack_bits(torch.zeros(8, dtype=torch.uint8), 2)
+    dispatch.pack_bits(torch.zeros(8, dtype=torch.uint8), 2)
     monkeypatch.setenv("MEMSVC_KERNELS", "triton")
-    packing.pack_bits(torch.zeros(8, dtype=torch.uint8), 2)
+    dispatch.pack_bits(torch.zeros(8, dtype=torch.uint8), 2)
     assert calls == ["ref", "triton"]

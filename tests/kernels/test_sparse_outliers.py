@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from memsvc.kernels.codec import Packed
-from memsvc.kernels.registry import CODECS
-from memsvc.kernels.sparse_outliers import SparseOutlierCodec
+from memsvc.kernels.registry import get_codec
+from memsvc.kernels.sparse_outliers_codec import SparseOutlierCodec
 
-# dense codecs to compose with; the uniform ones appear when kernels/uniform.py registers them
-DENSE = [n for n in ("kivi4_k", "kivi4_v", "kivi2_k", "k8v8_v", "turbo3", "lowrank") if n in CODECS]
-UNIFORM = [n for n in ("kivi4_k", "kivi4_v", "kivi2_k", "k8v8_v") if n in CODECS]
-needs_uniform = pytest.mark.skipif(not UNIFORM, reason="uniform codecs not registered yet")
+# dense codecs to compose with (by registry name; the codec itself takes the codec object)
+UNIFORM = ["kivi4_k", "kivi4_v", "kivi2_k", "k8v8_v"]
+DENSE = UNIFORM + ["turbo3", "lowrank"]
 
 
 def _heavy_tailed(shape, seed=0):
@@ -31,7 +30,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_outliers_are_exact_and_the_record_decodes_alone(dense, shape, dtype):
     x = _heavy_tailed(shape).to(dtype)
-    codec = SparseOutlierCodec(outlier_fraction=0.01, dense=dense)
+    codec = SparseOutlierCodec(outlier_fraction=0.01, dense=get_codec(dense))
     p = codec.encode(x)
     k = math.ceil(0.01 * x.numel())
     assert p.tensors["outlier_value"].shape == (k,) and p.tensors["outlier_index"].shape == (k,)
@@ -50,7 +49,7 @@ def test_outliers_are_exact_and_the_record_decodes_alone(dense, shape, dtype):
 
 
 def test_index_width_follows_block_size():
-    dense = DENSE[0]
+    dense = get_codec(DENSE[0])
     small = SparseOutlierCodec(dense=dense).encode(_heavy_tailed((2, 256, 128)))   # 65536 entries
     large = SparseOutlierCodec(dense=dense).encode(_heavy_tailed((2, 257, 128)))   # 65792 entries
     assert small.tensors["outlier_index"].dtype == torch.int16
@@ -62,13 +61,12 @@ def test_index_width_follows_block_size():
     assert c.decode(c.encode(x))[1, 255, 127] == 50.0
 
 
-@needs_uniform
 @pytest.mark.parametrize("dense", UNIFORM)
 def test_outliers_cut_the_dense_error(dense):
     x = _heavy_tailed((3, 64, 64), seed=1)
-    base = CODECS[dense]()
+    base = get_codec(dense)
     err_dense = _rel(base.decode(base.encode(x)), x)
-    codec = SparseOutlierCodec(outlier_fraction=0.01, dense=dense)
+    codec = SparseOutlierCodec(outlier_fraction=0.01, dense=base)
     p = codec.encode(x)
     err = _rel(codec.decode(p), x)
     assert err < 0.7 * err_dense
@@ -78,32 +76,42 @@ def test_outliers_cut_the_dense_error(dense):
 
 
 def test_zero_fraction_is_the_dense_codec_alone():
-    dense = DENSE[0]
+    inner = get_codec(DENSE[0])
     x = _heavy_tailed((3, 17, 64))
-    p = SparseOutlierCodec(outlier_fraction=0.0, dense=dense).encode(x)
+    p = SparseOutlierCodec(outlier_fraction=0.0, dense=inner).encode(x)
     assert p.tensors["outlier_value"].numel() == 0
-    inner = CODECS[dense]()
-    torch.testing.assert_close(SparseOutlierCodec(outlier_fraction=0.0, dense=dense).decode(p), inner.decode(inner.encode(x)))
+    torch.testing.assert_close(SparseOutlierCodec(outlier_fraction=0.0, dense=inner).decode(p), inner.decode(inner.encode(x)))
 
 
-@needs_uniform
-def test_registered_defaults():
-    for name in ("sparse_outliers", "sparse_outliers_v"):
-        if name in CODECS:
-            c = CODECS[name]()
-            x = _heavy_tailed((3, 17, 64))
-            assert c.decode(c.encode(x)).shape == x.shape
+@pytest.mark.parametrize("name,dense", [("sparse_outliers", "kivi4_k"), ("sparse_outliers_v", "kivi4_v")])
+def test_registered_defaults(name, dense):
+    c = get_codec(name)
+    assert c.dense == get_codec(dense)
+    x = _heavy_tailed((3, 17, 64))
+    p = c.encode(x)
+    assert p.codec == name and p.meta["dense"]["codec"] == dense
+    assert c.decode(p).shape == x.shape
+    # a dense codec named in the config is built by the registry
+    assert get_codec(name, dense="kivi2_k").encode(x).to_bytes() == SparseOutlierCodec(
+        name=name, dense=get_codec("kivi2_k")).encode(x).to_bytes()
 
 
-@pytest.mark.parametrize("kwargs", [{"outlier_fraction": -0.1}, {"outlier_fraction": 1.0}, {"dense": "nope"},
-                                    {"dense": "sparse_outliers", "name": "sparse_outliers"}])
+@pytest.mark.parametrize("kwargs", [{"outlier_fraction": -0.1}, {"outlier_fraction": 1.0}, {"dense": "kivi4_k"},
+                                    {"dense": None}])
 def test_bad_config_is_a_value_error(kwargs):
     with pytest.raises(ValueError):
-        SparseOutlierCodec(**{"dense": DENSE[0], **kwargs})
+        SparseOutlierCodec(**{"dense": get_codec(DENSE[0]), **kwargs})
+
+
+def test_a_sparse_codec_cannot_be_its_own_dense_part():
+    with pytest.raises(ValueError, match="sparse"):
+        SparseOutlierCodec(dense=get_codec("sparse_outliers"))
+    with pytest.raises(ValueError, match="valid codecs"):
+        get_codec("sparse_outliers", dense="nope")
 
 
 def test_bad_input_is_a_value_error():
-    c = SparseOutlierCodec(dense=DENSE[0])
+    c = SparseOutlierCodec(dense=get_codec(DENSE[0]))
     with pytest.raises(ValueError):
         c.encode(torch.zeros(4, 64, dtype=torch.int32))
     with pytest.raises(ValueError):

@@ -4,17 +4,11 @@ import math
 import pytest
 import torch
 
-from memsvc.kernels.registry import CODECS
-from memsvc.kernels.sparse_outliers import (
-    SparseOutlierCodec,
-    merge_outliers_reference,
-    merge_outliers_triton,
-    select_outliers,
-    split_outliers_reference,
-    split_outliers_triton,
-)
+from memsvc.kernels.registry import get_codec
+from memsvc.kernels.sparse_outliers import merge_outliers_reference, select_outliers, split_outliers_reference
+from memsvc.kernels.sparse_outliers_codec import SparseOutlierCodec
 
-DENSE = [n for n in ("kivi4_k", "kivi2_v", "k8v8_v") if n in CODECS]
+DENSE = ["kivi4_k", "kivi2_v", "k8v8_v"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -23,6 +17,18 @@ def _heavy_tailed(shape, seed=0, dtype=torch.float32):
     x = torch.randn(shape, generator=g)
     spikes = torch.rand(shape, generator=g) < 0.01
     return torch.where(spikes, 20 * torch.randn(shape, generator=g), x).to(dtype)
+
+
+def split_outliers_triton(x, index):
+    from memsvc.kernels.sparse_outliers_triton import split_outliers_triton as impl
+
+    return impl(x, index)
+
+
+def merge_outliers_triton(dense, index, values):
+    from memsvc.kernels.sparse_outliers_triton import merge_outliers_triton as impl
+
+    return impl(dense, index, values)
 
 
 def _bits(t):
@@ -91,14 +97,13 @@ CODEC_CASES = [(d, t, (3, 65, 64)) for d in DENSE if d.endswith("_k") for t in D
     (d, torch.float16, (2, 17, 64)) for d in DENSE if not d.endswith("_k")]
 
 
-@pytest.mark.skipif(not DENSE, reason="uniform codecs not registered yet")
 @pytest.mark.parametrize("dense,dtype,shape", CODEC_CASES)
 def test_codec_records_identical_between_paths(dense, dtype, shape, require_interpreted, monkeypatch):
     from memsvc.kernels import sparse_outliers_triton
 
     require_interpreted(sparse_outliers_triton._split_kernel)
     x = _heavy_tailed(shape, seed=7, dtype=dtype)
-    codec = SparseOutlierCodec(outlier_fraction=0.02, dense=dense)
+    codec = SparseOutlierCodec(outlier_fraction=0.02, dense=get_codec(dense))
     monkeypatch.setenv("MEMSVC_KERNELS", "reference")
     p_ref = codec.encode(x)
     y_ref = codec.decode(p_ref)
@@ -114,13 +119,13 @@ def test_codec_records_identical_between_paths(dense, dtype, shape, require_inte
 
 
 def test_reference_switch_does_not_call_triton(monkeypatch):
-    import memsvc.kernels.sparse_outliers as so
+    from memsvc.kernels import sparse_outliers_triton as so
 
     calls = []
     monkeypatch.setattr(so, "split_outliers_triton", lambda *a: calls.append(a))
     monkeypatch.setattr(so, "merge_outliers_triton", lambda *a: calls.append(a))
     monkeypatch.setenv("MEMSVC_KERNELS", "reference")
-    c = SparseOutlierCodec(dense=DENSE[0] if DENSE else "lowrank")
+    c = SparseOutlierCodec(dense=get_codec(DENSE[0]))
     x = _heavy_tailed((2, 17, 64))
     c.decode(c.encode(x))
     assert calls == []

@@ -5,7 +5,7 @@ import torch
 from memsvc.kernels import lloyd_max
 from memsvc.kernels.codec import Packed
 from memsvc.kernels.registry import CODECS, get_codec
-from memsvc.kernels.turboquant import TurboQuant, turbo_kv
+from memsvc.kernels.turboquant_codec import TurboQuant, turbo_kv
 
 TURBO = sorted(n for n in CODECS if n.startswith("turbo"))
 
@@ -132,7 +132,7 @@ def test_bad_input_is_a_value_error():
 
 
 def test_codes_are_bucketize_of_the_rotated_unit_vector():
-    from memsvc.kernels.packing import unpack_bits
+    from memsvc.kernels.packing import unpack_bits_reference as unpack_bits
     from memsvc.kernels.rotation import rotate
 
     x = torch.randn(3, 9, 64)

@@ -7,8 +7,10 @@ must give exactly what the compares and a plain count give, for every float bit 
 import pytest
 import torch
 
-from memsvc.kernels import turboquant as tq
-from memsvc.kernels.packing import unpack_bits
+from memsvc.kernels import lloyd_max
+from memsvc.kernels import turboquant_cpu_encode as enc
+from memsvc.kernels.packing import unpack_bits_reference as unpack_bits
+from memsvc.kernels.turboquant_codec import TurboQuant
 
 
 @pytest.fixture(autouse=True)
@@ -20,8 +22,8 @@ def _patterns(bits: int, dp: int) -> torch.Tensor:
     """int32 bit patterns of |u| in [0, 2^31): random ones, every boundary and its neighbours, the edges of
     the table's runs, zeros, fp16 subnormals and normals widened to float32, floats in [0, 1], inf and NaN."""
     g = torch.Generator().manual_seed(bits * 1000 + dp)
-    b = torch.tensor(tq._positive_bounds(bits, dp), dtype=torch.int64)
-    s, _ = tq._magnitude_lut(bits, dp)
+    b = torch.tensor(enc._positive_bounds(bits, dp), dtype=torch.int64)
+    s, _ = enc._magnitude_lut(bits, dp)
     lo = torch.arange(1 << (31 - s), dtype=torch.int64) << s
     f16 = torch.arange(0, 0x7C01, dtype=torch.int64).to(torch.int16).view(torch.float16).float()  # +0 .. inf
     parts = [
@@ -39,16 +41,16 @@ def _patterns(bits: int, dp: int) -> torch.Tensor:
 @pytest.mark.parametrize("dp", [8, 16, 32, 64, 128])
 def test_magnitude_lut_equals_boundary_compares(dp):
     a = _patterns(4, dp)
-    s, e = tq._magnitude_lut(4, dp)
+    s, e = enc._magnitude_lut(4, dp)
     got = (torch.index_select(e, 0, a >> s) + a) >> (s + 1)
     want = torch.zeros_like(a)
-    for bound in tq._positive_bounds(4, dp):
+    for bound in enc._positive_bounds(4, dp):
         want += (a > bound).to(torch.int32)
     assert torch.equal(got, want)
     # the same count as the float comparison |u| > b for the patterns that are floats (not NaN)
     f = a.view(torch.float32)
     ok = ~torch.isnan(f)
-    fb = tq.lloyd_max.boundaries(4, dp)[8:]
+    fb = lloyd_max.boundaries(4, dp)[8:]
     assert torch.equal(got[ok], (f[ok, None] > fb[None, :]).sum(1).to(torch.int32))
 
 
@@ -59,7 +61,7 @@ def test_level_counts_equal_a_plain_count():
         packed[0, 0] = 0x00  # all codes 0 (level 7)
         packed[0, 1] = 0x77  # all codes 7 (level 0)
         packed[0, 2] = 0xFF  # all codes 15 (level 7)
-        got = tq._level_counts(packed, 4, dp)
+        got = enc._level_counts(packed, 4, dp)
         codes = unpack_bits(packed.reshape(-1, dp // 2), 4, dp).long().view(3, 37, dp)
         level = torch.where(codes >= 8, codes - 8, 7 - codes)
         want = torch.nn.functional.one_hot(level, 8).sum(-2).to(torch.uint8)
@@ -89,10 +91,10 @@ def _awkward_blocks():
 def test_four_bit_encode_table_path_equals_compare_path(monkeypatch, norm_correction):
     """The encode with the table gives the same packed codes and scales, bit for bit, as with the compares."""
     for x in _awkward_blocks():
-        fast = tq._encode_hadamard_cpu(x, 4, 3, 5, norm_correction)
+        fast = enc.encode_hadamard_cpu(x, 4, 3, 5, norm_correction)
         with monkeypatch.context() as mp:
-            mp.setattr(tq, "_magnitude_lut", lambda bits, dp: None)
-            slow = tq._encode_hadamard_cpu(x, 4, 3, 5, norm_correction)
+            mp.setattr(enc, "_magnitude_lut", lambda bits, dp: None)
+            slow = enc.encode_hadamard_cpu(x, 4, 3, 5, norm_correction)
         assert torch.equal(fast[0].view(torch.uint8), slow[0].view(torch.uint8))
         assert torch.equal(fast[1].view(torch.int16), slow[1].view(torch.int16))
 
@@ -100,14 +102,16 @@ def test_four_bit_encode_table_path_equals_compare_path(monkeypatch, norm_correc
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_kron_decode_equals_the_generic_decode(bits):
     """The CPU decode (byte-table gathers for 4 bits) against centroids gathered one by one and unrotated."""
-    from memsvc.kernels.rotation import unrotate
+    from memsvc.kernels.rotation import next_pow2, unrotate
+    from memsvc.kernels.turboquant import centroid_values
 
     g = torch.Generator().manual_seed(bits)
     for shape in [(3, 17, 64), (2, 2, 65, 96), (1, 8), (4, 33, 128)]:
         x = torch.randn(shape, generator=g)
-        codec = tq.TurboQuant(bits=bits, seed=2, layer=9)
+        codec = TurboQuant(bits=bits, seed=2, layer=9)
         p = codec.encode(x)
         y = codec.decode(p)
         lead, d = tuple(p.shape[:-1]), p.shape[-1]
-        want = unrotate(tq._decode_rotated_part(p.tensors, "", p.meta, lead, d), "hadamard", 2, 9, d, dense=True)
+        codes = unpack_bits(p.tensors["codes"], bits, next_pow2(d)).reshape(*lead, next_pow2(d))
+        want = unrotate(centroid_values(codes, p.tensors["scales"], bits), "hadamard", 2, 9, d, dense=True)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from memsvc.kernels.turboquant import TurboQuant
+from memsvc.kernels.turboquant_codec import TurboQuant
 
 PAPER_MSE = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}
 N = 10_000

@@ -4,14 +4,8 @@ import torch
 
 from memsvc.kernels.codec import Packed
 from memsvc.kernels.registry import CODECS, get_codec
-from memsvc.kernels.uniform import (
-    UniformCodec,
-    dequantize_reference,
-    dequantize_triton,
-    group_layout,
-    quantize_reference,
-    quantize_triton,
-)
+from memsvc.kernels.uniform import dequantize_reference, group_layout, quantize_reference
+from memsvc.kernels.uniform_codec import UniformCodec
 
 UNIFORM_NAMES = [n for n, f in CODECS.items() if getattr(f, "func", f) is UniformCodec]
 
@@ -92,12 +86,12 @@ def test_triton_matches_reference(axis, bits, group, T, D, kv_like, require_inte
     require_interpreted(uniform_triton._quantize_kernel)
     x = kv_like((1, T, D), seed=T * D + bits, dtype=torch.float16)
     codes, scale, mn = quantize_reference(x, bits, group, axis)
-    t_codes, t_scale, t_mn = quantize_triton(x, bits, group, axis)
+    t_codes, t_scale, t_mn = uniform_triton.quantize_triton(x, bits, group, axis)
     assert torch.equal(t_codes.view(torch.uint8), codes.view(torch.uint8))
     assert torch.equal(t_scale.view(torch.uint8), scale.view(torch.uint8))
     assert torch.equal(t_mn.view(torch.uint8), mn.view(torch.uint8))
     ref = dequantize_reference(codes, scale, mn, group, axis, torch.float32)
-    tri = dequantize_triton(codes, scale, mn, group, axis, torch.float32)
+    tri = uniform_triton.dequantize_triton(codes, scale, mn, group, axis, torch.float32)
     torch.testing.assert_close(tri, ref, rtol=1e-6, atol=1e-6)
 
 
