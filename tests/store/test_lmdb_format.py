@@ -1,76 +1,27 @@
-"""Copy-on-write KV blocks: forks share blobs by reference count, deletes free them, gc
-reclaims what nothing points to, the store format is stamped; expiry by ttl."""
+"""The LMDB store's format: stamped, another refused, format 1 upgraded in place, a store written by
+the code before the Store interface (tests/store/fixtures/format2-0268ddf) read and extended identically;
+gc on raw leaks (blobs, counts and entries nothing else could leave)."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+from pathlib import Path
 
 import lmdb
 import pytest
 
-from memsvc.store.blocks import KIND_KV, encode_block
-from memsvc.store.errors import CorruptBlock, StoreError
-from memsvc.store.lmdb_store import STORE_FORMAT, Store, upgrade_store
+from memsvc.store.errors import StoreError
+from memsvc.store.lmdb import STORE_FORMAT, LmdbStore as Store, upgrade_store
 from memsvc.store.records import SessionRecord
+from tests.store import format_fixture
+from tests.store.lmdb_raw import raw_put, session_bytes, session_values
 
-from tests.store.test_store import raw_put, session_bytes, session_values
+FIXTURE = Path(__file__).parent / "fixtures" / "format2-0268ddf"
 
 
 def rec(sid: str, **kw) -> SessionRecord:
     return SessionRecord(id=sid, model_name="m", model_fingerprint="f" * 64, policy="tiered", **kw)
-
-
-def physical(s: Store) -> int:
-    return s.stats()["blob_bytes"]
-
-
-def test_ten_forks_share_blocks_and_grow_by_their_new_blocks_only(tmp_path):
-    with Store(tmp_path, token_block=64) as s:
-        s.create(rec("orig"))
-        base = {(layer, i): os.urandom(3000) for layer in range(3) for i in range(8)}  # incompressible
-        base.update({(layer, 0xFFFFFFFF): os.urandom(5000) for layer in range(3)})  # per-layer state
-        s.commit(rec("orig"), first_token=0, tokens=list(range(500)), blocks=base)
-        st0 = s.stats()
-        orig_bytes = s.get("orig").stored_bytes
-        assert st0["blobs"] == len(base) and st0["shared_blobs"] == 0
-
-        for f in range(10):
-            fork = s.fork("orig", rec(f"f{f}"))
-            assert fork.stored_bytes == orig_bytes + (len(fork.to_bytes()) - len(s.get("orig").to_bytes()))
-        st = s.stats()
-        assert st["blobs"] == st0["blobs"] and st["blob_bytes"] == st0["blob_bytes"]
-        assert st["shared_blobs"] == len(base) and st["references"] == 11 * len(base)
-        assert st["logical_blob_bytes"] == 11 * st0["blob_bytes"]
-        # a fork costs its record, token blocks and 8-byte pointers, nothing of the KV blocks themselves
-        records = sum(len(s.get(f"f{f}").to_bytes()) for f in range(10))
-        assert st["total_bytes"] - st0["total_bytes"] == records + 10 * (st0["token_bytes"] + 8 * len(base))
-
-        expected = {}
-        for f in range(10):
-            sid = f"f{f}"
-            new = {(0, 8 + f): os.urandom(2000 + f),  # a new cold block
-                   **{(layer, 0xFFFFFFFF): os.urandom(4000 + f) for layer in range(3)}}  # replaces shared states
-            if f % 2:
-                new[(1, 3)] = os.urandom(1000)  # replaces a shared cold block
-            before = physical(s)
-            s.commit(rec(sid), first_token=500, tokens=[f] * 7, blocks=new)
-            grew = physical(s) - before
-            assert grew == sum(len(encode_block(p, kind=KIND_KV, layer=k[0], index=k[1], n_tokens=0))
-                               for k, p in new.items())  # exactly the new blocks (zstd cannot shrink random)
-            assert s.get(sid).stored_bytes == session_bytes(s, sid)
-            expected[sid] = {**base, **new}
-        assert s.kv_blocks("orig") == base  # the shared blobs were never changed
-
-        assert s.delete("orig")
-        for sid, blocks in expected.items():
-            assert s.kv_blocks(sid) == blocks and s.tokens(sid) == list(range(500)) + [int(sid[1:])] * 7
-        st = s.stats()
-        # the original's states were replaced in every fork: its 3 state blobs are gone
-        assert st["blobs"] == len(base) - 3 + 10 * 3 + 10 + 5
-        assert s.gc()["freed_blobs"] == 0  # clean deletes leave nothing for gc
-
-        for sid in expected:
-            assert s.delete(sid)
-        assert s.stats()["blobs"] == 0 and {db for db, _ in s.dump()} == {"meta"}
 
 
 def test_gc_reclaims_exactly_the_unreferenced_blobs(tmp_path):
@@ -105,22 +56,6 @@ def test_gc_reclaims_exactly_the_unreferenced_blobs(tmp_path):
         assert s.gc()["dangling_pointers"] == 1
 
 
-def test_failed_fork_and_commit_change_nothing_on_a_damaged_count(tmp_path):
-    with Store(tmp_path) as s:
-        s.create(rec("a"))
-        s.commit(rec("a"), first_token=0, tokens=[1], blocks={(0, 0): b"x" * 10})
-        ptr = s.dump()[("kv", b"a\0" + b"\0" * 6)]
-        raw_put(s, "refs", ptr, None)
-        before = s.dump()
-        with pytest.raises(CorruptBlock, match="reference count"):
-            s.fork("a", rec("b"))
-        with pytest.raises(CorruptBlock, match="reference count"):
-            s.commit(rec("a"), first_token=1, tokens=[2], blocks={(0, 0): b"new"})
-        assert s.dump() == before
-        assert s.delete("a")  # a damaged session can still be deleted
-        assert s.gc()["freed_blobs"] == 1 and s.stats()["blobs"] == 0
-
-
 def test_format_is_stamped_and_an_old_store_is_refused(tmp_path):
     with Store(tmp_path / "new") as s:
         assert s.dump()[("meta", b"format")] == STORE_FORMAT.to_bytes(4, "little")
@@ -151,24 +86,6 @@ def test_format_is_stamped_and_an_old_store_is_refused(tmp_path):
         raw_put(s, "meta", b"format", (9).to_bytes(4, "little"))
     with pytest.raises(StoreError, match="format 9"):
         Store(empty)
-
-
-def test_expiry_by_ttl(tmp_path):
-    with Store(tmp_path) as s:
-        s.create(rec("default", updated=1000.0))
-        s.create(rec("own", updated=1000.0, ttl=50))
-        s.commit(rec("own", updated=1000.0, ttl=50), first_token=0, tokens=[1], blocks={(0, 0): b"kv"})
-        assert s.get("own").expires() == 1050 and s.get("default").expires() == float("inf")
-        assert s.get("default").expires(default_ttl=100) == 1100
-        assert s.expired(now=1049) == [] and s.expired(now=1050) == ["own"]
-        assert s.expired(now=1100, default_ttl=100) == ["default", "own"]
-        assert not s.delete("own", expired_at=1049)  # not yet
-        assert not s.delete("default", expired_at=1099, default_ttl=100)
-        assert s.delete("own", expired_at=1050)
-        assert s.get("own") is None and s.stats()["blobs"] == 0
-        assert s.delete("default", expired_at=1e9, default_ttl=100)
-        with pytest.raises(ValueError, match="ttl"):
-            rec("x", ttl=-1)
 
 
 def test_upgrade_converts_a_format_1_store_in_place(tmp_path):
@@ -203,26 +120,38 @@ def test_upgrade_converts_a_format_1_store_in_place(tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         upgrade_store(tmp_path / "absent")
 
+def _reads(s: Store) -> dict:
+    """Everything the interface reads back, stored_bytes aside (it counts compressed bytes, which a
+    later zstd may lay out differently)."""
+    out = {"ids": s.session_ids(), "refs": s.check_refs(), "expired": s.expired(2000.0, 100.0)}
+    for sid in out["ids"]:
+        rec = s.get(sid)
+        assert rec.stored_bytes == s.session_keys(sid)[1] == session_bytes(s, sid)
+        out[sid] = dict(rec=dataclasses.replace(rec, stored_bytes=0),
+                        tokens=s.tokens(sid), kv=s.kv_blocks(sid), check=s.check_session(sid),
+                        entries=s.session_keys(sid)[0], shared=s.session_blobs(sid)["shared"])
+    st = s.stats()
+    out["stats"] = {k: st[k] for k in ("sessions", "token_blocks", "kv_blocks", "blobs", "shared_blobs",
+                                       "references")}
+    return out
 
-def test_commit_drops_entries_and_a_shared_blob_stays_for_the_fork(tmp_path):
-    with Store(tmp_path, token_block=64) as s:
-        s.create(rec("a"))
-        blocks = {(0, 0xC0000000 + p): os.urandom(2000) for p in range(4)}  # e.g. hot pages
-        s.commit(rec("a"), first_token=0, tokens=[1, 2], blocks=blocks)
-        s.fork("a", rec("b"))
-        before = physical(s)
-        hdr = before // 4 - 2000  # each blob: the payload and its block header
-        a_bytes = s.get("a").stored_bytes
-        new = {(0, 0xC0000004): os.urandom(1500)}
-        with pytest.raises(ValueError, match="both written and dropped"):
-            s.commit(rec("a"), first_token=2, tokens=[3], blocks=new, drop=[(0, 0xC0000004)])
-        assert s.get("a").n_tokens == 2 and set(s.kv_keys("a")) == set(blocks)  # nothing changed
-        got = s.commit(rec("a"), first_token=2, tokens=[3], blocks=new,
-                       drop=[(0, 0xC0000000), (0, 0xC0000001), (7, 7)])  # (7, 7): absent, ignored
-        assert set(s.kv_keys("a")) == {(0, 0xC0000002), (0, 0xC0000003), (0, 0xC0000004)}
-        assert set(s.kv_keys("b")) == set(blocks)  # the fork keeps what a dropped
-        assert physical(s) == before + 1500 + hdr  # the dropped blobs are shared with b: nothing freed
-        assert got.stored_bytes < a_bytes  # but a no longer counts them
-        s.delete("b")
-        s.commit(rec("a"), first_token=3, tokens=[4], blocks={}, drop=[(0, 0xC0000002)])
-        assert physical(s) == 2000 + 1500 + 2 * hdr  # b is gone: page 2 is freed, pages 3 and 4 stay
+
+def test_a_store_written_before_the_interface_reads_and_grows_identically(tmp_path):
+    """The fixture was written by the code of 0268ddf (format_fixture.py says how): today's code reads
+    every record, token id and KV payload of it as a fresh run of the same operations stores them, under
+    the same keys, and the same further writes leave both stores alike."""
+    old = tmp_path / "old"
+    shutil.copytree(FIXTURE, old)
+    fresh = format_fixture.build(Store, tmp_path / "fresh")
+    with Store(old, readonly=True) as ro:
+        assert ro.session_ids() == ["a", "a2", "a3", "b2", "b3"] and _reads(ro) == _reads(fresh)
+        assert set(ro.dump()) == set(fresh.dump())
+        assert ro.tokens("b2") == list(range(33)) and ro.kv_block("a3", 0, 3) == b"R" * 333
+    with Store(old) as s:
+        for st in (s, fresh):
+            a2 = st.get("a2")
+            st.commit(a2, first_token=a2.n_tokens, tokens=[5, 6], blocks={(7, 1): b"q" * 99}, drop=[(1, 0)])
+            st.fork("b2", format_fixture.rec("b4"))
+            assert st.delete("a")
+        assert _reads(s) == _reads(fresh) and set(s.dump()) == set(fresh.dump())
+    fresh.close()
