@@ -47,7 +47,7 @@ import torch
 from safetensors import SafetensorError
 
 from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing, StoreError
-from memsvc.store.lmdb_store import Store
+from memsvc.store.base import Store
 from memsvc.store.records import SessionRecord
 
 from . import chat
