@@ -52,7 +52,7 @@ KVKey = tuple[int, int]  # (layer, index)
 
 class Store(ABC):
     """One store of sessions. Subclasses implement every abstract method with exactly this contract;
-    tests/store/test_contract*.py runs the same tests over each backend."""
+    tests/store/test_store_contract*.py runs the same tests over each backend."""
 
     readonly: bool  # opened read-only: every write raises StoreError("... read-only")
 

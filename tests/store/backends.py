@@ -1,4 +1,4 @@
-"""The backends the contract tests (test_contract*.py) run over, and what those tests share.
+"""The backends the contract tests (test_store_contract*.py) run over, and what those tests share.
 
 Each backend says how to open a store at a place, how to damage one behind its
 back (`damage`) and how to make the n-th write inside its next transaction fail

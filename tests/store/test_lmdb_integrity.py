@@ -1,4 +1,4 @@
-"""The LMDB store's integrity checks on raw damage (the contract is test_contract_integrity.py):
+"""The LMDB store's integrity checks on raw damage (the contract is test_store_contract_integrity.py):
 check_session() names every damaged entry of a session at once, check_refs() what gc() would fix,
 including the store's metadata; a damaged next blob id never reuses a blob."""
 from __future__ import annotations

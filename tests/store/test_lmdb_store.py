@@ -1,4 +1,4 @@
-"""The LMDB backend on its own (the contract is test_contract*.py): what a commit writes where, the
+"""The LMDB backend on its own (the contract is test_store_contract*.py): what a commit writes where, the
 order of a transaction's writes, raw damage named by key and field, map growth (also while another
 process reads), read-only data dirs, constructor arguments, open_store."""
 from __future__ import annotations
