@@ -87,12 +87,12 @@ def main() -> None:
 
     from memsvc.model import load_model, memsvc_home, pull_default
     from memsvc.sessions import SessionManager
-    from memsvc.store.lmdb_store import Store
+    from memsvc.store.open import open_store
 
     data = Path(args.data_dir) if args.data_dir else memsvc_home() / "bench" / "resume-tiered" / "data"
     model = dataclasses.replace(load_model(pull_default()), max_positions=args.context)
     rows = []
-    with Store(data) as store:
+    with open_store(data) as store:
         mgr = SessionManager(store, model, sweep_every=0)
         for fair in (False, True):
             r = run(mgr, args.sessions, args.new, fair, args.capacity_mib << 20)

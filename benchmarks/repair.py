@@ -32,7 +32,7 @@ from memsvc.cache.session import STATE_INDEX  # noqa: E402
 from memsvc.model import load_model  # noqa: E402
 from memsvc.repair import check_session, repair_session  # noqa: E402
 from memsvc.sessions import GenerateParams, SessionManager  # noqa: E402
-from memsvc.store.lmdb_store import Store  # noqa: E402
+from memsvc.store.open import open_store  # noqa: E402
 
 WORDS = "the river runs past old stone walls where merchants once traded salt copper grain and wool".split()
 
@@ -67,7 +67,7 @@ def main() -> None:
     model = load_model(args.model)
     rng = random.Random(args.seed)
     data = Path(tempfile.mkdtemp(prefix="memsvc-repair-"))
-    store = Store(data)
+    store = open_store(data)
     mgr = SessionManager(store, model, sweep_every=0)
     ids = model.tokenizer(" ".join(rng.choice(WORDS) for _ in range(args.tokens * 2)),
                           add_special_tokens=False)["input_ids"][:args.tokens - 16]
@@ -97,7 +97,7 @@ def main() -> None:
             pick = [(layer, 0) for layer in range(min(args.blocks, model.num_layers)) if (layer, 0) in cold]
         store.close()
         flip(data, sid, pick, rng)
-        store = Store(data)
+        store = open_store(data)
         detected = len(check_session(store, sid).kv)
         cpu = time.process_time()
         done = repair_session(store, model, sid)

@@ -100,9 +100,9 @@ def _first_chunk(c: MemoryClient, sid: str) -> list[int]:
 
 def _stored_prefix(data: Path, sid: str, corpus: list[int]) -> int | None:
     """Tokens of the stored session if they are a prefix of the corpus (else -1; None when missing)."""
-    from memsvc.store.lmdb_store import Store
+    from memsvc.store.open import open_store
 
-    with Store(data, readonly=True) as st:
+    with open_store(data, readonly=True) as st:
         if st.get(sid) is None:
             return None
         ids = st.tokens(sid)
@@ -197,9 +197,9 @@ def reprefill_once(args, data: Path, n: int, corpus: list[int]) -> dict:
 
 def stored_bytes(data: Path, sid: str) -> dict:
     """Bytes of the session as stored, split into cold blocks and per-layer states (and the states' tensors)."""
-    from memsvc.store.lmdb_store import Store
+    from memsvc.store.open import open_store
 
-    with Store(data, readonly=True) as st:
+    with open_store(data, readonly=True) as st:
         n = st.get(sid).n_tokens
         total = st.session_keys(sid)[1]
         exp = st.export(sid)

@@ -22,7 +22,8 @@ import zstandard
 
 from memsvc.cache.pages import is_cold_block
 from memsvc.model import memsvc_home
-from memsvc.store.lmdb_store import Store
+from memsvc.store.base import Store
+from memsvc.store.open import open_store
 
 
 def cold_blocks(store: Store, sid: str) -> list[bytes]:
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[16 << 10, 64 << 10, 256 << 10])
     args = ap.parse_args()
     data = Path(args.data_dir) if args.data_dir else memsvc_home() / "bench" / "resume-tiered" / "data"
-    with Store(data, readonly=True) as store:
+    with open_store(data, readonly=True) as store:
         train, test = cold_blocks(store, args.train), cold_blocks(store, args.test)
     sample = random.Random(0).sample(train, min(args.sample, len(train)))
     raw = sum(map(len, test))

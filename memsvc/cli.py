@@ -196,10 +196,10 @@ def sessions() -> None:
 
 def _open_store(data_dir: str, readonly: bool):
     from memsvc.store.errors import StoreError
-    from memsvc.store.lmdb_store import Store
+    from memsvc.store.open import open_store
 
     try:
-        return Store(data_dir, readonly=readonly)
+        return open_store(data_dir, readonly=readonly)
     except StoreError as exc:
         raise click.ClickException(str(exc))
 
@@ -551,7 +551,7 @@ def sessions_upgrade(data_dir: str) -> None:
     Stop the server first: nothing else may have the store open."""
     from memsvc.cache.upgrade import upgrade_session
     from memsvc.store.errors import StoreError
-    from memsvc.store.lmdb_store import STORE_FORMAT, upgrade_store
+    from memsvc.store.lmdb import STORE_FORMAT, upgrade_store
 
     try:
         n = upgrade_store(data_dir)

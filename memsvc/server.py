@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memsvc.proto import memsvc_pb2 as pb
-from memsvc.store.lmdb_store import Store
+from memsvc.store.open import open_store
 
 from .alloc import keep_heap
 from .auth import KeyRing, Tenant, bearer_key, is_loopback
@@ -454,7 +454,7 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
         if context < 2:
             raise ValueError(f"--context must be at least 2 tokens, got {context}")
         loaded = dataclasses.replace(loaded, max_positions=context)
-    store = Store(data_dir)
+    store = open_store(data_dir)
     manager = SessionManager(store, loaded, **manager_options)
     metrics = Metrics(manager, store_stats=store.stats)
     servicer = MemoryServicer(manager, keys=api_keys if auth_on else None, limits=limits, metrics=metrics)

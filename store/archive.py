@@ -14,18 +14,27 @@ travel as stored (header, zstd payload and their own checksums) and are checked
 again by the store that imports them. A KV block shared between sessions is
 written in full: the file holds one session and needs no other.
 
+`export_header` and `check_import` are what every backend's `export` and
+`import_session` share: the header's fields, and the checks an export passes
+before any of it is written.
+
 Knows bytes, not models: the caller compares the fingerprint with its model's.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import StoreError
+from . import blocks
+from .errors import CorruptBlock, CorruptRecord, StoreError
+from .records import SessionRecord, check_id
+from .turn import check_kv_key
 
 FORMAT_VERSION = 1
 MAGIC = b"MSEXPORT"
@@ -50,6 +59,39 @@ class Export:
     record: bytes
     tokens: list[tuple[int, bytes]] = field(default_factory=list)  # (index, stored block)
     kv: list[tuple[tuple[int, int], bytes]] = field(default_factory=list)  # ((layer, index), stored block)
+
+
+def export_header(rec: SessionRecord, token_blocks: int, kv_blocks: int) -> dict:
+    """The header of an export of `rec` holding that many token and KV blocks."""
+    return {"session": rec.id, "model_name": rec.model_name, "model_fingerprint": rec.model_fingerprint,
+            "policy": rec.policy, "n_tokens": rec.n_tokens, "token_blocks": token_blocks, "kv_blocks": kv_blocks,
+            "exported_unix": time.time()}
+
+
+def check_import(export: Export, new_id: str | None = None) -> SessionRecord:
+    """The record an import of `export` stores (under new_id when given), once every block has passed its
+    checks: token blocks 0, 1, ... whose ids add up to the record's n_tokens, each KV block the (layer, index)
+    it is listed as, none twice. CorruptRecord or CorruptBlock otherwise; ValueError for a bad new_id."""
+    rec = SessionRecord.from_bytes(export.record)
+    if new_id is not None:
+        rec = dataclasses.replace(rec, id=check_id(new_id))
+    n_ids = 0
+    for expected, (index, value) in enumerate(sorted(export.tokens)):
+        if index != expected:
+            raise CorruptBlock(f"the export has no token block {expected}", db="tokens", field="index")
+        n_ids += len(blocks.decode_tokens(value, index, _TOK_KEY.pack(index)))
+    if n_ids != rec.n_tokens:
+        raise CorruptRecord(f"the export holds {n_ids} token ids, its record says {rec.n_tokens}",
+                            db="sessions", field="n_tokens")
+    for (layer, index), value in export.kv:
+        key = _KV_KEY.pack(*check_kv_key(layer, index))
+        head, _ = blocks.decode_block(value, key, "kv")
+        if head.kind != blocks.KIND_KV or (head.layer, head.index) != (layer, index):
+            raise CorruptBlock(f"the export's KV block ({layer}, {index}) is not that block", key, db="kv",
+                               field="index")
+    if len({where for where, _ in export.kv}) != len(export.kv):
+        raise CorruptBlock("the export holds a KV block twice", db="kv", field="key")
+    return rec
 
 
 def write_export(path: str | os.PathLike, export: Export) -> int:

@@ -7,14 +7,21 @@ fixed versioned header with checksums of both the compressed and the raw bytes.
 All little-endian. The first checksum also covers the header fields, so a flip
 of any byte of an encoded block (layer, n_tokens, ...) is detected.
 
+A token block's payload is its ids as little-endian int32 (`encode_tokens`,
+`decode_tokens`); a KV block's is the caller's bytes (`decode_kv` checks that a
+block is the (layer, index) it is stored as). Every backend stores blocks in
+this form, so an export carries them as stored.
+
 Knows bytes only: what a KV payload means is the caller's business. zstd
 contexts are not thread-safe, so each thread keeps its own.
 """
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 import zlib
+from array import array
 from dataclasses import dataclass
 
 import zstandard
@@ -30,6 +37,9 @@ _CRCS = struct.Struct("<II")
 HEADER_SIZE = _FIELDS.size + _CRCS.size
 _U16, _U32 = (1 << 16) - 1, (1 << 32) - 1
 _local = threading.local()
+_BIG_ENDIAN = sys.byteorder == "big"
+if array("i").itemsize != 4:  # pragma: no cover - every platform we run on
+    raise ImportError("memsvc.store needs a 4-byte C int for token ids")
 
 
 @dataclass(frozen=True)
@@ -117,3 +127,38 @@ def decode_block(buf: bytes, key: bytes | None = None, db: str | None = None) ->
     if zlib.crc32(raw) != crc_raw:
         raise bad("block payload fails its checksum (raw bytes)", "raw_crc")
     return BlockHeader(version, kind, layer, index, n_tokens, raw_len), raw
+
+
+def encode_tokens(ids: array, index: int) -> bytes:
+    """Token block `index` holding `ids` (an array("i") of int32 token ids)."""
+    if _BIG_ENDIAN:  # pragma: no cover
+        ids = array("i", ids)
+        ids.byteswap()
+    return encode_block(ids.tobytes(), kind=KIND_TOKENS, layer=0, index=index, n_tokens=len(ids))
+
+
+def decode_tokens(buf: bytes, index: int, key: bytes | None = None, db: str | None = "tokens") -> array:
+    """The ids of token block `index` (array("i")); CorruptBlock if it is damaged or another block."""
+    head, raw = decode_block(buf, key, db)
+    if head.kind != KIND_TOKENS:
+        raise CorruptBlock(f"token block holds kind {head.kind}", key, db=db, field="kind")
+    if head.index != index:
+        raise CorruptBlock(f"token block {index} says it is block {head.index}", key, db=db, field="index")
+    if head.raw_len != 4 * head.n_tokens:
+        raise CorruptBlock(f"token block holds {head.raw_len} bytes for {head.n_tokens} ids", key, db=db,
+                           field="n_tokens")
+    ids = array("i", raw)
+    if _BIG_ENDIAN:  # pragma: no cover
+        ids.byteswap()
+    return ids
+
+
+def decode_kv(buf: bytes, layer: int, index: int, key: bytes | None = None, db: str | None = "kv") -> bytes:
+    """The payload of KV block (layer, index); CorruptBlock if it is damaged or another block."""
+    head, raw = decode_block(buf, key, db)
+    if head.kind != KIND_KV:
+        raise CorruptBlock(f"KV block holds kind {head.kind}", key, db=db, field="kind")
+    if (head.layer, head.index) != (layer, index):
+        raise CorruptBlock(f"KV block ({layer}, {index}) says it is ({head.layer}, {head.index})", key, db=db,
+                           field="index")
+    return raw

@@ -123,8 +123,8 @@ def test_sessions_ls_sort_filter_stats_and_gc(tmp_path, tiny_model):
     assert doc["kv_blocks"]["shared"] > 0 and doc["ttl"] == 0 and doc["expires"] is None
     assert "shared with other sessions" in _cli("sessions", "show", "b2", *d).output
 
-    from memsvc.store.lmdb_store import Store
-    with Store(data, readonly=True) as store:
+    from memsvc.store.lmdb import LmdbStore
+    with LmdbStore(data, readonly=True) as store:
         st = store.stats()
     stats = json.loads(_cli("sessions", "stats", *d, "--json").output)
     assert stats["sessions"] == 4 and stats["tokens"] == sum(s.tokens for s in want.values())
@@ -136,7 +136,7 @@ def test_sessions_ls_sort_filter_stats_and_gc(tmp_path, tiny_model):
     assert re.search(r"^sessions\s+4 \(full 2, tiered 2\)$", text, re.M) and "saved by sharing" in text
 
     assert json.loads(_cli("sessions", "gc", *d, "--json").output)["freed_blobs"] == 0
-    with Store(data) as store:
+    with LmdbStore(data) as store:
         with store.env.begin(write=True) as txn:  # a blob nothing points to, as a crash of old code might leave
             txn.put((10 ** 9).to_bytes(8, "big"), b"leaked" * 100, db=store._db["blobs"])
     out = _cli("sessions", "gc", *d).output
@@ -147,8 +147,8 @@ def test_sessions_ls_sort_filter_stats_and_gc(tmp_path, tiny_model):
 
 
 def test_export_import_round_trip_and_refusals(tmp_path, tiny_model, tiny_model_dirs):
-    from memsvc.store.lmdb_store import Store
-    from tests.store.test_store import session_values
+    from memsvc.store.lmdb import LmdbStore
+    from tests.store.lmdb_raw import session_values
 
     data, fresh = tmp_path / "data", tmp_path / "fresh"
     with running_server(data, tiny_model) as (client, _):
@@ -162,7 +162,7 @@ def test_export_import_round_trip_and_refusals(tmp_path, tiny_model, tiny_model_
 
     _cli("sessions", "import", str(file), *f, *model_a)
     _cli("sessions", "import", str(file), "--as", "copy", *f, *model_a)
-    with Store(data, readonly=True) as src, Store(fresh, readonly=True) as dst:
+    with LmdbStore(data, readonly=True) as src, LmdbStore(fresh, readonly=True) as dst:
         original = session_values(src, "t")
         assert session_values(dst, "t") == original  # same record, token blocks and KV bytes
         assert dst.get("copy").stored_bytes - len(dst.get("copy").to_bytes()) == \
@@ -187,9 +187,9 @@ def test_export_import_round_trip_and_refusals(tmp_path, tiny_model, tiny_model_
 
 
 def test_upgrade_command(tmp_path):
-    from memsvc.store.lmdb_store import Store
+    from memsvc.store.lmdb import LmdbStore
 
-    with Store(tmp_path / "d"):
+    with LmdbStore(tmp_path / "d"):
         pass
     out = _cli("sessions", "upgrade", "--data-dir", str(tmp_path / "d"))
     assert "0 tiered session(s)" in out.output  # format 1: tests/store/test_sharing.py; states: test_paged_state

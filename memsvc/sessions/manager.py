@@ -44,6 +44,7 @@ from memsvc.cache import (Backing, CheckedEntries, DamagedBlock, KVShape, get_po
                           policy_config, record_policy, POLICY_CONFIG)
 from memsvc.cache.tiered.blockcache import BlockCache
 from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing
+from memsvc.store.base import Store
 from memsvc.store.records import SessionRecord
 
 from .. import chat
@@ -71,7 +72,7 @@ class SessionManager(Turns, Generation, Expiry):
     the layer's previous call did not, such as a question's answer after the question, or a decode step after
     the one before)."""
 
-    def __init__(self, store, model: LoadedModel, *, default_new_tokens: int = 256,
+    def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
                  max_new_tokens: int = 4096, prefill_chunk: int = 512, block_cache_bytes: int = DEFAULT_BLOCK_CACHE,
                  resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0,
                  decoded_cache_bytes: int = DEFAULT_DECODED_CACHE):

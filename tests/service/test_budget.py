@@ -77,9 +77,9 @@ def test_a_session_in_use_is_never_dropped(tmp_path, tiny_model):
 
 
 def test_resident_budget_is_validated(tmp_path, tiny_model):
-    from memsvc.store.lmdb_store import Store
+    from memsvc.store.lmdb import LmdbStore
 
-    store = Store(tmp_path / "data")
+    store = LmdbStore(tmp_path / "data")
     try:
         for bad in (-1, 1.5, True):
             with pytest.raises(ValueError, match="resident_budget"):

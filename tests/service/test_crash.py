@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 from memsvc.cli import main
 from memsvc.clients.client import MemoryClient
-from memsvc.store.lmdb_store import Store
+from memsvc.store.lmdb import LmdbStore
 
 SESSIONS = ("c0", "c1", "c2")
 START_TIMEOUT = 120
@@ -68,7 +68,7 @@ def _check(data: Path, port: int, acked: dict[str, list[int]], inflight: dict[st
     """Each session equals its acknowledged tokens, plus possibly the whole in-flight append.
     Returns how many in-flight appends landed (they become acknowledged)."""
     landed = 0
-    with Store(data, readonly=True) as store:
+    with LmdbStore(data, readonly=True) as store:
         stored = {sid: store.tokens(sid) for sid in list(acked)}
     with MemoryClient(f"127.0.0.1:{port}", timeout=60) as c:
         for sid, toks in stored.items():

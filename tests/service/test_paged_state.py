@@ -13,7 +13,7 @@ from memsvc.cache.session import STATE_INDEX, TierKV, layer_state
 from memsvc.cli import main
 from memsvc.policies import get_policy
 from memsvc.repair import check_session
-from memsvc.store.lmdb_store import Store
+from memsvc.store.lmdb import LmdbStore
 from tests.conftest import running_server
 
 HISTORY = [(10 + 13 * j) % 4000 for j in range(1200)]  # past sink + hot + warm: 14 cold blocks per layer
@@ -49,7 +49,7 @@ def _loads_upgrades_and_loads_again(tmp_path, long_model, want: list[int], upgra
         assert _greedy(c, "s") == want
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
     assert out.exit_code == 0 and "1 tiered session(s) rewrote" in out.output
-    with Store(tmp_path) as store:
+    with LmdbStore(tmp_path) as store:
         upgraded(set(store.kv_keys("s")))
         assert not check_session(store, "s").damaged
     with running_server(tmp_path, long_model) as (c, server):
@@ -141,7 +141,7 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
         parts = [k for k in store.kv_keys("s") if not is_cold_block(k[1]) and k[1] != STATE_INDEX]
         assert parts
     # rewrite the session as the store held it before parts: one entry per layer state, no parts
-    with Store(tmp_path) as store:
+    with LmdbStore(tmp_path) as store:
         store.rewrite_kv("s", n_tokens=rec.n_tokens, blocks=whole, drop=parts)
         assert not check_session(store, "s").damaged
         _copy_whole = store.export("s")
@@ -157,7 +157,7 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
     # offline, `memsvc sessions upgrade` splits the states of u without changing what it loads into
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(tmp_path)])
     assert out.exit_code == 0 and "1 tiered session(s) rewrote their layer states in the current layout" in out.output
-    with Store(tmp_path) as store:
+    with LmdbStore(tmp_path) as store:
         assert parts and all(k in set(store.kv_keys("u")) for k in parts)
         assert not check_session(store, "u").damaged
     with running_server(tmp_path, long_model) as (c, server):
@@ -242,7 +242,7 @@ def test_commits_skip_unchanged_summary_and_live_pages_and_store_exactly_the_sta
                 assert all(torch.equal(x, y) for x, y in zip(getattr(a, name), getattr(b, name)))
             assert torch.equal(a.keep_pos, b.keep_pos) and torch.equal(a.hot_pos, b.hot_pos)
 
-    store = Store(tmp_path)
+    store = LmdbStore(tmp_path)
     try:
         m = SessionManager(store, long_model, sweep_every=0)
         m.create("s", policy="tiered")

@@ -16,7 +16,7 @@ import pytest
 from memsvc.cache.pages import is_cold_block
 from memsvc.cache.session import STATE_INDEX
 from memsvc.repair import check_session
-from memsvc.store.lmdb_store import Store
+from memsvc.store.lmdb import LmdbStore
 from tests.conftest import running_server
 
 HISTORY = [(10 + 13 * j) % 4000 for j in range(1200)]  # past sink + hot + warm: 14 cold blocks per layer
@@ -55,7 +55,7 @@ def build(c, sid: str, history: list[int]) -> None:
     c.generate_text(sid, max_new_tokens=5, commit=True)
 
 
-def _copy(store: Store, sid: str, new: str) -> None:
+def _copy(store: LmdbStore, sid: str, new: str) -> None:
     """An independent copy (its own blobs, unlike a fork's)."""
     store.import_session(store.export(sid), new)
 
@@ -66,7 +66,7 @@ def _greedy(c, sid: str, n: int = 12) -> list[int]:
 
 def _damage_and_compare(data: Path, model, sid: str, keys: list, rng: random.Random) -> dict:
     flip(data, sid, keys, rng)
-    with Store(data, readonly=True) as store:
+    with LmdbStore(data, readonly=True) as store:
         found = check_session(store, sid)
     assert set(found.kv) == set(keys), "every damaged block is detected"
     with running_server(data, model) as (c, server):
@@ -102,7 +102,7 @@ def test_flipped_blocks_are_detected_repaired_from_tokens_and_generate_identical
     _damage_and_compare(data, long_model, "s", pick, rng)
 
 
-def _flip_live(store: Store, sid: str, where, rng: random.Random) -> None:
+def _flip_live(store: LmdbStore, sid: str, where, rng: random.Random) -> None:
     """flip() through a store a server has open (in this process)."""
     with store.env.begin(write=True) as txn:
         for w in where:
@@ -187,7 +187,7 @@ def test_a_session_that_changes_while_it_is_rebuilt_is_not_overwritten(tmp_path,
     with running_server(data, long_model) as (c, _):
         build(c, "s", HISTORY[:400])
     flip(data, "s", [(0, STATE_INDEX)], random.Random(8))
-    with Store(data) as store:
+    with LmdbStore(data) as store:
         real = rp.rebuild
 
         def racing(*args, **kwargs):  # a server commits a turn meanwhile

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from memsvc.cache.policies import POLICIES, TieredPolicy
 from memsvc.cli import main
 from memsvc.policies import get_policy, policy_config, stored_policy
-from memsvc.store.lmdb_store import Store
+from memsvc.store.lmdb import LmdbStore
 from memsvc.store.records import SessionRecord
 from tests.conftest import running_server
 
@@ -52,7 +52,7 @@ def test_a_stored_session_keeps_its_settings_when_the_defaults_change(tmp_path, 
         c.create_session("s", policy="tiered")
         c.append("s", tokens=HISTORY)
         before = _greedy(c, "s")
-    with Store(data, readonly=True) as store:
+    with LmdbStore(data, readonly=True) as store:
         rec = store.get("s")
         stored = store.export("s")
     assert rec.layout["policy_config"] == policy_config(TieredPolicy())
@@ -64,7 +64,7 @@ def test_a_stored_session_keeps_its_settings_when_the_defaults_change(tmp_path, 
         assert _greedy(c, "s") == before  # read as it was written: same codecs, same tiers, same reply
         c.create_session("new", policy="tiered")
         c.append("new", tokens=HISTORY[:400])
-    with Store(data, readonly=True) as store:
+    with LmdbStore(data, readonly=True) as store:
         assert store.get("new").layout["policy_config"]["hot"] == 128  # new sessions take the new defaults
         now = store.export("s")
         assert (now.record, now.tokens, now.kv) == (stored.record, stored.tokens, stored.kv)  # "s" unchanged
@@ -82,7 +82,7 @@ def _old_session(data, model):
         c.create_session("s", policy="tiered")
         c.append("s", tokens=HISTORY)
         before = _greedy(c, "s")
-    with Store(data) as store:
+    with LmdbStore(data) as store:
         exp = store.export("s")
         rec = SessionRecord.from_bytes(exp.record)
         exp.record = dataclasses.replace(
@@ -101,14 +101,14 @@ def test_without_its_settings_the_old_record_reads_with_todays_defaults(tmp_path
     with running_server(data, long_model) as (c, _):
         assert _greedy(c, "s") == before
     monkeypatch.setitem(POLICIES, "tiered", lambda **kw: TieredPolicy(**{"boundary_key_codec": "k6v4_k", **kw}))
-    with Store(data, readonly=True) as store:
+    with LmdbStore(data, readonly=True) as store:
         stored = store.export("s")
     with running_server(data, long_model) as (c, _):
         with pytest.raises(grpc.RpcError) as e:
             _greedy(c, "s")
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # the stored session, not the request
     assert "holds 'k8v8_k' codes" in e.value.details()
-    with Store(data, readonly=True) as store:
+    with LmdbStore(data, readonly=True) as store:
         now = store.export("s")
     assert (now.record, now.tokens, now.kv) == (stored.record, stored.tokens, stored.kv)  # nothing changed
 
@@ -118,11 +118,11 @@ def test_upgrade_pins_the_settings_of_old_records(tmp_path, long_model, monkeypa
     a later change of the defaults then no longer reaches it."""
     data = tmp_path / "d"
     before, exp = _old_session(data, long_model)
-    with Store(data, readonly=True) as store:
+    with LmdbStore(data, readonly=True) as store:
         old = store.get("s")
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(data)])
     assert out.exit_code == 0 and "1 record(s) now keep their policy's settings" in out.output, out.output
-    with Store(data, readonly=True) as store:
+    with LmdbStore(data, readonly=True) as store:
         rec = store.get("s")
         now = store.export("s")
     assert rec.layout == {**old.layout, "policy_config": policy_config(TieredPolicy())}

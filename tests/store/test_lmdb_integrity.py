@@ -1,13 +1,13 @@
-"""The store's integrity checks and its repair write: check_session() names every damaged entry of a
-session, check_refs() what gc() would fix, rewrite_kv() replaces KV entries in one transaction."""
+"""The LMDB store's integrity checks on raw damage (the contract is test_store_contract_integrity.py):
+check_session() names every damaged entry of a session at once, check_refs() what gc() would fix,
+including the store's metadata; a damaged next blob id never reuses a blob."""
 from __future__ import annotations
 
 import struct
 
-import pytest
-
-from memsvc.store.lmdb_store import Store
-from tests.store.test_store import raw_put, rec
+from memsvc.store.lmdb import LmdbStore as Store
+from tests.store.backends import rec
+from tests.store.lmdb_raw import raw_put
 
 K00, K01, K10 = b"s\0\0\0\0\0\0\0", b"s\0\0\0\0\0\0\1", b"s\0\0\1\0\0\0\0"
 
@@ -19,16 +19,6 @@ def _store(tmp_path) -> Store:
              blocks={(0, 0): b"a" * 64, (0, 1): b"b" * 64, (1, 0): b"c" * 64})
     s.fork("s", rec("t"))
     return s
-
-
-def test_clean_sessions_check_clean(tmp_path):
-    with _store(tmp_path) as s:
-        for sid in ("s", "t"):
-            out = s.check_session(sid)
-            assert out == {"record": None, "tokens": {}, "kv": {}, "bad_keys": [], "token_count": 10,
-                           "kv_entries": 3}
-        assert not any(s.check_refs().values())
-        assert s.session_ids() == ["s", "t"]
 
 
 def test_every_kind_of_damage_is_named(tmp_path):
@@ -83,35 +73,3 @@ def test_a_damaged_next_blob_id_never_reuses_a_blob(tmp_path):
         s.commit(rec("s"), first_token=10, tokens=[1], blocks={(0, 0): b"z" * 64})
         assert s.kv_blocks("t") == before and s.kv_block("s", 0, 0) == b"z" * 64
         assert not any(s.check_refs().values())
-
-
-def test_rewrite_kv_replaces_entries_in_one_transaction(tmp_path):
-    with _store(tmp_path) as s:
-        good = s.dump()
-        raw_put(s, "kv", K01, b"\1\2")  # a damaged pointer: its blob keeps the fork's reference only
-        updated = s.get("s").updated
-        with pytest.raises(ValueError, match="holds 10 tokens"):
-            s.rewrite_kv("s", n_tokens=9, blocks={(0, 1): b"B" * 64})
-        new = s.rewrite_kv("s", n_tokens=10, blocks={(0, 0): b"A" * 64, (0, 1): b"B" * 64}, drop=[(1, 0)],
-                           block_tokens={(0, 0): 4}, extra={"repair": {"count": 1}})
-        assert new.extra["repair"] == {"count": 1} and new.updated == updated
-        assert s.kv_blocks("s") == {(0, 0): b"A" * 64, (0, 1): b"B" * 64}
-        assert s.kv_blocks("t") == {(0, 0): b"a" * 64, (0, 1): b"b" * 64, (1, 0): b"c" * 64}  # the fork as it was
-        assert new.stored_bytes == s.session_keys("s")[1]
-        assert s.check_session("s")["kv"] == {}
-        assert s.check_refs()["wrong_counts"] == 1  # the unreadable pointer's blob still counts s: gc() settles it
-        s.gc()
-        assert not any(s.check_refs().values()) and s.kv_blocks("t")[(0, 1)] == b"b" * 64
-        assert good[("refs", good[("kv", K00)])] != s.dump()[("refs", good[("kv", K00)])]  # one reference fewer
-
-
-def test_kv_blocks_at_reads_a_layer_in_one_transaction(tmp_path):
-    """What kv_block gives, block by block, in the order asked (None where nothing is stored); a damaged
-    block raises as kv_block does."""
-    from memsvc.store.errors import CorruptBlock
-    with _store(tmp_path) as s:
-        assert s.kv_blocks_at("s", 0, [1, 0, 7]) == [b"b" * 64, b"a" * 64, None]
-        assert s.kv_blocks_at("t", 1, [0]) == [s.kv_block("t", 1, 0)] and s.kv_blocks_at("s", 0, []) == []
-        raw_put(s, "kv", K01, b"\1\2")
-        with pytest.raises(CorruptBlock):
-            s.kv_blocks_at("s", 0, [0, 1])

@@ -1,0 +1,44 @@
+"""Open a store from a spec: a plain path or `lmdb://path` is an LMDB data directory.
+
+The scheme picks the backend from `BACKENDS` (a plain dict: scheme -> opener);
+an unknown scheme is a ValueError that lists the valid ones. A PostgreSQL
+backend adds its `postgresql` entry here.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+
+from .base import Store
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+
+
+def _open_lmdb(rest: str, readonly: bool) -> Store:
+    from .lmdb import LmdbStore  # only the backend asked for is imported
+
+    if not rest:
+        raise ValueError("lmdb:// needs a path: lmdb://DIR or lmdb:///absolute/dir")
+    return LmdbStore(rest, readonly=readonly)
+
+
+BACKENDS: dict[str, Callable[[str, bool], Store]] = {"lmdb": _open_lmdb}
+
+
+def open_store(spec: str | os.PathLike, *, readonly: bool = False) -> Store:
+    """The store `spec` names: a path (str or os.PathLike) or `lmdb://path` opens that LMDB data dir.
+    ValueError for an unknown scheme or an empty spec; StoreError when the backend cannot open it."""
+    if isinstance(spec, os.PathLike):
+        return _open_lmdb(os.fspath(spec), readonly)
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a store spec must be a path or a URL such as lmdb://DIR, got {spec!r}")
+    m = _SCHEME.fullmatch(spec)
+    if m is None:
+        return _open_lmdb(spec, readonly)
+    scheme, rest = m.group(1).lower(), m.group(2)
+    opener = BACKENDS.get(scheme)
+    if opener is None:
+        valid = ", ".join(f"{name}://" for name in sorted(BACKENDS))
+        raise ValueError(f"unknown store scheme {scheme!r} in {spec!r}: valid are {valid} (or a plain path)")
+    return opener(rest, readonly)
