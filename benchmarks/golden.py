@@ -68,10 +68,10 @@ def run_turns(model, policies: list[str], n_tokens: int, chunk: int, new_tokens:
         _stop(server, c)
     if exports is not None:  # as stored before the restart: importing one and resuming it gives after_restart
         from memsvc.store.archive import write_export
-        from memsvc.store.lmdb_store import Store
+        from memsvc.store.open import open_store
 
         exports.mkdir(parents=True, exist_ok=True)
-        with Store(data_dir, readonly=True) as store:
+        with open_store(data_dir, readonly=True) as store:
             for policy in policies:
                 write_export(exports / f"{policy}.msx", store.export(f"golden-{policy}"))
     server, c = _serve(data_dir, model)  # the restart

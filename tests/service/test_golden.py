@@ -19,7 +19,7 @@ import pytest
 
 from memsvc.model import fingerprint, load_model
 from memsvc.store.archive import read_export
-from memsvc.store.lmdb_store import Store
+from memsvc.store.open import open_store
 from tests.conftest import make_tiny_model, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def test_same_turns_give_the_recorded_replies_and_sizes(recorded, golden_model, 
 @pytest.mark.parametrize("policy", ["full", "tiered", "tiered-v8"])
 def test_sessions_stored_by_the_old_code_load_and_answer_as_it_did(recorded, golden_model, tmp_path, policy):
     data = tmp_path / "data"
-    with Store(data) as store:
+    with open_store(data) as store:
         store.import_session(read_export(FIXTURE / f"{policy}.msx"))
     want = recorded["policies"][policy]
     with running_server(data, golden_model) as (client, _):

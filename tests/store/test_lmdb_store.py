@@ -14,8 +14,7 @@ import pytest
 
 from memsvc.store.blocks import KIND_KV, KIND_TOKENS, decode_block
 from memsvc.store.errors import CorruptBlock, CorruptRecord, StoreError
-from memsvc.store import lmdb_store as old_path
-from memsvc.store.lmdb import STORE_FORMAT, LmdbStore as Store, upgrade_store
+from memsvc.store.lmdb import LmdbStore as Store
 from memsvc.store.open import open_store
 from tests.store.backends import LmdbBackend, ids_for, rec
 from tests.store.lmdb_raw import raw_put, session_bytes, session_values, session_values_from
@@ -267,4 +266,3 @@ def test_open_store_from_a_spec(tmp_path):
             open_store(bad)
     with pytest.raises(StoreError):
         open_store(tmp_path / "absent", readonly=True)
-    assert (old_path.Store, old_path.STORE_FORMAT, old_path.upgrade_store) == (Store, STORE_FORMAT, upgrade_store)
