@@ -5,15 +5,25 @@ in every attention layer. While a `TieredCache` is active in this thread
 (`with active(cache):`), attention reads that cache's tiers (its layer's
 `attend`, then `settle`); otherwise it is exactly SDPA with the SDPA mask, so
 one loaded model serves tiered and plain sessions side by side.
+
+Families differ in what their attention layers pass: `scaling` (Gemma-2's
+query_pre_attn_scalar), `softcap` (Gemma-2's tanh cap on the logits, which SDPA
+cannot apply: such layers get the eager form here, and the tiered layer caps each
+tier's logits) and `sliding_window` (Mistral, Gemma-2, Phi-3, Qwen2 with
+use_sliding_window): the SDPA mask honours it; the tiered cache attends every
+token it holds, so a window narrower than the session is refused, not ignored.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 
+import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from memsvc.errors import FailedPrecondition
 
 NAME = "memsvc"
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("memsvc_active_cache", default=None)
@@ -30,13 +40,44 @@ def active(cache):
 
 def memsvc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     cache = _ACTIVE.get()
+    softcap = kwargs.get("softcap")
     if cache is None:
+        if softcap is not None:
+            return _softcapped_attention(query, key, value, attention_mask, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     layer = cache.layers[module.layer_idx]
-    out = layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    window = kwargs.get("sliding_window")
+    if window is not None and layer.seen > window:
+        raise FailedPrecondition(
+            f"layer {module.layer_idx} of this model attends a sliding window of {window} tokens and the session "
+            f"would hold {layer.seen}: the tiered cache attends every token it holds, so it cannot serve this "
+            f"model past its window; use the full policy, or a context of at most {window} tokens")
+    out = layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5, softcap=softcap)
     layer.settle()
     return out, None
+
+
+def _softcapped_attention(query, key, value, attention_mask, scaling, softcap: float) -> torch.Tensor:
+    """Attention whose logits are capped to (-softcap, softcap) by softcap * tanh(logit / softcap), before the mask.
+    query [B, Hq, n, D]; key, value [B, H, T, D]; attention_mask bool [B, 1, n, >=T] (True: attend), or None for
+    a plain causal mask (the SDPA mask skips it) -> [B, n, Hq, Dv]."""
+    n, T = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = torch.matmul(query, key.transpose(2, 3)) * scale  # [B, Hq, n, T]
+    logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is None:  # causal, the queries being the last n of the T positions
+        attention_mask = torch.ones(n, T, dtype=torch.bool, device=query.device).tril(T - n)
+    else:
+        attention_mask = attention_mask[..., :T]
+    if attention_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attention_mask, float("-inf"))
+    else:  # an additive float mask
+        logits = logits + attention_mask
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(NAME, memsvc_attention)

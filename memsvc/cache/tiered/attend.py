@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from memsvc.errors import FailedPrecondition
 
-from .rows import _dq8
+from .rows import _capped, _dq8
 
 # cold q.k and p.v operands of few-bit codes: bf16 where oneDNN has bf16 dot products (AVX512-BF16, AMX), else
 # fp32 (emulated bf16 is slower). Rounding an operand to bf16 (at most 2^-9 relative) is far below a code's step.
@@ -49,8 +49,9 @@ def _softmax_parts(parts: list[torch.Tensor]) -> list[torch.Tensor]:
 class Attend:
     # ---- attention ---------------------------------------------------------------------
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """query [1, Hq, n, D] (the last n tokens of hot are its own) -> output [1, n, Hq, Dv]."""
+    def attend(self, query: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+        """query [1, Hq, n, D] (the last n tokens of hot are its own) -> output [1, n, Hq, Dv].
+        softcap: every logit becomes softcap * tanh(logit / softcap) before the mask (Gemma-2)."""
         p = self.plan
         _, Hq, n, D = query.shape
         H = self.H
@@ -66,7 +67,7 @@ class Attend:
         n_sink, n_keep = self.sink_k.shape[1], self._keep_len()
         te = k_ex.shape[1]
         hot_ok = self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
-        if not self.n_blocks and p.keep_by != "attention":  # exact tiers only, no scores wanted: SDPA
+        if not self.n_blocks and p.keep_by != "attention" and softcap is None:  # exact tiers, no scores: SDPA
             self._remember_queries(query)
             mask = None
             if not bool(hot_ok.all()):
@@ -76,7 +77,7 @@ class Attend:
                                                  scale=scaling, enable_gqa=True)  # [1, Hq, n, Dv]
             return out.transpose(1, 2).to(query.dtype)
         q = query[0].float().reshape(H, G * n, D)  # rows (g, i)
-        logits = torch.bmm(q, k_ex.transpose(1, 2)).mul_(scaling).view(H, G, n, te)
+        logits = _capped(torch.bmm(q, k_ex.transpose(1, 2)).mul_(scaling), softcap).view(H, G, n, te)
         if not bool(hot_ok.all()):
             logits[..., n_sink + n_keep:].masked_fill_(~hot_ok, float("-inf"))
         parts = [logits]  # [H, G, n, *] each: exact tiers, then cold tokens, then left-out blocks
@@ -89,19 +90,24 @@ class Attend:
             # tokens a query does not see get -inf through the GEMM's bias input (one pass less than a fill)
             bias = None if visible is None else \
                 torch.zeros(visible.shape, dtype=k_cold.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+            gemm_bias = bias if softcap is None else None  # a soft cap goes on the logits, the mask after it
             if k_cold.dtype == torch.float32:
-                lc = torch.bmm(q, kt).mul_(scaling) if bias is None else torch.baddbmm(bias, q, kt, alpha=scaling)
+                lc = torch.bmm(q, kt).mul_(scaling) if gemm_bias is None else \
+                    torch.baddbmm(gemm_bias, q, kt, alpha=scaling)
             else:  # bf16 operands, fp32 accumulation, the logits rounded to bf16 once (2^-9 relative)
                 qs = (q * scaling).to(k_cold.dtype)
-                lc = (torch.bmm(qs, kt) if bias is None else torch.baddbmm(bias, qs, kt)).float()
+                lc = (torch.bmm(qs, kt) if gemm_bias is None else torch.baddbmm(gemm_bias, qs, kt)).float()
+            if softcap is not None:
+                lc = _capped(lc, softcap) if bias is None else _capped(lc, softcap).add_(bias)
             lc = lc.view(H, G, n, -1)  # [H, G, n, U*B]
-            del k_cold, kt, bias
+            del k_cold, kt, bias, gemm_bias
             parts.append(lc)
             cold = ids
             if chosen is not None and p.rest == "mean":
                 # blocks retrieval left out still count: one pseudo-token each, the block's mean key and
                 # value weighted by its live tokens (exp(q·mean k) <= mean exp(q·k), so mass is never overstated)
-                lr = torch.bmm(q, _dq8(self.sum_mean_k).permute(1, 2, 0)).mul_(scaling).view(H, G, n, -1)
+                lr = _capped(torch.bmm(q, _dq8(self.sum_mean_k).permute(1, 2, 0)).mul_(scaling), softcap)
+                lr = lr.view(H, G, n, -1)
                 count = self.live.sum(-1).T.float()  # [H, nb]
                 lr = lr + count.clamp(min=1).log().view(H, 1, 1, -1)
                 lr.masked_fill_((chosen | (count == 0).unsqueeze(1)).unsqueeze(1), float("-inf"))

@@ -50,3 +50,8 @@ def _q8_rows(x: torch.Tensor, rounding: str) -> tuple[torch.Tensor, torch.Tensor
 
 def _cat3(a: tuple, b: tuple) -> tuple:
     return tuple(torch.cat([x, y]) for x, y in zip(a, b))
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2's soft cap, in place: softcap * tanh(logits / softcap); the logits unchanged without one."""
+    return logits if softcap is None else logits.div_(softcap).tanh_().mul_(softcap)
