@@ -29,7 +29,7 @@ QUESTION = "In two sentences, what was the text above about?"
 
 
 def run(mgr, sessions: list[str], new: int, fair: bool, capacity: int) -> dict:
-    from memsvc.cache.cold import BlockCache
+    from memsvc.cache.tiered.blockcache import BlockCache
     from memsvc.sessions import GenerateParams
 
     mgr.decoded_cache = BlockCache(capacity, fair=fair)

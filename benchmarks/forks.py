@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from memsvc.cache.pages import is_cold_block, part_name
+from memsvc.cache.tiered.pages import is_cold_block, part_name
 from memsvc.clients.client import MemoryClient
 from memsvc.corpus import haystack_tokens
 from memsvc.model import load_model

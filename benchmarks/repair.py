@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memsvc.cache.session import STATE_INDEX  # noqa: E402
+from memsvc.cache.tiered.cache import STATE_INDEX  # noqa: E402
 from memsvc.model import load_model  # noqa: E402
 from memsvc.repair import check_session, repair_session  # noqa: E402
 from memsvc.sessions import GenerateParams, SessionManager  # noqa: E402

@@ -52,7 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-from memsvc.cache.pages import is_cold_block, part_name
+from memsvc.cache.tiered.pages import is_cold_block, part_name
 from memsvc.clients.client import MemoryClient
 from served import ServeProcess
 

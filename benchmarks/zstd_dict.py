@@ -20,7 +20,7 @@ from pathlib import Path
 
 import zstandard
 
-from memsvc.cache.pages import is_cold_block
+from memsvc.cache.tiered.pages import is_cold_block
 from memsvc.model import memsvc_home
 from memsvc.store.base import Store
 from memsvc.store.open import open_store

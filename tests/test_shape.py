@@ -109,7 +109,7 @@ def test_cycle_finder_on_a_small_graph():
 
 def test_the_graph_resolves_absolute_and_relative_imports():
     graph = import_graph()
-    assert "memsvc.kernels.codec" in graph["memsvc.cache.cold"]          # from memsvc.kernels.codec import Packed
+    assert "memsvc.kernels.codec" in graph["memsvc.cache.tiered.cold"]          # from memsvc.kernels.codec import Packed
     assert "memsvc.kernels.dispatch" in graph["memsvc.kernels.uniform_codec"]  # from .dispatch import ...
     assert "memsvc.kernels.lloyd_max" in graph["memsvc.kernels.turboquant"]   # from . import lloyd_max
     assert "memsvc.kernels.uniform_triton" in graph["memsvc.kernels.dispatch"]  # an import inside a function

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from memsvc.cache.layer import _LOW_DTYPE, _softmax_parts
+from memsvc.cache.tiered.attend import _LOW_DTYPE, _softmax_parts
 
 
 @pytest.mark.parametrize("sizes", [(5,), (7, 130), (3, 64, 9), (1, 1, 1)])
@@ -43,9 +43,9 @@ def test_cold_pv_in_its_dtype_stays_within_the_bf16_rounding_bound():
 
 @pytest.mark.parametrize("cold_v", ["k8v8_v", "turbo3"])
 def test_cold_values_keep_fp32_for_8bit_values_and_stay_within_bf16_rounding_for_3bit(cold_v):
-    from memsvc.cache import ColdStore
-    from memsvc.cache.cold import stack_packed
-    from memsvc.cache.layer import TierLayer
+    from memsvc.cache.tiered.cold import ColdStore
+    from memsvc.cache.tiered.cold import stack_packed
+    from memsvc.cache.tiered.layer import TierLayer
     from memsvc.cache.policies.plan import LayerPlan
 
     H, D, B, NB = 2, 16, 8, 6
@@ -73,9 +73,9 @@ def test_cold_logits_keep_fp32_for_8bit_keys_and_stay_within_bf16_rounding_for_6
     """6-bit keys: q.k with bf16 operands and logits; each of q, k and the logit rounds at most 2^-9 relative, so
     every logit moves by at most d = 3 * 2^-9 * scaling * sum|q||k|, every weight by a factor within e^(+-2d), and
     the output by at most (e^(2d) - 1) * max|v|. 8-bit keys keep fp32: the same output bit for bit."""
-    from memsvc.cache import ColdStore
-    from memsvc.cache import layer as layer_mod
-    from memsvc.cache.layer import TierLayer
+    from memsvc.cache.tiered.cold import ColdStore
+    from memsvc.cache.tiered import attend as layer_mod
+    from memsvc.cache.tiered.layer import TierLayer
     from memsvc.cache.policies.plan import LayerPlan
 
     H, G, D, B, NB, n, scaling = 2, 3, 16, 8, 6, 5, 0.25
@@ -106,8 +106,8 @@ def test_cold_logits_keep_fp32_for_8bit_keys_and_stay_within_bf16_rounding_for_6
 def test_values_of_blocks_below_v_skip_are_left_out_only_where_that_saves_work():
     """One query (G*n = 2 weight rows per head): a block under v_skip is not decoded. A chunk of 40 queries: copying
     its kept weights would cost more than decoding the block, so every block is weighted, the same as v_skip 0."""
-    from memsvc.cache import ColdStore
-    from memsvc.cache.layer import TierLayer
+    from memsvc.cache.tiered.cold import ColdStore
+    from memsvc.cache.tiered.layer import TierLayer
     from memsvc.cache.policies.plan import LayerPlan
 
     H, D, B, NB = 2, 16, 8, 6

@@ -6,7 +6,8 @@ import threading
 import pytest
 import torch
 
-from memsvc.cache.cold import BlockCache, ColdStore, FileBlocks, block_bytes
+from memsvc.cache.tiered.blockcache import BlockCache
+from memsvc.cache.tiered.cold import ColdStore, FileBlocks, block_bytes
 from memsvc.kernels.registry import get_codec
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memsvc.cache.cold import ColdStore, FileBlocks, MemoryBlocks, block_bytes, block_from_bytes, stack_packed
+from memsvc.cache.tiered.cold import ColdStore, FileBlocks, MemoryBlocks, block_bytes, block_from_bytes, stack_packed
 from memsvc.kernels.registry import get_codec
 
 POLICY_CODECS = ["turbo3", "turbo4", "k8v8_k", "k8v8_v", "k6v4_k", "k6v4_v", "kivi2_k", "kivi2_v", "kivi4_k",

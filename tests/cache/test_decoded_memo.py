@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from memsvc.cache import ColdStore
-from memsvc.cache.cold import BlockCache, FileBlocks
-from memsvc.cache.layer import TierLayer
+from memsvc.cache.tiered.cold import ColdStore
+from memsvc.cache.tiered.blockcache import BlockCache
+from memsvc.cache.tiered.cold import FileBlocks
+from memsvc.cache.tiered.layer import TierLayer
 from memsvc.cache.policies.plan import LayerPlan
 
 H, D, B, NB = 2, 16, 8, 6

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from memsvc.cache.pages import decode, encode
+from memsvc.cache.tiered.partcodec import decode, encode
 
 
 def _part(seed: int):
@@ -53,7 +53,7 @@ def test_encode_writes_what_safetensors_reads_and_digests_stay_what_heads_stored
 
     import safetensors.torch as st
 
-    from memsvc.cache.pages import digest
+    from memsvc.cache.tiered.partcodec import digest
 
     g = torch.Generator().manual_seed(4)
     tensors = {"b": torch.randn(2, 5, generator=g).bfloat16(), "live": torch.rand(3, 2, 8, generator=g) > 0.5,

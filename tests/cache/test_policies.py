@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from memsvc.cache.layer import _dq8
-from memsvc.cache import EVICTION, POLICIES, ColdStore, FileBlocks, TierCache, active, get_policy, use_memsvc_attention
+from memsvc.cache.tiered.rows import _dq8
+from memsvc.errors import FailedPrecondition
+from memsvc.cache import EVICTION, POLICIES, Backing, KVShape, get_policy, new_cache
+from memsvc.cache.attention import use_memsvc_attention
+from memsvc.cache.tiered.cold import FileBlocks
 
 SMALL = {
     "full": {},
@@ -39,15 +41,19 @@ def _ids(n, seed=0):
 def _run(model, cache, ids, chunk=37):
     """Feed ids in chunks; return logits of the last token [V]."""
     out = None
-    with active(cache if isinstance(cache, TierCache) else None):
+    with cache.attending():
         for lo in range(0, len(ids), chunk):
             part = torch.tensor([ids[lo:lo + chunk]])
             out = model(input_ids=part, cache=cache, use_cache=True).logits[0, -1]
     return out
 
 
-def _cache(tiny, name, cold=None, **over):
-    return TierCache(get_policy(name, **{**SMALL[name], **over}), tiny.num_layers, tiny.dtype, cold)
+def _shape(tiny) -> KVShape:
+    return KVShape.of(tiny)
+
+
+def _cache(tiny, name, backing=None, **over):
+    return new_cache(get_policy(name, **{**SMALL[name], **over}), _shape(tiny), backing)
 
 
 def _positions(layer) -> list[list[int]]:
@@ -83,7 +89,20 @@ def tiny(tiny_model):
     return tiny_model
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_full_keeps_every_token_of_every_layer(tiny):
+    cache = _cache(tiny, "full")
+    ids = _ids(230)
+    _run(tiny.model, cache, ids[:200])
+    cache.end_prompt()
+    for t in ids[200:]:
+        _run(tiny.model, cache, [t])
+    assert cache.length == 230 and cache.tier_tokens() == {"hot": 230.0}
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == layer.values.shape[2] == 230
+    assert sum(cache.tier_bytes().values()) == cache.resident_bytes() == 230 * _shape(tiny).fp16_bytes_per_token * 2
+
+
+@pytest.mark.parametrize("name", sorted(set(POLICIES) - {"full"}))
 def test_tier_invariants_and_budgets(tiny, name):
     cache = _cache(tiny, name)
     ids = _ids(230)
@@ -134,8 +153,8 @@ def test_pyramid_budgets_shrink_with_depth():
 @torch.no_grad()
 def test_tiered_with_huge_budgets_equals_full(tiny):
     ids = _ids(150, seed=3)
-    ref = DynamicCache()
-    big = TierCache(get_policy("tiered", hot=4096, exact_dtype=None), tiny.num_layers, tiny.dtype)
+    ref = new_cache(get_policy("full"), _shape(tiny))
+    big = new_cache(get_policy("tiered", hot=4096, exact_dtype=None), _shape(tiny))
     a, b = _run(tiny.model, ref, ids), _run(tiny.model, big, ids)
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
     assert big.tier_tokens()["cold"] == 0 and big.tier_tokens()["hot"] + big.tier_tokens()["sink"] == 150
@@ -149,15 +168,14 @@ def test_tiered_with_huge_budgets_equals_full(tiny):
 @pytest.mark.parametrize("name", ["tiered", "h2o", "snapkv", "turbo3"])
 def test_restore_undoes_everything_since_the_snapshot(tiny, name):
     ids = _ids(180, seed=4)
-    cold = ColdStore(FileBlocks()) if name == "tiered" else None
-    cache = _cache(tiny, name, cold)
+    cache = _cache(tiny, name, Backing(FileBlocks()) if name == "tiered" else None)
     _run(tiny.model, cache, ids[:120])
     cache.end_prompt()
-    snap = cache.snapshot()
+    snap = cache.checkpoint()
     _run(tiny.model, cache, _ids(60, seed=5))  # a detour: more tokens, aging, evictions, new cold blocks
     cache.end_prompt()
     cache.restore(snap)
-    twin = _cache(tiny, name, ColdStore(FileBlocks()) if name == "tiered" else None)
+    twin = _cache(tiny, name, Backing(FileBlocks()) if name == "tiered" else None)
     _run(tiny.model, twin, ids[:120])
     twin.end_prompt()
     assert torch.equal(_run(tiny.model, cache, ids[120:]), _run(tiny.model, twin, ids[120:]))
@@ -178,10 +196,10 @@ def test_quest_summary_bounds_every_key_score():
 def test_cold_blocks_on_disk_are_not_resident(tiny):
     ids = _ids(300, seed=6)
     mem = _cache(tiny, "tiered")
-    disk = _cache(tiny, "tiered", ColdStore(FileBlocks(), cache_bytes=0))
+    disk = _cache(tiny, "tiered", Backing(FileBlocks(), private_cache_bytes=0))
     _run(tiny.model, mem, ids)
     _run(tiny.model, disk, ids)
-    disk.cold.flush()
+    disk.flush()
     assert disk.stored_bytes() == mem.stored_bytes() > 0
     assert mem.resident_bytes() - disk.resident_bytes() == mem.cold.backend.nbytes()
     # same answers wherever the blocks live
@@ -194,7 +212,7 @@ def test_block_summaries_describe_every_token_of_the_block(tiny):
     min/max bound every key and the mean pseudo-token is the mean of all B tokens, even of a block
     whose tokens all went to the warm tier when it was made (and may come back later)."""
     ids = _ids(200, seed=8)
-    ref = DynamicCache()
+    ref = new_cache(get_policy("full"), _shape(tiny))
     _run(tiny.model, ref, ids)
     cache = _cache(tiny, "tiered", warm=8, exact_dtype=None)
     _run(tiny.model, cache, ids)
@@ -215,8 +233,8 @@ def test_layer_state_from_before_8bit_summaries_loads(tiny):
     """A layer state saved with fp16 summaries (older stores) loads as 8-bit rows that still bound the keys."""
     import safetensors.torch as st
 
-    from memsvc.cache.layer import TierLayer
-    from memsvc.cache.session import layer_state, load_layer_state
+    from memsvc.cache.tiered.layer import TierLayer
+    from memsvc.cache.tiered.upgrade import load_whole as load_layer_state, whole_state as layer_state
 
     cache = _cache(tiny, "tiered", warm=8, exact_dtype=None)
     _run(tiny.model, cache, _ids(200, seed=3))
@@ -250,10 +268,10 @@ def test_cold_blocks_another_codec_wrote_are_refused_not_misread(tiny):
     """A stored session names its policy, not the policy's codecs: if what a name means ever changed, its
     cold blocks would be decoded by the wrong codec. The layer refuses them, naming both codecs."""
     from memsvc.kernels.registry import get_codec
-    cache = _cache(tiny, "tiered", ColdStore(FileBlocks()))
+    cache = _cache(tiny, "tiered", Backing(FileBlocks()))
     _run(tiny.model, cache, _ids(200, seed=8))
     layer = cache.layers[1]  # the last layer, K8V8 cold blocks
     assert layer.n_blocks and layer.vcodec.name == "k8v8_v"
     layer.vcodec = get_codec("turbo3", layer=1)
-    with pytest.raises(ValueError, match="holds 'k8v8_v' codes; the policy decodes 'turbo3'"):
+    with pytest.raises(FailedPrecondition, match="holds 'k8v8_v' codes; the policy decodes 'turbo3'"):
         _run(tiny.model, cache, _ids(3, seed=9))

@@ -10,10 +10,10 @@ import torch
 from transformers import Gemma2Config
 from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, eager_attention_forward
 
-from memsvc.cache import ColdStore
+from memsvc.cache.tiered.cold import ColdStore
 from memsvc.cache.attention import memsvc_attention
-from memsvc.cache.cold import stack_packed
-from memsvc.cache.layer import TierLayer
+from memsvc.cache.tiered.cold import stack_packed
+from memsvc.cache.tiered.layer import TierLayer
 from memsvc.cache.policies.plan import LayerPlan
 
 H, G, D = 2, 2, 16

@@ -12,8 +12,9 @@ from collections import Counter
 
 import torch
 
-from memsvc.cache import ColdStore
-from memsvc.cache.layer import TierLayer, _dq8
+from memsvc.cache.tiered.cold import ColdStore
+from memsvc.cache.tiered.layer import TierLayer
+from memsvc.cache.tiered.rows import _dq8
 from memsvc.cache.policies.plan import LayerPlan
 
 H, G, D, B, NB, RETRIEVE = 2, 2, 16, 8, 24, 16

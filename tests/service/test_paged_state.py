@@ -7,11 +7,13 @@ from __future__ import annotations
 import torch
 from click.testing import CliRunner
 
-from memsvc.cache.pages import decode, digest
-from memsvc.cache.pages import HOT_BASE, HOT_PAGE, LIVE_BASE, SUM_BASE, WARM_BASE, WARM_INDEX, is_cold_block
-from memsvc.cache.session import STATE_INDEX, TierKV, layer_state
+from memsvc.cache.tiered.partcodec import decode, digest
+from memsvc.cache.tiered.pages import HOT_BASE, HOT_PAGE, LIVE_BASE, SUM_BASE, WARM_BASE, WARM_INDEX, is_cold_block
+from memsvc.cache import Backing, KVShape, StoreEntries, load_cache
+from memsvc.cache.tiered.cache import STATE_INDEX
+from memsvc.cache.tiered.upgrade import whole_state as layer_state
 from memsvc.cli import main
-from memsvc.policies import get_policy
+from memsvc.cache.policies import get_policy
 from memsvc.repair import check_session
 from memsvc.store.lmdb import LmdbStore
 from tests.conftest import running_server
@@ -30,6 +32,14 @@ class Spy:
             self.calls.append(({k: len(v) for k, v in kw["blocks"].items()}, list(kw.get("drop", ()))))
             return self._commit(record, **kw)
         store.commit = commit
+
+
+def _load(store, sid: str):
+    """A stored tiered session's cache, as a server loads it (on the CPU)."""
+    rec = store.get(sid)
+    lay = rec.layout
+    shape = KVShape(lay["layers"], lay["kv_heads"], lay["head_dim"], torch.float32, torch.device("cpu"))
+    return load_cache(get_policy("tiered"), shape, lay, rec.n_tokens - 1, Backing(StoreEntries(store, sid)))
 
 
 def _greedy(c, sid: str, n: int = 10) -> list[int]:
@@ -103,11 +113,11 @@ def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_mo
     with running_server(tmp_path, long_model) as (c, server):  # the parts load back into the same cache
         assert _greedy(c, "s") == want
         store = server.memsvc_store
-        kv = TierKV.load(get_policy("tiered"), store, "s", store.get("s").layout, torch.device("cpu"))
+        kv = _load(store, "s")
         # the digests the heads list (not hashed again on load) are those of the stored parts
         assert kv._stored and all(d == digest(decode(store.kv_block("s", *key))) for key, d in kv._stored.items())
-        payloads, _, drop = kv.dirty_blocks()
-        assert not payloads and not drop  # nothing to write for a state just loaded
+        ch = kv.changes()
+        assert not ch.payloads and not ch.drop  # nothing to write for a state just loaded
 
 
 def test_aging_writes_new_blocks_and_drops_emptied_hot_pages(tmp_path, long_model):
@@ -136,8 +146,8 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
         _build(c)
         want = _greedy(c, "s")
         rec = store.get("s")
-        kv = TierKV.load(get_policy("tiered"), store, "s", rec.layout, torch.device("cpu"))
-        whole = {(i, STATE_INDEX): layer_state(layer) for i, layer in enumerate(kv.cache.layers)}
+        kv = _load(store, "s")
+        whole = {(i, STATE_INDEX): layer_state(layer) for i, layer in enumerate(kv.layers)}
         parts = [k for k in store.kv_keys("s") if not is_cold_block(k[1]) and k[1] != STATE_INDEX]
         assert parts
     # rewrite the session as the store held it before parts: one entry per layer state, no parts
@@ -166,8 +176,8 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
 
 def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, long_model, monkeypatch):
     """Summary pages of 4 blocks holding the live masks themselves (before live pages)."""
-    import memsvc.cache.pages as pages
-    import memsvc.cache.session as session
+    import memsvc.cache.tiered.cache as session
+    import memsvc.cache.tiered.pages as pages
 
     monkeypatch.setattr(pages, "SUM_PAGE", 4)  # 14 cold blocks: 4 pages of 4, 4, 4, 2 blocks
     current = pages.layer_parts
@@ -194,15 +204,15 @@ def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, 
 
 
 def test_warm_rows_stored_in_one_entry_load_and_upgrade_groups_them(tmp_path, long_model, monkeypatch):
-    import memsvc.cache.pages as pages
+    import memsvc.cache.tiered.pages as pages
 
-    def whole(layer):  # the layout before warm groups: every warm row in one entry
+    def whole(pos, keep_k, keep_v, sink, block):  # the layout before warm groups: every warm row in one entry
         warm: dict = {}
-        pages._put(warm, "keep_k", layer.keep_k)
-        pages._put(warm, "keep_v", layer.keep_v)
-        return {WARM_INDEX: (warm, {}, int(layer.keep_pos.shape[1]))}
+        pages._put(warm, "keep_k", keep_k)
+        pages._put(warm, "keep_v", keep_v)
+        return {WARM_INDEX: (warm, {}, int(pos.shape[1]))}
 
-    monkeypatch.setattr(pages, "_warm_groups", whole)
+    monkeypatch.setattr(pages, "warm_groups", whole)
     with running_server(tmp_path, long_model) as (c, server):
         _build(c)
         want = _greedy(c, "s")
@@ -218,7 +228,7 @@ def test_commits_skip_unchanged_summary_and_live_pages_and_store_exactly_the_sta
     """A commit rebuilds only the summary and live pages whose blocks changed (also the first commit after a
     resume), yet after every Append the stored state loads to exactly the in-memory one: the live masks of old
     blocks that warm tokens went back to included."""
-    import memsvc.cache.pages as pages
+    import memsvc.cache.tiered.pages as pages
     from memsvc.sessions import SessionManager
 
     monkeypatch.setattr(pages, "SUM_PAGE", 2)  # 14 blocks: 7 pages, most of them old
@@ -229,13 +239,12 @@ def test_commits_skip_unchanged_summary_and_live_pages_and_store_exactly_the_sta
         built.append(sum(1 for i in current(layer, skip) if SUM_BASE <= i < WARM_BASE))
         return current(layer, skip)
     monkeypatch.setattr(pages, "layer_parts", spy)
-    import memsvc.cache.session as session
+    import memsvc.cache.tiered.cache as session
     monkeypatch.setattr(session, "layer_parts", spy)
 
     def same_state(manager, sid):
-        live = manager._live[sid].kv.cache.layers
-        loaded = TierKV.load(get_policy("tiered"), manager.store, sid, manager.store.get(sid).layout,
-                             torch.device("cpu")).cache.layers
+        live = manager._live[sid].kv.layers
+        loaded = _load(manager.store, sid).layers
         for a, b in zip(live, loaded):
             assert a.n_blocks == b.n_blocks and torch.equal(a.live, b.live)
             for name in ("sum_min", "sum_max", "sum_mean_k", "sum_mean_v"):
@@ -249,23 +258,23 @@ def test_commits_skip_unchanged_summary_and_live_pages_and_store_exactly_the_sta
         m.append("s", tokens=HISTORY)
         revived = 0
         for turn in range(4):  # each ages a block or two; warm tokens that lose go back to old blocks
-            before = [layer.live.clone() for layer in m._live["s"].kv.cache.layers]
+            before = [layer.live.clone() for layer in m._live["s"].kv.layers]
             if turn % 2:  # kept tokens lose to the next aged block: they go back to their (old) cold blocks
-                for layer in m._live["s"].kv.cache.layers:
+                for layer in m._live["s"].kv.layers:
                     layer.keep_score = torch.zeros_like(layer.keep_score)
             built.clear()
             m.append("s", tokens=[(7 + 31 * j + turn) % 4000 for j in range(80)])
             old = [(layer.live[:b.shape[0]] != b).any(-1).any(-1) for layer, b in
-                   zip(m._live["s"].kv.cache.layers, before)]
+                   zip(m._live["s"].kv.layers, before)]
             revived += sum(int(o.sum()) for o in old)
             # pages: 2 blocks each, summary + live; rebuilt are the grown last page(s) and the pages of revived blocks
-            assert sum(built) < sum(2 * -(-layer.n_blocks // 2) for layer in m._live["s"].kv.cache.layers)
+            assert sum(built) < sum(2 * -(-layer.n_blocks // 2) for layer in m._live["s"].kv.layers)
             same_state(m, "s")
         assert revived, "no warm token went back to an old block: the test would not cover live-page changes"
         m._forget("s")
         built.clear()
         m.append("s", tokens=list(range(100, 180)))  # the first commit after a resume skips them too
-        assert sum(built) < sum(2 * -(-layer.n_blocks // 2) for layer in m._live["s"].kv.cache.layers)
+        assert sum(built) < sum(2 * -(-layer.n_blocks // 2) for layer in m._live["s"].kv.layers)
         same_state(m, "s")
         assert not check_session(store, "s").damaged
     finally:

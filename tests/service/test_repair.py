@@ -13,8 +13,8 @@ import grpc
 import lmdb
 import pytest
 
-from memsvc.cache.pages import is_cold_block
-from memsvc.cache.session import STATE_INDEX
+from memsvc.cache.tiered.pages import is_cold_block
+from memsvc.cache.tiered.cache import STATE_INDEX
 from memsvc.repair import check_session
 from memsvc.store.lmdb import LmdbStore
 from tests.conftest import running_server
@@ -182,13 +182,14 @@ def test_100_flipped_blocks_of_a_real_model_session(tmp_path, real_model):
 
 def test_a_session_that_changes_while_it_is_rebuilt_is_not_overwritten(tmp_path, long_model, monkeypatch):
     import memsvc.repair as rp
+    import memsvc.repair.rebuild as rebuild_mod
 
     data = tmp_path / "data"
     with running_server(data, long_model) as (c, _):
         build(c, "s", HISTORY[:400])
     flip(data, "s", [(0, STATE_INDEX)], random.Random(8))
     with LmdbStore(data) as store:
-        real = rp.rebuild
+        real = rebuild_mod.rebuild
 
         def racing(*args, **kwargs):  # a server commits a turn meanwhile
             out = real(*args, **kwargs)
@@ -196,7 +197,7 @@ def test_a_session_that_changes_while_it_is_rebuilt_is_not_overwritten(tmp_path,
             store.commit(rec, first_token=rec.n_tokens, tokens=[7], blocks={})
             return out
 
-        monkeypatch.setattr(rp, "rebuild", racing)
+        monkeypatch.setattr(rebuild_mod, "rebuild", racing)
         with pytest.raises(rp.Unrepairable, match="could not be written back"):
             rp.repair_session(store, long_model, "s")
         assert set(store.check_session("s")["kv"]) == {(0, STATE_INDEX)}  # nothing written

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from memsvc.cache.policies import POLICIES, TieredPolicy
 from memsvc.cli import main
-from memsvc.policies import get_policy, policy_config, stored_policy
+from memsvc.cache.policies import get_policy, policy_config, stored_policy
 from memsvc.store.lmdb import LmdbStore
 from memsvc.store.records import SessionRecord
 from tests.conftest import running_server
