@@ -20,7 +20,8 @@ ends with one JSON line. Exits 1 if any call failed.
 
     python benchmarks/load.py --seconds 300 --resident-budget 268435456
 
-Knows the client and the command line; imports neither torch nor the model.
+Knows the client and the command line; imports neither torch nor the model. The parts:
+load_workload.py (the clients and their calls) and load_stats.py (latencies, memory, the table).
 """
 from __future__ import annotations
 
@@ -34,123 +35,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
+from load_stats import Recorder, Samples, dir_bytes, mib, print_table, rss, sample_memory
+from load_workload import Config, Sessions, client_loop, new_session
 from memsvc.clients.client import MemoryClient
 from served import ServeProcess
-
-SENTENCES = (
-    "I keep my bike in the shed behind the house.",
-    "Remind me to call the plumber on Thursday morning.",
-    "My sister moved to Lisbon last spring and loves it.",
-    "The project deadline moved to the end of the month.",
-    "Can you summarize what we discussed about the budget?",
-    "I prefer tea to coffee, especially green tea.",
-    "Our team meets every Monday at ten in room four.",
-    "The dog needs his vaccination before the trip.",
-    "What did I say about the garden last time?",
-    "I started learning the cello two years ago.",
-    "Please keep the answer short and practical.",
-    "The invoice number for the new laptop is 77120.",
-)
-RPCS = ("Append", "Generate", "Resume")
-FIRST = "Generate (first chunk)"  # a latency row, not a call
-
-
-@dataclass
-class Config:
-    seconds: float = 300.0
-    max_calls: int = 100_000
-    clients: int = 16
-    sessions: int = 50
-    resident_budget: int = 256 << 20
-    max_new_tokens: int = 8
-    max_session_tokens: int = 4096
-    mix: tuple[float, float, float] = (0.4, 0.4, 0.2)  # Append, Generate, Resume
-    progress_every: float = 15.0
-    call_timeout: float = 300.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.seconds <= 0 or self.max_calls < 1:
-            raise ValueError("seconds must be > 0 and max_calls >= 1")
-        if self.clients < 1 or self.sessions < 1:
-            raise ValueError("clients and sessions must be >= 1")
-        if self.resident_budget < 0:
-            raise ValueError("resident_budget must be >= 0 (0 = no limit)")
-        if self.max_new_tokens < 1 or self.max_session_tokens < 64:
-            raise ValueError("max_new_tokens must be >= 1 and max_session_tokens >= 64")
-        if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
-            raise ValueError(f"mix needs three weights >= 0 (Append, Generate, Resume), got {self.mix}")
-
-
-@dataclass
-class Recorder:
-    """Latencies (seconds) of successful calls and error counts, per RPC; thread-safe."""
-
-    ok: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    errors: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def done(self, rpc: str, seconds: float) -> None:
-        with self.lock:
-            self.ok[rpc].append(seconds)
-
-    def failed(self, rpc: str, code: str) -> None:
-        with self.lock:
-            self.errors[rpc][code] += 1
-
-    def calls(self) -> int:
-        with self.lock:
-            return sum(len(v) for k, v in self.ok.items() if k != FIRST) + self.n_errors()
-
-    def n_errors(self) -> int:
-        return sum(n for codes in self.errors.values() for n in codes.values())
-
-    def summary(self) -> dict:
-        with self.lock:
-            out = {}
-            for rpc in sorted(set(self.ok) | set(self.errors)):
-                lat = sorted(self.ok.get(rpc, []))
-                errs = dict(self.errors.get(rpc, {}))
-                out[rpc] = {"calls": len(lat) + sum(errs.values()), "ok": len(lat), "errors": errs,
-                            "p50_ms": _ms(_pct(lat, 50)), "p99_ms": _ms(_pct(lat, 99)),
-                            "max_ms": _ms(lat[-1] if lat else None)}
-            return out
-
-
-def _pct(xs: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of sorted xs."""
-    if not xs:
-        return None
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
-
-
-def _ms(s: float | None) -> float | None:
-    return None if s is None else round(s * 1000, 1)
-
-
-def _rss(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM (peak), RssAnon (heap) and RssFile (mapped files: the LMDB map, libraries) of a
-    process, in bytes; zeros once it is gone."""
-    out = dict.fromkeys(("VmRSS", "VmHWM", "RssAnon", "RssFile"), 0)
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in out:
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 class Server(ServeProcess):
@@ -163,142 +53,6 @@ class Server(ServeProcess):
         super().__init__(args, data_dir.parent / "server.log", start_timeout=start_timeout)
 
 
-class Sessions:
-    """The session ids the clients pick from; one past the token cap is replaced by a fresh id."""
-
-    def __init__(self, n: int, cap: int):
-        self.ids = [f"load-{i:03d}" for i in range(n)]
-        self.generation = [0] * n
-        self.cap = cap
-        self.replacing = [False] * n
-        self.replaced = 0
-        self.lock = threading.Lock()
-
-    def pick(self, rng: random.Random) -> tuple[int, str]:
-        i = rng.randrange(len(self.ids))
-        with self.lock:
-            return i, self.ids[i]
-
-    def claim_replacement(self, i: int, sid: str, tokens: int) -> str | None:
-        """A new id for slot i if its session `sid` passed the cap and nobody is replacing it yet."""
-        with self.lock:
-            if tokens <= self.cap or self.replacing[i] or self.ids[i] != sid:
-                return None
-            self.replacing[i] = True
-            self.generation[i] += 1
-            return f"load-{i:03d}.{self.generation[i]}"
-
-    def replaced_by(self, i: int, new_id: str | None) -> None:
-        with self.lock:
-            if new_id is not None:
-                self.ids[i] = new_id
-                self.replaced += 1
-            self.replacing[i] = False
-
-
-def _message(rng: random.Random) -> list[dict]:
-    return [{"role": "user", "content": " ".join(rng.sample(SENTENCES, rng.randint(1, 3)))}]
-
-
-def _call(rec: Recorder, rpc: str, fn):
-    """Run fn(), recording its latency or its error code; the result, or None on error."""
-    t0 = time.perf_counter()
-    try:
-        out = fn()
-    except grpc.RpcError as exc:
-        rec.failed(rpc, exc.code().name if exc.code() else "UNKNOWN")
-        return None
-    except Exception as exc:  # the client itself failed: count it, never hide it
-        rec.failed(rpc, f"CLIENT_{type(exc).__name__}")
-        return None
-    rec.done(rpc, time.perf_counter() - t0)
-    return out
-
-
-def _generate(c: MemoryClient, rec: Recorder, sid: str, n: int):
-    """Committed greedy generation; records the first chunk's latency as 'Generate (first chunk)'.
-    Returns the session's token count after the commit, or None on error."""
-    t0 = time.perf_counter()
-    tokens = None
-    first = True
-    for chunk in c.generate(sid, max_new_tokens=n, commit=True):
-        if first:
-            rec.done(FIRST, time.perf_counter() - t0)
-            first = False
-        if chunk.HasField("session"):
-            tokens = chunk.session.tokens
-    return tokens
-
-
-def _new_session(c: MemoryClient, rec: Recorder, sid: str, rng: random.Random) -> int | None:
-    if _call(rec, "CreateSession", lambda: c.create_session(sid)) is None:
-        return None
-    r = _call(rec, "Append", lambda: c.append(sid, messages=[{"role": "system", "content": "You are a helpful "
-                                                               "assistant with a long memory."}] + _message(rng)))
-    return None if r is None else r.session.tokens
-
-
-def _worker(k: int, port: int, cfg: Config, sessions: Sessions, rec: Recorder, stop: threading.Event,
-            budget_calls: list[int], budget_lock: threading.Lock) -> None:
-    rng = random.Random(cfg.seed * 1000 + k)
-    with MemoryClient(f"127.0.0.1:{port}", timeout=cfg.call_timeout) as c:
-        while not stop.is_set():
-            with budget_lock:
-                if budget_calls[0] <= 0:
-                    stop.set()
-                    return
-                budget_calls[0] -= 1
-            i, sid = sessions.pick(rng)
-            rpc = rng.choices(RPCS, weights=cfg.mix)[0]
-            if rpc == "Append":
-                r = _call(rec, rpc, lambda: c.append(sid, messages=_message(rng)))
-                tokens = None if r is None else r.session.tokens
-            elif rpc == "Generate":
-                tokens = _call(rec, rpc, lambda: _generate(c, rec, sid, cfg.max_new_tokens))
-            else:
-                r = _call(rec, rpc, lambda: c.resume(sid))
-                tokens = None if r is None else r.tokens
-            new_id = sessions.claim_replacement(i, sid, tokens or 0)
-            if new_id is not None:
-                ok = _new_session(c, rec, new_id, rng) is not None
-                sessions.replaced_by(i, new_id if ok else None)
-
-
-@dataclass
-class Samples:
-    rss: list[int] = field(default_factory=list)
-    anon: list[int] = field(default_factory=list)
-    file: list[int] = field(default_factory=list)
-    resident: list[int] = field(default_factory=list)
-    sessions_resident: list[int] = field(default_factory=list)
-    hwm: int = 0
-    stats: object = None  # the last GetStats
-
-
-def _sampler(pid: int, port: int, samples: Samples, stop: threading.Event, every: float = 1.0) -> None:
-    with MemoryClient(f"127.0.0.1:{port}", timeout=30) as c:
-        while True:
-            mem = _rss(pid)
-            if mem["VmRSS"]:
-                samples.rss.append(mem["VmRSS"])
-                samples.anon.append(mem["RssAnon"])
-                samples.file.append(mem["RssFile"])
-                samples.hwm = max(samples.hwm, mem["VmHWM"])
-            try:
-                st = c.stats()
-                samples.resident.append(st.bytes_resident)
-                samples.sessions_resident.append(st.sessions_resident)
-                samples.stats = st
-            except grpc.RpcError:
-                pass
-            if stop.wait(every):
-                return
-
-
-def _mib(b: float) -> str:
-    return f"{b / (1 << 20):.1f} MiB"
-
-
 def run(cfg: Config, model: str | None = None) -> dict:
     """The whole load test; returns the JSON summary."""
     tmp = Path(tempfile.mkdtemp(prefix="memsvc-load-"))
@@ -309,7 +63,7 @@ def run(cfg: Config, model: str | None = None) -> dict:
           f"{time.perf_counter() - t_start:.1f} s), data {data}", flush=True)
     setup, rec = Recorder(), Recorder()
     samples, stop_sampling = Samples(), threading.Event()
-    sampler = threading.Thread(target=_sampler, args=(server.proc.pid, server.port, samples, stop_sampling),
+    sampler = threading.Thread(target=sample_memory, args=(server.proc.pid, server.port, samples, stop_sampling),
                                daemon=True)
     try:
         sessions = Sessions(cfg.sessions, cfg.max_session_tokens)
@@ -320,7 +74,7 @@ def run(cfg: Config, model: str | None = None) -> dict:
             rng = random.Random(cfg.seed * 1000 + 500 + k)
             with MemoryClient(f"127.0.0.1:{server.port}", timeout=cfg.call_timeout) as c:
                 for sid in per_client[k]:
-                    _new_session(c, setup, sid, rng)
+                    new_session(c, setup, sid, rng)
 
         threads = [threading.Thread(target=make, args=(k,)) for k in range(cfg.clients)]
         for t in threads:
@@ -330,12 +84,12 @@ def run(cfg: Config, model: str | None = None) -> dict:
         setup_s = time.perf_counter() - t0
         print(f"setup: {cfg.sessions} sessions created in {setup_s:.1f} s "
               f"({setup.n_errors()} errors)", flush=True)
-        after_setup = _rss(server.proc.pid)
+        after_setup = rss(server.proc.pid)
 
         sampler.start()
         stop = threading.Event()
         budget_calls, budget_lock = [cfg.max_calls], threading.Lock()
-        workers = [threading.Thread(target=_worker, args=(k, server.port, cfg, sessions, rec, stop, budget_calls,
+        workers = [threading.Thread(target=client_loop, args=(k, server.port, cfg, sessions, rec, stop, budget_calls,
                                                           budget_lock), daemon=True) for k in range(cfg.clients)]
         t_run = time.perf_counter()
         for w in workers:
@@ -352,10 +106,10 @@ def run(cfg: Config, model: str | None = None) -> dict:
                 n = rec.calls()
                 st = samples.stats
                 print(f"  {elapsed:5.0f} s: {n} calls ({n / elapsed:.1f}/s), {rec.n_errors()} errors, "
-                      f"RSS {_mib(samples.rss[-1] if samples.rss else 0)} "
-                      f"(anon {_mib(samples.anon[-1] if samples.anon else 0)}), resident sessions "
+                      f"RSS {mib(samples.rss[-1] if samples.rss else 0)} "
+                      f"(anon {mib(samples.anon[-1] if samples.anon else 0)}), resident sessions "
                       f"{st.sessions_resident if st else '?'} holding "
-                      f"{_mib(st.bytes_resident) if st else '?'} of {_mib(cfg.resident_budget)}, "
+                      f"{mib(st.bytes_resident) if st else '?'} of {mib(cfg.resident_budget)}, "
                       f"loads {st.session_loads if st else '?'}, unloads {st.sessions_unloaded if st else '?'}",
                       flush=True)
         stop.set()
@@ -369,7 +123,7 @@ def run(cfg: Config, model: str | None = None) -> dict:
         stop_sampling.set()
         code = server.stop()
     log_tail = server.log_tail()
-    data_bytes = _dir_bytes(data)
+    data_bytes = dir_bytes(data)
     shutil.rmtree(tmp, ignore_errors=True)
 
     st = samples.stats
@@ -414,38 +168,11 @@ def run(cfg: Config, model: str | None = None) -> dict:
             "tokens_appended": st.tokens_appended, "tokens_generated": st.tokens_generated,
             "model_tokens_processed": st.model_tokens_processed},
     }
-    _print_table(out)
+    print_table(out)
     if n_errors or stuck or code not in (0, None):
         print(f"\nserver log (tail):\n{log_tail}", flush=True)
     print(json.dumps(out), flush=True)
     return out
-
-
-def _print_table(out: dict) -> None:
-    cfg, mem = out["config"], out["memory"]
-    print(f"\nLoad test: {cfg['clients']} clients, {cfg['sessions']} sessions, {out['run_s']} s, "
-          f"model {out['model']}, policy {out['policy']}, {out['machine']['cpus']} CPUs")
-    head = f"{'rpc':<24}{'calls':>8}{'ok':>8}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}  errors"
-    print(head)
-    print("-" * len(head))
-    for name, r in out["rpcs"].items():
-        errs = ", ".join(f"{c} {n}" for c, n in sorted(r["errors"].items())) or "-"
-        cells = [f"{r[k]:>10.1f}" if r[k] is not None else f"{'-':>10}" for k in ("p50_ms", "p99_ms", "max_ms")]
-        print(f"{name:<24}{r['calls']:>8}{r['ok']:>8}{''.join(cells)}  {errs}")
-    print(f"\ncalls {out['calls']} ({out['calls'] / max(out['run_s'], 1e-9):.1f}/s), errors {out['errors']} "
-          f"(intended {out['intended_errors']}), sessions replaced at the token cap {out['sessions_replaced']}, "
-          f"setup {out['setup_s']} s")
-    print(f"resident session bytes: max {_mib(mem['resident_session_bytes_max'])}, mean "
-          f"{_mib(mem['resident_session_bytes_mean'])}, budget {_mib(mem['budget_bytes'])} "
-          f"({'within' if mem['within_budget'] else 'OVER'}); resident sessions max {mem['resident_sessions_max']}")
-    print(f"server RSS: after setup {_mib(mem['rss_after_setup_bytes'])}, max {_mib(mem['rss_max_bytes'])}, "
-          f"last {_mib(mem['rss_last_bytes'])}, peak (VmHWM) {_mib(mem['rss_hwm_bytes'])}; "
-          f"of it anonymous: after setup {_mib(mem['rss_anon_after_setup_bytes'])}, max "
-          f"{_mib(mem['rss_anon_max_bytes'])}; mapped files max {_mib(mem['rss_file_max_bytes'])}; "
-          f"{mem['samples']} samples")
-    print(f"data dir at the end: {_mib(mem['data_dir_bytes'])}")
-    if out["server_counters"]:
-        print("server counters: " + ", ".join(f"{k} {v}" for k, v in out["server_counters"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 
-def _driver():
-    spec = importlib.util.spec_from_file_location("peers_run", Path(__file__).parent / "peers" / "run.py")
+def _cells():
+    """The peers driver's cell builder (benchmarks/peers/cells.py), so the cell is the very one the driver ran."""
+    spec = importlib.util.spec_from_file_location("peers_cells", Path(__file__).parent / "peers" / "cells.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -38,13 +39,13 @@ def _driver():
 
 def record(args) -> tuple[list[dict], list[int], float]:
     """The per-(step, layer) records, the needle's block indices, and the teacher-forced log p."""
-    import memsvc.cache.layer as L
+    import memsvc.cache.tiered.layer as L
     from memsvc.eval.runner import PolicyRun
     from memsvc.model import load_model, pull_default
 
     torch.set_num_threads(args.threads)
     m = load_model(pull_default())
-    cells = _driver().build_niah_cells(m.tokenizer, [args.length], [args.depth], 0, (args.task,))
+    cells = _cells().build_niah_cells(m.tokenizer, [args.length], [args.depth], 0, (args.task,))
     cell = cells[0]
     run = PolicyRun(m, "tiered")
     cache = run.new_cache()

@@ -25,7 +25,7 @@ import time
 
 from memsvc.eval import niah
 from memsvc.eval.cli import _load
-from memsvc.eval.runner import PolicyRun, restore, snapshot
+from memsvc.eval.runner import PolicyRun
 
 FLOORS = {"floor1": 1, "floor2": 2, "floor3": 3, "floor4": 4, "none": 10 ** 6}
 
@@ -58,13 +58,13 @@ def main() -> None:
             t0 = time.time()
             run.forward(cache, prompt[:head])
             t_head = time.time() - t0
-            snap = snapshot(cache)
+            snap = cache.checkpoint()
             for vname, parts in variants.items():
                 for cap in FLOORS if pol == "tiered" else (None,):
                     if cap:
                         for layer in cache.layers:
                             layer.plan = dataclasses.replace(layer.plan, union_floor=FLOORS[cap])
-                    restore(cache, snap)
+                    cache.restore(snap)
                     for part in parts[:-1]:
                         run.forward(cache, part)
                     run.flush(cache)
@@ -72,9 +72,9 @@ def main() -> None:
                     logits = run.forward(cache, parts[-1])
                     t_tail = time.time() - t1
                     blocks = niah._cold_reads(cache) - reads
-                    after = snapshot(cache)
+                    after = cache.checkpoint()
                     lp = run.teacher_logprob(cache, logits, answer)
-                    restore(cache, after)
+                    cache.restore(after)
                     r0 = niah._cold_reads(cache)
                     out, _ = run.decode_greedy(cache, logits, 8)
                     text = tok.decode(out, skip_special_tokens=True)
