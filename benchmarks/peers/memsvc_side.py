@@ -94,7 +94,7 @@ def _memsvc_row(m, p: str, spec: tuple, c: dict, n_new: int) -> dict:
 
 
 def _resident_fp16(run, cache) -> float:
-    """Resident bytes with exact keys and values counted at fp16 (tiered caches keep them at fp16 already; a full
-    cache on the CPU holds fp32, twice what it would at fp16)."""
+    """Resident bytes with exact keys and values counted at fp16: the compressed caches keep their exact tiers at
+    fp16 already; the baseline `full` holds every token at the model's dtype (fp32 on the CPU)."""
     got = run.measure(cache)
-    return min(got.resident_bytes, got.tokens * run.fp16_per_token())
+    return got.tokens * run.fp16_per_token() if run.name == "full" else got.resident_bytes
