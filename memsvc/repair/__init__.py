@@ -2,7 +2,7 @@
 which replays the session's log of model calls (feeds.py)."""
 from .check import Check, check_session
 from .feeds import FEEDS, recorded_feeds, rle, schedule, unrle
-from .rebuild import REPAIR, Repair, Unrepairable, rebuild, repair_session
+from .rebuild import REPAIR, Repair, Unrepairable, repair_session
 
 __all__ = ["Check", "check_session", "FEEDS", "recorded_feeds", "rle", "schedule", "unrle", "REPAIR", "Repair",
-           "Unrepairable", "rebuild", "repair_session"]
+           "Unrepairable", "repair_session"]
