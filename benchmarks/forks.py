@@ -60,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server, port = create_server("127.0.0.1:0", data_dir=Path(tmp), model=model)
         server.start()
-        store = server.memsvc_store
+        store = server.store
         written = count_commits(store)
         c = MemoryClient(f"127.0.0.1:{port}", timeout=3600)
         try:
@@ -95,7 +95,7 @@ def main() -> None:
         finally:
             c.close()
             server.stop(grace=None).wait()
-            server.memsvc_metrics.close()
+            server.metrics.close()
             store.close()
     copy_bytes = args.forks * orig.bytes_stored  # what full copies would have added
     rows = [

@@ -91,7 +91,7 @@ def running_server(data_dir: Path, model, **options):
     finally:
         client.close()
         server.stop(grace=None).wait()
-        server.memsvc_store.close()
+        server.store.close()
 
 
 @pytest.fixture

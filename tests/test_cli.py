@@ -53,7 +53,7 @@ def test_sessions_ls_show_rm(tmp_path, tiny_model):
 def test_chat_streams_replies_and_commits_turns(tiny_server):
     client, server = tiny_server
     runner = CliRunner()
-    addr = f"127.0.0.1:{server.memsvc_port}"
+    addr = f"127.0.0.1:{server.port}"
     out = runner.invoke(main, ["chat", "talk", "--address", addr, "--max-new-tokens", "4", "--system", "Be brief."],
                         input="Hello!\nHow are you?\n")
     assert out.exit_code == 0, out.output

@@ -61,7 +61,7 @@ def test_async_client(tiny_server):
     from memsvc.clients.client import AsyncMemoryClient
 
     _, server = tiny_server
-    port = server.memsvc_port
+    port = server.port
 
     async def go():
         async with AsyncMemoryClient(f"127.0.0.1:{port}", timeout=60) as c:

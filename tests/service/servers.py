@@ -16,8 +16,8 @@ def served(data_dir: Path, model, address: str = "127.0.0.1:0", **options):
         yield server, port
     finally:
         server.stop(grace=None).wait()
-        server.memsvc_metrics.close()
-        server.memsvc_store.close()
+        server.metrics.close()
+        server.store.close()
 
 
 def client(port: int, **kwargs):

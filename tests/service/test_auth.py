@@ -36,7 +36,7 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
 @pytest.fixture
 def tenants(tmp_path, tiny_model):
     with served(tmp_path / "data", tiny_model, api_keys=_ring()) as (server, port):
-        assert server.memsvc_auth
+        assert server.auth
         with client(port, api_key=ALICE_KEY) as alice, client(port, api_key=BOB_KEY) as bob:
             yield server, port, alice, bob
 
@@ -120,11 +120,11 @@ def test_auth_is_on_by_default_off_loopback_and_refuses_to_start_without_keys(tm
         with served(tmp_path / "d2", tiny_model, auth="on"):
             pass
     with served(tmp_path / "d3", tiny_model, address="0.0.0.0:0", api_keys=_ring()) as (server, _):
-        assert server.memsvc_auth
+        assert server.auth
     with served(tmp_path / "d4", tiny_model, address="0.0.0.0:0", auth="off") as (server, _):
-        assert not server.memsvc_auth
+        assert not server.auth
     with served(tmp_path / "d5", tiny_model) as (server, _):
-        assert not server.memsvc_auth  # loopback, no keys: off
+        assert not server.auth  # loopback, no keys: off
 
 
 def test_cli_serve_refuses_a_public_address_without_keys(tmp_path):
@@ -140,7 +140,7 @@ def test_cli_serve_refuses_a_public_address_without_keys(tmp_path):
 def test_calls_without_a_valid_key_are_unauthenticated_but_health_answers(tenants):
     server, port, alice, _ = tenants
     alice.create_session("mine")
-    before = server.memsvc_store.dump()
+    before = server.store.dump()
     for kwargs in ({}, {"api_key": "not-a-key-0123456789"}, {"api_key": ALICE_KEY + "x"}):
         with client(port, **kwargs) as c:
             for call in (lambda: c.create_session("x"), lambda: c.get_session("mine"), lambda: c.resume("mine"),
@@ -158,8 +158,8 @@ def test_calls_without_a_valid_key_are_unauthenticated_but_health_answers(tenant
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="memsvc.v1.MemoryService"),
                                                     timeout=10)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    assert server.memsvc_store.dump() == before
-    assert server.memsvc_metrics.auth_failures._value.get() >= 27
+    assert server.store.dump() == before
+    assert server.metrics.auth_failures._value.get() >= 27
 
 
 RPCS = ("GetSession", "Resume", "Append(text)", "Append(messages)", "Append(tokens)", "Append(bad tokens)",
@@ -184,7 +184,7 @@ def _probe(c, rpc: str, sid: str, vocab: int):
 def test_tenants_cannot_see_or_touch_each_others_sessions(tenants):
     """Acceptance 1: each tenant tries every RPC on the other's sessions: all NOT_FOUND, nothing changed."""
     server, _, alice, bob = tenants
-    store = server.memsvc_store
+    store = server.store
     own = {}
     for name, c in (("alice", alice), ("bob", bob)):
         own[name] = f"{name}-diary"
@@ -193,7 +193,7 @@ def test_tenants_cannot_see_or_touch_each_others_sessions(tenants):
         c.generate_text(own[name], max_new_tokens=3, commit=True)
         c.create_session("shared-name", labels={"owner": name})  # the same id in both namespaces
         c.append("shared-name", text=f"{name} wrote this")
-    vocab = server.memsvc_manager.model.vocab_size
+    vocab = server.manager.model.vocab_size
     assert store.get("alice:alice-diary") is not None and store.get("bob:bob-diary") is not None
     bob_tokens = bob.get_session("bob-diary").tokens
     before = store.dump()
@@ -226,7 +226,7 @@ def test_paging_stays_inside_the_tenant(tenants):
     assert [s.id for s in alice.list_sessions(page_size=2)] == [f"a{i}" for i in range(5)]
     assert [s.id for s in bob.list_sessions(page_size=3)] == [f"a{i}x" for i in range(5)]
     # with auth off an operator sees the store's ids (the `memsvc sessions ls` view)
-    assert len(server.memsvc_store.list(limit=100)) == 10
+    assert len(server.store.list(limit=100)) == 10
 
 
 def test_tls_serves_with_a_certificate(tmp_path, tiny_model):

@@ -62,7 +62,7 @@ def test_unloaded_sessions_answer_identically(tmp_path, tiny_model):
 
 def test_a_session_in_use_is_never_dropped(tmp_path, tiny_model):
     with running_server(tmp_path / "data", tiny_model, resident_budget=1) as (c, server):
-        m = server.memsvc_manager
+        m = server.manager
         for sid in ("a", "b"):
             c.create_session(sid)
             c.append(sid, tokens=_history(0))

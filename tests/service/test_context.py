@@ -11,7 +11,7 @@ from tests.service.servers import client, served
 def test_context_bounds_sessions(tmp_path, tiny_model):
     assert tiny_model.max_positions > 300
     with served(tmp_path / "data", tiny_model, context=300) as (server, port), client(port) as c:
-        assert server.memsvc_manager.model.max_positions == 300
+        assert server.manager.model.max_positions == 300
         c.create_session("s")
         with pytest.raises(grpc.RpcError) as err:
             c.append("s", tokens=list(range(10, 311)))

@@ -31,7 +31,7 @@ def _dockerfile_cmd() -> tuple[list[str], dict[str, str]]:
 
 def test_image_command_parses_and_asks_for_keys_where_compose_puts_them():
     yaml = pytest.importorskip("yaml")
-    from memsvc.cli import serve
+    from memsvc.cli.serve import serve
 
     cmd, env = _dockerfile_cmd()
     assert cmd[:2] == ["memsvc", "serve"]

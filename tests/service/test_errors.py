@@ -31,9 +31,9 @@ def seeded(tiny_server):
 
 def test_bad_calls_answer_with_codes_and_change_nothing(seeded):
     client, server = seeded
-    store = server.memsvc_store
+    store = server.store
     before = store.dump()
-    vocab = server.memsvc_manager.model.vocab_size
+    vocab = server.manager.model.vocab_size
     NF, AE, IA = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT
 
     # unknown session, on every RPC that names one
@@ -76,11 +76,11 @@ def test_bad_calls_answer_with_codes_and_change_nothing(seeded):
 
 def test_generate_without_commit_leaves_session_as_it_was(seeded):
     client, server = seeded
-    before = server.memsvc_store.dump()
+    before = server.store.dump()
     a = client.generate_text("s1", max_new_tokens=6)
     b = client.generate_text("s1", max_new_tokens=6)
     assert a.token_ids == b.token_ids and len(a.token_ids) >= 1
-    assert server.memsvc_store.dump() == before
+    assert server.store.dump() == before
     assert client.get_session("s1").tokens == a.session.tokens
 
 
@@ -92,31 +92,31 @@ def test_session_built_for_another_model_is_refused(tmp_path, tiny_model_dirs):
         client.create_session("mine")
         client.append("mine", text="some history for model a")
     with running_server(data, load_model(str(tiny_model_dirs[1]))) as (client, server):
-        before = server.memsvc_store.dump()
+        before = server.store.dump()
         FP = grpc.StatusCode.FAILED_PRECONDITION
         _fails(lambda: client.resume("mine"), FP, "tiny-a", "tiny-b")
         _fails(lambda: client.append("mine", text="more"), FP, "fingerprint")
         _fails(lambda: client.generate("mine", max_new_tokens=2), FP, "--model")
         # inspection still works, and nothing changed
         assert client.get_session("mine").model == "tiny-a"
-        assert server.memsvc_store.dump() == before
+        assert server.store.dump() == before
 
 
 def test_a_failed_store_write_rolls_the_session_back(seeded, monkeypatch):
     client, server = seeded
     before_tokens = client.get_session("s1").tokens
     expected = client.generate_text("s1", max_new_tokens=6).token_ids
-    before = server.memsvc_store.dump()
+    before = server.store.dump()
 
     def broken_commit(*args, **kwargs):
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(server.memsvc_store, "commit", broken_commit)
+    monkeypatch.setattr(server.store, "commit", broken_commit)
     _fails(lambda: client.append("s1", text=" and a turn the disk never sees"), grpc.StatusCode.INTERNAL, "disk full")
     _fails(lambda: client.generate("s1", max_new_tokens=3, commit=True), grpc.StatusCode.INTERNAL, "disk full")
     monkeypatch.undo()
 
-    assert server.memsvc_store.dump() == before
+    assert server.store.dump() == before
     assert client.get_session("s1").tokens == before_tokens
     # the in-memory cache was cropped back: the session answers exactly as before
     assert client.generate_text("s1", max_new_tokens=6).token_ids == expected

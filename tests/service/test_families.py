@@ -99,7 +99,7 @@ def hf_greedy(model_dir, ids: list[int], n: int) -> list[int]:
 
 def _prompt(server, sid: str, tokenizer) -> list[int]:
     """What the model reads before a reply: the stored token ids, then the template's assistant opening."""
-    store = server.memsvc_store
+    store = server.store
     return store.tokens(sid) + generation_prompt_ids(tokenizer, store.get(sid).messages)
 
 

@@ -20,7 +20,7 @@ def _greedy(c, sid: str) -> list[int]:
 def test_forks_of_a_tiered_session_share_blocks_and_generate_identically(tmp_path, long_model):
     data = tmp_path / "data"
     with running_server(data, long_model) as (c, server):
-        store = server.memsvc_store
+        store = server.store
         c.create_session("orig", policy="tiered")
         c.append("orig", tokens=HISTORY)
         assert c.get_session("orig").tier_tokens["cold"] > 0
@@ -49,7 +49,7 @@ def test_forks_of_a_tiered_session_share_blocks_and_generate_identically(tmp_pat
         assert _greedy(c, "f0") == after_f0 and _greedy(c, "f1") == after_f1
     with running_server(data, long_model) as (c, server):  # from the store alone: lazy cold reads of shared blobs
         assert _greedy(c, "f0") == after_f0 and _greedy(c, "f1") == after_f1
-        assert server.memsvc_store.gc()["freed_blobs"] == 0
+        assert server.store.gc()["freed_blobs"] == 0
 
 
 def test_export_import_generates_identically_and_another_model_refuses(tmp_path, long_model, long_model_dir,

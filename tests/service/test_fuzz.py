@@ -147,7 +147,7 @@ def live(tmp_path, tiny_model):
 
 
 def _fuzz(server, wire, n_examples: int) -> dict:
-    store = server.memsvc_store
+    store = server.store
     seen: dict = {"calls": 0, "codes": {}}
 
     @settings(max_examples=n_examples, deadline=None, database=None, derandomize=True,
@@ -243,11 +243,11 @@ def test_concurrent_calls_on_one_session(live):
         t.join(timeout=300)
     assert not bad, bad[:5]
     assert acked
-    stored = server.memsvc_store.tokens(f"fuzz:{sid}")
+    stored = server.store.tokens(f"fuzz:{sid}")
     pos = len(first.token_ids)
     for after, new_ids in sorted(acked):
         assert after > pos  # each acknowledged change ends past the previous one: serialized, none lost
         if new_ids is not None:
             assert stored[after - len(new_ids):after] == new_ids
         pos = after
-    assert len(stored) == pos == server.memsvc_store.get(f"fuzz:{sid}").n_tokens
+    assert len(stored) == pos == server.store.get(f"fuzz:{sid}").n_tokens

@@ -36,7 +36,7 @@ def test_token_limits_per_append_and_per_session(tmp_path, tiny_model):
     with served(tmp_path / "data", tiny_model, limits=limits) as (server, port), client(port) as c:
         c.create_session("s")
         c.append("s", tokens=list(range(10, 60)))  # exactly at the per-Append limit
-        store = server.memsvc_store
+        store = server.store
         before = store.dump()
         _fails(lambda: c.append("s", tokens=list(range(10, 61))), RE, "51 tokens", "50", "max_append_tokens")
         _fails(lambda: c.append("s", text="word " * 80), RE, "50", "max_append_tokens")  # counted after tokenizing
@@ -50,17 +50,17 @@ def test_token_limits_per_append_and_per_session(tmp_path, tiny_model):
         assert len(c.generate_text("s", max_new_tokens=40).token_ids) >= 1
         out = c.generate_text("s", max_new_tokens=10, commit=True)
         assert out.session.tokens <= 120
-        assert server.memsvc_metrics.quota_refusals.labels("max_session_tokens")._value.get() == 2
-        assert server.memsvc_metrics.quota_refusals.labels("max_append_tokens")._value.get() == 2
+        assert server.metrics.quota_refusals.labels("max_session_tokens")._value.get() == 2
+        assert server.metrics.quota_refusals.labels("max_append_tokens")._value.get() == 2
 
 
 def test_request_size_limit(tmp_path, tiny_model):
     with served(tmp_path / "data", tiny_model, limits=Limits(max_request_bytes=4096)) as (server, port), \
             client(port) as c:
         c.create_session("s")
-        before = server.memsvc_store.dump()
+        before = server.store.dump()
         _fails(lambda: c.append("s", text="x" * 5000), RE, "4096")
-        assert server.memsvc_store.dump() == before
+        assert server.store.dump() == before
         c.append("s", text="small enough")
 
 
@@ -70,10 +70,10 @@ def test_session_quota_per_tenant(tmp_path, tiny_model):
             client(port, api_key=ALICE) as alice, client(port, api_key=BOB) as bob:
         alice.create_session("a1")
         alice.create_session("a2")
-        before = server.memsvc_store.dump()
+        before = server.store.dump()
         _fails(lambda: alice.create_session("a3"), RE, "tenant 'alice' has 2 sessions", "max_sessions_per_tenant")
         _fails(lambda: alice.fork_session("a1", "a3"), RE, "max_sessions_per_tenant")
-        assert server.memsvc_store.dump() == before
+        assert server.store.dump() == before
         bob.create_session("b1")  # another tenant's quota is its own
         bob.create_session("b2")
         alice.delete_session("a2")
@@ -93,7 +93,7 @@ def test_byte_quota_per_tenant_counts_every_change_and_survives_restart(tmp_path
     data = tmp_path / "data"
     with served(data, tiny_model, api_keys=_ring(), limits=limits) as (server, port), \
             client(port, api_key=ALICE) as alice, client(port, api_key=BOB) as bob:
-        store, quotas = server.memsvc_store, server.memsvc_servicer.quotas
+        store, quotas = server.store, server.servicer.quotas
         alice.create_session("a", policy="full")  # the quota arithmetic above is for the full cache
         alice.append("a", tokens=list(range(10, 50)))
         alice.generate_text("a", max_new_tokens=5, commit=True)
@@ -115,12 +115,12 @@ def test_byte_quota_per_tenant_counts_every_change_and_survives_restart(tmp_path
         alice.append("a", tokens=list(range(10, 20)))  # room again
         usage = quotas.usage("alice")
     with served(data, tiny_model, api_keys=_ring(), limits=limits) as (server, port):
-        assert server.memsvc_servicer.quotas.usage("alice") == usage  # counted from the store at first use
+        assert server.servicer.quotas.usage("alice") == usage  # counted from the store at first use
 
 
 def _slow_model(server, seconds: float):
     """Make every forward pass take at least `seconds` (so a test can act mid-generation)."""
-    manager = server.memsvc_manager
+    manager = server.manager
     forward = manager._forward
 
     def slow(kv, ids, *rest):
@@ -144,10 +144,10 @@ def test_a_cancelled_or_expired_generate_stops_computing(tmp_path, tiny_model, h
         c.create_session("s")
         c.append("s", messages=[{"role": "user", "content": "Tell me a long story."}])
         expected = c.generate_text("s", max_new_tokens=8).token_ids
-        before = server.memsvc_store.dump()
+        before = server.store.dump()
         _slow_model(server, 0.02)  # 300 tokens would take >= 6 s
         start = c.stats().model_tokens_processed
-        metrics = server.memsvc_metrics
+        metrics = server.metrics
         if how == "cancel":
             stream = c.generate("s", max_new_tokens=300, commit=True)
             next(stream)
@@ -169,8 +169,8 @@ def test_a_cancelled_or_expired_generate_stops_computing(tmp_path, tiny_model, h
         assert after.tokens_generated == c.stats().tokens_generated
         assert metrics.rpcs.labels("Generate", code.name)._value.get() == 1
         # nothing was committed, the cache was cropped back, and the session's lock is free
-        assert server.memsvc_store.dump() == before
-        server.memsvc_manager._forward = type(server.memsvc_manager)._forward.__get__(server.memsvc_manager)
+        assert server.store.dump() == before
+        server.manager._forward = type(server.manager)._forward.__get__(server.manager)
         assert c.generate_text("s", max_new_tokens=8).token_ids == expected
 
 
@@ -187,7 +187,7 @@ def test_an_append_whose_deadline_passes_while_it_waits_does_not_run(tmp_path, t
     with served(tmp_path / "data", tiny_model) as (server, port), client(port) as c, client(port) as c2:
         c.create_session("s")
         c.append("s", text="Some history.")
-        before = server.memsvc_store.dump()
+        before = server.store.dump()
         appended = c.stats().tokens_appended
         _slow_model(server, 0.02)
         gen = threading.Thread(target=lambda: c.generate_text("s", max_new_tokens=60))
@@ -196,7 +196,7 @@ def test_an_append_whose_deadline_passes_while_it_waits_does_not_run(tmp_path, t
         c2.timeout = 0.3
         _fails(lambda: c2.append("s", text="too late"), grpc.StatusCode.DEADLINE_EXCEEDED)
         gen.join()
-        assert server.memsvc_store.dump() == before
+        assert server.store.dump() == before
         assert c.stats().tokens_appended == appended
-        m = server.memsvc_metrics.rpcs
+        m = server.metrics.rpcs
         _wait(lambda: m.labels("Append", "DEADLINE_EXCEEDED")._value.get() == 1)

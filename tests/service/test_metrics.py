@@ -34,9 +34,9 @@ def _get(m, name, **labels) -> float:
 
 def test_metrics_endpoint_counts_rpcs_tokens_and_bytes(tmp_path, tiny_model):
     with served(tmp_path / "data", tiny_model, metrics_port=0) as (server, port), client(port) as c:
-        mport = server.memsvc_metrics_port
+        mport = server.metrics_port
         assert mport and mport != port
-        server.memsvc_metrics.collector.store_every = 0  # read the store on every scrape
+        server.metrics.collector.store_every = 0  # read the store on every scrape
         m0 = _scrape(mport)
         assert _get(m0, "memsvc_tokens_appended_total") == 0
         c.create_session("s")
@@ -90,8 +90,8 @@ def test_budget_loads_and_cold_cache_are_counted(tmp_path, tiny_model):
     history = [(10 + j) % 1000 for j in range(450)]  # past sink + hot: retrieval reads cold blocks
     with served(tmp_path / "data", tiny_model, metrics_port=0, resident_budget=1) as (server, port), \
             client(port) as c:
-        mport = server.memsvc_metrics_port
-        server.memsvc_metrics.collector.store_every = 0
+        mport = server.metrics_port
+        server.metrics.collector.store_every = 0
         c.create_session("s")
         c.append("s", tokens=history)
         m1 = _scrape(mport)
@@ -126,7 +126,7 @@ def test_auth_failures_are_counted(tmp_path, tiny_model):
             client(port, api_key="wrong-key-0123456789") as c:
         with pytest.raises(grpc.RpcError):
             c.stats()
-        m = _scrape(server.memsvc_metrics_port)
+        m = _scrape(server.metrics_port)
         assert _get(m, "memsvc_auth_failures_total") == 1
         assert _get(m, "memsvc_rpc_total", method="GetStats", code="UNAUTHENTICATED") == 1
 

@@ -74,7 +74,7 @@ def test_a_one_token_session_stores_no_kv_and_checks_clean(tmp_path, long_model)
     """One token computes nothing (it is fed with the next append): no KV entry, as verify expects (empty layer
     heads once made verify call them stray, seen when a crash test killed the server at that point)."""
     with running_server(tmp_path, long_model) as (c, server):
-        store = server.memsvc_store
+        store = server.store
         c.create_session("s")
         c.append("s", tokens=[11])
         assert store.kv_keys("s") == [] and not check_session(store, "s").damaged
@@ -82,12 +82,12 @@ def test_a_one_token_session_stores_no_kv_and_checks_clean(tmp_path, long_model)
         assert {k[1] for k in store.kv_keys("s")} >= {STATE_INDEX} and not check_session(store, "s").damaged
     with running_server(tmp_path, long_model) as (c, server):
         c.append("s", tokens=[14])
-        assert not check_session(server.memsvc_store, "s").damaged
+        assert not check_session(server.store, "s").damaged
 
 
 def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_model):
     with running_server(tmp_path, long_model) as (c, server):
-        store = server.memsvc_store
+        store = server.store
         _build(c)
         spy = Spy(store)
         layers = long_model.num_layers
@@ -112,7 +112,7 @@ def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_mo
         want = _greedy(c, "s")
     with running_server(tmp_path, long_model) as (c, server):  # the parts load back into the same cache
         assert _greedy(c, "s") == want
-        store = server.memsvc_store
+        store = server.store
         kv = _load(store, "s")
         # the digests the heads list (not hashed again on load) are those of the stored parts
         assert kv._stored and all(d == digest(decode(store.kv_block("s", *key))) for key, d in kv._stored.items())
@@ -122,7 +122,7 @@ def test_short_appends_write_the_head_and_their_hot_pages_only(tmp_path, long_mo
 
 def test_aging_writes_new_blocks_and_drops_emptied_hot_pages(tmp_path, long_model):
     with running_server(tmp_path, long_model) as (c, server):
-        store = server.memsvc_store
+        store = server.store
         _build(c)
         spy = Spy(store)
         c.append("s", tokens=list(range(500, 580)))  # 80 tokens: a block ages out of the hot window
@@ -142,7 +142,7 @@ def test_aging_writes_new_blocks_and_drops_emptied_hot_pages(tmp_path, long_mode
 
 def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, long_model):
     with running_server(tmp_path, long_model) as (c, server):
-        store = server.memsvc_store
+        store = server.store
         _build(c)
         want = _greedy(c, "s")
         rec = store.get("s")
@@ -156,7 +156,7 @@ def test_a_state_stored_whole_loads_and_its_next_commit_writes_parts(tmp_path, l
         assert not check_session(store, "s").damaged
         _copy_whole = store.export("s")
     with running_server(tmp_path, long_model) as (c, server):
-        store = server.memsvc_store
+        store = server.store
         store.import_session(_copy_whole, "u")  # kept whole for `sessions upgrade` below
         assert _greedy(c, "s") == want
         c.append("s", tokens=[7, 8, 9])
@@ -194,7 +194,7 @@ def test_summary_pages_of_another_size_load_and_upgrade_rewrites_them(tmp_path, 
     with running_server(tmp_path, long_model) as (c, server):
         _build(c)
         want = _greedy(c, "s")
-        assert sum(1 for k in server.memsvc_store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < LIVE_BASE) == 4
+        assert sum(1 for k in server.store.kv_keys("s") if k[0] == 0 and SUM_BASE <= k[1] < LIVE_BASE) == 4
     monkeypatch.undo()
 
     def upgraded(keys):  # one summary page and one live page of 16 blocks each
@@ -216,7 +216,7 @@ def test_warm_rows_stored_in_one_entry_load_and_upgrade_groups_them(tmp_path, lo
     with running_server(tmp_path, long_model) as (c, server):
         _build(c)
         want = _greedy(c, "s")
-        assert (0, WARM_INDEX) in set(server.memsvc_store.kv_keys("s"))
+        assert (0, WARM_INDEX) in set(server.store.kv_keys("s"))
     monkeypatch.undo()
 
     def upgraded(keys):

@@ -75,7 +75,7 @@ def _damage_and_compare(data: Path, model, sid: str, keys: list, rng: random.Ran
         seconds = time.perf_counter() - started
         want = _greedy(c, "ref")
         stats = c.stats()
-        store = server.memsvc_store
+        store = server.store
         assert not check_session(store, sid).damaged
         rec = store.get(sid)
         c.append(sid, tokens=[11, 12, 13])  # and the session goes on
@@ -93,8 +93,8 @@ def test_flipped_blocks_are_detected_repaired_from_tokens_and_generate_identical
     data, rng = tmp_path / "data", random.Random(3)
     with running_server(data, long_model) as (c, server):
         build(c, "s", HISTORY)
-        _copy(server.memsvc_store, "s", "ref")
-        keys = server.memsvc_store.kv_keys("s")
+        _copy(server.store, "s", "ref")
+        keys = server.store.kv_keys("s")
     cold = [k for k in keys if is_cold_block(k[1])]
     parts = [k for k in keys if not is_cold_block(k[1]) and k[1] != STATE_INDEX]
     assert len(cold) >= 20 and len(parts) >= 20
@@ -119,7 +119,7 @@ def test_damage_met_in_the_middle_of_a_streamed_reply(tmp_path, long_model):
     data, rng = tmp_path / "data", random.Random(4)
     with running_server(data, long_model, block_cache_bytes=0, decoded_cache_bytes=0) as (c, server):
         build(c, "s", HISTORY)
-        store = server.memsvc_store
+        store = server.store
         _copy(store, "s", "ref")
         want = [t for ch in c.generate("ref", max_new_tokens=10, commit=True) for t in ch.token_ids]
         cold = [k for k in store.kv_keys("s") if is_cold_block(k[1])]
@@ -140,8 +140,8 @@ def test_full_session_blocks_are_repaired(tmp_path, long_model):
         c.append("s", tokens=HISTORY[:300])
         c.generate_text("s", max_new_tokens=4, commit=True)
         c.append("s", tokens=HISTORY[300:400])
-        _copy(server.memsvc_store, "s", "ref")
-        keys = server.memsvc_store.kv_keys("s")
+        _copy(server.store, "s", "ref")
+        keys = server.store.kv_keys("s")
     _damage_and_compare(data, long_model, "s", rng.sample(keys, 5), rng)
 
 
@@ -172,8 +172,8 @@ def test_100_flipped_blocks_of_a_real_model_session(tmp_path, real_model):
         started = time.perf_counter()
         build(c, "s", history)
         built = time.perf_counter() - started
-        _copy(server.memsvc_store, "s", "ref")
-        keys = server.memsvc_store.kv_keys("s")
+        _copy(server.store, "s", "ref")
+        keys = server.store.kv_keys("s")
     assert len(keys) >= 200
     out = _damage_and_compare(data, real_model, "s", rng.sample(keys, 100), rng)
     print(f"\nrepair: 100 of {len(keys)} entries of a {out['tokens']}-token tiered session (SmolLM2-135M): "

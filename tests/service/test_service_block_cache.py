@@ -20,7 +20,7 @@ def _references(tmp_path, model) -> dict[str, list[int]]:
             c.create_session(name)
             c.append(name, tokens=hist)
             out[name] = _reply(c, name)
-        assert server.memsvc_manager.block_cache.nbytes == 0
+        assert server.manager.block_cache.nbytes == 0
     return out
 
 
@@ -29,7 +29,7 @@ def test_sessions_share_the_cache_but_never_each_others_blocks(tmp_path, tiny_mo
     # decoded_cache_bytes=0: decode steps read the block cache itself (not the layers' last decodes)
     with served(tmp_path / "data", tiny_model, block_cache_bytes=30_000, decoded_cache_bytes=0) as (server, port), \
             client(port) as c:
-        cache = server.memsvc_manager.block_cache
+        cache = server.manager.block_cache
         for name, hist in (("a", HISTORY_A), ("b", HISTORY_B)):
             c.create_session(name)
             c.append(name, tokens=hist)
@@ -38,7 +38,7 @@ def test_sessions_share_the_cache_but_never_each_others_blocks(tmp_path, tiny_mo
             assert _reply(c, "b") == ref["b"]
             assert 0 < cache.nbytes <= 30_000
         assert cache.hits > 0 and cache.evictions > 0
-        hits, misses = server.memsvc_manager.cold_cache()
+        hits, misses = server.manager.cold_cache()
         assert (hits, misses) == (cache.hits, cache.misses)
 
         # a fork reads the blocks it shares with its source under its own key, before and after the source goes
@@ -58,7 +58,7 @@ def test_a_session_dropped_from_memory_leaves_the_cache(tmp_path, tiny_model):
     ref = _references(tmp_path, tiny_model)
     with served(tmp_path / "data", tiny_model, resident_budget=1, decoded_cache_bytes=0) as (server, port), \
             client(port) as c:
-        cache = server.memsvc_manager.block_cache
+        cache = server.manager.block_cache
         c.create_session("a")
         c.append("a", tokens=HISTORY_A)
         assert cache.nbytes == 0  # the 1-byte budget dropped it after the call, and its blocks with it

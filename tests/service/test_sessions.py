@@ -44,7 +44,7 @@ def test_commit_appends_reply_with_end_of_turn(tiny_server, tiny_model):
     prompt = generation_prompt_ids(tok, msgs)
     out = client.generate_text("g", max_new_tokens=5, commit=True)
     sess = client.get_session("g")
-    eot = list(server.memsvc_manager.chat_format.end_of_turn)
+    eot = list(server.manager.chat_format.end_of_turn)
     reply = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
     assert sess.tokens == len(first) + len(prompt) + len(reply) + len(eot)
     assert sess.messages == 2 and out.session.tokens == sess.tokens
@@ -142,4 +142,4 @@ def test_concurrent_calls_on_one_and_many_sessions(tiny_server):
     for i in range(4):
         s = client.get_session(f"c{i}")
         # two writers per session, 4 appends each: every acknowledged append is there
-        assert s.tokens == appended[f"c{i}"] == len(server.memsvc_store.tokens(f"c{i}")) > 0
+        assert s.tokens == appended[f"c{i}"] == len(server.store.tokens(f"c{i}")) > 0

@@ -19,7 +19,7 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
 
 def test_expired_sessions_are_deleted_when_met(tmp_path, tiny_model):
     with running_server(tmp_path / "d", tiny_model, ttl=1.0, sweep_every=0) as (c, server):
-        store = server.memsvc_store
+        store = server.store
         c.create_session("default", policy="tiered")
         c.append("default", tokens=list(range(10, 300)))  # resident, with blobs
         c.create_session("longer", ttl_seconds=3600)
@@ -30,13 +30,13 @@ def test_expired_sessions_are_deleted_when_met(tmp_path, tiny_model):
 
         code, details = _code(lambda: c.append("default", tokens=[5]))
         assert code == grpc.StatusCode.NOT_FOUND and "expired" in details
-        assert store.get("default") is None and server.memsvc_manager.resident()[0] == 0
+        assert store.get("default") is None and server.manager.resident()[0] == 0
         code, _ = _code(lambda: c.fork_session("forked", "copy"))
         assert code == grpc.StatusCode.NOT_FOUND and store.get("copy") is None
         assert [s.id for s in c.list_sessions()] == ["longer"]  # "listed" went while listing
         assert store.get("listed") is None and store.stats()["blobs"] == 0
         assert c.get_session("longer").id == "longer"
-        assert server.memsvc_manager.counters.expired == 3
+        assert server.manager.counters.expired == 3
 
 
 def test_sweep_deletes_untouched_sessions(tmp_path, tiny_model):
@@ -45,9 +45,9 @@ def test_sweep_deletes_untouched_sessions(tmp_path, tiny_model):
         c.append("brief", tokens=list(range(10, 100)))
         c.create_session("kept")
         deadline = time.monotonic() + 10
-        while server.memsvc_store.get("brief") is not None and time.monotonic() < deadline:
+        while server.store.get("brief") is not None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server.memsvc_store.get("brief") is None
+        assert server.store.get("brief") is None
         assert [s.id for s in c.list_sessions()] == ["kept"]
 
 
@@ -58,11 +58,11 @@ def test_a_commit_refreshes_the_ttl_and_bad_ttls_are_refused(tmp_path, tiny_mode
             time.sleep(0.4)
             c.append("s", tokens=[7, 8])  # each change starts the ttl again
         assert c.get_session("s").tokens == 8
-        before = server.memsvc_store.dump()
+        before = server.store.dump()
         for bad in (-1.0, float("inf"), float("nan")):
             code, details = _code(lambda: c.create_session("t", ttl_seconds=bad))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "ttl_seconds" in details
-        assert server.memsvc_store.dump() == before
+        assert server.store.dump() == before
     for bad in (-1, float("nan"), "10"):
         with pytest.raises(ValueError, match="ttl"):
             SessionManager(None, tiny_model, ttl=bad)

@@ -1,0 +1,46 @@
+"""The `memsvc` command line: serve, keys new, model pull, chat, sessions ls|show|stats|rm|gc|verify|export|
+import|upgrade, eval.
+
+`sessions` reads the store directly (ls, show, stats and export open it read-only), so an operator can inspect a
+store with or without a server running; rm, gc and import write in one transaction each, which is safe beside a
+running server (it keeps an in-memory copy of a removed session until its next restart). Nothing imports this
+package but the `memsvc` entry point.
+"""
+from __future__ import annotations
+
+import logging
+
+import click
+
+from . import archive, chat, serve, sessions, verify
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def main(verbose: bool) -> None:
+    """memsvc: long-term KV-cache memory for LLM agents and chatbots."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+for command in (serve.serve, serve.keys, serve.model, chat.chat):
+    main.add_command(command)
+
+
+@main.group("sessions")
+def sessions_group() -> None:
+    """Inspect stored sessions straight from the store (an LMDB data directory)."""
+
+
+for command in (sessions.sessions_ls, sessions.sessions_show, sessions.sessions_stats, sessions.sessions_rm,
+                sessions.sessions_gc, verify.sessions_verify, archive.sessions_upgrade, archive.sessions_export,
+                archive.sessions_import):
+    sessions_group.add_command(command)
+
+
+def _eval_group():
+    from memsvc.eval.cli import eval_cmd
+    return eval_cmd
+
+
+main.add_command(_eval_group(), "eval")

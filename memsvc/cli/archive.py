@@ -1,0 +1,99 @@
+"""`memsvc sessions upgrade|export|import`: a store brought up to date in place; one session to a file and back."""
+from __future__ import annotations
+
+import click
+
+from .common import DEFAULT_DATA_DIR, _open_store
+
+
+@click.command("upgrade")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+def sessions_upgrade(data_dir: str) -> None:
+    """Bring a store up to date in place: a store written before KV blocks were shared (format 1) is
+    converted in one transaction, then every tiered session whose layer states are stored in an older
+    layout (whole, before parts, or in parts of another size) has them rewritten, one transaction per
+    session, and every record that does not keep its policy's settings gets the ones it is read with now
+    (this memsvc's defaults), so that later defaults cannot change how it is read.
+
+    Stop the server first: nothing else may have the store open."""
+    from memsvc.cache.upgrade import upgrade_session
+    from memsvc.store.errors import StoreError
+    from memsvc.store.lmdb import STORE_FORMAT, upgrade_store
+
+    try:
+        n = upgrade_store(data_dir)
+        click.echo(f"upgraded {data_dir} to store format {STORE_FORMAT}: {n} KV blocks are now shared blobs")
+    except StoreError as exc:
+        if "already has a format stamp" not in str(exc):
+            raise click.ClickException(str(exc))
+    split = pinned = 0
+    with _open_store(data_dir, readonly=False) as store:
+        for sid in store.session_ids():
+            try:
+                done = upgrade_session(store, sid)
+            except (StoreError, ValueError) as exc:
+                click.echo(f"session {sid!r} left as it is: {exc}", err=True)
+                continue
+            split += bool(done.entries)
+            pinned += done.pinned
+    click.echo(f"{split} tiered session(s) rewrote their layer states in the current layout")
+    click.echo(f"{pinned} record(s) now keep their policy's settings")
+
+
+@click.command("export")
+@click.argument("session_id")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+def sessions_export(session_id: str, file: str, data_dir: str) -> None:
+    """Write one session (record, token ids, KV blocks) to FILE: portable, versioned, checksummed."""
+    from memsvc.store.archive import write_export
+    from memsvc.store.errors import StoreError
+
+    with _open_store(data_dir, readonly=True) as store:
+        try:
+            export = store.export(session_id)
+        except StoreError as exc:
+            raise click.ClickException(f"cannot export {session_id!r}: {exc}")
+    try:
+        size = write_export(file, export)
+    except StoreError as exc:
+        raise click.ClickException(str(exc))
+    h = export.header
+    click.echo(f"exported {session_id} ({h['n_tokens']} tokens, {h['kv_blocks']} KV blocks, model {h['model_name']} "
+               f"{h['model_fingerprint'][:12]}) to {file}: {size} bytes")
+
+
+@click.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--as", "new_id", default=None, help="Store it under this id instead of the exported one.")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@click.option("--model", default=None,
+              help="The model the target server runs (as for `serve`; default SmolLM2-135M-Instruct); "
+                   "a session made with another model is refused.")
+def sessions_import(file: str, new_id: str | None, data_dir: str, model: str | None) -> None:
+    """Store a session from an export FILE (made by `sessions export`)."""
+    from memsvc.store.archive import read_export
+    from memsvc.store.errors import StoreError
+
+    from ..model import fingerprint, resolve_model
+
+    try:
+        export = read_export(file)
+    except StoreError as exc:
+        raise click.ClickException(str(exc))
+    try:
+        ours = fingerprint(resolve_model(model))
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot fingerprint the model {model or 'default'!r}: {exc}")
+    theirs = str(export.header.get("model_fingerprint", ""))
+    if theirs != ours:
+        raise click.ClickException(
+            f"{file} holds a session of model {export.header.get('model_name')!r} (fingerprint {theirs[:12]}), "
+            f"but the target model {model or 'default'!r} has fingerprint {ours[:12]}: a KV cache only works with "
+            f"the model that made it; import it where that model is served (--model)")
+    with _open_store(data_dir, readonly=False) as store:
+        try:
+            rec = store.import_session(export, new_id)
+        except (StoreError, ValueError) as exc:
+            raise click.ClickException(f"cannot import {file}: {exc}")
+    click.echo(f"imported {rec.id} ({rec.n_tokens} tokens, {rec.stored_bytes} bytes) into {data_dir}")

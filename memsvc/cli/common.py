@@ -1,0 +1,75 @@
+"""What the `memsvc` commands share: the default data directory, opening a store, a record as a dict, sizes,
+times and durations for people, paging through every record."""
+from __future__ import annotations
+
+import datetime as _dt
+
+import click
+
+DEFAULT_DATA_DIR = "./data"
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _open_store(data_dir: str, readonly: bool):
+    from memsvc.store.errors import StoreError
+    from memsvc.store.open import open_store
+
+    try:
+        return open_store(data_dir, readonly=readonly)
+    except StoreError as exc:
+        raise click.ClickException(str(exc))
+
+
+def _record_dict(rec) -> dict:
+    return {
+        "id": rec.id, "model": rec.model_name, "model_fingerprint": rec.model_fingerprint, "policy": rec.policy,
+        "tokens": rec.n_tokens, "bytes_stored": rec.stored_bytes, "messages": len(rec.messages),
+        "created": rec.created, "updated": rec.updated, "labels": rec.labels, "layout": rec.layout,
+        "format_version": rec.format_version,
+        "stored_bytes_per_token": rec.stored_bytes / rec.n_tokens if rec.n_tokens else 0.0,
+        "resident_bytes_per_token": (rec.extra.get("cache", {}).get("resident_bytes", 0) / rec.n_tokens
+                                     if rec.n_tokens else 0.0),
+        "tier_tokens": rec.extra.get("cache", {}).get("tier_tokens", {}),
+        "ttl": rec.ttl,  # the session's own; 0: the server's --ttl, which the store does not know
+        "expires": rec.expires() if rec.ttl else None,
+        "repair": rec.extra.get("repair"),  # {count, last_unix, last_blocks, last_exact} once repaired
+    }
+
+
+_SORTS = {"id": None, "updated": lambda r: r.updated, "created": lambda r: r.created,
+          "size": lambda r: r.stored_bytes, "tokens": lambda r: r.n_tokens}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _seconds(text: str) -> float:
+    """'90', '90s', '15m', '2h', '7d', '1w' -> seconds."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if unit else t) * (unit or 1)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise click.BadParameter(f"{text!r} is not a duration: a number of seconds, or with s, m, h, d or w")
+    return value
+
+
+def _all_records(store, labels: dict | None = None) -> list:
+    recs, after = [], ""
+    while True:
+        page = store.list(after=after, limit=1000, labels=labels or None)
+        recs.extend(page)
+        if len(page) < 1000:
+            return recs
+        after = page[-1].id
