@@ -35,8 +35,13 @@ stored_bytes of a record is what the session references: its record, its token
 blocks and every KV blob it points to, counted in full even when shared (a fork
 reports its source's size); `stats()` counts what is stored physically.
 
-Backends: LMDB (lmdb/, embedded, the default) and, later, PostgreSQL. Open one
-with `open_store(spec)` (open.py). This module knows only the stdlib and the
+Round trips: a backend that talks to a server (PostgreSQL) answers each read
+method above with one statement, whatever the number of entries (a Resume reads
+its record, its token ids and each layer's entries with a few), and counts its
+round trips and bytes (`io_counters`).
+
+Backends: LMDB (lmdb/, embedded, the default) and PostgreSQL (postgres/, one
+database shared by several processes). Open one with `open_store(spec)` (open.py). This module knows only the stdlib and the
 store's plain data types.
 """
 from __future__ import annotations
@@ -119,6 +124,17 @@ class Store(ABC):
         stored, all in one snapshot. CorruptBlock for a damaged entry (a missing blob, a failed
         checksum, a block stored under another (layer, index)). ValueError for an index out of range."""
 
+    def kv_blocks_for(self, sid: str, keys: Sequence[KVKey]) -> list[bytes | None]:
+        """The payload of each (layer, index) of `keys`, across layers, in that order, None where nothing is
+        stored; CorruptBlock and ValueError as kv_blocks_at. A backend reads them in one snapshot (this
+        default: one kv_blocks_at per layer)."""
+        wanted = list(keys)
+        by_layer: dict[int, list[int]] = {}
+        for layer, index in wanted:
+            by_layer.setdefault(layer, []).append(index)
+        got = {layer: dict(zip(indices, self.kv_blocks_at(sid, layer, indices))) for layer, indices in by_layer.items()}
+        return [got[layer][index] for layer, index in wanted]
+
     def kv_block(self, sid: str, layer: int, index: int) -> bytes | None:
         """One payload, as kv_blocks_at gives it."""
         return self.kv_blocks_at(sid, layer, [index])[0]
@@ -151,7 +167,7 @@ class Store(ABC):
     @abstractmethod
     def commit(self, record: SessionRecord, *, first_token: int, tokens: Sequence[int],
                blocks: Mapping[KVKey, bytes], block_tokens: Mapping[KVKey, int] | None = None,
-               drop: Sequence[KVKey] = ()) -> SessionRecord:
+               drop: Sequence[KVKey] = (), epoch: int | None = None) -> SessionRecord:
         """One turn of session record.id, all or nothing, in one transaction:
 
         - append `tokens` (int32 ids) after the first_token ids stored; first_token must equal the
@@ -162,6 +178,11 @@ class Store(ABC):
         - remove the KV entries in `drop` the same way (absent ones are ignored);
         - write `record` as the session's record, with n_tokens = first_token + len(tokens) and
           stored_bytes recounted by the store; every other field is the caller's.
+
+        epoch (a store shared by replicas, PostgreSQL): the fencing epoch of the lease the caller holds on
+        the session; checked inside the transaction against the session's lease, LeaseLost when it no
+        longer holds it (another replica took the session over). None: no check (one process owns the
+        store). LMDB, owned by one process, takes None only.
 
         Returns the record as stored. Raises before any transaction for bad input (ValueError: not a
         SessionRecord, first_token < 0, an id outside int32, a block key that is not (layer, index) in
@@ -237,6 +258,12 @@ class Store(ABC):
         "fixed_counts", "dangling_pointers" (left alone: the session fails its reads until it is
         repaired or deleted), "blobs", "blob_bytes" (what is left)}. After clean writes there is nothing
         to do and nothing is written."""
+
+    def io_counters(self) -> dict | None:
+        """Round trips and bytes since the store was opened, for a backend that talks to a server:
+        {"round_trips": {method: n}, "bytes_read": n, "bytes_written": n} (bytes of the values sent and
+        received); None for an embedded one."""
+        return None
 
     @abstractmethod
     def stats(self) -> dict:

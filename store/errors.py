@@ -40,3 +40,12 @@ class CorruptRecord(StoreError, ValueError):
 
 class CorruptBlock(CorruptRecord):
     """A token or KV block failed a check (see `field`: magic, version, crc, raw_len, ...)."""
+
+
+class LeaseLost(StoreError):
+    """A commit made under a fencing epoch that the session's lease no longer holds: another replica took the
+    session over (or nobody holds it). `found` is the lease's epoch now (None: no lease), `owner` its holder."""
+
+    def __init__(self, message: str, *, sid: str, epoch: int, found: int | None, owner: str | None):
+        super().__init__(message)
+        self.sid, self.epoch, self.found, self.owner = sid, epoch, found, owner

@@ -1,8 +1,10 @@
-"""Open a store from a spec: a plain path or `lmdb://path` is an LMDB data directory.
+"""Open a store from a spec: a plain path or `lmdb://path` is an LMDB data directory;
+`postgresql://user@host:port/dbname` (or `postgres://...`, any libpq URL, query
+parameters included) is a PostgreSQL database.
 
 The scheme picks the backend from `BACKENDS` (a plain dict: scheme -> opener);
-an unknown scheme is a ValueError that lists the valid ones. A PostgreSQL
-backend adds its `postgresql` entry here.
+an unknown scheme is a ValueError that lists the valid ones. `describe(spec)`
+names a store for messages without a password a URL may hold.
 """
 from __future__ import annotations
 
@@ -23,7 +25,28 @@ def _open_lmdb(rest: str, readonly: bool) -> Store:
     return LmdbStore(rest, readonly=readonly)
 
 
-BACKENDS: dict[str, Callable[[str, bool], Store]] = {"lmdb": _open_lmdb}
+def _open_postgres(scheme: str):
+    def opener(rest: str, readonly: bool) -> Store:
+        from .postgres import PgStore  # psycopg is imported only when a PostgreSQL store is asked for
+
+        return PgStore(f"{scheme}://{rest}", readonly=readonly)
+
+    return opener
+
+
+BACKENDS: dict[str, Callable[[str, bool], Store]] = {
+    "lmdb": _open_lmdb, "postgresql": _open_postgres("postgresql"), "postgres": _open_postgres("postgres")}
+
+
+def describe(spec: str | os.PathLike) -> str:
+    """The store a spec names, for messages and logs: a path as it is, a URL without its password."""
+    if isinstance(spec, os.PathLike) or not isinstance(spec, str):
+        return str(spec)
+    m = _SCHEME.fullmatch(spec)
+    if m is None or m.group(1).lower() == "lmdb":
+        return spec
+    user, at, host = m.group(2).split("?", 1)[0].rpartition("@")
+    return f"{m.group(1)}://{user.split(':', 1)[0]}{at}{host}"
 
 
 def open_store(spec: str | os.PathLike, *, readonly: bool = False) -> Store:

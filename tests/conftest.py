@@ -1,5 +1,6 @@
 """Shared fixtures: the real model (fetched once into $MEMSVC_HOME), tiny random
-models that reuse its tokenizer, and in-process servers bound to port 0."""
+models that reuse its tokenizer, in-process servers bound to port 0, and one real
+PostgreSQL server for the whole run (pg_server; pg_url: a fresh database of it)."""
 from __future__ import annotations
 
 import contextlib
@@ -77,9 +78,29 @@ def real_model(real_model_dir):
     return load_model(str(real_model_dir))
 
 
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server started for this test run (tools/pgserver.py: initdb in a temporary directory, a free
+    loopback port, fsync off), stopped and removed at its end."""
+    from tools.pgserver import PgServer
+
+    server = PgServer.start(fsync=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database of pg_server for one test, dropped after it; its URL."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url.rsplit("/", 1)[1])
+
+
 @contextlib.contextmanager
-def running_server(data_dir: Path, model, **options):
-    """An in-process server on 127.0.0.1:0; yields (client, server)."""
+def running_server(data_dir: Path | str, model, **options):
+    """An in-process server on 127.0.0.1:0 over data_dir (an LMDB directory, or any store spec such as a
+    postgresql:// URL); yields (client, server)."""
     from memsvc.clients.client import MemoryClient
     from memsvc.server import create_server
 

@@ -92,6 +92,11 @@ class LmdbStore(Store):
         prefix(sid)
         return self._env.read(lambda tx: blobs.read_at(tx, sid, layer, indices))
 
+    def kv_blocks_for(self, sid: str, keys: Sequence[KVKey]) -> list[bytes | None]:
+        prefix(sid)
+        wanted = [check_kv_key(*k) for k in keys]
+        return self._env.read(lambda tx: [blobs.read_at(tx, sid, layer, [index])[0] for layer, index in wanted])
+
     def kv_blocks(self, sid: str) -> dict[KVKey, bytes]:
         prefix(sid)
         return self._env.read(lambda tx: blobs.read_all(tx, sid))
@@ -112,7 +117,9 @@ class LmdbStore(Store):
 
     def commit(self, record: SessionRecord, *, first_token: int, tokens: Sequence[int],
                blocks: Mapping[KVKey, bytes], block_tokens: Mapping[KVKey, int] | None = None,
-               drop: Sequence[KVKey] = ()) -> SessionRecord:
+               drop: Sequence[KVKey] = (), epoch: int | None = None) -> SessionRecord:
+        if epoch is not None:
+            raise ValueError("an LMDB store is owned by one process: it has no leases, so a commit takes no epoch")
         turn = prepare_commit(record, first_token=first_token, tokens=tokens, blocks=blocks,
                               block_tokens=block_tokens, drop=drop)  # checked and compressed outside the lock
         return self._env.write(lambda tx: writes.commit(tx, turn, self.token_block))

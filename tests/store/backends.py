@@ -2,8 +2,10 @@
 
 Each backend says how to open a store at a place, how to damage one behind its
 back (`damage`) and how to make the n-th write inside its next transaction fail
-(`failing_writes`); the tests themselves only call the Store interface. A
-PostgreSQL backend adds its class to BACKENDS.
+(`failing_writes`); the tests themselves only call the Store interface.
+`backend.ready(request)` is the backend the tests use: PostgreSQL's asks for the
+session's server (the pg_server fixture) and gives every store name its own
+fresh database, dropped when the test ends (`done()`).
 """
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import contextlib
 import struct
 from pathlib import Path
 
+import psycopg
+
 from memsvc.store.base import Store
 from memsvc.store.errors import StoreError
 from memsvc.store.lmdb import LmdbStore
 from memsvc.store.lmdb.env import Txn
+from memsvc.store.postgres import PgStore
+from memsvc.store.postgres.db import Tx
 from memsvc.store.records import SessionRecord
 
 # the stats() keys every backend gives (base.Store.stats)
@@ -59,6 +65,12 @@ def snapshot(store: Store) -> dict:
 
 class LmdbBackend:
     name = "lmdb"
+
+    def ready(self, request) -> "LmdbBackend":
+        return self
+
+    def done(self) -> None:
+        pass
 
     def open(self, where: Path, *, token_block: int = 1024, readonly: bool = False) -> Store:
         return LmdbStore(where, token_block=token_block, readonly=readonly)
@@ -131,7 +143,81 @@ class LmdbBackend:
             Txn.put, Txn.delete = real_put, real_delete
 
 
-BACKENDS = [LmdbBackend()]
+class PgBackend:
+    """PostgreSQL: each store name a database of the session's server, created on first open."""
+
+    name = "postgresql"
+
+    def __init__(self, server=None):
+        self.server = server
+        self.databases: dict[str, str] = {}  # where -> database URL
+
+    def ready(self, request) -> "PgBackend":
+        return PgBackend(request.getfixturevalue("pg_server"))
+
+    def open(self, where: Path, *, token_block: int = 1024, readonly: bool = False) -> Store:
+        if str(where) not in self.databases:
+            self.databases[str(where)] = self.server.create_database()
+        return PgStore(self.databases[str(where)], token_block=token_block, readonly=readonly, pool_max=8)
+
+    def done(self) -> None:
+        for url in self.databases.values():
+            self.server.drop_database(url.rsplit("/", 1)[1])
+
+    def damage(self, store: PgStore, what: str, sid: str | None = None, where=None) -> None:
+        """Break one thing behind the store's back, as a raw write would: foreign keys unchecked
+        (session_replication_role = replica). where: (layer, index) of a KV entry, or a token block index."""
+        if what not in DAMAGE:
+            raise ValueError(f"unknown damage {what!r}: valid are {DAMAGE}")
+        flip = "set_byte(data, octet_length(data) - {0}, get_byte(data, octet_length(data) - {0}) # 1)"
+        kv = "(SELECT blob_id FROM kv WHERE session_id = %(s)s AND layer = %(l)s AND idx = %(i)s)"
+        layer, index = where if isinstance(where, tuple) else (0, where)
+        sql = {
+            "record": f"UPDATE sessions SET data = {flip.format(5)} WHERE id = %(s)s",
+            "token_block": f"UPDATE tokens SET data = {flip.format(1)} WHERE session_id = %(s)s AND idx = %(i)s",
+            "token_gone": "DELETE FROM tokens WHERE session_id = %(s)s AND idx = %(i)s",
+            "kv_blob": f"UPDATE blobs SET data = {flip.format(1)} WHERE id = {kv}",
+            "kv_dangling": "UPDATE kv SET blob_id = 1000000000000 WHERE session_id = %(s)s AND layer = %(l)s "
+                           "AND idx = %(i)s",
+            "kv_count_gone": f"DELETE FROM blob_refs WHERE blob_id = {kv}",
+            "kv_count_wrong": f"UPDATE blob_refs SET refs = refs + 5 WHERE blob_id = {kv}",
+            "leaked_blob": "WITH b AS (INSERT INTO blobs (id, data) VALUES (nextval('blob_ids'), %(leak)s) "
+                           "RETURNING id) INSERT INTO blob_refs (blob_id, refs, size) SELECT id, 1, 300 FROM b",
+        }[what]
+        with psycopg.connect(store.url) as conn:  # one transaction, committed at the end
+            conn.execute("SET session_replication_role = replica")
+            done = conn.execute(sql, {"s": sid, "l": layer, "i": index, "leak": b"leaked" * 50})
+            if done.rowcount != 1:
+                raise ValueError(f"damage {what!r} of {sid!r} at {where!r} changed {done.rowcount} rows")
+
+    @contextlib.contextmanager
+    def failing_writes(self, store: PgStore, at: int):
+        """The at-th statement that changes rows (a write or a COPY) of any transaction opened inside raises
+        InjectedFailure; yields the list of writes attempted."""
+        calls: list[str] = []
+        real_write, real_copy = Tx.write, Tx.copy
+
+        def count(sql: str) -> None:
+            calls.append(" ".join(sql.split()[:3]))
+            if len(calls) == at:
+                raise InjectedFailure(f"injected failure at write {at} ({calls[-1]})")
+
+        def write(tx, sql, params=None):
+            count(sql)
+            return real_write(tx, sql, params)
+
+        def copy(tx, sql, rows, types):
+            count(sql)
+            return real_copy(tx, sql, rows, types)
+
+        Tx.write, Tx.copy = write, copy
+        try:
+            yield calls
+        finally:
+            Tx.write, Tx.copy = real_write, real_copy
+
+
+BACKENDS = [LmdbBackend(), PgBackend()]
 
 
 class StoreFactory:
@@ -158,3 +244,4 @@ class StoreFactory:
     def close_all(self) -> None:
         for store in self._open:
             store.close()
+        self.backend.done()

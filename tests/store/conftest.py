@@ -8,6 +8,6 @@ from tests.store.backends import BACKENDS, StoreFactory
 
 @pytest.fixture(params=BACKENDS, ids=lambda backend: backend.name)
 def store_factory(request, tmp_path):
-    factory = StoreFactory(request.param, tmp_path)
+    factory = StoreFactory(request.param.ready(request), tmp_path)
     yield factory
     factory.close_all()

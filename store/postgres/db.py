@@ -1,0 +1,215 @@
+"""The PostgreSQL store's connections: one psycopg pool, reads and transactions, counted round trips and bytes.
+
+`Db.read(op, fn)` runs fn(Tx) on a pooled connection in autocommit mode: each read of the store is one SQL
+statement, which PostgreSQL runs in one snapshot. `Db.write(op, fn)` runs fn(Tx) inside
+`with conn.transaction():` (READ COMMITTED; each write locks the rows it reads before it changes them), all or
+nothing: anything raised inside rolls it back. A deadlock or serialization failure between two writes is
+retried (the write is a function of its arguments). Every statement, BEGIN and COMMIT is one round trip,
+counted per op with the bytes of bytea values sent and received (`IoCounters`); a COPY of many rows is one.
+
+Errors: psycopg's become StoreError naming the database (without its password) and what to do;
+StoreError("... closed") after close(), StoreError("... read-only") for a write on a read-only store.
+Knows psycopg and SQL statements; knows nothing about what the tables hold.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..errors import StoreError
+
+T = TypeVar("T")
+RETRIES = 3
+
+
+def describe(url: str) -> str:
+    """The database a URL names, for messages: postgresql://user@host:port/db (never the password)."""
+    try:
+        d = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparseable URL)"
+    user = f"{d['user']}@" if d.get("user") else ""
+    port = f":{d['port']}" if d.get("port") else ""
+    return f"postgresql://{user}{d.get('host', '')}{port}/{d.get('dbname', '')}"
+
+
+def _nbytes(values) -> int:
+    """Bytes of the bytes-like values in values (nested lists and tuples too)."""
+    n = 0
+    for v in values:
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            n += len(v)
+        elif isinstance(v, (list, tuple)):
+            n += _nbytes(v)
+    return n
+
+
+class IoCounters:
+    """Round trips per op, and bytea bytes read and written, since the store was opened."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.round_trips: dict[str, int] = {}
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    def add(self, op: str, trips: int, read: int = 0, written: int = 0) -> None:
+        with self._lock:
+            self.round_trips[op] = self.round_trips.get(op, 0) + trips
+            self.bytes_read += read
+            self.bytes_written += written
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"round_trips": dict(self.round_trips), "bytes_read": self.bytes_read,
+                    "bytes_written": self.bytes_written}
+
+
+class Tx:
+    """One connection inside a read (autocommit) or a write (a transaction). Every statement that changes
+    rows goes through `write` or `copy` (what tests make fail); reads through `rows`."""
+
+    __slots__ = ("conn", "io", "op")
+
+    def __init__(self, conn: psycopg.Connection, io: IoCounters, op: str):
+        self.conn, self.io, self.op = conn, io, op
+
+    def _run(self, sql: str, params) -> list[tuple]:
+        with self.conn.cursor(binary=True) as cur:
+            cur.execute(sql, params)
+            rows = cur.fetchall() if cur.description is not None else []
+        self.io.add(self.op, 1, sum(_nbytes(r) for r in rows), _nbytes(params or ()))
+        return rows
+
+    def rows(self, sql: str, params: Sequence | dict | None = None) -> list[tuple]:
+        """The rows of a query that changes nothing."""
+        return self._run(sql, params)
+
+    def one(self, sql: str, params: Sequence | dict | None = None) -> tuple | None:
+        rows = self._run(sql, params)
+        return rows[0] if rows else None
+
+    def write(self, sql: str, params: Sequence | dict | None = None) -> list[tuple]:
+        """Run a statement that changes rows; its RETURNING rows ([] without)."""
+        return self._run(sql, params)
+
+    def copy(self, sql: str, rows: Iterable[tuple], types: Sequence[str]) -> None:
+        """COPY ... FROM STDIN (FORMAT BINARY) of rows of `types`: one round trip for any number of rows."""
+        sent = 0
+        with self.conn.cursor() as cur:
+            with cur.copy(sql) as cp:
+                cp.set_types(list(types))
+                for row in rows:
+                    cp.write_row(row)
+                    sent += _nbytes(row)
+        self.io.add(self.op, 1, 0, sent)
+
+
+class Db:
+    """A pool of connections to one database."""
+
+    def __init__(self, url: str, *, readonly: bool, pool_min: int = 1, pool_max: int = 10,
+                 timeout: float = 30.0):
+        self.where = describe(url)
+        self.readonly = readonly
+        self.io = IoCounters()
+        options = conninfo_to_dict(url).get("options", "")
+        if readonly:
+            options = f"{options} -c default_transaction_read_only=on".strip()
+        self.conninfo = make_conninfo(url, application_name="memsvc", **({"options": options} if options else {}))
+        self._cond = threading.Condition()
+        self._running = 0
+        self.closed = False
+        self.pool = ConnectionPool(self.conninfo, min_size=pool_min, max_size=pool_max, timeout=timeout,
+                                   kwargs={"autocommit": True}, open=False, name="memsvc-store")
+
+    def connect(self, timeout: float = 10.0) -> psycopg.Connection:
+        """One connection outside the pool (for migrations), autocommit."""
+        try:
+            return psycopg.connect(self.conninfo, autocommit=True, connect_timeout=max(1, int(timeout)))
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to the database {self.where}: {str(exc).strip()}") from exc
+
+    def open(self) -> None:
+        try:
+            self.pool.open(wait=True, timeout=30.0)
+        except PoolTimeout as exc:
+            self.pool.close()
+            raise StoreError(f"cannot open connections to the database {self.where} within 30 s") from exc
+
+    def close(self) -> None:
+        """Refuse new calls, wait for the running ones, close the pool. Idempotent."""
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            while self._running:
+                self._cond.wait()
+        self.pool.close()
+
+    def _enter(self) -> None:
+        with self._cond:
+            if self.closed:
+                raise StoreError(f"the store at {self.where} is closed")
+            self._running += 1
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def check_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"the store at {self.where} is open read-only")
+
+    def _failed(self, exc: Exception) -> StoreError:
+        if isinstance(exc, PoolTimeout):
+            return StoreError(f"no connection to the database {self.where} came free in time ({exc})")
+        if isinstance(exc, psycopg.OperationalError):
+            return StoreError(f"the database {self.where} is unreachable or failed: {str(exc).strip()}")
+        return StoreError(f"the database {self.where} refused a statement: {type(exc).__name__}: "
+                          f"{str(exc).strip()}")
+
+    def read(self, op: str, fn: Callable[[Tx], T]) -> T:
+        self._enter()
+        try:
+            with self.pool.connection() as conn:
+                return fn(Tx(conn, self.io, op))
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise self._failed(exc) from exc
+        finally:
+            self._leave()
+
+    def _transaction(self, op: str, fn: Callable[[Tx], T]) -> T:
+        with self.pool.connection() as conn:
+            self.io.add(op, 1)  # BEGIN
+            try:
+                with conn.transaction():
+                    return fn(Tx(conn, self.io, op))
+            finally:
+                self.io.add(op, 1)  # COMMIT or ROLLBACK
+
+    def write(self, op: str, fn: Callable[[Tx], T]) -> T:
+        """fn(tx) in one transaction, all or nothing; rerun after a deadlock or serialization failure."""
+        self.check_writable()
+        self._enter()
+        try:
+            attempt = 1
+            while True:
+                try:
+                    return self._transaction(op, fn)
+                except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
+                    if attempt == RETRIES:
+                        raise
+                    time.sleep(0.01 * attempt)
+                    attempt += 1
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise self._failed(exc) from exc
+        finally:
+            self._leave()

@@ -1,0 +1,188 @@
+"""A throwaway PostgreSQL server for tests and benchmarks: initdb in a temporary directory, pg_ctl start on a
+free loopback port, stop and remove.
+
+    server = PgServer.start(fsync=False)     # the contract tests' setting; durability tests keep fsync on
+    url = server.create_database()            # postgresql://memsvc@127.0.0.1:PORT/db_1, a fresh database
+    ...
+    server.stop()                              # stops it and removes its directory
+
+PostgreSQL refuses to run as root: run as root (CI, containers), the server runs as a dedicated system
+user (`memsvc-pg`, created with useradd if missing) that owns the temporary directory; run as anyone else, as
+that user. The binaries are PostgreSQL 15's (/usr/lib/postgresql/15/bin, or initdb on PATH); when there are
+none and we are root on Debian, `apt-get install -y postgresql-15` installs them (said on stderr).
+Connections are trusted from loopback only (the database superuser is `memsvc`, no password); the unix
+socket lives in the temporary directory. Port 0 cannot be given to postgres: a port is picked by binding a
+socket and closing it, and another is tried if the server then fails to bind it.
+
+Knows processes and files; knows nothing about memsvc's schema.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OS_USER = "memsvc-pg"
+DB_USER = "memsvc"
+_VERSIONS = ("15", "16", "17", "14")
+
+
+def find_bindir(install: bool = True) -> Path:
+    """The directory holding initdb, pg_ctl and postgres (installing PostgreSQL 15 if there is none)."""
+    for version in _VERSIONS:
+        d = Path(f"/usr/lib/postgresql/{version}/bin")
+        if (d / "initdb").is_file() and (d / "pg_ctl").is_file():
+            return d
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return Path(os.path.realpath(found)).parent
+    if install and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("pgserver: no PostgreSQL binaries found: installing the Debian package postgresql-15",
+              file=sys.stderr, flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-q", "postgresql-15"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        return find_bindir(install=False)
+    raise RuntimeError("PostgreSQL binaries (initdb, pg_ctl) not found: install PostgreSQL 15 "
+                       "(Debian: apt-get install postgresql-15)")
+
+
+def _os_user() -> tuple[int, int] | None:
+    """(uid, gid) to run the server as when we are root (creating the user if needed); None otherwise."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(OS_USER)
+    except KeyError:
+        done = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                               OS_USER], capture_output=True, text=True)
+        if done.returncode not in (0, 9):  # 9: it exists (made meanwhile by another process)
+            raise RuntimeError(f"cannot create the system user {OS_USER}: {done.stderr.strip()}")
+        entry = pwd.getpwnam(OS_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (it may be taken before postgres binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class PgServer:
+    """A running server: its directory (data/, the socket, server.log), port and binaries."""
+
+    root: Path
+    port: int
+    bindir: Path
+    owner: tuple[int, int] | None  # (uid, gid) it runs as; None: as the current user
+    fsync: bool
+    startup_seconds: float = 0.0
+    _names: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "server.log"
+
+    @classmethod
+    def start(cls, *, fsync: bool = True, settings: dict[str, str] | None = None, attempts: int = 5) -> "PgServer":
+        """initdb and start a server. fsync False also turns off synchronous_commit and full_page_writes:
+        fast, and fine while nothing asks what survives a crash of the machine (a SIGKILL of postgres loses
+        nothing committed either way; an OS crash would). settings: more `-c name=value` options."""
+        t0 = time.monotonic()
+        bindir = find_bindir()
+        owner = _os_user()
+        root = Path(tempfile.mkdtemp(prefix="memsvc-pg-"))
+        try:
+            if owner is not None:
+                os.chown(root, *owner)
+            server = cls(root, 0, bindir, owner, fsync)
+            init = [str(bindir / "initdb"), "-D", str(server.data), "-U", DB_USER, "--auth=trust", "-E", "UTF8",
+                    "--no-locale", "--no-instructions"] + ([] if fsync else ["--no-sync"])
+            server._run(init)
+            options = {"listen_addresses": "127.0.0.1", "unix_socket_directories": str(root),
+                       "max_connections": "200", "shared_buffers": "64MB", "log_min_messages": "warning",
+                       **({} if fsync else {"fsync": "off", "synchronous_commit": "off",
+                                             "full_page_writes": "off"}),
+                       **(settings or {})}
+            for attempt in range(attempts):
+                server.port = free_port()
+                args = " ".join([f"-p {server.port}"] + [f"-c {k}={v}" for k, v in options.items()])
+                done = server._run([str(bindir / "pg_ctl"), "-D", str(server.data), "-l", str(server.log), "-w",
+                                    "-t", "60", "-o", args, "start"], check=False)
+                if done.returncode == 0:
+                    break
+                log = server.log.read_text(errors="replace") if server.log.exists() else ""
+                if "could not bind" not in log and "already in use" not in log or attempt == attempts - 1:
+                    raise RuntimeError(f"pg_ctl start failed ({done.returncode}): {done.stdout}{done.stderr}\n"
+                                       f"{log[-2000:]}")
+            server.startup_seconds = time.monotonic() - t0
+            return server
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    def _run(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        kw = {} if self.owner is None else {"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
+        done = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, **kw)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {done.stdout}{done.stderr}")
+        return done
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{database}"
+
+    def admin(self, sql: str) -> None:
+        """Run one statement as the superuser in the postgres database (autocommit: CREATE DATABASE may)."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(sql)
+
+    def create_database(self, name: str | None = None, template: str = "template1") -> str:
+        """A new database (a copy of `template`); returns its URL."""
+        name = name or f"db_{next(self._names)}"
+        self.admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def pid(self) -> int | None:
+        """The postmaster's process id (None when it is not running)."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self, remove: bool = True) -> None:
+        """Stop the server (fast shutdown: open connections are closed) and remove its directory."""
+        if self.pid() is not None:
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"],
+                      check=False)
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+if __name__ == "__main__":  # python tools/pgserver.py: start one, print its URL, stop on Enter
+    srv = PgServer.start(fsync="--fsync" in sys.argv)
+    print(f"{srv.url()}  (started in {srv.startup_seconds:.2f} s, directory {srv.root}); Enter stops it",
+          flush=True)
+    try:
+        input()
+    finally:
+        srv.stop()
