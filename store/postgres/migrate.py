@@ -76,10 +76,11 @@ def _check(applied: dict[int, tuple[str, str]], known: list[Migration]) -> None:
                              f"migrations must not change")
 
 
-def migrate(conn) -> list[str]:
-    """Apply the missing migrations to the database of `conn` (a psycopg connection in autocommit mode), all in
-    one transaction under the advisory lock; returns the names applied ([] when it was up to date)."""
-    known = migrations()
+def migrate(conn, folder: Path = MIGRATIONS) -> list[str]:
+    """Apply the missing migrations (of `folder`) to the database of `conn` (a psycopg connection in autocommit
+    mode), all in one transaction under the advisory lock; returns the names applied ([] when it was up to
+    date)."""
+    known = migrations(folder)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         conn.execute(_TABLE)
