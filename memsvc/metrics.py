@@ -7,9 +7,11 @@ run through the model, resumes, session loads and unloads (the resident budget),
 resident sessions, bytes and tokens per tier, the shared cold block cache (hits, misses,
 bytes, capacity), the decoded cache (hits, bytes, capacity);
 from the store, at most every `store_every` seconds (it walks every value):
-stored sessions, bytes and tokens per tier (as of each session's last commit).
+stored sessions, bytes and tokens per tier (as of each session's last commit); and, for a store that talks
+to a database server (PostgreSQL), its round trips per store method and the bytes sent and received, at
+every scrape.
 
-Knows prometheus_client and the counters it is handed; nothing about gRPC or LMDB.
+Knows prometheus_client and the counters it is handed; nothing about gRPC or the store's backends.
 """
 from __future__ import annotations
 
@@ -38,10 +40,28 @@ def _tiers(name: str, doc: str, tokens: dict[str, float]) -> GaugeMetricFamily:
     return g
 
 
+def _store_io(counters: dict | None):
+    """memsvc_store_round_trips{op} and memsvc_store_bytes_{read,written} of a Store.io_counters()."""
+    if counters is None:
+        return
+    m = CounterMetricFamily("memsvc_store_round_trips", "Round trips to the database (statements, BEGIN and "
+                            "COMMIT; a COPY of many rows is one), by store method.", labels=["op"])
+    for op, n in sorted(counters["round_trips"].items()):
+        m.add_metric([op], n)
+    yield m
+    for key, doc in (("bytes_read", "Bytes of stored values received from the database."),
+                     ("bytes_written", "Bytes of stored values sent to the database.")):
+        m = CounterMetricFamily(f"memsvc_store_{key}", doc)
+        m.add_metric([], counters[key])
+        yield m
+
+
 class _ServiceCollector:
-    def __init__(self, manager, store_stats: Callable[[], dict] | None, store_every: float):
+    def __init__(self, manager, store_stats: Callable[[], dict] | None, store_every: float,
+                 store_io: Callable[[], dict | None] | None = None):
         self.manager = manager
         self.store_stats = store_stats
+        self.store_io = store_io
         self.store_every = store_every
         self._store_lock = threading.Lock()
         self._store_at = float("-inf")
@@ -117,6 +137,8 @@ class _ServiceCollector:
         yield _tiers("memsvc_tier_bytes_resident", "Bytes of KV cache in memory per tier (sink, hot, warm, "
                      "summaries of cold blocks, window, cold: the cold store's own memory), summed over sessions.",
                      self.manager.resident_tier_bytes())
+        if self.store_io is not None:
+            yield from _store_io(self.store_io())
         st = self._stored()
         if st:
             g = GaugeMetricFamily("memsvc_sessions_stored", "Sessions in the store.")
@@ -133,7 +155,8 @@ class _ServiceCollector:
 
 
 class Metrics:
-    def __init__(self, manager, store_stats: Callable[[], dict] | None = None, store_every: float = 15.0):
+    def __init__(self, manager, store_stats: Callable[[], dict] | None = None, store_every: float = 15.0,
+                 store_io: Callable[[], dict | None] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.rpcs = Counter("memsvc_rpc", "RPCs answered, by method and status code.", ["method", "code"],
@@ -147,7 +170,7 @@ class Metrics:
             registry=r)
         self.quota_refusals = Counter("memsvc_limit_refusals", "Calls refused by a limit or quota.", ["limit"],
                                       registry=r)
-        self.collector = _ServiceCollector(manager, store_stats, store_every)
+        self.collector = _ServiceCollector(manager, store_stats, store_every, store_io)
         r.register(self.collector)
         self._http = None
         self.port: int | None = None

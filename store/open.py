@@ -4,7 +4,8 @@ parameters included) is a PostgreSQL database.
 
 The scheme picks the backend from `BACKENDS` (a plain dict: scheme -> opener);
 an unknown scheme is a ValueError that lists the valid ones. `describe(spec)`
-names a store for messages without a password a URL may hold.
+names a store for messages without a password a URL may hold; `parse_spec(spec)` says which
+backend a spec names.
 """
 from __future__ import annotations
 
@@ -49,19 +50,30 @@ def describe(spec: str | os.PathLike) -> str:
     return f"{m.group(1)}://{user.split(':', 1)[0]}{at}{host}"
 
 
+def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
+    """(backend, where) of a spec: ("lmdb", the directory) for a path or lmdb://DIR, ("postgresql", the URL) for a
+    postgresql:// or postgres:// URL. ValueError for an unknown scheme or an empty spec."""
+    if isinstance(spec, os.PathLike):
+        return "lmdb", os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a store spec must be a path or a URL such as lmdb://DIR, got {spec!r}")
+    m = _SCHEME.fullmatch(spec)
+    if m is None:
+        return "lmdb", spec
+    scheme = m.group(1).lower()
+    if scheme not in BACKENDS:
+        valid = ", ".join(f"{name}://" for name in sorted(BACKENDS))
+        raise ValueError(f"unknown store scheme {scheme!r} in {spec!r}: valid are {valid} (or a plain path)")
+    return ("lmdb", m.group(2)) if scheme == "lmdb" else ("postgresql", spec)
+
+
 def open_store(spec: str | os.PathLike, *, readonly: bool = False) -> Store:
     """The store `spec` names: a path (str or os.PathLike) or `lmdb://path` opens that LMDB data dir.
     ValueError for an unknown scheme or an empty spec; StoreError when the backend cannot open it."""
     if isinstance(spec, os.PathLike):
         return _open_lmdb(os.fspath(spec), readonly)
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"a store spec must be a path or a URL such as lmdb://DIR, got {spec!r}")
+    backend, where = parse_spec(spec)
+    if backend == "lmdb":
+        return _open_lmdb(where, readonly)
     m = _SCHEME.fullmatch(spec)
-    if m is None:
-        return _open_lmdb(spec, readonly)
-    scheme, rest = m.group(1).lower(), m.group(2)
-    opener = BACKENDS.get(scheme)
-    if opener is None:
-        valid = ", ".join(f"{name}://" for name in sorted(BACKENDS))
-        raise ValueError(f"unknown store scheme {scheme!r} in {spec!r}: valid are {valid} (or a plain path)")
-    return opener(rest, readonly)
+    return BACKENDS[m.group(1).lower()](m.group(2), readonly)

@@ -29,7 +29,7 @@ for command in (serve.serve, serve.keys, serve.model, chat.chat):
 
 @main.group("sessions")
 def sessions_group() -> None:
-    """Inspect stored sessions straight from the store (an LMDB data directory)."""
+    """Inspect stored sessions straight from the store (--store: an LMDB data directory or a PostgreSQL URL)."""
 
 
 for command in (sessions.sessions_ls, sessions.sessions_show, sessions.sessions_stats, sessions.sessions_rm,

@@ -3,31 +3,44 @@ from __future__ import annotations
 
 import click
 
-from .common import DEFAULT_DATA_DIR, _open_store
+from .common import _open_store, describe, store_option
 
 
 @click.command("upgrade")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
-def sessions_upgrade(data_dir: str) -> None:
+@store_option
+def sessions_upgrade(store_spec: str) -> None:
     """Bring a store up to date in place: a store written before KV blocks were shared (format 1) is
     converted in one transaction, then every tiered session whose layer states are stored in an older
     layout (whole, before parts, or in parts of another size) has them rewritten, one transaction per
     session, and every record that does not keep its policy's settings gets the ones it is read with now
     (this memsvc's defaults), so that later defaults cannot change how it is read.
 
-    Stop the server first: nothing else may have the store open."""
+    An LMDB store: stop the server first, nothing else may have it open. A PostgreSQL store: opening it for
+    writing applies the schema's missing migrations (under a lock, safe beside running replicas); a replica
+    serving a session while it is rewritten here keeps its in-memory copy until its next load."""
     from memsvc.cache.upgrade import upgrade_session
     from memsvc.store.errors import StoreError
-    from memsvc.store.lmdb import STORE_FORMAT, upgrade_store
+    from memsvc.store.open import parse_spec
 
     try:
-        n = upgrade_store(data_dir)
-        click.echo(f"upgraded {data_dir} to store format {STORE_FORMAT}: {n} KV blocks are now shared blobs")
-    except StoreError as exc:
-        if "already has a format stamp" not in str(exc):
-            raise click.ClickException(str(exc))
+        backend, where = parse_spec(store_spec)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    if backend == "lmdb":
+        from memsvc.store.lmdb import STORE_FORMAT, upgrade_store
+
+        try:
+            n = upgrade_store(where)
+            click.echo(f"upgraded {describe(store_spec)} to store format {STORE_FORMAT}: {n} KV blocks are now "
+                       f"shared blobs")
+        except StoreError as exc:
+            if "already has a format stamp" not in str(exc):
+                raise click.ClickException(str(exc))
     split = pinned = 0
-    with _open_store(data_dir, readonly=False) as store:
+    with _open_store(store_spec, readonly=False) as store:
+        migrated = getattr(store, "migrated", None)  # PostgreSQL: the schema migrations this open applied
+        if migrated is not None:
+            click.echo(f"{describe(store_spec)}: schema migrations applied: {', '.join(migrated) or 'none needed'}")
         for sid in store.session_ids():
             try:
                 done = upgrade_session(store, sid)
@@ -43,13 +56,13 @@ def sessions_upgrade(data_dir: str) -> None:
 @click.command("export")
 @click.argument("session_id")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
-def sessions_export(session_id: str, file: str, data_dir: str) -> None:
+@store_option
+def sessions_export(session_id: str, file: str, store_spec: str) -> None:
     """Write one session (record, token ids, KV blocks) to FILE: portable, versioned, checksummed."""
     from memsvc.store.archive import write_export
     from memsvc.store.errors import StoreError
 
-    with _open_store(data_dir, readonly=True) as store:
+    with _open_store(store_spec, readonly=True) as store:
         try:
             export = store.export(session_id)
         except StoreError as exc:
@@ -66,11 +79,11 @@ def sessions_export(session_id: str, file: str, data_dir: str) -> None:
 @click.command("import")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--as", "new_id", default=None, help="Store it under this id instead of the exported one.")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@store_option
 @click.option("--model", default=None,
               help="The model the target server runs (as for `serve`; default SmolLM2-135M-Instruct); "
                    "a session made with another model is refused.")
-def sessions_import(file: str, new_id: str | None, data_dir: str, model: str | None) -> None:
+def sessions_import(file: str, new_id: str | None, store_spec: str, model: str | None) -> None:
     """Store a session from an export FILE (made by `sessions export`)."""
     from memsvc.store.archive import read_export
     from memsvc.store.errors import StoreError
@@ -91,9 +104,9 @@ def sessions_import(file: str, new_id: str | None, data_dir: str, model: str | N
             f"{file} holds a session of model {export.header.get('model_name')!r} (fingerprint {theirs[:12]}), "
             f"but the target model {model or 'default'!r} has fingerprint {ours[:12]}: a KV cache only works with "
             f"the model that made it; import it where that model is served (--model)")
-    with _open_store(data_dir, readonly=False) as store:
+    with _open_store(store_spec, readonly=False) as store:
         try:
             rec = store.import_session(export, new_id)
         except (StoreError, ValueError) as exc:
             raise click.ClickException(f"cannot import {file}: {exc}")
-    click.echo(f"imported {rec.id} ({rec.n_tokens} tokens, {rec.stored_bytes} bytes) into {data_dir}")
+    click.echo(f"imported {rec.id} ({rec.n_tokens} tokens, {rec.stored_bytes} bytes) into {describe(store_spec)}")

@@ -1,5 +1,5 @@
-"""What the `memsvc` commands share: the default data directory, opening a store, a record as a dict, sizes,
-times and durations for people, paging through every record."""
+"""What the `memsvc` commands share: the --store option (default: the LMDB data directory ./data), opening a
+store, a record as a dict, sizes, times and durations for people, paging through every record."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,13 +21,28 @@ def _when(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def _open_store(data_dir: str, readonly: bool):
+def store_option(command):
+    """--store SPEC (also spelled --data-dir, or $MEMSVC_STORE): the command's store, passed as `store_spec`."""
+    return click.option(
+        "--store", "--data-dir", "store_spec", default=DEFAULT_DATA_DIR, show_default=True, envvar="MEMSVC_STORE",
+        help="The store: an LMDB data directory (a path or lmdb://DIR, the default) or a PostgreSQL database "
+             "(postgresql://user@host:port/dbname, any libpq URL).")(command)
+
+
+def describe(spec: str) -> str:
+    """The store a spec names, for messages: never the password a URL may hold."""
+    from memsvc.store.open import describe as _describe
+
+    return _describe(spec)
+
+
+def _open_store(spec: str, readonly: bool):
     from memsvc.store.errors import StoreError
     from memsvc.store.open import open_store
 
     try:
-        return open_store(data_dir, readonly=readonly)
-    except StoreError as exc:
+        return open_store(spec, readonly=readonly)
+    except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc))
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import click
 
-from .common import DEFAULT_DATA_DIR
+from .common import store_option
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=50051, show_default=True, type=int, help="0 picks a free port (printed).")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, help="LMDB data directory.")
+@store_option
 @click.option("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--max-new-tokens", default=4096, show_default=True, type=int, help="Upper bound per Generate.")
@@ -44,7 +44,7 @@ from .common import DEFAULT_DATA_DIR
                    "model runs on positions it was not trained on; for benchmarks).")
 @click.option("--log-rpcs/--no-log-rpcs", default=True, show_default=True,
               help="One JSON line per RPC on stderr (no conversation content).")
-def serve(host: str, port: int, data_dir: str, model: str | None, device: str, max_new_tokens: int, auth: str,
+def serve(host: str, port: int, store_spec: str, model: str | None, device: str, max_new_tokens: int, auth: str,
           api_keys_file: str | None, tls_cert: str | None, tls_key: str | None, metrics_port: int | None,
           metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
           max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, ttl: float,
@@ -59,7 +59,7 @@ def serve(host: str, port: int, data_dir: str, model: str | None, device: str, m
         limits = Limits(max_append_tokens=max_append_tokens, max_session_tokens=max_session_tokens,
                         max_request_bytes=max_request_bytes, max_sessions_per_tenant=max_sessions_per_tenant,
                         max_bytes_per_tenant=max_bytes_per_tenant)
-        _serve(host, port, data_dir=data_dir, model=model, device=device, max_new_tokens=max_new_tokens,
+        _serve(host, port, data_dir=store_spec, model=model, device=device, max_new_tokens=max_new_tokens,
                log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget, ttl=ttl,
                block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, context=context)

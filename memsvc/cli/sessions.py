@@ -6,18 +6,18 @@ from collections import Counter
 
 import click
 
-from .common import (DEFAULT_DATA_DIR, _SORTS, _all_records, _human_bytes, _open_store, _record_dict, _seconds,
-                     _when)
+from .common import (_SORTS, _all_records, _human_bytes, _open_store, _record_dict, _seconds, _when, describe,
+                     store_option)
 
 
 @click.command("ls")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@store_option
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE; all must match.")
 @click.option("--sort", "sort_by", type=click.Choice(list(_SORTS)), default="id", show_default=True,
               help="updated, created: newest first; size, tokens: largest first.")
 @click.option("--older-than", default=None, help="Only sessions not updated for this long (90, 15m, 2h, 7d).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def sessions_ls(data_dir: str, labels: tuple[str, ...], sort_by: str, older_than: str | None, as_json: bool) -> None:
+def sessions_ls(store_spec: str, labels: tuple[str, ...], sort_by: str, older_than: str | None, as_json: bool) -> None:
     """List stored sessions with tokens and bytes."""
     import time
 
@@ -28,7 +28,7 @@ def sessions_ls(data_dir: str, labels: tuple[str, ...], sort_by: str, older_than
         k, v = item.split("=", 1)
         wanted[k] = v
     cutoff = time.time() - _seconds(older_than) if older_than is not None else None
-    with _open_store(data_dir, readonly=True) as store:
+    with _open_store(store_spec, readonly=True) as store:
         recs = _all_records(store, wanted)
     if cutoff is not None:
         recs = [r for r in recs if r.updated <= cutoff]
@@ -53,14 +53,14 @@ def sessions_ls(data_dir: str, labels: tuple[str, ...], sort_by: str, older_than
 
 @click.command("show")
 @click.argument("session_id")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@store_option
 @click.option("--json", "as_json", is_flag=True)
-def sessions_show(session_id: str, data_dir: str, as_json: bool) -> None:
+def sessions_show(session_id: str, store_spec: str, as_json: bool) -> None:
     """Show one stored session."""
-    with _open_store(data_dir, readonly=True) as store:
+    with _open_store(store_spec, readonly=True) as store:
         rec = store.get(session_id)
         if rec is None:
-            raise click.ClickException(f"no session {session_id!r} in {data_dir}")
+            raise click.ClickException(f"no session {session_id!r} in {describe(store_spec)}")
         doc = _record_dict(rec)
         doc["kv_blocks"] = blobs = store.session_blobs(session_id)
     if as_json:
@@ -128,11 +128,11 @@ def _resident_line(rec, fp16: int) -> str:
 
 @click.command("rm")
 @click.argument("session_ids", nargs=-1, required=True)
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
-def sessions_rm(session_ids: tuple[str, ...], data_dir: str) -> None:
+@store_option
+def sessions_rm(session_ids: tuple[str, ...], store_spec: str) -> None:
     """Delete stored sessions (a running server keeps its in-memory copy until restart)."""
     missing = []
-    with _open_store(data_dir, readonly=False) as store:
+    with _open_store(store_spec, readonly=False) as store:
         for sid in session_ids:
             if store.delete(sid):
                 click.echo(f"deleted {sid}")
@@ -143,11 +143,11 @@ def sessions_rm(session_ids: tuple[str, ...], data_dir: str) -> None:
 
 
 @click.command("stats")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@store_option
 @click.option("--json", "as_json", is_flag=True)
-def sessions_stats(data_dir: str, as_json: bool) -> None:
+def sessions_stats(store_spec: str, as_json: bool) -> None:
     """The whole store: sessions, tokens, bytes by kind, what sharing saves."""
-    with _open_store(data_dir, readonly=True) as store:
+    with _open_store(store_spec, readonly=True) as store:
         recs = _all_records(store)
         st = store.stats()
     doc = {
@@ -159,7 +159,8 @@ def sessions_stats(data_dir: str, as_json: bool) -> None:
         "pointer_bytes": st["pointer_bytes"], "kv_blocks": st["kv_blocks"], "kv_blobs": st["blobs"],
         "shared_blobs": st["shared_blobs"], "shared_blob_bytes": st["shared_blob_bytes"],
         "bytes_saved_by_sharing": st["logical_blob_bytes"] - st["blob_bytes"],
-        "lmdb_used_bytes": st["used_bytes"], "lmdb_map_size": st["map_size"],
+        "used_bytes": st["used_bytes"],  # the backend's space: LMDB pages in use, PostgreSQL's tables on disk
+        **({"lmdb_used_bytes": st["used_bytes"], "lmdb_map_size": st["map_size"]} if "map_size" in st else {}),
         "block_cache": None,  # per server process, in memory: GetStats and /metrics report it
     }
     if as_json:
@@ -177,7 +178,8 @@ def sessions_stats(data_dir: str, as_json: bool) -> None:
         ("  kv pointers", f"{_human_bytes(doc['pointer_bytes'])} ({doc['kv_blocks']} blocks of sessions)"),
         ("referenced", f"{_human_bytes(doc['bytes_referenced'])} (sessions' bytes, shared blocks in each)"),
         ("saved by sharing", _human_bytes(doc["bytes_saved_by_sharing"])),
-        ("lmdb map", f"{_human_bytes(doc['lmdb_used_bytes'])} used of {_human_bytes(doc['lmdb_map_size'])}"),
+        ("lmdb map", f"{_human_bytes(doc['used_bytes'])} used of {_human_bytes(doc['lmdb_map_size'])}")
+        if "lmdb_map_size" in doc else ("tables on disk", _human_bytes(doc["used_bytes"])),
         ("block cache", "not kept offline: a server's GetStats and /metrics report its hits and misses"),
     ]
     width = max(len(k) for k, _ in lines)
@@ -186,13 +188,13 @@ def sessions_stats(data_dir: str, as_json: bool) -> None:
 
 
 @click.command("gc")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@store_option
 @click.option("--json", "as_json", is_flag=True)
-def sessions_gc(data_dir: str, as_json: bool) -> None:
+def sessions_gc(store_spec: str, as_json: bool) -> None:
     """Remove KV blobs no session points to and entries of sessions without a record; fix reference counts.
 
     Safe while a server runs (one write transaction). LMDB reuses the freed pages; the file does not shrink."""
-    with _open_store(data_dir, readonly=False) as store:
+    with _open_store(store_spec, readonly=False) as store:
         out = store.gc()
     if as_json:
         click.echo(json.dumps(out))

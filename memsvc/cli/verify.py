@@ -6,12 +6,12 @@ import sys
 
 import click
 
-from .common import DEFAULT_DATA_DIR, _open_store
+from .common import _open_store, store_option
 
 
 @click.command("verify")
 @click.argument("session_ids", nargs=-1)
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
+@store_option
 @click.option("--repair", is_flag=True,
               help="Rebuild damaged KV entries from the sessions' token ids with the model, and fix reference "
                    "counts (gc). Stop the server first, or let it repair sessions itself as it meets them.")
@@ -19,7 +19,7 @@ from .common import DEFAULT_DATA_DIR, _open_store
                                              "SmolLM2-135M-Instruct).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: sessions, store, repairs, ok.")
-def sessions_verify(session_ids: tuple[str, ...], data_dir: str, repair: bool, model: str | None, device: str,
+def sessions_verify(session_ids: tuple[str, ...], store_spec: str, repair: bool, model: str | None, device: str,
                     as_json: bool) -> None:
     """Check every record, token block, KV pointer and blob and the reference counts (all sessions, or
     SESSION_IDS); with --repair rebuild what is damaged. Exits 0 when nothing is (left) damaged, 1 otherwise."""
@@ -29,7 +29,7 @@ def sessions_verify(session_ids: tuple[str, ...], data_dir: str, repair: bool, m
 
     loaded = None
     repairs, failures = [], {}
-    with _open_store(data_dir, readonly=not repair) as store:
+    with _open_store(store_spec, readonly=not repair) as store:
         try:
             known = store.session_ids()
             ids = list(session_ids) or known

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memsvc.store.base import Store
-from memsvc.store.open import open_store
+from memsvc.store.open import describe, open_store
 
 from ..alloc import keep_heap
 from ..auth import KeyRing, is_loopback
@@ -86,7 +86,8 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
                   tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                   limits: Limits | None = None, metrics_port: int | None = None, metrics_host: str | None = None,
                   context: int | None = None, **manager_options) -> tuple["Service", int]:
-    """Build (not start) a server bound to `address` ('host:port', port 0 picks one).
+    """Build (not start) a server bound to `address` ('host:port', port 0 picks one), over the store `data_dir`
+names (store/open.py: an LMDB directory, or a postgresql:// URL).
 
     auth: 'auto' (on when keys are given or the host is not loopback), 'on' or 'off'.
     metrics_port: serve Prometheus metrics over HTTP there (0 picks a port; None: no endpoint).
@@ -113,7 +114,7 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
         loaded = dataclasses.replace(loaded, max_positions=context)
     store = open_store(data_dir)
     manager = SessionManager(store, loaded, **manager_options)
-    metrics = Metrics(manager, store_stats=store.stats)
+    metrics = Metrics(manager, store_stats=store.stats, store_io=store.io_counters)
     servicer = MemoryServicer(manager, keys=api_keys if auth_on else None, limits=limits, metrics=metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memsvc"),
@@ -170,7 +171,7 @@ def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = Non
     extras = [f"auth {'on' if service.auth else 'off'}", "TLS" if options.get("tls_cert") else "plaintext"]
     if service.metrics_port is not None:
         extras.append(f"metrics on :{service.metrics_port}/metrics")
-    print(f"memsvc: serving {m.name} ({m.short_fingerprint}) on {host}:{bound}, data dir {data_dir} "
+    print(f"memsvc: serving {m.name} ({m.short_fingerprint}) on {host}:{bound}, store {describe(data_dir)} "
           f"({', '.join(extras)})", file=sys.stdout, flush=True)
     stop.wait()
     service.health.enter_graceful_shutdown()
