@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 # Triton kernels run on CPU through its interpreter. The switch must be set before triton is
@@ -84,7 +85,10 @@ def pg_server():
     loopback port, fsync off), stopped and removed at its end."""
     from tools.pgserver import PgServer
 
-    server = PgServer.start(fsync=False)
+    try:
+        server = PgServer.start(fsync=False)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"the PostgreSQL tests need a PostgreSQL server and none could be started: {exc}", pytrace=False)
     yield server
     server.stop()
 
