@@ -40,6 +40,11 @@ method above with one statement, whatever the number of entries (a Resume reads
 its record, its token ids and each layer's entries with a few), and counts its
 round trips and bytes (`io_counters`).
 
+Leases (a store shared by several processes): the process serving a session holds its lease, an expiry it
+renews on the database's clock and a fencing epoch that only grows, a new one with each new owner; a commit
+given that epoch is refused (LeaseLost) once another owner has taken the session over. An embedded store is
+owned by one process: its lease is held by that process, always (the methods below return None).
+
 Backends: LMDB (lmdb/, embedded, the default) and PostgreSQL (postgres/, one
 database shared by several processes). Open one with `open_store(spec)` (open.py). This module knows only the stdlib and the
 store's plain data types.
@@ -47,12 +52,23 @@ store's plain data types.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .archive import Export
 from .records import SessionRecord
 
 KVKey = tuple[int, int]  # (layer, index)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease held on a session: the fencing epoch to commit with, and how long it runs (database clock)."""
+
+    sid: str
+    owner: str
+    epoch: int
+    seconds_left: float
 
 
 class Store(ABC):
@@ -258,6 +274,22 @@ class Store(ABC):
         "fixed_counts", "dangling_pointers" (left alone: the session fails its reads until it is
         repaired or deleted), "blobs", "blob_bytes" (what is left)}. After clean writes there is nothing
         to do and nothing is written."""
+
+    # ---- leases (a store shared by several processes) -----------------------------------------
+
+    def acquire_lease(self, sid: str, owner: str, seconds: float) -> Lease | None:
+        """Take (or keep) the lease on sid for `owner` for `seconds` from now: granted when nobody holds it, when
+        its holder's expiry has passed (then with a new, greater epoch) or when owner holds it already (same
+        epoch, expiry moved). LeaseHeld naming the holder otherwise. None: this store needs no leases."""
+        return None
+
+    def renew_lease(self, lease: Lease, seconds: float) -> Lease | None:
+        """Move the expiry of a lease still held to `seconds` from now (even if it had passed, as long as nobody
+        took it); LeaseLost when its epoch no longer holds the session. None: this store needs no leases."""
+        return None
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease up (nothing happens when it is no longer held): another owner may take it at once."""
 
     def io_counters(self) -> dict | None:
         """Round trips and bytes since the store was opened, for a backend that talks to a server:

@@ -10,6 +10,11 @@ class StoreError(Exception):
     """Anything the store cannot do (missing data dir, refused write, closed store, ...)."""
 
 
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached right now (a database down, restarting or out of connections): nothing was
+    written; the same call may succeed later."""
+
+
 class SessionExists(StoreError):
     """A create or fork names an id that is already stored."""
 
@@ -49,3 +54,12 @@ class LeaseLost(StoreError):
     def __init__(self, message: str, *, sid: str, epoch: int, found: int | None, owner: str | None):
         super().__init__(message)
         self.sid, self.epoch, self.found, self.owner = sid, epoch, found, owner
+
+
+class LeaseHeld(StoreError):
+    """Another owner holds a live lease on the session: `owner` holds it `seconds_left` more seconds (by the
+    database's clock)."""
+
+    def __init__(self, message: str, *, sid: str, owner: str, seconds_left: float):
+        super().__init__(message)
+        self.sid, self.owner, self.seconds_left = sid, owner, seconds_left

@@ -7,7 +7,9 @@ nothing: anything raised inside rolls it back. A deadlock or serialization failu
 retried (the write is a function of its arguments). Every statement, BEGIN and COMMIT is one round trip,
 counted per op with the bytes of bytea values sent and received (`IoCounters`); a COPY of many rows is one.
 
-Errors: psycopg's become StoreError naming the database (without its password) and what to do;
+Errors: psycopg's become StoreError naming the database (without its password) and what to do; a database
+that cannot be reached (down, restarting, no connection free within `timeout`) StoreUnavailable, after which the
+pool drops its broken connections (reads are tried once more on a fresh one; a write is not, the caller may);
 StoreError("... closed") after close(), StoreError("... read-only") for a write on a read-only store.
 Knows psycopg and SQL statements; knows nothing about what the tables hold.
 """
@@ -22,7 +24,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreUnavailable
 
 T = TypeVar("T")
 RETRIES = 3
@@ -48,6 +50,15 @@ def _nbytes(values) -> int:
         elif isinstance(v, (list, tuple)):
             n += _nbytes(v)
     return n
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a psycopg error says the database cannot be reached (no SQLSTATE: the connection failed; 08:
+    connection exception; 57: operator intervention, such as a shutdown; 53: too many connections), rather than
+    that a statement failed."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    return exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57", "53")
 
 
 class IoCounters:
@@ -122,7 +133,10 @@ class Db:
         options = conninfo_to_dict(url).get("options", "")
         if readonly:
             options = f"{options} -c default_transaction_read_only=on".strip()
-        self.conninfo = make_conninfo(url, application_name="memsvc", **({"options": options} if options else {}))
+        extra = {"options": options} if options else {}
+        if "connect_timeout" not in conninfo_to_dict(url):
+            extra["connect_timeout"] = max(2, int(timeout))
+        self.conninfo = make_conninfo(url, application_name="memsvc", **extra)
         self._cond = threading.Condition()
         self._running = 0
         self.closed = False
@@ -133,6 +147,8 @@ class Db:
         """One connection outside the pool (for migrations), autocommit."""
         try:
             return psycopg.connect(self.conninfo, autocommit=True, connect_timeout=max(1, int(timeout)))
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot connect to the database {self.where}: {str(exc).strip()}") from exc
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to the database {self.where}: {str(exc).strip()}") from exc
 
@@ -170,17 +186,35 @@ class Db:
 
     def _failed(self, exc: Exception) -> StoreError:
         if isinstance(exc, PoolTimeout):
-            return StoreError(f"no connection to the database {self.where} came free in time ({exc})")
-        if isinstance(exc, psycopg.OperationalError):
-            return StoreError(f"the database {self.where} is unreachable or failed: {str(exc).strip()}")
+            return StoreUnavailable(f"the database {self.where} is unavailable: no connection to it within "
+                                    f"{self.pool.timeout:g} s ({exc}); is it running? The call changed nothing; "
+                                    f"retry it once the database is back")
+        if unreachable(exc):
+            return StoreUnavailable(f"the database {self.where} is unavailable: {str(exc).strip()}; the call "
+                                    f"changed nothing (a commit cut off at COMMIT may have landed: reread the "
+                                    f"session); retry it once the database is back")
         return StoreError(f"the database {self.where} refused a statement: {type(exc).__name__}: "
                           f"{str(exc).strip()}")
+
+    def _drop_broken(self) -> None:
+        """After a connection failed: drop every idle connection that no longer works (the database restarted,
+        or is down), so the next call gets a fresh one (the pool reconnects in the background)."""
+        try:
+            self.pool.check()
+        except Exception:  # the pool is closing: nothing to keep
+            pass
 
     def read(self, op: str, fn: Callable[[Tx], T]) -> T:
         self._enter()
         try:
-            with self.pool.connection() as conn:
-                return fn(Tx(conn, self.io, op))
+            for attempt in (1, 2):
+                try:
+                    with self.pool.connection() as conn:
+                        return fn(Tx(conn, self.io, op))
+                except psycopg.OperationalError as exc:
+                    if attempt == 2 or not unreachable(exc):
+                        raise
+                    self._drop_broken()
         except (psycopg.Error, PoolTimeout) as exc:
             raise self._failed(exc) from exc
         finally:
@@ -210,6 +244,8 @@ class Db:
                     time.sleep(0.01 * attempt)
                     attempt += 1
         except (psycopg.Error, PoolTimeout) as exc:
+            if unreachable(exc):
+                self._drop_broken()
             raise self._failed(exc) from exc
         finally:
             self._leave()

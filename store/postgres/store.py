@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..archive import Export, check_import
-from ..base import KVKey, Store
+from ..base import KVKey, Lease, Store
 from ..errors import SessionMissing
 from ..records import SessionRecord, check_id
 from ..turn import check_kv_key, check_record, encode_kv, is_int, prepare_commit
-from . import blobs, check, sessions, writes
+from . import blobs, check, leases, sessions, writes
 from .db import Db
 from .migrate import check_schema, migrate
 
@@ -28,9 +28,17 @@ def _possible(sid) -> bool:
     return isinstance(sid, str) and "\0" not in sid
 
 
+def _check_lease_args(sid, owner, seconds) -> None:
+    check_id(sid)
+    if not isinstance(owner, str) or not owner or "\0" in owner:
+        raise ValueError(f"a lease owner must be a non-empty string, got {owner!r}")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds <= 86400:
+        raise ValueError(f"a lease runs for 0 < seconds <= 86400, got {seconds!r}")
+
+
 class PgStore(Store):
     def __init__(self, url: str, *, readonly: bool = False, token_block: int = 1024, pool_min: int = 1,
-                 pool_max: int = 10):
+                 pool_max: int = 10, timeout: float = 5.0):
         if not is_int(token_block) or token_block < 1:
             raise ValueError(f"token_block must be an integer >= 1, got {token_block!r}")
         if not is_int(pool_min) or not is_int(pool_max) or not 0 <= pool_min <= pool_max or pool_max < 1:
@@ -39,7 +47,10 @@ class PgStore(Store):
         self.url = url
         self.readonly = bool(readonly)
         self.token_block = token_block
-        self._db = Db(url, readonly=self.readonly, pool_min=pool_min, pool_max=pool_max)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < 3600:
+            raise ValueError(f"timeout must be a number of seconds in (0, 3600), got {timeout!r}")
+        # timeout: how long a call waits for a connection (the database down: it fails after that)
+        self._db = Db(url, readonly=self.readonly, pool_min=pool_min, pool_max=pool_max, timeout=timeout)
         self.where = self._db.where
         with self._db.connect() as conn:
             if self.readonly:
@@ -160,6 +171,19 @@ class PgStore(Store):
     def import_session(self, export: Export, new_id: str | None = None) -> SessionRecord:
         rec = check_import(export, new_id)
         return self._db.write("import", lambda tx: writes.import_checked(tx, rec, export))
+
+    # ---- leases ------------------------------------------------------------------------------
+
+    def acquire_lease(self, sid: str, owner: str, seconds: float) -> Lease:
+        _check_lease_args(sid, owner, seconds)
+        return self._db.write("acquire_lease", lambda tx: leases.acquire(tx, sid, owner, float(seconds)))
+
+    def renew_lease(self, lease: Lease, seconds: float) -> Lease:
+        _check_lease_args(lease.sid, lease.owner, seconds)
+        return self._db.write("renew_lease", lambda tx: leases.renew(tx, lease, float(seconds)))
+
+    def release_lease(self, lease: Lease) -> None:
+        self._db.write("release_lease", lambda tx: leases.release(tx, lease))
 
     # ---- export, integrity, maintenance ------------------------------------------------------
 
