@@ -34,3 +34,15 @@ class Cancelled(ServiceError):
 
 class DataLoss(ServiceError):
     code = "DATA_LOSS"
+
+
+class Aborted(ServiceError):
+    """Another replica serves the session (its lease is live): the message names it."""
+
+    code = "ABORTED"
+
+
+class Unavailable(ServiceError):
+    """The store cannot be reached right now; the call changed nothing and may be retried."""
+
+    code = "UNAVAILABLE"

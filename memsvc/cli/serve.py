@@ -42,13 +42,16 @@ from .common import store_option
 @click.option("--context", default=None, type=int,
               help="Tokens a session may hold, instead of the model's max_position_embeddings (past it the "
                    "model runs on positions it was not trained on; for benchmarks).")
+@click.option("--lease-seconds", default=30.0, show_default=True, type=float,
+              help="A store shared by replicas (PostgreSQL): the term of the lease this replica holds on each session "
+                   "in memory, renewed every third of it; another replica takes a session over once it expires.")
 @click.option("--log-rpcs/--no-log-rpcs", default=True, show_default=True,
               help="One JSON line per RPC on stderr (no conversation content).")
 def serve(host: str, port: int, store_spec: str, model: str | None, device: str, max_new_tokens: int, auth: str,
           api_keys_file: str | None, tls_cert: str | None, tls_key: str | None, metrics_port: int | None,
           metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
           max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, ttl: float,
-          block_cache: int, decoded_cache: int, context: int | None, log_rpcs: bool) -> None:
+          block_cache: int, decoded_cache: int, context: int | None, lease_seconds: float, log_rpcs: bool) -> None:
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
     from ..auth import KeyRing
     from ..limits import Limits
@@ -62,7 +65,8 @@ def serve(host: str, port: int, store_spec: str, model: str | None, device: str,
         _serve(host, port, data_dir=store_spec, model=model, device=device, max_new_tokens=max_new_tokens,
                log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget, ttl=ttl,
-               block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, context=context)
+               block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, context=context,
+               lease_seconds=lease_seconds)
     except ValueError as exc:
         raise click.ClickException(str(exc))
 

@@ -2,7 +2,8 @@
 sample and the log line (a mixin of `MemoryServicer`), and what one call did (`_Call`).
 
 The servicer is the only place that turns domain errors into gRPC status codes: a ServiceError names its
-code; a ValueError is bad input (INVALID_ARGUMENT); anything else is INTERNAL and logged.
+code; a ValueError is bad input (INVALID_ARGUMENT); the store unreachable is UNAVAILABLE; a session another
+replica serves (a lease held or lost) ABORTED; anything else is INTERNAL and logged.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from memsvc.proto import memsvc_pb2 as pb
+from memsvc.store.errors import LeaseHeld, LeaseLost, StoreUnavailable
 
 from ..auth import Tenant, bearer_key
 from ..errors import Cancelled, InvalidArgument, ServiceError
@@ -129,6 +131,10 @@ class Plumbing:
             code = _stopped(context)
         elif isinstance(exc, ServiceError):
             code = getattr(grpc.StatusCode, exc.code)
+        elif isinstance(exc, StoreUnavailable):  # the database is down: nothing changed, a retry may succeed
+            code = grpc.StatusCode.UNAVAILABLE
+        elif isinstance(exc, (LeaseLost, LeaseHeld)):  # another replica serves the session (named in the message)
+            code = grpc.StatusCode.ABORTED
         elif isinstance(exc, ValueError):
             code = grpc.StatusCode.INVALID_ARGUMENT
         else:

@@ -41,6 +41,7 @@ class _Live:
     resident_bytes: int = 0  # kv's, as last measured under the session's lock
     tier_tokens: dict[str, float] = field(default_factory=dict)
     tier_bytes: dict[str, int] = field(default_factory=dict)
+    epoch: int | None = None  # the fencing epoch of the lease held on it (None: the store needs no leases)
 
     def measure(self) -> None:
         """Caller holds the session's lock."""

@@ -53,6 +53,7 @@ from ..model import LoadedModel
 from ..repair import Unrepairable, recorded_feeds, repair_session
 from .expiry import Expiry
 from .generate import Generation
+from .leases import Leases
 from .live import Counters, SessionView, _Live
 from .turns import Turns
 
@@ -70,12 +71,13 @@ class SessionManager(Turns, Generation, Expiry):
     decoded_cache_bytes: bound of the one LRU of each tiered layer's last decoded cold keys and values, shared
     by every session (0 = none: each read decodes every block it picks; with it, a call decodes only the blocks
     the layer's previous call did not, such as a question's answer after the question, or a decode step after
-    the one before)."""
+    the one before). lease_seconds, lease_renew: leases on sessions in memory (memsvc.sessions.leases)."""
 
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
                  max_new_tokens: int = 4096, prefill_chunk: int = 512, block_cache_bytes: int = DEFAULT_BLOCK_CACHE,
                  resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0,
-                 decoded_cache_bytes: int = DEFAULT_DECODED_CACHE):
+                 decoded_cache_bytes: int = DEFAULT_DECODED_CACHE, lease_seconds: float = 30.0,
+                 lease_renew: bool = True):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
         for name, v in (("ttl", ttl), ("sweep_every", sweep_every)):
@@ -107,6 +109,7 @@ class SessionManager(Turns, Generation, Expiry):
         self._global = threading.Lock()
         self.ttl = float(ttl)
         self.on_expire: Callable[[SessionRecord], None] | None = None  # told of each expired session deleted
+        self.leases = Leases(store, lease_seconds, renew=lease_renew, resident=lambda: list(self._live))
         self._stop = threading.Event()
         if sweep_every:
             threading.Thread(target=self._sweep_loop, args=(float(sweep_every),), name="memsvc-ttl-sweep",
@@ -147,8 +150,9 @@ class SessionManager(Turns, Generation, Expiry):
         return rec
 
     def close(self) -> None:
-        """Stop the ttl sweep (the store is the caller's)."""
+        """Stop the ttl sweep, give the leases up (the store is the caller's)."""
         self._stop.set()
+        self.leases.close()
 
     def _load(self, sid: str) -> _Live:
         """The resident session, loading it from the store if needed (caller holds its lock)."""
@@ -156,12 +160,17 @@ class SessionManager(Turns, Generation, Expiry):
             live = self._live.get(sid)
             if live is not None:
                 self._live.move_to_end(sid)
+        if live is not None and not self.leases.keep(sid):  # lost to another replica, or an unsure commit
+            self._forget(sid)
+            live = None
         rec = live.record if live is not None else self._stored(sid)
         if self._expired(rec) and self._try_expire(sid, locked=True):
             raise self._gone(sid)
         if live is not None:
             return live
         self._check_model(rec)
+        epoch = self.leases.take(sid)  # Aborted, naming the owner, while another replica serves it
+        rec = rec if epoch is None else self._stored(sid)  # read again under the lease: the last owner's turns
         try:
             policy = record_policy(rec)
         except ValueError as exc:
@@ -186,7 +195,7 @@ class SessionManager(Turns, Generation, Expiry):
                 f"session {sid!r} is inconsistent: record says {rec.n_tokens} tokens, "
                 f"{len(tokens)} token ids and {kv.length} cached positions are stored"
             )
-        live = _Live(rec, tokens, kv, recorded_feeds(rec) if kv_len else [])
+        live = _Live(rec, tokens, kv, recorded_feeds(rec) if kv_len else [], epoch=epoch)
         live.measure()
         with self._global:
             self._live[sid] = live
@@ -236,6 +245,7 @@ class SessionManager(Turns, Generation, Expiry):
             live = self._live.pop(sid, None)
         if live is not None:
             live.kv.close()
+        self.leases.drop(sid)
         return live
 
     def _fit_budget(self) -> None:

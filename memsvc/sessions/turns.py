@@ -11,6 +11,7 @@ import time
 from typing import Sequence
 
 from memsvc.cache import DamagedBlock, run
+from memsvc.store.errors import LeaseLost, StoreUnavailable
 from memsvc.store.records import SessionRecord
 
 from .. import chat
@@ -105,11 +106,13 @@ class Turns:
                 extra.pop(FEEDS, None)
             rec = dataclasses.replace(live.record, messages=messages, updated=time.time(), extra=extra)
             stored = self.store.commit(rec, first_token=first_token, tokens=new_ids, blocks=ch.payloads,
-                                       block_tokens=ch.tokens, drop=ch.drop)
-        except BaseException:
+                                       block_tokens=ch.tokens, drop=ch.drop, epoch=live.epoch)
+        except BaseException as exc:
             live.kv.restore(snap)
             if live.feeds is not None:
                 del live.feeds[n_feeds:]
+            if isinstance(exc, (LeaseLost, StoreUnavailable)):  # another owner's now, or the commit may have landed
+                self.leases.stale(live.record.id)  # the next call loads it again from the store
             raise
         live.kv.committed()
         self._count(kv_entries_written=len(ch.payloads), kv_bytes_written=sum(len(v) for v in ch.payloads.values()))
