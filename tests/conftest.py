@@ -116,7 +116,7 @@ def running_server(data_dir: Path | str, model, **options):
     finally:
         client.close()
         server.stop(grace=None).wait()
-        server.store.close()
+        server.close()  # the manager (its leases given up), the metrics endpoint, the store
 
 
 @pytest.fixture

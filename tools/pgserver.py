@@ -4,6 +4,7 @@ free loopback port, stop and remove.
     server = PgServer.start(fsync=False)     # the contract tests' setting; durability tests keep fsync on
     url = server.create_database()            # postgresql://memsvc@127.0.0.1:PORT/db_1, a fresh database
     ...
+    server.stop(remove=False)                  # stops it, keeping its directory (server.start_again())
     server.stop()                              # stops it and removes its directory
 
 PostgreSQL refuses to run as root: run as root (CI, containers), the server runs as a dedicated system
@@ -88,6 +89,7 @@ class PgServer:
     owner: tuple[int, int] | None  # (uid, gid) it runs as; None: as the current user
     fsync: bool
     startup_seconds: float = 0.0
+    args: str = ""  # the postgres options it was started with (port included), for start_again
     _names: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
 
     @property
@@ -121,9 +123,8 @@ class PgServer:
                        **(settings or {})}
             for attempt in range(attempts):
                 server.port = free_port()
-                args = " ".join([f"-p {server.port}"] + [f"-c {k}={v}" for k, v in options.items()])
-                done = server._run([str(bindir / "pg_ctl"), "-D", str(server.data), "-l", str(server.log), "-w",
-                                    "-t", "60", "-o", args, "start"], check=False)
+                server.args = " ".join([f"-p {server.port}"] + [f"-c {k}={v}" for k, v in options.items()])
+                done = server._pg_ctl_start(check=False)
                 if done.returncode == 0:
                     break
                 log = server.log.read_text(errors="replace") if server.log.exists() else ""
@@ -135,6 +136,14 @@ class PgServer:
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
+
+    def _pg_ctl_start(self, check: bool) -> subprocess.CompletedProcess:
+        return self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                          "-o", self.args, "start"], check=check)
+
+    def start_again(self) -> None:
+        """Start a server stopped with stop(remove=False) again: same directory, port and settings."""
+        self._pg_ctl_start(check=True)
 
     def _run(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
         kw = {} if self.owner is None else {"user": self.owner[0], "group": self.owner[1], "extra_groups": []}

@@ -8,8 +8,9 @@ retried (the write is a function of its arguments). Every statement, BEGIN and C
 counted per op with the bytes of bytea values sent and received (`IoCounters`); a COPY of many rows is one.
 
 Errors: psycopg's become StoreError naming the database (without its password) and what to do; a database
-that cannot be reached (down, restarting, no connection free within `timeout`) StoreUnavailable, after which the
-pool drops its broken connections (reads are tried once more on a fresh one; a write is not, the caller may);
+that cannot be reached (down, restarting, no connection free within `timeout`) StoreUnavailable; after one,
+each call first probes the database with one connection (still down: StoreUnavailable at once; back: a fresh
+pool replaces the broken one), a read is tried once more, a write is not (the caller may retry it);
 StoreError("... closed") after close(), StoreError("... read-only") for a write on a read-only store.
 Knows psycopg and SQL statements; knows nothing about what the tables hold.
 """
@@ -140,8 +141,15 @@ class Db:
         self._cond = threading.Condition()
         self._running = 0
         self.closed = False
-        self.pool = ConnectionPool(self.conninfo, min_size=pool_min, max_size=pool_max, timeout=timeout,
-                                   kwargs={"autocommit": True}, open=False, name="memsvc-store")
+        self._sizes, self._timeout = (pool_min, pool_max), timeout
+        self._down = False  # a call found the database unreachable: the next ones probe it first
+        self._probe_lock = threading.Lock()
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ConnectionPool:
+        return ConnectionPool(self.conninfo, min_size=self._sizes[0], max_size=self._sizes[1], timeout=self._timeout,
+                              reconnect_timeout=max(self._timeout, 1.0), kwargs={"autocommit": True}, open=False,
+                              name="memsvc-store")
 
     def connect(self, timeout: float = 10.0) -> psycopg.Connection:
         """One connection outside the pool (for migrations), autocommit."""
@@ -196,32 +204,49 @@ class Db:
         return StoreError(f"the database {self.where} refused a statement: {type(exc).__name__}: "
                           f"{str(exc).strip()}")
 
-    def _drop_broken(self) -> None:
-        """After a connection failed: drop every idle connection that no longer works (the database restarted,
-        or is down), so the next call gets a fresh one (the pool reconnects in the background)."""
-        try:
-            self.pool.check()
-        except Exception:  # the pool is closing: nothing to keep
-            pass
+    def _pool(self) -> ConnectionPool:
+        """The pool to take a connection from. While the database is known down, one quick connection first
+        tells whether it is back: still down, StoreUnavailable at once (not after the pool's timeout); back, a
+        fresh pool replaces the old one, whose connections are broken and whose reconnection attempts are
+        backing off (it is closed aside)."""
+        if not self._down:
+            return self.pool
+        with self._probe_lock:
+            if self._down:
+                try:
+                    psycopg.connect(self.conninfo, autocommit=True).close()
+                except psycopg.Error as exc:
+                    raise self._failed(exc) from exc
+                old, self.pool = self.pool, self._new_pool()
+                self.pool.open(wait=False)
+                self._down = False
+                threading.Thread(target=old.close, kwargs={"timeout": 1.0}, name="memsvc-old-pool",
+                                 daemon=True).start()
+            return self.pool
+
+    def _lost(self, exc: BaseException) -> None:
+        if isinstance(exc, PoolTimeout) or unreachable(exc):
+            self._down = True
 
     def read(self, op: str, fn: Callable[[Tx], T]) -> T:
         self._enter()
         try:
             for attempt in (1, 2):
                 try:
-                    with self.pool.connection() as conn:
+                    with self._pool().connection() as conn:
                         return fn(Tx(conn, self.io, op))
                 except psycopg.OperationalError as exc:
                     if attempt == 2 or not unreachable(exc):
                         raise
-                    self._drop_broken()
+                    self._down = True  # a broken pooled connection: the retry probes, then uses a fresh pool
         except (psycopg.Error, PoolTimeout) as exc:
+            self._lost(exc)
             raise self._failed(exc) from exc
         finally:
             self._leave()
 
     def _transaction(self, op: str, fn: Callable[[Tx], T]) -> T:
-        with self.pool.connection() as conn:
+        with self._pool().connection() as conn:
             self.io.add(op, 1)  # BEGIN
             try:
                 with conn.transaction():
@@ -244,8 +269,7 @@ class Db:
                     time.sleep(0.01 * attempt)
                     attempt += 1
         except (psycopg.Error, PoolTimeout) as exc:
-            if unreachable(exc):
-                self._drop_broken()
+            self._lost(exc)
             raise self._failed(exc) from exc
         finally:
             self._leave()

@@ -16,8 +16,7 @@ def served(data_dir: Path, model, address: str = "127.0.0.1:0", **options):
         yield server, port
     finally:
         server.stop(grace=None).wait()
-        server.metrics.close()
-        server.store.close()
+        server.close()  # the manager (its leases given up), the metrics endpoint, the store
 
 
 def client(port: int, **kwargs):
