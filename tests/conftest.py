@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 # Triton kernels run on CPU through its interpreter. The switch must be set before triton is

@@ -22,7 +22,9 @@ from .common import DEFAULT_DATA_DIR
 @click.option("--metrics-port", default=None, type=int, help="Serve Prometheus /metrics on this port (0 picks one).")
 @click.option("--metrics-host", default=None, help="Address of the metrics endpoint (default: --host).")
 @click.option("--max-append-tokens", default=0, show_default=True, type=int, help="Per Append (0 = no limit).")
-@click.option("--max-session-tokens", default=0, show_default=True, type=int, help="Per session (0 = no limit).")
+@click.option("--max-session-tokens", default=1 << 20, show_default=True, type=int,
+              help="Tokens one session may hold (0 = no limit); sessions of the tiered policies outgrow the model's "
+                   "context, whose window bounds only what one step attends (full sessions stay within it).")
 @click.option("--max-request-bytes", default=16 << 20, show_default=True, type=int, help="Per request message.")
 @click.option("--max-sessions-per-tenant", default=0, show_default=True, type=int, help="0 = no limit.")
 @click.option("--max-bytes-per-tenant", default=0, show_default=True, type=int,
@@ -40,8 +42,9 @@ from .common import DEFAULT_DATA_DIR
               help="Bytes of decoded cold keys and values that stay in memory, each tiered layer's last read, one "
                    "LRU shared by every session: the next call decodes only the blocks that read did not (0 = none).")
 @click.option("--context", default=None, type=int,
-              help="Tokens a session may hold, instead of the model's max_position_embeddings (past it the "
-                   "model runs on positions it was not trained on; for benchmarks).")
+              help="The window one step attends, in positions, instead of the model's max_position_embeddings "
+                   "(a full session holds at most this many tokens; past the model's own context it runs on "
+                   "positions it was not trained on; for benchmarks and tests).")
 @click.option("--log-rpcs/--no-log-rpcs", default=True, show_default=True,
               help="One JSON line per RPC on stderr (no conversation content).")
 def serve(host: str, port: int, data_dir: str, model: str | None, device: str, max_new_tokens: int, auth: str,

@@ -65,11 +65,12 @@ class Turns:
             if not ids:
                 raise InvalidArgument("empty append: the content tokenizes to no tokens")
             total = live.record.n_tokens + len(ids)
-            if total > self.model.max_positions:
+            limit = live.kv.max_tokens()
+            if limit is not None and total > limit:
                 raise InvalidArgument(
                     f"appending {len(ids)} tokens would make session {sid!r} {total} tokens long, past the "
-                    f"model's context of {self.model.max_positions}; start a new session or fork a shorter one"
-                )
+                    f"model's context of {limit}, which a {live.record.policy!r} session attends whole; start a new "
+                    f"session or fork a shorter one (sessions of the tiered policies outgrow the context)")
             if admit is not None:
                 admit(live.record, len(ids))
             pending = live.tokens[-1:]  # fed now, with all new tokens but the last

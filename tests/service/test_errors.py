@@ -26,6 +26,7 @@ def seeded(tiny_server):
     client.create_session("s1", labels={"team": "a"})
     client.append("s1", messages=[{"role": "user", "content": "Hello there, how are you?"}])
     client.create_session("s2")
+    client.create_session("f1", policy="full")
     return client, server
 
 
@@ -66,8 +67,8 @@ def test_bad_calls_answer_with_codes_and_change_nothing(seeded):
     _fails(lambda: list(client.list_sessions(page_size=5000)), IA, "page_size")
     # generating from an empty session
     _fails(lambda: client.generate("s2", max_new_tokens=2), grpc.StatusCode.FAILED_PRECONDITION, "empty")
-    # past the model's context (the tiny model has 512 positions)
-    _fails(lambda: client.append("s1", tokens=[5] * 600), IA, "context")
+    # past the model's context (the tiny model has 512 positions), for a policy bounded by it
+    _fails(lambda: client.append("f1", tokens=[5] * 600), IA, "context")
 
     assert store.dump() == before
     s1 = client.get_session("s1")
