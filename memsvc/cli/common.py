@@ -65,11 +65,20 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _all_records(store, labels: dict | None = None) -> list:
-    recs, after = [], ""
+def _all_records(store, labels: dict | None = None) -> tuple[list, list]:
+    """(every record that reads back and matches labels, every damaged one as store.base.Damaged)."""
+    recs, damaged, after = [], [], ""
     while True:
-        page = store.list(after=after, limit=1000, labels=labels or None)
-        recs.extend(page)
+        page = store.list_page(after=after, limit=1000, labels=labels or None)
+        recs.extend(page.records)
+        damaged.extend(page.damaged)
         if len(page) < 1000:
-            return recs
-        after = page[-1].id
+            return recs, damaged
+        after = page.last
+
+
+def _damaged_note(damaged) -> str:
+    """What to do about damaged records, for the end of a listing."""
+    ids = ", ".join(d.id for d in damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+    return (f"{len(damaged)} damaged session record(s) ({ids}): `memsvc sessions verify` checks them, "
+            f"`memsvc sessions rm ID` deletes one")

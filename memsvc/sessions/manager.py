@@ -44,7 +44,7 @@ from memsvc.cache import (Backing, CheckedEntries, DamagedBlock, KVShape, get_po
                           policy_config, record_policy, POLICY_CONFIG)
 from memsvc.cache.tiered.blockcache import BlockCache
 from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing
-from memsvc.store.base import Store
+from memsvc.store.base import Damaged, Store
 from memsvc.store.records import SessionRecord
 
 from .. import chat
@@ -302,20 +302,21 @@ class SessionManager(Turns, Generation, Expiry):
         return SessionView(rec, False, default_ttl=self.ttl)
 
     def list(self, *, after: str = "", limit: int = 100, labels: dict[str, str] | None = None
-             ) -> tuple[list[SessionView], str]:
+             ) -> tuple[list[SessionView], list[Damaged], str]:
+        """(views, damaged, next page's `after` or ""): a session whose record is damaged does not fail the
+        listing; it is named in `damaged` (id, what failed), in id order, and counts in `limit`."""
         if not 0 <= limit <= 1000:
             raise InvalidArgument(f"page_size must be between 0 and 1000, got {limit}")
         limit = limit or 100
         while True:  # expired sessions go first, so that pages stay full
-            recs = self.store.list(after=after, limit=limit + 1, labels=labels or None)
-            if not sum(self._try_expire(rec.id) for rec in recs if self._expired(rec)):
+            page = self.store.list_page(after=after, limit=limit + 1, labels=labels or None)
+            if not sum(self._try_expire(rec.id) for rec in page.records if self._expired(rec)):
                 break
-        more = len(recs) > limit
-        recs = recs[:limit]
-        views = []
-        for rec in recs:
-            views.append(self._view(rec, self._live.get(rec.id)))
-        return views, (recs[-1].id if more else "")
+        ids = sorted([r.id for r in page.records] + [d.id for d in page.damaged])
+        cut = ids[limit - 1] if len(ids) > limit else None  # more to come: this page ends at cut
+        views = [self._view(rec, self._live.get(rec.id)) for rec in page.records if cut is None or rec.id <= cut]
+        damaged = [d for d in page.damaged if cut is None or d.id <= cut]
+        return views, damaged, cut or ""
 
     def resume(self, sid: str) -> SessionView:
         with self._using(sid) as live:
@@ -376,13 +377,13 @@ class SessionManager(Turns, Generation, Expiry):
         total: dict[str, float] = {}
         after = ""
         while True:
-            recs = self.store.list(after=after, limit=1000)
-            for rec in recs:
+            page = self.store.list_page(after=after, limit=1000)  # a damaged record counts nothing
+            for rec in page.records:
                 for tier, n in rec.extra.get("cache", {}).get("tier_tokens", {}).items():
                     total[tier] = total.get(tier, 0) + n
-            if len(recs) < 1000:
+            if len(page) < 1000:
                 return total
-            after = recs[-1].id
+            after = page.last
 
     def cold_cache(self) -> tuple[int, int]:
         """(hits, misses) of the shared cold block cache since the server started."""
