@@ -38,7 +38,8 @@ WORDS = "the river runs past old stone walls where merchants once traded salt co
 
 
 def flip(data: Path, sid: str, keys, rng: random.Random) -> None:
-    env = lmdb.open(str(data), max_dbs=8)
+    # room for the copy-on-write pages of the flips: the default map (10 MiB) is smaller than a large store
+    env = lmdb.open(str(data), max_dbs=8, map_size=2 * (data / "data.mdb").stat().st_size + (64 << 20))
     kv, blobs = env.open_db(b"kv"), env.open_db(b"blobs")
     with env.begin(write=True) as txn:
         for layer, index in keys:
@@ -61,12 +62,16 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", default=None, help="build in this (new) data dir and keep it, e.g. to try "
+                                                  "`memsvc sessions verify --repair` on a copy of session base")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
     rng = random.Random(args.seed)
-    data = Path(tempfile.mkdtemp(prefix="memsvc-repair-"))
+    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
+        ap.error(f"--keep {args.keep}: the directory is not empty; name a new one")
+    data = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="memsvc-repair-"))
     store = open_store(data)
     mgr = SessionManager(store, model, sweep_every=0)
     ids = model.tokenizer(" ".join(rng.choice(WORDS) for _ in range(args.tokens * 2)),
