@@ -90,7 +90,7 @@ def repair_session(store, model, sid: str, *, prefill_chunk: int = 512, force: b
     """Rebuild a session's damaged KV entries from its token ids and rewrite them (see the module's
     docstring). None when nothing is damaged (force: rebuild and compare anyway, e.g. after a read failed
     in a way the checks do not see). Unrepairable for a damaged record or token ids, or another model.
-    The caller keeps the session from changing meanwhile (the manager holds its lock; offline, nothing
+    The caller keeps the session from changing meanwhile (the manager holds the session; offline, nothing
     else writes)."""
     started = time.perf_counter()
     check = check or check_session(store, sid)

@@ -37,7 +37,7 @@ class Turns:
         given = [x for x in (messages, text, tokens) if x is not None]
         if len(given) != 1:
             raise InvalidArgument("append exactly one of: chat messages, text, token ids")
-        with self._using(sid) as live:
+        with self._using(sid, "an append") as live:
             new_messages = live.record.messages
             if messages is not None:
                 if not messages:
