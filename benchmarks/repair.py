@@ -3,7 +3,8 @@
 Builds a `tiered` session of --tokens tokens on the real model the way clients do (appends in pieces,
 committed replies), keeps an exported copy, then for each damage pattern flips one bit in --blocks stored
 entries, repairs the session (memsvc.repair.repair_session, as the server and `sessions verify --repair`
-do) and checks that the next greedy reply equals the copy's:
+do, with its progress on stderr: a bar on a terminal, lines otherwise) and checks that the next greedy reply
+equals the copy's:
     any    random entries (cold blocks and layer states: the whole log is replayed)
     cold   random cold blocks only (the replay stops once the last damaged block is made)
     early  the first cold block of --blocks layers (the replay stops early)
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from memsvc.cache.tiered.cache import STATE_INDEX  # noqa: E402
 from memsvc.model import load_model  # noqa: E402
+from memsvc.progress import Progress  # noqa: E402
 from memsvc.repair import check_session, repair_session  # noqa: E402
 from memsvc.sessions import GenerateParams, SessionManager  # noqa: E402
 from memsvc.store.open import open_store  # noqa: E402
@@ -105,7 +107,7 @@ def main() -> None:
         store = open_store(data)
         detected = len(check_session(store, sid).kv)
         cpu = time.process_time()
-        done = repair_session(store, model, sid)
+        done = repair_session(store, model, sid, progress=lambda n: Progress(f"repair {sid}", n, "tokens"))
         cpu = time.process_time() - cpu
         mgr = SessionManager(store, model, sweep_every=0)
         same = greedy(mgr, sid) == want

@@ -51,6 +51,7 @@ from memsvc.store.records import SessionRecord
 from .. import chat
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from ..model import LoadedModel
+from ..progress import Progress
 from ..repair import Unrepairable, recorded_feeds, repair_session
 from .expiry import Expiry
 from .generate import Generation
@@ -199,8 +200,14 @@ class SessionManager(Turns, Generation, Expiry):
         """Rebuild sid's damaged KV entries from its token ids and store them (the caller holds it; the
         session is not in memory). seen: the failure that sent us here. Returns the stored record;
         DataLoss when the session cannot be rebuilt."""
+        log.warning("session %s: %s; rebuilding its KV cache from its token ids", sid, seen or "damaged KV entries")
+
+        def progress(n: int) -> Progress:  # a line in the log every 10 s and at the end, with the time taken
+            return Progress(f"session {sid}: repair", n, "tokens", line=log.info, every=10.0)
+
         try:
-            done = repair_session(self.store, self.model, sid, prefill_chunk=self.prefill_chunk, force=True)
+            done = repair_session(self.store, self.model, sid, prefill_chunk=self.prefill_chunk, force=True,
+                                  progress=progress)
         except Unrepairable as exc:
             raise DataLoss(f"session {sid!r} is damaged and cannot be repaired: {exc}") from exc
         except CorruptRecord as exc:
