@@ -31,7 +31,7 @@ from ..logs import configure_rpc_log
 from ..metrics import Metrics
 from ..model import LoadedModel, load_model
 from ..sessions import SessionManager
-from .calls import SERVICE_NAME
+from .calls import SERVICE_NAME, WIRE_SLACK
 from .servicer import MemoryServicer
 
 log = logging.getLogger("memsvc.server")
@@ -117,7 +117,7 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
     servicer = MemoryServicer(manager, keys=api_keys if auth_on else None, limits=limits, metrics=metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memsvc"),
-        options=[("grpc.max_receive_message_length", limits.max_request_bytes),
+        options=[("grpc.max_receive_message_length", min(limits.max_request_bytes + WIRE_SLACK, 2**31 - 1)),
                  ("grpc.max_send_message_length", MAX_SEND_BYTES)],
     )
     server.add_generic_rpc_handlers((servicer.handler(),))

@@ -28,6 +28,7 @@ log = logging.getLogger("memsvc.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 SERVICE_NAME = SERVICE.full_name
 SCAN_PAGE = 1000
+WIRE_SLACK = 64 << 20  # bytes past --max-request-bytes that gRPC still receives, for the check in _parse to answer
 
 
 class Unauthenticated(ServiceError):
@@ -111,8 +112,14 @@ class Plumbing:
             raise Unauthenticated("the API key is not valid")
         return Tenant(tenant)
 
-    @staticmethod
-    def _parse(req_cls, raw: bytes, context: grpc.ServicerContext):
+    def _parse(self, req_cls, raw: bytes, context: grpc.ServicerContext):
+        limit = self.limits.max_request_bytes
+        if len(raw) > limit:  # gRPC lets WIRE_SLACK more through, so that this message, not its own, answers
+            raise LimitExceeded(
+                "max_request_bytes",
+                f"this {req_cls.__name__} is {len(raw)} bytes, over the limit of {limit} bytes per request message "
+                f"(the server's --max-request-bytes); split it into smaller calls, e.g. Appends of fewer messages "
+                f"or tokens")
         try:
             request = req_cls.FromString(raw)
         except (DecodeError, ValueError, RuntimeError) as exc:
