@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..progress import Progress
-from .common import DEFAULT_DATA_DIR, _open_store
+from .common import DEFAULT_DATA_DIR, _data_dir, _open_store
 
 
 @click.command("upgrade")
@@ -16,7 +16,13 @@ def sessions_upgrade(data_dir: str) -> None:
     session, and every record that does not keep its policy's settings gets the ones it is read with now
     (this memsvc's defaults), so that later defaults cannot change how it is read.
 
-    Stop the server first: nothing else may have the store open."""
+    Refused while a server (or another writer) holds the data dir: stop it first."""
+    with _data_dir(data_dir, "`memsvc sessions upgrade`"):
+        _upgrade(data_dir)
+
+
+def _upgrade(data_dir: str) -> None:
+    """The upgrade, while holding the data dir."""
     from memsvc.cache.upgrade import upgrade_session
     from memsvc.store.errors import StoreError
     from memsvc.store.lmdb import STORE_FORMAT, upgrade_store
@@ -103,7 +109,7 @@ def sessions_import(file: str, new_id: str | None, data_dir: str, model: str | N
             f"{file} holds a session of model {export.header.get('model_name')!r} (fingerprint {theirs[:12]}), "
             f"but the target model {model or 'default'!r} has fingerprint {ours[:12]}: a KV cache only works with "
             f"the model that made it; import it where that model is served (--model)")
-    with _open_store(data_dir, readonly=False) as store:
+    with _open_store(data_dir, readonly=False, writer="`memsvc sessions import`") as store:
         try:
             rec = store.import_session(export, new_id)
         except (StoreError, ValueError) as exc:

@@ -161,9 +161,9 @@ def _resident_line(rec, fp16: int) -> str:
 @click.argument("session_ids", nargs=-1, required=True)
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
 def sessions_rm(session_ids: tuple[str, ...], data_dir: str) -> None:
-    """Delete stored sessions (a running server keeps its in-memory copy until restart)."""
+    """Delete stored sessions. Refused while a server holds the data dir (delete through it: DeleteSession)."""
     missing = []
-    with _open_store(data_dir, readonly=False) as store:
+    with _open_store(data_dir, readonly=False, writer="`memsvc sessions rm`") as store:
         for sid in session_ids:
             if store.delete(sid):
                 click.echo(f"deleted {sid}")
@@ -227,8 +227,9 @@ def sessions_stats(data_dir: str, as_json: bool) -> None:
 def sessions_gc(data_dir: str, as_json: bool) -> None:
     """Remove KV blobs no session points to and entries of sessions without a record; fix reference counts.
 
-    Safe while a server runs (one write transaction). LMDB reuses the freed pages; the file does not shrink."""
-    with _open_store(data_dir, readonly=False) as store:
+    Refused while a server holds the data dir (stop it first). LMDB reuses the freed pages; the file does not
+    shrink."""
+    with _open_store(data_dir, readonly=False, writer="`memsvc sessions gc`") as store:
         out = store.gc()
     if as_json:
         click.echo(json.dumps(out))

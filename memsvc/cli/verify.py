@@ -14,7 +14,8 @@ from .common import DEFAULT_DATA_DIR, _open_store
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True)
 @click.option("--repair", is_flag=True,
               help="Rebuild damaged KV entries from the sessions' token ids with the model, and fix reference "
-                   "counts (gc). Stop the server first, or let it repair sessions itself as it meets them.")
+                   "counts (gc). Refused while a server holds the data dir: stop it first, or let it repair sessions "
+                   "itself as it meets them.")
 @click.option("--model", default=None, help="The sessions' model, for --repair (as for `serve`; default "
                                              "SmolLM2-135M-Instruct).")
 @click.option("--device", default="cpu", show_default=True)
@@ -29,7 +30,7 @@ def sessions_verify(session_ids: tuple[str, ...], data_dir: str, repair: bool, m
 
     loaded = None
     repairs, failures = [], {}
-    with _open_store(data_dir, readonly=not repair) as store:
+    with _open_store(data_dir, readonly=not repair, writer="`memsvc sessions verify --repair`") as store:
         try:
             known = store.session_ids()
             ids = list(session_ids) or known
