@@ -154,7 +154,18 @@ def _resident_line(rec, fp16: int) -> str:
     res = rec.extra.get("cache", {}).get("resident_bytes")
     if res is None or not rec.n_tokens:
         return "-"
-    return f"{res / rec.n_tokens:.0f} B ({fp16 / res:.1f}x smaller than fp16)" if res else "0 B"
+    if not res:
+        return "0 B"
+    return f"{res / rec.n_tokens:.0f} B ({_versus_fp16(fp16 / res)})"
+
+
+def _versus_fp16(ratio: float) -> str:
+    """fp16 bytes over these bytes, in words: never '1.0x smaller'."""
+    if ratio >= 1.05:
+        return f"{ratio:.1f}x smaller than fp16"
+    if ratio > 1 / 1.05:
+        return "about the size of an fp16 cache"
+    return f"{1 / ratio:.1f}x the size of an fp16 cache"
 
 
 @click.command("rm")
