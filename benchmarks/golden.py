@@ -41,7 +41,7 @@ def _serve(data_dir: Path, model):
 def _stop(server, client) -> None:
     client.close()
     server.stop(grace=None).wait()
-    server.store.close()
+    server.close()
 
 
 def run_turns(model, policies: list[str], n_tokens: int, chunk: int, new_tokens: int, data_dir: Path,

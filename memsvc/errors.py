@@ -34,3 +34,7 @@ class Cancelled(ServiceError):
 
 class DataLoss(ServiceError):
     code = "DATA_LOSS"
+
+
+class Aborted(ServiceError):
+    code = "ABORTED"

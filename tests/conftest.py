@@ -90,7 +90,7 @@ def running_server(data_dir: Path, model, **options):
     finally:
         client.close()
         server.stop(grace=None).wait()
-        server.store.close()
+        server.close()  # the manager, metrics endpoint, store and data dir lock
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import DEFAULT_DATA_DIR, _open_store
+from ..progress import Progress
+from .common import DEFAULT_DATA_DIR, _data_dir, _open_store
 
 
 @click.command("upgrade")
@@ -15,7 +16,13 @@ def sessions_upgrade(data_dir: str) -> None:
     session, and every record that does not keep its policy's settings gets the ones it is read with now
     (this memsvc's defaults), so that later defaults cannot change how it is read.
 
-    Stop the server first: nothing else may have the store open."""
+    Refused while a server (or another writer) holds the data dir: stop it first."""
+    with _data_dir(data_dir, "`memsvc sessions upgrade`"):
+        _upgrade(data_dir)
+
+
+def _upgrade(data_dir: str) -> None:
+    """The upgrade, while holding the data dir."""
     from memsvc.cache.upgrade import upgrade_session
     from memsvc.store.errors import StoreError
     from memsvc.store.lmdb import STORE_FORMAT, upgrade_store
@@ -28,14 +35,19 @@ def sessions_upgrade(data_dir: str) -> None:
             raise click.ClickException(str(exc))
     split = pinned = 0
     with _open_store(data_dir, readonly=False) as store:
-        for sid in store.session_ids():
+        ids = store.session_ids()
+        bar = Progress("upgrade", len(ids), "sessions")
+        for sid in ids:
             try:
                 done = upgrade_session(store, sid)
             except (StoreError, ValueError) as exc:
                 click.echo(f"session {sid!r} left as it is: {exc}", err=True)
                 continue
+            finally:
+                bar.advance(1)
             split += bool(done.entries)
             pinned += done.pinned
+        bar.finish()
     click.echo(f"{split} tiered session(s) rewrote their layer states in the current layout")
     click.echo(f"{pinned} record(s) now keep their policy's settings")
 
@@ -77,23 +89,32 @@ def sessions_import(file: str, new_id: str | None, data_dir: str, model: str | N
 
     from ..model import fingerprint, resolve_model
 
+    bar = Progress(f"import {file}", 3, "steps")
     try:
         export = read_export(file)
     except StoreError as exc:
+        bar.finish("failed")
         raise click.ClickException(str(exc))
+    bar.advance(1, "read and checked")
     try:
         ours = fingerprint(resolve_model(model))
     except (OSError, ValueError) as exc:
+        bar.finish("failed")
         raise click.ClickException(f"cannot fingerprint the model {model or 'default'!r}: {exc}")
     theirs = str(export.header.get("model_fingerprint", ""))
+    bar.advance(1, "model compared")
     if theirs != ours:
+        bar.finish("refused")
         raise click.ClickException(
             f"{file} holds a session of model {export.header.get('model_name')!r} (fingerprint {theirs[:12]}), "
             f"but the target model {model or 'default'!r} has fingerprint {ours[:12]}: a KV cache only works with "
             f"the model that made it; import it where that model is served (--model)")
-    with _open_store(data_dir, readonly=False) as store:
+    with _open_store(data_dir, readonly=False, writer="`memsvc sessions import`") as store:
         try:
             rec = store.import_session(export, new_id)
         except (StoreError, ValueError) as exc:
+            bar.finish("failed")
             raise click.ClickException(f"cannot import {file}: {exc}")
+    bar.advance(1)
+    bar.finish(f"stored as {rec.id}")
     click.echo(f"imported {rec.id} ({rec.n_tokens} tokens, {rec.stored_bytes} bytes) into {data_dir}")

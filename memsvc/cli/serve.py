@@ -41,6 +41,9 @@ from .common import DEFAULT_DATA_DIR
 @click.option("--decoded-cache", default=256 << 20, show_default=True, type=int,
               help="Bytes of decoded cold keys and values that stay in memory, each tiered layer's last read, one "
                    "LRU shared by every session: the next call decodes only the blocks that read did not (0 = none).")
+@click.option("--hold-wait", default=60.0, show_default=True, type=float,
+              help="Seconds a call waits for a session another call holds (calls on one session run one at a "
+                   "time, in arrival order); past it the call is refused with ABORTED (0 = refuse at once).")
 @click.option("--context", default=None, type=int,
               help="The window one step attends, in positions, instead of the model's max_position_embeddings "
                    "(a full session holds at most this many tokens; past the model's own context it runs on "
@@ -51,7 +54,7 @@ def serve(host: str, port: int, data_dir: str, model: str | None, device: str, m
           api_keys_file: str | None, tls_cert: str | None, tls_key: str | None, metrics_port: int | None,
           metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
           max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, ttl: float,
-          block_cache: int, decoded_cache: int, context: int | None, log_rpcs: bool) -> None:
+          block_cache: int, decoded_cache: int, hold_wait: float, context: int | None, log_rpcs: bool) -> None:
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
     from ..auth import KeyRing
     from ..limits import Limits
@@ -65,7 +68,8 @@ def serve(host: str, port: int, data_dir: str, model: str | None, device: str, m
         _serve(host, port, data_dir=data_dir, model=model, device=device, max_new_tokens=max_new_tokens,
                log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget, ttl=ttl,
-               block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, context=context)
+               block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, hold_wait=hold_wait,
+               context=context)
     except ValueError as exc:
         raise click.ClickException(str(exc))
 

@@ -69,9 +69,9 @@ class Generation:
         sent: list[list[int]] = []  # token ids of the chunks already streamed
         for _ in range(REPAIR_TRIES):
             try:
-                with self._using(sid) as live:
+                with self._using(sid, "a generate") as live:  # held until the stream ends or is cancelled
                     gen = self._generate_locked(live, p, budget, cancelled, admit)
-                    try:  # closed here, under the lock, however this generator ends
+                    try:  # closed here, while held, however this generator ends
                         for i, chunk in enumerate(gen):
                             if i < len(sent):  # streamed before a repair: the same reply must come again
                                 if chunk.token_ids != sent[i]:

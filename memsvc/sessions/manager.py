@@ -8,15 +8,16 @@ so no token is ever run through the model twice and no logits need storing.
 Every call that changes a session computes in memory first, then writes the
 new token ids, the touched KV blocks and the record in one store transaction;
 if anything fails the in-memory cache is cropped back, so a failed call leaves
-both memory and disk as they were. Calls on one session are serialized by a
-per-session lock; different sessions run concurrently over the shared model.
+both memory and disk as they were. Calls on one session take turns in arrival order
+(memsvc.sessions.hold: one holds the session, a call that would wait past `hold_wait`
+seconds is refused with ABORTED); different sessions run concurrently over the shared model.
 
 Sessions stay in memory between calls, within a byte budget: once the resident
 sessions hold more than `resident_budget` bytes, the least recently used idle
-ones (no call holds their lock) are dropped. Their state is already in the
+ones (no call holds them) are dropped. Their state is already in the
 store, so nothing is lost; the next call on such a session loads it again.
-Each session's resident bytes and tier tokens are measured by the thread that
-holds its lock (after a load, a commit and at the end of every call); the
+Each session's resident bytes and tier tokens are measured by the call that
+holds it (after a load, a commit and at the end of every call); the
 budget, views and metrics read those figures, never a cache another call is
 changing.
 
@@ -44,15 +45,17 @@ from memsvc.cache import (Backing, CheckedEntries, DamagedBlock, KVShape, get_po
                           policy_config, record_policy, POLICY_CONFIG)
 from memsvc.cache.tiered.blockcache import BlockCache
 from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing
-from memsvc.store.base import Store
+from memsvc.store.base import Damaged, Store
 from memsvc.store.records import SessionRecord
 
 from .. import chat
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from ..model import LoadedModel
+from ..progress import Progress
 from ..repair import Unrepairable, recorded_feeds, repair_session
 from .expiry import Expiry
 from .generate import Generation
+from .hold import DEFAULT_HOLD_WAIT, Holds, SessionBusy
 from .live import Counters, SessionView, _Live
 from .turns import Turns
 
@@ -75,7 +78,7 @@ class SessionManager(Turns, Generation, Expiry):
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
                  max_new_tokens: int = 4096, prefill_chunk: int = 512, block_cache_bytes: int = DEFAULT_BLOCK_CACHE,
                  resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0,
-                 decoded_cache_bytes: int = DEFAULT_DECODED_CACHE):
+                 decoded_cache_bytes: int = DEFAULT_DECODED_CACHE, hold_wait: float = DEFAULT_HOLD_WAIT):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
         for name, v in (("ttl", ttl), ("sweep_every", sweep_every)):
@@ -103,7 +106,7 @@ class SessionManager(Turns, Generation, Expiry):
         self.counters = Counters()
         self._counter_lock = threading.Lock()
         self._live: OrderedDict[str, _Live] = OrderedDict()  # least recently used first
-        self._locks: dict[str, threading.Lock] = {}
+        self.holds = Holds(hold_wait)  # one call per session at a time
         self._global = threading.Lock()
         self.ttl = float(ttl)
         self.on_expire: Callable[[SessionRecord], None] | None = None  # told of each expired session deleted
@@ -113,10 +116,6 @@ class SessionManager(Turns, Generation, Expiry):
                              daemon=True).start()
 
     # ---- bookkeeping -------------------------------------------------------------
-
-    def _lock(self, sid: str) -> threading.Lock:
-        with self._global:
-            return self._locks.setdefault(sid, threading.Lock())
 
     def _count(self, **deltas: int) -> None:
         with self._counter_lock:
@@ -151,7 +150,7 @@ class SessionManager(Turns, Generation, Expiry):
         self._stop.set()
 
     def _load(self, sid: str) -> _Live:
-        """The resident session, loading it from the store if needed (caller holds its lock)."""
+        """The resident session, loading it from the store if needed (the caller holds it)."""
         with self._global:
             live = self._live.get(sid)
             if live is not None:
@@ -191,18 +190,24 @@ class SessionManager(Turns, Generation, Expiry):
         with self._global:
             self._live[sid] = live
         self._count(loads=1)
-        self._fit_budget()  # this session is locked: room is made among the others
+        self._fit_budget()  # this session is held: room is made among the others
         return live
 
     def _read_kv(self, policy, rec: SessionRecord, kv_len: int):
         return load_cache(policy, self.shape, rec.layout, kv_len, self._backing(rec.id))
 
     def _repair(self, sid: str, seen: BaseException | None = None) -> SessionRecord:
-        """Rebuild sid's damaged KV entries from its token ids and store them (caller holds its lock; the
+        """Rebuild sid's damaged KV entries from its token ids and store them (the caller holds it; the
         session is not in memory). seen: the failure that sent us here. Returns the stored record;
         DataLoss when the session cannot be rebuilt."""
+        log.warning("session %s: %s; rebuilding its KV cache from its token ids", sid, seen or "damaged KV entries")
+
+        def progress(n: int) -> Progress:  # a line in the log every 10 s and at the end, with the time taken
+            return Progress(f"session {sid}: repair", n, "tokens", line=log.info, every=10.0)
+
         try:
-            done = repair_session(self.store, self.model, sid, prefill_chunk=self.prefill_chunk, force=True)
+            done = repair_session(self.store, self.model, sid, prefill_chunk=self.prefill_chunk, force=True,
+                                  progress=progress)
         except Unrepairable as exc:
             raise DataLoss(f"session {sid!r} is damaged and cannot be repaired: {exc}") from exc
         except CorruptRecord as exc:
@@ -215,14 +220,15 @@ class SessionManager(Turns, Generation, Expiry):
 
     def _repair_after(self, sid: str, exc: DamagedBlock) -> None:
         """A call met a damaged block and was rolled back: drop the session from memory and repair it."""
-        with self._lock(sid):
+        with self.holds.hold(sid, "a repair"):
             self._forget(sid)
             self._repair(sid, exc)
 
     @contextlib.contextmanager
-    def _using(self, sid: str) -> Iterator[_Live]:
-        """The session in memory under its lock; afterwards it is measured and the budget enforced."""
-        with self._lock(sid):
+    def _using(self, sid: str, what: str) -> Iterator[_Live]:
+        """The session in memory, held by this call (what: e.g. "an append"); afterwards it is measured and the
+        budget enforced."""
+        with self.holds.hold(sid, what):
             live = self._load(sid)
             try:
                 yield live
@@ -231,7 +237,7 @@ class SessionManager(Turns, Generation, Expiry):
         self._fit_budget()
 
     def _forget(self, sid: str) -> _Live | None:
-        """Drop a session from memory, and its blocks from the block cache (caller holds its lock)."""
+        """Drop a session from memory, and its blocks from the block cache (the caller holds it)."""
         with self._global:
             live = self._live.pop(sid, None)
         if live is not None:
@@ -250,13 +256,11 @@ class SessionManager(Turns, Generation, Expiry):
         for sid in order:
             if total <= self.resident_budget:
                 return
-            lock = self._lock(sid)
-            if not lock.acquire(blocking=False):
-                continue  # a call is using it
             try:
-                live = self._forget(sid)
-            finally:
-                lock.release()
+                with self.holds.hold(sid, "an unload", wait=0):
+                    live = self._forget(sid)
+            except SessionBusy:
+                continue  # a call is using it
             if live is not None:
                 total -= live.resident_bytes
                 self._count(unloads=1)
@@ -283,7 +287,7 @@ class SessionManager(Turns, Generation, Expiry):
             )
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
-        with self._lock(sid):
+        with self.holds.hold(sid, "a create"):
             try:
                 return self.store.create(rec)
             except SessionExists as exc:
@@ -302,29 +306,30 @@ class SessionManager(Turns, Generation, Expiry):
         return SessionView(rec, False, default_ttl=self.ttl)
 
     def list(self, *, after: str = "", limit: int = 100, labels: dict[str, str] | None = None
-             ) -> tuple[list[SessionView], str]:
+             ) -> tuple[list[SessionView], list[Damaged], str]:
+        """(views, damaged, next page's `after` or ""): a session whose record is damaged does not fail the
+        listing; it is named in `damaged` (id, what failed), in id order, and counts in `limit`."""
         if not 0 <= limit <= 1000:
             raise InvalidArgument(f"page_size must be between 0 and 1000, got {limit}")
         limit = limit or 100
         while True:  # expired sessions go first, so that pages stay full
-            recs = self.store.list(after=after, limit=limit + 1, labels=labels or None)
-            if not sum(self._try_expire(rec.id) for rec in recs if self._expired(rec)):
+            page = self.store.list_page(after=after, limit=limit + 1, labels=labels or None)
+            if not sum(self._try_expire(rec.id) for rec in page.records if self._expired(rec)):
                 break
-        more = len(recs) > limit
-        recs = recs[:limit]
-        views = []
-        for rec in recs:
-            views.append(self._view(rec, self._live.get(rec.id)))
-        return views, (recs[-1].id if more else "")
+        ids = sorted([r.id for r in page.records] + [d.id for d in page.damaged])
+        cut = ids[limit - 1] if len(ids) > limit else None  # more to come: this page ends at cut
+        views = [self._view(rec, self._live.get(rec.id)) for rec in page.records if cut is None or rec.id <= cut]
+        damaged = [d for d in page.damaged if cut is None or d.id <= cut]
+        return views, damaged, cut or ""
 
     def resume(self, sid: str) -> SessionView:
-        with self._using(sid) as live:
+        with self._using(sid, "a resume") as live:
             self._count(resumes=1)
         return self._view(live.record, live)
 
     def fork(self, sid: str, new_sid: str = "", labels: dict[str, str] | None = None) -> SessionRecord:
         new_sid = new_sid or uuid.uuid4().hex
-        with self._lock(sid):
+        with self.holds.hold(sid, "a fork"):
             src = self._stored(sid)
             if self._expired(src) and self._try_expire(sid, locked=True):
                 raise self._gone(sid)
@@ -344,7 +349,7 @@ class SessionManager(Turns, Generation, Expiry):
                 raise NotFound(f"no session {sid!r}") from exc
 
     def delete(self, sid: str) -> None:
-        with self._lock(sid):
+        with self.holds.hold(sid, "a delete"):
             if not self.store.delete(sid):
                 raise NotFound(f"no session {sid!r}")
             self._forget(sid)
@@ -376,13 +381,13 @@ class SessionManager(Turns, Generation, Expiry):
         total: dict[str, float] = {}
         after = ""
         while True:
-            recs = self.store.list(after=after, limit=1000)
-            for rec in recs:
+            page = self.store.list_page(after=after, limit=1000)  # a damaged record counts nothing
+            for rec in page.records:
                 for tier, n in rec.extra.get("cache", {}).get("tier_tokens", {}).items():
                     total[tier] = total.get(tier, 0) + n
-            if len(recs) < 1000:
+            if len(page) < 1000:
                 return total
-            after = recs[-1].id
+            after = page.last
 
     def cold_cache(self) -> tuple[int, int]:
         """(hits, misses) of the shared cold block cache since the server started."""

@@ -37,12 +37,17 @@ class Turns:
         given = [x for x in (messages, text, tokens) if x is not None]
         if len(given) != 1:
             raise InvalidArgument("append exactly one of: chat messages, text, token ids")
-        with self._using(sid) as live:
+        if messages is not None:  # refused before waiting for the session
+            if not messages:
+                raise InvalidArgument("empty append: no chat messages given")
+            msgs = [{"role": m.get("role"), "content": m.get("content", "")} for m in messages]
+            try:
+                chat.check_messages(self.model.tokenizer, msgs)
+            except chat.TemplateError as exc:
+                raise InvalidArgument(str(exc)) from exc
+        with self._using(sid, "an append") as live:
             new_messages = live.record.messages
             if messages is not None:
-                if not messages:
-                    raise InvalidArgument("empty append: no chat messages given")
-                msgs = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
                 try:
                     ids = chat.continuation_ids(self.model.tokenizer, live.record.messages, msgs)
                 except chat.TemplateError as exc:

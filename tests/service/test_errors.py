@@ -121,3 +121,29 @@ def test_a_failed_store_write_rolls_the_session_back(seeded, monkeypatch):
     assert client.get_session("s1").tokens == before_tokens
     # the in-memory cache was cropped back: the session answers exactly as before
     assert client.generate_text("s1", max_new_tokens=6).token_ids == expected
+
+
+def test_chat_roles_and_empty_content_are_checked_against_the_template(seeded):
+    from types import SimpleNamespace
+
+    from memsvc.chat import template_roles
+
+    client, server = seeded
+    before = server.store.dump()
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    roles = "'system', 'user', 'assistant'"
+    _fails(lambda: client.append("s1", messages=[{"role": "wizard", "content": "Abracadabra."}]), IA,
+           "chat message 0 has role 'wizard'", f"this model's chat template takes the roles {roles}")
+    _fails(lambda: client.append("s1", messages=[{"role": "user", "content": "fine"}, {"role": "", "content": "x"}]),
+           IA, "chat message 1 has role ''")
+    _fails(lambda: client.append("s1", messages=[{"role": "tool", "content": "42"}]), IA, "role 'tool'")  # SmolLM2's
+    for empty in ("", "  \n"):
+        _fails(lambda: client.append("s1", messages=[{"role": "user", "content": empty}]), IA,
+               "chat message 0 (role 'user') is empty: a message needs some content")
+    assert server.store.dump() == before  # refused: nothing stored
+    got = client.append("s1", messages=[{"role": "system", "content": "Be brief."},
+                                        {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Hi"}])
+    assert len(got.token_ids) > 0
+    tools = SimpleNamespace(chat_template="{% if message['role'] == 'tool' %}<tool_response>{% endif %}")
+    assert template_roles(tools) == ("system", "user", "assistant", "tool")
+    assert template_roles(SimpleNamespace(chat_template=None)) == ("system", "user", "assistant")
