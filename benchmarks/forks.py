@@ -95,8 +95,7 @@ def main() -> None:
         finally:
             c.close()
             server.stop(grace=None).wait()
-            server.metrics.close()
-            store.close()
+            server.close()
     copy_bytes = args.forks * orig.bytes_stored  # what full copies would have added
     rows = [
         ("original session", base["total_bytes"], f"{orig.tokens} tokens, {base['blobs']} KV blobs, "

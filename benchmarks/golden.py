@@ -41,7 +41,7 @@ def _serve(data_dir: Path, model):
 def _stop(server, client) -> None:
     client.close()
     server.stop(grace=None).wait()
-    server.close()  # the manager (its leases given up), the metrics endpoint, the store
+    server.close()  # the manager (its leases given up), the metrics endpoint, the store and data dir lock
 
 
 def run_turns(model, policies: list[str], n_tokens: int, chunk: int, new_tokens: int, data_dir: Path,

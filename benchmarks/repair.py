@@ -3,7 +3,8 @@
 Builds a `tiered` session of --tokens tokens on the real model the way clients do (appends in pieces,
 committed replies), keeps an exported copy, then for each damage pattern flips one bit in --blocks stored
 entries, repairs the session (memsvc.repair.repair_session, as the server and `sessions verify --repair`
-do) and checks that the next greedy reply equals the copy's:
+do, with its progress on stderr: a bar on a terminal, lines otherwise) and checks that the next greedy reply
+equals the copy's:
     any    random entries (cold blocks and layer states: the whole log is replayed)
     cold   random cold blocks only (the replay stops once the last damaged block is made)
     early  the first cold block of --blocks layers (the replay stops early)
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from memsvc.cache.tiered.cache import STATE_INDEX  # noqa: E402
 from memsvc.model import load_model  # noqa: E402
+from memsvc.progress import Progress  # noqa: E402
 from memsvc.repair import check_session, repair_session  # noqa: E402
 from memsvc.sessions import GenerateParams, SessionManager  # noqa: E402
 from memsvc.store.open import open_store  # noqa: E402
@@ -38,7 +40,8 @@ WORDS = "the river runs past old stone walls where merchants once traded salt co
 
 
 def flip(data: Path, sid: str, keys, rng: random.Random) -> None:
-    env = lmdb.open(str(data), max_dbs=8)
+    # room for the copy-on-write pages of the flips: the default map (10 MiB) is smaller than a large store
+    env = lmdb.open(str(data), max_dbs=8, map_size=2 * (data / "data.mdb").stat().st_size + (64 << 20))
     kv, blobs = env.open_db(b"kv"), env.open_db(b"blobs")
     with env.begin(write=True) as txn:
         for layer, index in keys:
@@ -61,12 +64,16 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", default=None, help="build in this (new) data dir and keep it, e.g. to try "
+                                                  "`memsvc sessions verify --repair` on a copy of session base")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
     rng = random.Random(args.seed)
-    data = Path(tempfile.mkdtemp(prefix="memsvc-repair-"))
+    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
+        ap.error(f"--keep {args.keep}: the directory is not empty; name a new one")
+    data = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="memsvc-repair-"))
     store = open_store(data)
     mgr = SessionManager(store, model, sweep_every=0)
     ids = model.tokenizer(" ".join(rng.choice(WORDS) for _ in range(args.tokens * 2)),
@@ -100,7 +107,7 @@ def main() -> None:
         store = open_store(data)
         detected = len(check_session(store, sid).kv)
         cpu = time.process_time()
-        done = repair_session(store, model, sid)
+        done = repair_session(store, model, sid, progress=lambda n: Progress(f"repair {sid}", n, "tokens"))
         cpu = time.process_time() - cpu
         mgr = SessionManager(store, model, sweep_every=0)
         same = greedy(mgr, sid) == want

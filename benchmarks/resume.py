@@ -45,7 +45,7 @@ def _server(data: Path, model):
 def _stop(server, client):
     client.close()
     server.stop(grace=None).wait()
-    server.store.close()
+    server.close()
 
 
 def main() -> None:

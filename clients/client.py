@@ -132,12 +132,17 @@ class MemoryClient:
     def get_session(self, session_id: str) -> pb.Session:
         return self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
 
-    def list_sessions(self, *, page_size: int = 100, labels: Mapping[str, str] | None = None) -> Iterator[pb.Session]:
+    def list_sessions(self, *, page_size: int = 100, labels: Mapping[str, str] | None = None,
+                      damaged: list | None = None) -> Iterator[pb.Session]:
+        """Every session, page by page. damaged: a list that gets the `DamagedSession` (id, reason) of each
+        session whose stored record is damaged (those are not in the sessions yielded)."""
         token = ""
         while True:
             resp = self._stub.ListSessions(
                 pb.ListSessionsRequest(page_size=page_size, page_token=token, labels=dict(labels or {})),
                 **self._kw())
+            if damaged is not None:
+                damaged.extend(resp.damaged)
             yield from resp.sessions
             token = resp.next_page_token
             if not token:
@@ -212,13 +217,15 @@ class AsyncMemoryClient:
     async def get_session(self, session_id: str) -> pb.Session:
         return await self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
 
-    async def list_sessions(self, *, page_size: int = 100, labels: Mapping[str, str] | None = None
-                            ) -> list[pb.Session]:
+    async def list_sessions(self, *, page_size: int = 100, labels: Mapping[str, str] | None = None,
+                            damaged: list | None = None) -> list[pb.Session]:
         out, token = [], ""
         while True:
             resp = await self._stub.ListSessions(
                 pb.ListSessionsRequest(page_size=page_size, page_token=token, labels=dict(labels or {})),
                 **self._kw())
+            if damaged is not None:
+                damaged.extend(resp.damaged)
             out.extend(resp.sessions)
             token = resp.next_page_token
             if not token:

@@ -55,13 +55,36 @@ class ChatFormat:
         return cls(True, tuple(encode_text(tokenizer, full[at + len(marker):])))
 
 
+BASE_ROLES = ("system", "user", "assistant")
+
+
+def template_roles(tokenizer) -> tuple[str, ...]:
+    """The roles a chat message may have: system, user and assistant, and tool when the model's chat template
+    speaks of tools (templates that render tool results do)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates
+        template = " ".join(str(v) for v in template.values())
+    return BASE_ROLES + (("tool",) if "tool" in str(template) else ())
+
+
+def check_messages(tokenizer, new: list[dict]) -> None:
+    """TemplateError unless every message has a role the template takes and some content."""
+    roles = template_roles(tokenizer)
+    for i, m in enumerate(new):
+        role = m.get("role")
+        if role not in roles:
+            raise TemplateError(f"chat message {i} has role {role!r}; this model's chat template takes the roles "
+                                f"{', '.join(repr(r) for r in roles)}")
+        content = m.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise TemplateError(f"chat message {i} (role {role!r}) is empty: a message needs some content")
+
+
 def continuation_ids(tokenizer, previous: list[dict], new: list[dict]) -> list[int]:
     """Token ids that render `new` after `previous` (the conversation so far)."""
     if not new:
         raise TemplateError("no messages to append")
-    for m in new:
-        if not isinstance(m.get("role"), str) or not m["role"].strip():
-            raise TemplateError("every chat message needs a role (e.g. 'user')")
+    check_messages(tokenizer, new)
     before = _render(tokenizer, previous, add_generation_prompt=False)
     after = _render(tokenizer, previous + new, add_generation_prompt=False)
     if not after.startswith(before):

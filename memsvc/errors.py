@@ -37,7 +37,8 @@ class DataLoss(ServiceError):
 
 
 class Aborted(ServiceError):
-    """Another replica serves the session (its lease is live): the message names it."""
+    """The session is held: by another call past --hold-wait, or by another replica (its lease is live); the
+    message names the holder."""
 
     code = "ABORTED"
 

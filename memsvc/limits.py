@@ -22,7 +22,7 @@ from .errors import ResourceExhausted
 @dataclass(frozen=True)
 class Limits:
     max_append_tokens: int = 0        # tokens one Append may add
-    max_session_tokens: int = 0       # tokens one session may hold (Append and committed Generate)
+    max_session_tokens: int = 1 << 20  # tokens one session may hold (Append and committed Generate; 0 = no limit)
     max_request_bytes: int = 16 << 20  # one serialized request message (gRPC refuses larger ones)
     max_sessions_per_tenant: int = 0
     max_bytes_per_tenant: int = 0     # stored bytes of all of a tenant's sessions

@@ -52,10 +52,11 @@ store's plain data types.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from .archive import Export
+from .errors import CorruptRecord
 from .records import SessionRecord
 
 KVKey = tuple[int, int]  # (layer, index)
@@ -69,6 +70,30 @@ class Lease:
     owner: str
     epoch: int
     seconds_left: float
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A stored session whose record does not read back: its id and what failed."""
+
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of `Store.list_page`: the records that read back, and the damaged ones, each in id order."""
+
+    records: list[SessionRecord] = field(default_factory=list)
+    damaged: list[Damaged] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.damaged)
+
+    @property
+    def last(self) -> str:
+        """The last id of the page (records and damaged ones alike): the next page's `after`; "" if empty."""
+        return max([r.id for r in self.records] + [d.id for d in self.damaged], default="")
 
 
 class Store(ABC):
@@ -108,6 +133,35 @@ class Store(ABC):
         """Up to `limit` records with id > `after` (which need not exist), in id order (bytewise, as
         str order for our ids), whose labels include every item of `labels`. Page with after = the
         last id returned. ValueError for limit < 0; CorruptRecord when a damaged record is met."""
+
+    def list_page(self, after: str = "", limit: int = 100, labels: Mapping[str, str] | None = None) -> Page:
+        """As list(), except that a damaged record does not stop it: the page holds up to `limit` sessions
+        with id > `after`, in id order, those whose record reads back (and matches `labels`) in `records`,
+        those whose record is damaged in `damaged` (whatever `labels` asks: their labels cannot be read),
+        both counted in `limit`. Page on with after = page.last. ValueError as list().
+
+        This default calls list(), and only when that meets damage reads the ids after `after` one by one
+        (session_ids, get); a backend may override it with one pass in one snapshot."""
+        try:
+            return Page(self.list(after=after, limit=limit, labels=labels))
+        except CorruptRecord:
+            pass
+        wanted = dict(labels or {})
+        records: list[SessionRecord] = []
+        damaged: list[Damaged] = []
+        for sid in self.session_ids():
+            if len(records) + len(damaged) >= limit:
+                break
+            if sid <= after:
+                continue
+            try:
+                rec = self.get(sid)
+            except CorruptRecord as exc:
+                damaged.append(Damaged(sid, str(exc)))
+                continue
+            if rec is not None and all(rec.labels.get(k) == v for k, v in wanted.items()):
+                records.append(rec)
+        return Page(records, damaged)
 
     @abstractmethod
     def session_ids(self) -> list[str]:

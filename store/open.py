@@ -67,6 +67,31 @@ def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
     return ("lmdb", m.group(2)) if scheme == "lmdb" else ("postgresql", spec)
 
 
+def _lmdb_path(spec: str | os.PathLike) -> str | None:
+    """The data dir an LMDB spec names (None: another backend's spec, or not a spec)."""
+    if isinstance(spec, os.PathLike):
+        return os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        return None
+    m = _SCHEME.fullmatch(spec)
+    if m is None:
+        return spec
+    return m.group(2) if m.group(1).lower() == "lmdb" and m.group(2) else None
+
+
+def claim(spec: str | os.PathLike, who: str, *, create: bool = True):
+    """Have the data dir `spec` names to oneself (a server, an offline writer): a lock to release() when done,
+    DataDirBusy (a StoreError naming the holder) when another one has it. None for a store that is not a data
+    dir (a database shared by servers has leases of its own), and, without create, for a dir that does not
+    exist (open_store then says so)."""
+    path = _lmdb_path(spec)
+    if path is None or not (create or os.path.isdir(path)):
+        return None
+    from .lmdb.dirlock import DirLock
+
+    return DirLock(path, who)
+
+
 def open_store(spec: str | os.PathLike, *, readonly: bool = False) -> Store:
     """The store `spec` names: a path (str or os.PathLike) or `lmdb://path` opens that LMDB data dir.
     ValueError for an unknown scheme or an empty spec; StoreError when the backend cannot open it."""

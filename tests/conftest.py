@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -116,7 +115,7 @@ def running_server(data_dir: Path | str, model, **options):
     finally:
         client.close()
         server.stop(grace=None).wait()
-        server.close()  # the manager (its leases given up), the metrics endpoint, the store
+        server.close()  # the manager (its leases given up), the metrics endpoint, the store and data dir lock
 
 
 @pytest.fixture

@@ -79,7 +79,9 @@ def test_show_reports_resident_and_stored_bytes_per_token_and_tiers(tmp_path, ti
         assert tiers["sink"] == 4 and tiers["warm"] > 0 and sum(tiers.values()) == pytest.approx(449)
     out = CliRunner().invoke(main, ["sessions", "show", "t", "--data-dir", str(data)])
     assert out.exit_code == 0, out.output
-    assert "resident / token" in out.output and "smaller than fp16" in out.output and "warm" in out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("resident / token"))
+    assert re.fullmatch(r"resident / token +\d+ B \(1\.2x the size of an fp16 cache\)", line), line  # fp32 hot tokens
+    assert "warm" in out.output
     doc = json.loads(CliRunner().invoke(main, ["sessions", "show", "t", "--data-dir", str(data), "--json"]).output)
     assert doc["tier_tokens"]["sink"] == 4 and doc["resident_bytes_per_token"] > 0
 
@@ -193,3 +195,24 @@ def test_upgrade_command(tmp_path):
         pass
     out = _cli("sessions", "upgrade", "--data-dir", str(tmp_path / "d"))
     assert "0 tiered session(s)" in out.output  # format 1: tests/store/test_sharing.py; states: test_paged_state
+
+
+def test_show_says_plainly_when_a_session_is_not_compressed(tmp_path, tiny_model):
+    from memsvc.cli.sessions import _versus_fp16
+
+    data = tmp_path / "data"
+    with running_server(data, tiny_model) as (client, _):
+        client.create_session("f", policy="full")
+        client.append("f", tokens=list(range(10, 110)))
+    out = _cli("sessions", "show", "f", "--data-dir", str(data)).output
+    line = next(x for x in out.splitlines() if x.startswith("resident / token"))
+    assert line.endswith(" B (2.0x the size of an fp16 cache)")  # the tiny model keeps fp32
+    assert _versus_fp16(4.26) == "4.3x smaller than fp16"
+    assert _versus_fp16(1.0) == _versus_fp16(1.04) == "about the size of an fp16 cache"  # never "1.0x smaller"
+
+
+def test_version():
+    from importlib.metadata import version
+
+    out = _cli("--version")
+    assert out.output == f"memsvc {version('memsvc')}\n"

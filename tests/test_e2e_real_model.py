@@ -21,7 +21,7 @@ import pytest
 
 from memsvc.chat import generation_prompt_ids
 from memsvc.clients.client import MemoryClient
-from memsvc.corpus import haystack_tokens, passkey_prompt
+from memsvc.corpus import passkey_prompt
 
 PASSKEY = "71432"
 ANSWER_PREFIX = "The pass key is"  # the classic passkey task prefixes the answer

@@ -12,7 +12,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"memsvc": "memsvc", "store": "memsvc.store", "kernels": "memsvc.kernels",

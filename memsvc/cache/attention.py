@@ -80,8 +80,16 @@ def _softcapped_attention(query, key, value, attention_mask, scaling, softcap: f
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
+def memsvc_mask(*args, **kwargs):
+    """The SDPA mask, except while a tiered cache is active: its layers mask by position themselves, and a mask
+    over a long session's every position (queries x tokens) would cost more than the step."""
+    if _ACTIVE.get() is not None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(NAME, memsvc_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionMaskInterface.register(NAME, memsvc_mask)
 
 
 def use_memsvc_attention(model) -> None:

@@ -20,27 +20,36 @@ from typing import Protocol
 
 import torch
 
+from .rope import Rope
+
 Key = tuple[int, int]  # (layer, index) of a KV entry
 
 
 @dataclass(frozen=True)
 class KVShape:
-    """What a model's caches hold per token: layers x KV heads x head dim, in dtype, on device."""
+    """What a model's caches hold per token: layers x KV heads x head dim, in dtype, on device; and what one
+    step may attend: `window` positions (the model's context; 0 = unknown) under its `rope` (None: positions
+    that cannot be moved, so a session stays within the window)."""
 
     layers: int
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    window: int = 0
+    rope: Rope | None = None
 
     def __post_init__(self):
         if min(self.layers, self.kv_heads, self.head_dim) < 1:
             raise ValueError(f"a KV shape needs layers, kv_heads and head_dim >= 1, got {self}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0 (0 = unknown), got {self.window}")
 
     @classmethod
     def of(cls, model) -> "KVShape":
         """The shape of a LoadedModel's caches."""
-        return cls(model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, torch.device(model.device))
+        return cls(model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, torch.device(model.device),
+                   model.max_positions, Rope.of(model.model))
 
     @property
     def fp16_bytes_per_token(self) -> int:
@@ -140,3 +149,7 @@ class SessionCache(Protocol):
 
     def layout(self) -> dict:
         """What a record keeps to load the cache again (layers, heads, dims, dtype, block size, form)."""
+
+    def max_tokens(self) -> int | None:
+        """The most tokens the session can hold (the model's window for a cache that attends all it holds at
+        their own positions), or None when only the store bounds it."""

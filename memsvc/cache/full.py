@@ -91,6 +91,9 @@ class FullCache(DynamicCache):
     def stats(self) -> dict[str, int]:
         return {}
 
+    def max_tokens(self) -> int | None:
+        return self.shape.window or None  # it attends every token it holds, at its own position
+
     def layout(self) -> dict:
         s = self.shape
         return {"layers": s.layers, "kv_heads": s.kv_heads, "head_dim": s.head_dim, "dtype": dtype_name(s.dtype),
@@ -119,7 +122,8 @@ class FullCache(DynamicCache):
     def load(cls, policy, shape: KVShape, layout: dict, n_tokens: int, backing: Backing) -> "FullCache":
         """The cache of n_tokens tokens from every stored block (layout as `layout()` wrote it)."""
         dtype = _DTYPES[layout["dtype"]]
-        shape = KVShape(layout["layers"], layout["kv_heads"], layout["head_dim"], dtype, shape.device)
+        shape = KVShape(layout["layers"], layout["kv_heads"], layout["head_dim"], dtype, shape.device, shape.window,
+                        shape.rope)
         kv = cls(_with_blocks(policy, layout["block_tokens"]), shape)
         if n_tokens == 0:
             return kv

@@ -1,10 +1,10 @@
 """The `memsvc` command line: serve, keys new, model pull, chat, sessions ls|show|stats|rm|gc|verify|export|
 import|upgrade, eval.
 
-`sessions` reads the store directly (ls, show, stats and export open it read-only), so an operator can inspect a
-store with or without a server running; rm, gc and import write in one transaction each, which is safe beside a
-running server (it keeps an in-memory copy of a removed session until its next restart). Nothing imports this
-package but the `memsvc` entry point.
+`sessions` reads the store directly (ls, show, stats, export and verify open it read-only), so an operator can
+inspect a store with or without a server running; the commands that write to it (rm, gc, import, upgrade,
+verify --repair) need the data dir to themselves and are refused while a server holds it
+(memsvc.store.lmdb.dirlock). Nothing imports this package but the `memsvc` entry point.
 """
 from __future__ import annotations
 
@@ -15,7 +15,17 @@ import click
 from . import archive, chat, serve, sessions, verify
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("memsvc")
+    except PackageNotFoundError:
+        return "unknown (not installed: run `make venv`)"
+
+
 @click.group()
+@click.version_option(_version(), "--version", prog_name="memsvc", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def main(verbose: bool) -> None:
     """memsvc: long-term KV-cache memory for LLM agents and chatbots."""

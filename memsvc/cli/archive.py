@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import _open_store, describe, store_option
+from ..progress import Progress
+from .common import _data_dir, _open_store, describe, store_option
 
 
 @click.command("upgrade")
@@ -15,9 +16,16 @@ def sessions_upgrade(store_spec: str) -> None:
     session, and every record that does not keep its policy's settings gets the ones it is read with now
     (this memsvc's defaults), so that later defaults cannot change how it is read.
 
-    An LMDB store: stop the server first, nothing else may have it open. A PostgreSQL store: opening it for
-    writing applies the schema's missing migrations (under a lock, safe beside running replicas); a replica
-    serving a session while it is rewritten here keeps its in-memory copy until its next load."""
+    An LMDB store: refused while a server (or another writer) holds the data dir: stop it first. A PostgreSQL
+    store: opening it for writing applies the schema's missing migrations (under a lock, safe beside running
+    replicas); a replica serving a session while it is rewritten here keeps its in-memory copy until its next
+    load."""
+    with _data_dir(store_spec, "`memsvc sessions upgrade`"):
+        _upgrade(store_spec)
+
+
+def _upgrade(store_spec: str) -> None:
+    """The upgrade, while holding the data dir (an LMDB store's)."""
     from memsvc.cache.upgrade import upgrade_session
     from memsvc.store.errors import StoreError
     from memsvc.store.open import parse_spec
@@ -41,14 +49,19 @@ def sessions_upgrade(store_spec: str) -> None:
         migrated = getattr(store, "migrated", None)  # PostgreSQL: the schema migrations this open applied
         if migrated is not None:
             click.echo(f"{describe(store_spec)}: schema migrations applied: {', '.join(migrated) or 'none needed'}")
-        for sid in store.session_ids():
+        ids = store.session_ids()
+        bar = Progress("upgrade", len(ids), "sessions")
+        for sid in ids:
             try:
                 done = upgrade_session(store, sid)
             except (StoreError, ValueError) as exc:
                 click.echo(f"session {sid!r} left as it is: {exc}", err=True)
                 continue
+            finally:
+                bar.advance(1)
             split += bool(done.entries)
             pinned += done.pinned
+        bar.finish()
     click.echo(f"{split} tiered session(s) rewrote their layer states in the current layout")
     click.echo(f"{pinned} record(s) now keep their policy's settings")
 
@@ -90,23 +103,32 @@ def sessions_import(file: str, new_id: str | None, store_spec: str, model: str |
 
     from ..model import fingerprint, resolve_model
 
+    bar = Progress(f"import {file}", 3, "steps")
     try:
         export = read_export(file)
     except StoreError as exc:
+        bar.finish("failed")
         raise click.ClickException(str(exc))
+    bar.advance(1, "read and checked")
     try:
         ours = fingerprint(resolve_model(model))
     except (OSError, ValueError) as exc:
+        bar.finish("failed")
         raise click.ClickException(f"cannot fingerprint the model {model or 'default'!r}: {exc}")
     theirs = str(export.header.get("model_fingerprint", ""))
+    bar.advance(1, "model compared")
     if theirs != ours:
+        bar.finish("refused")
         raise click.ClickException(
             f"{file} holds a session of model {export.header.get('model_name')!r} (fingerprint {theirs[:12]}), "
             f"but the target model {model or 'default'!r} has fingerprint {ours[:12]}: a KV cache only works with "
             f"the model that made it; import it where that model is served (--model)")
-    with _open_store(store_spec, readonly=False) as store:
+    with _open_store(store_spec, readonly=False, writer="`memsvc sessions import`") as store:
         try:
             rec = store.import_session(export, new_id)
         except (StoreError, ValueError) as exc:
+            bar.finish("failed")
             raise click.ClickException(f"cannot import {file}: {exc}")
+    bar.advance(1)
+    bar.finish(f"stored as {rec.id}")
     click.echo(f"imported {rec.id} ({rec.n_tokens} tokens, {rec.stored_bytes} bytes) into {describe(store_spec)}")

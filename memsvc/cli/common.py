@@ -2,7 +2,9 @@
 store, a record as a dict, sizes, times and durations for people, paging through every record."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+from typing import Iterator
 
 import click
 
@@ -36,14 +38,39 @@ def describe(spec: str) -> str:
     return _describe(spec)
 
 
-def _open_store(spec: str, readonly: bool):
+@contextlib.contextmanager
+def _open_store(spec: str, readonly: bool, writer: str | None = None) -> Iterator:
+    """The store, open for the block. writer (what the command is, e.g. "`memsvc sessions rm`"): a command
+    that writes to an LMDB data dir has it to itself meanwhile, and is refused while a server or another writer
+    holds it (None: the caller holds the lock already, or only reads; a PostgreSQL store takes no lock)."""
     from memsvc.store.errors import StoreError
     from memsvc.store.open import open_store
 
+    with _data_dir(spec, None if readonly else writer):
+        try:
+            store = open_store(spec, readonly=readonly)
+        except (StoreError, ValueError) as exc:
+            raise click.ClickException(str(exc))
+        with store:
+            yield store
+
+
+@contextlib.contextmanager
+def _data_dir(spec: str, writer: str | None) -> Iterator[None]:
+    """Hold the lock of the data dir spec names for the block (writer None, or a store that is no data dir:
+    take none)."""
+    from memsvc.store.errors import StoreError
+    from memsvc.store.open import claim
+
     try:
-        return open_store(spec, readonly=readonly)
-    except (StoreError, ValueError) as exc:
+        lock = claim(spec, writer, create=False) if writer else None
+    except StoreError as exc:
         raise click.ClickException(str(exc))
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _record_dict(rec) -> dict:
@@ -80,11 +107,20 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _all_records(store, labels: dict | None = None) -> list:
-    recs, after = [], ""
+def _all_records(store, labels: dict | None = None) -> tuple[list, list]:
+    """(every record that reads back and matches labels, every damaged one as store.base.Damaged)."""
+    recs, damaged, after = [], [], ""
     while True:
-        page = store.list(after=after, limit=1000, labels=labels or None)
-        recs.extend(page)
+        page = store.list_page(after=after, limit=1000, labels=labels or None)
+        recs.extend(page.records)
+        damaged.extend(page.damaged)
         if len(page) < 1000:
-            return recs
-        after = page[-1].id
+            return recs, damaged
+        after = page.last
+
+
+def _damaged_note(damaged) -> str:
+    """What to do about damaged records, for the end of a listing."""
+    ids = ", ".join(d.id for d in damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+    return (f"{len(damaged)} damaged session record(s) ({ids}): `memsvc sessions verify` checks them, "
+            f"`memsvc sessions rm ID` deletes one")

@@ -22,7 +22,9 @@ from .common import store_option
 @click.option("--metrics-port", default=None, type=int, help="Serve Prometheus /metrics on this port (0 picks one).")
 @click.option("--metrics-host", default=None, help="Address of the metrics endpoint (default: --host).")
 @click.option("--max-append-tokens", default=0, show_default=True, type=int, help="Per Append (0 = no limit).")
-@click.option("--max-session-tokens", default=0, show_default=True, type=int, help="Per session (0 = no limit).")
+@click.option("--max-session-tokens", default=1 << 20, show_default=True, type=int,
+              help="Tokens one session may hold (0 = no limit); sessions of the tiered policies outgrow the model's "
+                   "context, whose window bounds only what one step attends (full sessions stay within it).")
 @click.option("--max-request-bytes", default=16 << 20, show_default=True, type=int, help="Per request message.")
 @click.option("--max-sessions-per-tenant", default=0, show_default=True, type=int, help="0 = no limit.")
 @click.option("--max-bytes-per-tenant", default=0, show_default=True, type=int,
@@ -39,9 +41,13 @@ from .common import store_option
 @click.option("--decoded-cache", default=256 << 20, show_default=True, type=int,
               help="Bytes of decoded cold keys and values that stay in memory, each tiered layer's last read, one "
                    "LRU shared by every session: the next call decodes only the blocks that read did not (0 = none).")
+@click.option("--hold-wait", default=60.0, show_default=True, type=float,
+              help="Seconds a call waits for a session another call holds (calls on one session run one at a "
+                   "time, in arrival order); past it the call is refused with ABORTED (0 = refuse at once).")
 @click.option("--context", default=None, type=int,
-              help="Tokens a session may hold, instead of the model's max_position_embeddings (past it the "
-                   "model runs on positions it was not trained on; for benchmarks).")
+              help="The window one step attends, in positions, instead of the model's max_position_embeddings "
+                   "(a full session holds at most this many tokens; past the model's own context it runs on "
+                   "positions it was not trained on; for benchmarks and tests).")
 @click.option("--lease-seconds", default=30.0, show_default=True, type=float,
               help="A store shared by replicas (PostgreSQL): the term of the lease this replica holds on each session "
                    "in memory, renewed every third of it; another replica takes a session over once it expires.")
@@ -51,7 +57,8 @@ def serve(host: str, port: int, store_spec: str, model: str | None, device: str,
           api_keys_file: str | None, tls_cert: str | None, tls_key: str | None, metrics_port: int | None,
           metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
           max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, ttl: float,
-          block_cache: int, decoded_cache: int, context: int | None, lease_seconds: float, log_rpcs: bool) -> None:
+          block_cache: int, decoded_cache: int, hold_wait: float, context: int | None, lease_seconds: float,
+          log_rpcs: bool) -> None:
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
     from ..auth import KeyRing
     from ..limits import Limits
@@ -65,8 +72,8 @@ def serve(host: str, port: int, store_spec: str, model: str | None, device: str,
         _serve(host, port, data_dir=store_spec, model=model, device=device, max_new_tokens=max_new_tokens,
                log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget, ttl=ttl,
-               block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, context=context,
-               lease_seconds=lease_seconds)
+               block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, hold_wait=hold_wait,
+               context=context, lease_seconds=lease_seconds)
     except ValueError as exc:
         raise click.ClickException(str(exc))
 

@@ -6,8 +6,8 @@ from collections import Counter
 
 import click
 
-from .common import (_SORTS, _all_records, _human_bytes, _open_store, _record_dict, _seconds, _when, describe,
-                     store_option)
+from .common import (_SORTS, _all_records, _damaged_note, _human_bytes, _open_store, _record_dict, _seconds, _when,
+                     describe, store_option)
 
 
 @click.command("ls")
@@ -29,26 +29,34 @@ def sessions_ls(store_spec: str, labels: tuple[str, ...], sort_by: str, older_th
         wanted[k] = v
     cutoff = time.time() - _seconds(older_than) if older_than is not None else None
     with _open_store(store_spec, readonly=True) as store:
-        recs = _all_records(store, wanted)
+        recs, damaged = _all_records(store, wanted)  # a damaged record is listed as such, whatever the filters
     if cutoff is not None:
         recs = [r for r in recs if r.updated <= cutoff]
     if _SORTS[sort_by] is not None:
         recs.sort(key=lambda r: (_SORTS[sort_by](r), r.id), reverse=True)
     if as_json:
         for rec in recs:
-            click.echo(json.dumps(_record_dict(rec)))
+            click.echo(json.dumps({**_record_dict(rec), "damaged": False}))
+        for d in damaged:
+            click.echo(json.dumps({"id": d.id, "damaged": True, "reason": d.reason}))
         return
     rows = [("ID", "POLICY", "TOKENS", "STORED", "B/TOKEN", "MODEL", "UPDATED")]
     for rec in recs:
         per = f"{rec.stored_bytes / rec.n_tokens:.0f}" if rec.n_tokens else "-"
         rows.append((rec.id, rec.policy, str(rec.n_tokens), _human_bytes(rec.stored_bytes), per,
                      f"{rec.model_name} ({rec.model_fingerprint[:8]})", _when(rec.updated)))
+    for d in damaged:
+        rows.append((d.id, "DAMAGED", "-", "-", "-", "-", "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     total_tokens = sum(r.n_tokens for r in recs)
     total_bytes = sum(r.stored_bytes for r in recs)
     click.echo(f"{len(recs)} sessions, {total_tokens} tokens, {_human_bytes(total_bytes)} stored")
+    for d in damaged:
+        click.echo(f"DAMAGED {d.id}: {d.reason}")
+    if damaged:
+        click.echo(_damaged_note(damaged))
 
 
 @click.command("show")
@@ -57,12 +65,21 @@ def sessions_ls(store_spec: str, labels: tuple[str, ...], sort_by: str, older_th
 @click.option("--json", "as_json", is_flag=True)
 def sessions_show(session_id: str, store_spec: str, as_json: bool) -> None:
     """Show one stored session."""
+    from memsvc.store.errors import CorruptRecord
+
     with _open_store(store_spec, readonly=True) as store:
-        rec = store.get(session_id)
-        if rec is None:
+        try:
+            rec = store.get(session_id)
+            damage = None
+        except CorruptRecord as exc:
+            rec, damage = None, str(exc)
+        if rec is None and damage is None:
             raise click.ClickException(f"no session {session_id!r} in {describe(store_spec)}")
-        doc = _record_dict(rec)
-        doc["kv_blocks"] = blobs = store.session_blobs(session_id)
+        blobs = store.session_blobs(session_id)
+    if damage is not None:
+        _show_damaged(session_id, damage, blobs, as_json)
+        return
+    doc = {**_record_dict(rec), "damaged": False, "kv_blocks": blobs}
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -96,6 +113,20 @@ def sessions_show(session_id: str, store_spec: str, as_json: bool) -> None:
         click.echo(f"{k.ljust(width)}  {v}")
 
 
+def _show_damaged(sid: str, reason: str, blobs: dict, as_json: bool) -> None:
+    """A session whose record does not read back: what is known of it, and what to do."""
+    if as_json:
+        click.echo(json.dumps({"id": sid, "damaged": True, "reason": reason, "kv_blocks": blobs}))
+        return
+    lines = [("id", sid), ("DAMAGED", f"its record fails its checks: {reason}"),
+             ("kv blocks", f"{blobs['blocks']} ({_human_bytes(blobs['own_bytes'])} only this session holds)"),
+             ("what to do", f"`memsvc sessions verify {sid}` checks every entry; the record holds the policy and "
+                            f"layout, so the session cannot be rebuilt: `memsvc sessions rm {sid}` deletes it")]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        click.echo(f"{k.ljust(width)}  {v}")
+
+
 def _settings_line(rec) -> str:
     """The session's stored policy settings that differ from this memsvc's defaults."""
     from memsvc.cache import POLICY_CONFIG, get_policy, policy_config, record_policy
@@ -123,16 +154,28 @@ def _resident_line(rec, fp16: int) -> str:
     res = rec.extra.get("cache", {}).get("resident_bytes")
     if res is None or not rec.n_tokens:
         return "-"
-    return f"{res / rec.n_tokens:.0f} B ({fp16 / res:.1f}x smaller than fp16)" if res else "0 B"
+    if not res:
+        return "0 B"
+    return f"{res / rec.n_tokens:.0f} B ({_versus_fp16(fp16 / res)})"
+
+
+def _versus_fp16(ratio: float) -> str:
+    """fp16 bytes over these bytes, in words: never '1.0x smaller'."""
+    if ratio >= 1.05:
+        return f"{ratio:.1f}x smaller than fp16"
+    if ratio > 1 / 1.05:
+        return "about the size of an fp16 cache"
+    return f"{1 / ratio:.1f}x the size of an fp16 cache"
 
 
 @click.command("rm")
 @click.argument("session_ids", nargs=-1, required=True)
 @store_option
 def sessions_rm(session_ids: tuple[str, ...], store_spec: str) -> None:
-    """Delete stored sessions (a running server keeps its in-memory copy until restart)."""
+    """Delete stored sessions. An LMDB store: refused while a server holds the data dir (delete through it:
+    DeleteSession). A PostgreSQL store: a replica serving one keeps its in-memory copy until its next load."""
     missing = []
-    with _open_store(store_spec, readonly=False) as store:
+    with _open_store(store_spec, readonly=False, writer="`memsvc sessions rm`") as store:
         for sid in session_ids:
             if store.delete(sid):
                 click.echo(f"deleted {sid}")
@@ -148,11 +191,12 @@ def sessions_rm(session_ids: tuple[str, ...], store_spec: str) -> None:
 def sessions_stats(store_spec: str, as_json: bool) -> None:
     """The whole store: sessions, tokens, bytes by kind, what sharing saves."""
     with _open_store(store_spec, readonly=True) as store:
-        recs = _all_records(store)
+        recs, damaged = _all_records(store)
         st = store.stats()
     doc = {
-        "sessions": len(recs), "tokens": sum(r.n_tokens for r in recs),
+        "sessions": len(recs) + len(damaged), "tokens": sum(r.n_tokens for r in recs),
         "policies": dict(sorted(Counter(r.policy for r in recs).items())),
+        "damaged": [{"id": d.id, "reason": d.reason} for d in damaged],  # records that fail their checks
         "bytes_referenced": sum(r.stored_bytes for r in recs),  # shared blocks counted once per session
         "bytes_stored": st["total_bytes"],
         "record_bytes": st["record_bytes"], "token_bytes": st["token_bytes"], "kv_blob_bytes": st["blob_bytes"],
@@ -168,7 +212,7 @@ def sessions_stats(store_spec: str, as_json: bool) -> None:
         return
     lines = [
         ("sessions", f"{doc['sessions']}" + (" (" + ", ".join(f"{p} {n}" for p, n in doc["policies"].items()) + ")"
-                                             if recs else "")),
+                                             if recs else "") + (f", {len(damaged)} DAMAGED" if damaged else "")),
         ("tokens", str(doc["tokens"])),
         ("bytes stored", f"{doc['bytes_stored']} ({_human_bytes(doc['bytes_stored'])})"),
         ("  records", _human_bytes(doc["record_bytes"])),
@@ -185,6 +229,10 @@ def sessions_stats(store_spec: str, as_json: bool) -> None:
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         click.echo(f"{k.ljust(width)}  {v}")
+    for d in damaged:
+        click.echo(f"DAMAGED {d.id}: {d.reason}")
+    if damaged:
+        click.echo(_damaged_note(damaged))
 
 
 @click.command("gc")
@@ -193,8 +241,9 @@ def sessions_stats(store_spec: str, as_json: bool) -> None:
 def sessions_gc(store_spec: str, as_json: bool) -> None:
     """Remove KV blobs no session points to and entries of sessions without a record; fix reference counts.
 
-    Safe while a server runs (one write transaction). LMDB reuses the freed pages; the file does not shrink."""
-    with _open_store(store_spec, readonly=False) as store:
+    An LMDB store: refused while a server holds the data dir (stop it first); LMDB reuses the freed pages, the
+    file does not shrink. A PostgreSQL store: safe beside running replicas (one write transaction)."""
+    with _open_store(store_spec, readonly=False, writer="`memsvc sessions gc`") as store:
         out = store.gc()
     if as_json:
         click.echo(json.dumps(out))

@@ -14,7 +14,8 @@ from .common import _open_store, store_option
 @store_option
 @click.option("--repair", is_flag=True,
               help="Rebuild damaged KV entries from the sessions' token ids with the model, and fix reference "
-                   "counts (gc). Stop the server first, or let it repair sessions itself as it meets them.")
+                   "counts (gc). Refused while a server holds the data dir: stop it first, or let it repair sessions "
+                   "itself as it meets them.")
 @click.option("--model", default=None, help="The sessions' model, for --repair (as for `serve`; default "
                                              "SmolLM2-135M-Instruct).")
 @click.option("--device", default="cpu", show_default=True)
@@ -25,18 +26,18 @@ def sessions_verify(session_ids: tuple[str, ...], store_spec: str, repair: bool,
     SESSION_IDS); with --repair rebuild what is damaged. Exits 0 when nothing is (left) damaged, 1 otherwise."""
     from memsvc.store.errors import StoreError
 
-    from ..repair import Unrepairable, check_session, repair_session
+    from ..repair import Unrepairable, repair_session
 
     loaded = None
     repairs, failures = [], {}
-    with _open_store(store_spec, readonly=not repair) as store:
+    with _open_store(store_spec, readonly=not repair, writer="`memsvc sessions verify --repair`") as store:
         try:
             known = store.session_ids()
             ids = list(session_ids) or known
             missing = [sid for sid in ids if sid not in known]
             if missing:
                 raise click.ClickException(f"no such session: {', '.join(missing)}")
-            checks = {sid: check_session(store, sid) for sid in ids}
+            checks = _check_all(store, ids, "verify")
             refs = store.check_refs()
             if repair:
                 for sid, chk in checks.items():
@@ -50,7 +51,7 @@ def sessions_verify(session_ids: tuple[str, ...], store_spec: str, repair: bool,
 
                         loaded = load_model(model, device=device)
                     try:
-                        done = repair_session(store, loaded, sid, check=chk)
+                        done = repair_session(store, loaded, sid, check=chk, progress=_bar(f"repair {sid}", "tokens"))
                     except Unrepairable as exc:
                         failures[sid] = str(exc)
                         continue
@@ -61,7 +62,7 @@ def sessions_verify(session_ids: tuple[str, ...], store_spec: str, repair: bool,
                     refs_fixed = store.gc()
                     repairs.append({"store": "gc", **refs_fixed})
                 before = checks
-                checks = {sid: check_session(store, sid) for sid in ids}
+                checks = _check_all(store, ids, "verify after repair")
                 refs = store.check_refs()
             else:
                 before = checks
@@ -103,3 +104,22 @@ def sessions_verify(session_ids: tuple[str, ...], store_spec: str, repair: bool,
         click.echo(f"{len(ids)} session(s) checked, {len(damaged)} damaged" + (" after repair" if repair else ""))
     if not ok:
         sys.exit(1)
+
+
+def _bar(what: str, unit: str):
+    """A Progress on stderr (a bar on a terminal, lines otherwise), made once its total is known."""
+    from ..progress import Progress
+
+    return lambda total: Progress(what, total, unit)
+
+
+def _check_all(store, ids: list[str], what: str) -> dict:
+    from ..repair import check_session
+
+    bar = _bar(what, "sessions")(len(ids))
+    checks = {}
+    for sid in ids:
+        checks[sid] = check_session(store, sid)
+        bar.advance(1)
+    bar.finish(f"{sum(c.damaged for c in checks.values())} damaged")
+    return checks

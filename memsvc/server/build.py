@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memsvc.store.base import Store
-from memsvc.store.open import describe, open_store
+from memsvc.store.open import claim, describe, open_store
 
 from ..alloc import keep_heap
 from ..auth import KeyRing, is_loopback
@@ -31,7 +31,7 @@ from ..logs import configure_rpc_log
 from ..metrics import Metrics
 from ..model import LoadedModel, load_model
 from ..sessions import SessionManager
-from .calls import SERVICE_NAME
+from .calls import SERVICE_NAME, WIRE_SLACK
 from .servicer import MemoryServicer
 
 log = logging.getLogger("memsvc.server")
@@ -52,6 +52,7 @@ class Service:
     metrics: Metrics
     metrics_port: int | None  # the bound metrics endpoint's port; None without one
     auth: bool  # API keys required
+    dir_lock: object | None = None  # the data dir's lock while this server runs (store.open.claim)
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -63,6 +64,8 @@ class Service:
         self.manager.close()
         self.metrics.close()
         self.store.close()
+        if self.dir_lock is not None:
+            self.dir_lock.release()
 
 
 def _auth_enabled(host: str, auth: str, keys: KeyRing | None) -> bool:
@@ -112,13 +115,19 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
         if context < 2:
             raise ValueError(f"--context must be at least 2 tokens, got {context}")
         loaded = dataclasses.replace(loaded, max_positions=context)
-    store = open_store(data_dir)
+    lock = claim(data_dir, "a memsvc server")  # no offline writer (upgrade, import, rm, ...) beside it
+    try:
+        store = open_store(data_dir)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     manager = SessionManager(store, loaded, **manager_options)
     metrics = Metrics(manager, store_stats=store.stats, store_io=store.io_counters)
     servicer = MemoryServicer(manager, keys=api_keys if auth_on else None, limits=limits, metrics=metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memsvc"),
-        options=[("grpc.max_receive_message_length", limits.max_request_bytes),
+        options=[("grpc.max_receive_message_length", min(limits.max_request_bytes + WIRE_SLACK, 2**31 - 1)),
                  ("grpc.max_send_message_length", MAX_SEND_BYTES)],
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
@@ -135,6 +144,8 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
         port = 0
     if port == 0:
         store.close()
+        if lock is not None:
+            lock.release()
         raise OSError(f"could not bind {address}")
     bound_metrics = None
     if metrics_port is not None:
@@ -142,8 +153,11 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
             bound_metrics = metrics.serve(metrics_port, metrics_host or host or "0.0.0.0")
         except OSError:
             store.close()
+            if lock is not None:
+                lock.release()
             raise
-    return Service(server, port, manager, store, servicer, health_servicer, metrics, bound_metrics, auth_on), port
+    return Service(server, port, manager, store, servicer, health_servicer, metrics, bound_metrics, auth_on,
+                   lock), port
 
 
 def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = None, device: str = "cpu",

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from memsvc.proto import memsvc_pb2 as pb
-from memsvc.store.errors import LeaseHeld, LeaseLost, StoreUnavailable
+from memsvc.store.errors import CorruptRecord, LeaseHeld, LeaseLost, StoreUnavailable
 
 from ..auth import Tenant, bearer_key
 from ..errors import Cancelled, InvalidArgument, ServiceError
@@ -29,6 +29,7 @@ log = logging.getLogger("memsvc.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 SERVICE_NAME = SERVICE.full_name
 SCAN_PAGE = 1000
+WIRE_SLACK = 64 << 20  # bytes past --max-request-bytes that gRPC still receives, for the check in _parse to answer
 
 
 class Unauthenticated(ServiceError):
@@ -112,8 +113,14 @@ class Plumbing:
             raise Unauthenticated("the API key is not valid")
         return Tenant(tenant)
 
-    @staticmethod
-    def _parse(req_cls, raw: bytes, context: grpc.ServicerContext):
+    def _parse(self, req_cls, raw: bytes, context: grpc.ServicerContext):
+        limit = self.limits.max_request_bytes
+        if len(raw) > limit:  # gRPC lets WIRE_SLACK more through, so that this message, not its own, answers
+            raise LimitExceeded(
+                "max_request_bytes",
+                f"this {req_cls.__name__} is {len(raw)} bytes, over the limit of {limit} bytes per request message "
+                f"(the server's --max-request-bytes); split it into smaller calls, e.g. Appends of fewer messages "
+                f"or tokens")
         try:
             request = req_cls.FromString(raw)
         except (DecodeError, ValueError, RuntimeError) as exc:
@@ -129,6 +136,8 @@ class Plumbing:
                 self.metrics.quota_refusals.labels(exc.limit).inc()
         if isinstance(exc, Cancelled):
             code = _stopped(context)
+        elif isinstance(exc, CorruptRecord):  # damage met on a path that did not say so itself (a ValueError too)
+            code = grpc.StatusCode.DATA_LOSS
         elif isinstance(exc, ServiceError):
             code = getattr(grpc.StatusCode, exc.code)
         elif isinstance(exc, StoreUnavailable):  # the database is down: nothing changed, a retry may succeed
@@ -196,19 +205,21 @@ class Plumbing:
     # ---- limits ----------------------------------------------------------------------
 
     def _scan(self, tenant: str) -> tuple[int, int]:
-        """(sessions, stored bytes) of a tenant, read from the store."""
+        """(sessions, stored bytes) of a tenant, read from the store; a damaged record counts as a session of
+        0 bytes (deleting it frees that much of the quota)."""
         prefix = Tenant(tenant).prefix
         after, n, nbytes = prefix, 0, 0
         while True:
-            views, _ = self.m.list(after=after, limit=SCAN_PAGE)
-            for v in views:
-                if not v.record.id.startswith(prefix):
+            views, damaged, token = self.m.list(after=after, limit=SCAN_PAGE)
+            for sid, size in sorted([(v.record.id, v.record.stored_bytes) for v in views]
+                                    + [(d.id, 0) for d in damaged]):
+                if not sid.startswith(prefix):
                     return n, nbytes
                 n += 1
-                nbytes += v.record.stored_bytes
-            if len(views) < SCAN_PAGE:
+                nbytes += size
+            if not token:
                 return n, nbytes
-            after = views[-1].record.id
+            after = token
 
     def _bytes_per_token(self, rec) -> int:
         if rec.n_tokens >= 64:  # this session's own figure

@@ -8,7 +8,7 @@ import uuid
 from memsvc.proto import memsvc_pb2 as pb
 
 from ..auth import KeyRing, Tenant
-from ..errors import InvalidArgument
+from ..errors import DataLoss, InvalidArgument
 from ..limits import LimitExceeded, Limits, Quotas
 from ..metrics import Metrics
 from ..sessions import GenerateParams, SessionManager
@@ -110,17 +110,16 @@ class MemoryServicer(Plumbing):
             after = t.inner(request.page_token, "page_token")
         else:
             after = t.prefix  # every id of the tenant sorts after its bare prefix
-        views, token = self.m.list(after=after, limit=request.page_size, labels=dict(request.labels))
-        own = views
-        if t.name:
-            own = []
-            for v in views:  # a tenant's ids are contiguous in id order: stop at the first other one
-                if not t.owns(v.record.id):
-                    token = ""
-                    break
-                own.append(v)
-        return pb.ListSessionsResponse(sessions=[_session_pb(v, t) for v in own],
-                                       next_page_token=t.outer(token) if token else "")
+        views, damaged, token = self.m.list(after=after, limit=request.page_size, labels=dict(request.labels))
+        own, bad = views, damaged
+        if t.name:  # a tenant's ids are contiguous in id order: anything not its own comes after them all
+            own = [v for v in views if t.owns(v.record.id)]
+            bad = [d for d in damaged if t.owns(d.id)]
+            if len(own) < len(views) or len(bad) < len(damaged):
+                token = ""
+        return pb.ListSessionsResponse(
+            sessions=[_session_pb(v, t) for v in own], next_page_token=t.outer(token) if token else "",
+            damaged=[pb.DamagedSession(id=t.outer(d.id), reason=t.scrub(d.reason)) for d in bad])
 
     def ForkSession(self, request, context, call: _Call):
         t = call.tenant
@@ -137,7 +136,12 @@ class MemoryServicer(Plumbing):
         t = call.tenant
         call.session = request.session_id
         inner = t.inner(request.session_id)
-        size = self.m.view(inner).record.stored_bytes if self.limits.has_quotas else 0
+        size = 0
+        if self.limits.has_quotas:
+            try:
+                size = self.m.view(inner).record.stored_bytes
+            except DataLoss:  # a damaged record can still be deleted; the quota scan counted it as 0 bytes
+                size = 0
         self.m.delete(inner)
         self.quotas.settle(t.name, sessions=-1, nbytes=-size)
         return pb.DeleteSessionResponse(deleted=True)

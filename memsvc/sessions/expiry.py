@@ -7,6 +7,7 @@ using is left for later.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -14,6 +15,7 @@ from memsvc.store.errors import CorruptRecord, StoreError
 from memsvc.store.records import SessionRecord
 
 from ..errors import NotFound
+from .hold import SessionBusy
 
 log = logging.getLogger("memsvc.sessions")
 
@@ -23,12 +25,14 @@ class Expiry:
         return rec.expires(self.ttl) <= time.time()
 
     def _try_expire(self, sid: str, *, locked: bool = False) -> bool:
-        """Delete sid if it has expired; True when it was. Without `locked` (the caller holds sid's
-        lock) a session that a call is using is left alone."""
-        lock = self._lock(sid)
-        if not locked and not lock.acquire(blocking=False):
-            return False
-        try:
+        """Delete sid if it has expired; True when it was. Without `locked` (the caller holds sid) a
+        session that a call is using or waiting for is left alone."""
+        with contextlib.ExitStack() as stack:
+            if not locked:
+                try:
+                    stack.enter_context(self.holds.hold(sid, "an expiry", wait=0))
+                except SessionBusy:
+                    return False
             try:
                 rec = self.store.get(sid)
             except CorruptRecord:
@@ -36,9 +40,6 @@ class Expiry:
             if rec is None or not self.store.delete(sid, expired_at=time.time(), default_ttl=self.ttl):
                 return False
             self._forget(sid)
-        finally:
-            if not locked:
-                lock.release()
         self._count(expired=1)
         if self.on_expire is not None:
             self.on_expire(rec)

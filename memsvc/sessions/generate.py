@@ -69,9 +69,9 @@ class Generation:
         sent: list[list[int]] = []  # token ids of the chunks already streamed
         for _ in range(REPAIR_TRIES):
             try:
-                with self._using(sid) as live:
+                with self._using(sid, "a generate") as live:  # held until the stream ends or is cancelled
                     gen = self._generate_locked(live, p, budget, cancelled, admit)
-                    try:  # closed here, under the lock, however this generator ends
+                    try:  # closed here, while held, however this generator ends
                         for i, chunk in enumerate(gen):
                             if i < len(sent):  # streamed before a repair: the same reply must come again
                                 if chunk.token_ids != sent[i]:
@@ -103,12 +103,15 @@ class Generation:
             feed = live.tokens[-1:] + lead
             if not feed:
                 raise FailedPrecondition(f"session {live.record.id!r} is empty: append something before generating")
-            room = self.model.max_positions - live.record.n_tokens - len(lead) - len(self.chat_format.end_of_turn)
+            limit = kv.max_tokens()  # None: only the store bounds the session
+            room = budget if limit is None else \
+                limit - live.record.n_tokens - len(lead) - len(self.chat_format.end_of_turn)
+            at_context = room < budget  # the reply stops at the context: finish_reason "context"
             budget = min(budget, room)
             if budget < 1:
                 raise FailedPrecondition(
-                    f"session {live.record.id!r} has reached the model's context of {self.model.max_positions} tokens"
-                )
+                    f"session {live.record.id!r} ({live.record.policy}) has reached the model's context of {limit} "
+                    f"tokens, which its cache attends whole: start a new session or fork a shorter one")
             if p.commit and admit is not None:
                 admit(live.record, len(lead) + budget + len(self.chat_format.end_of_turn))
             gen = torch.Generator().manual_seed(int(p.seed))
@@ -130,6 +133,8 @@ class Generation:
                 cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
                 if cut >= 0:
                     text, finish = text[:cut], "stop_string"
+                if finish == "length" and at_context and len(generated) >= budget:
+                    finish = "context"
                 done = finish != "length" or len(generated) >= budget
                 safe = len(text) if done else max(len(text) - hold, len(emitted))
                 delta = text[len(emitted):safe]

@@ -8,8 +8,9 @@ database unreachable (it may or may not have landed), is marked stale: the next 
 loads it again, under a lease taken anew, so what it serves is what is stored.
 
 An embedded store (LMDB) needs no leases (acquire_lease gives None): nothing is held, nothing renewed.
-Knows the store's lease methods; nothing about caches or gRPC. Calls on one session are serialized by the
-session manager's per-session lock; this only holds leases.
+Knows the store's lease methods; nothing about caches or gRPC. Calls on one session take turns through
+memsvc.sessions.hold, and only a call that holds a session takes, keeps or drops its lease (the renewing thread
+only renews); this adds no in-process lock of its own beyond the one that guards its bookkeeping.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What the session manager keeps of each session, and what it shows of it.
 
-`_Live`: a session in memory (its record, token ids, cache and feeds log), measured under its lock;
+`_Live`: a session in memory (its record, token ids, cache and feeds log), measured by the call that holds it;
 `SessionView`: what a view or listing reports; `Counters`: the manager's totals.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Callable
 from memsvc.cache import SessionCache
 from memsvc.store.records import SessionRecord
 
-# A caller's admission check: admit(record, n) runs under the session's lock before
+# A caller's admission check: admit(record, n) runs while the call holds the session, before
 # the model reads anything, with n the most tokens the call can add to the session;
 # it raises (e.g. ResourceExhausted) to refuse, and then nothing has changed.
 Admit = Callable[[SessionRecord, int], None]
@@ -38,13 +38,13 @@ class _Live:
     tokens: list[int]
     kv: SessionCache  # holds every token but the last (the pending one)
     feeds: list[int] | None = None  # the model calls kv took (tokens each, 0 = end_prompt); None: not known
-    resident_bytes: int = 0  # kv's, as last measured under the session's lock
+    resident_bytes: int = 0  # kv's, as last measured by the call holding the session
     tier_tokens: dict[str, float] = field(default_factory=dict)
     tier_bytes: dict[str, int] = field(default_factory=dict)
     epoch: int | None = None  # the fencing epoch of the lease held on it (None: the store needs no leases)
 
     def measure(self) -> None:
-        """Caller holds the session's lock."""
+        """The caller holds the session."""
         self.resident_bytes = self.kv.resident_bytes()
         self.tier_tokens = self.kv.tier_tokens()
         self.tier_bytes = self.kv.tier_bytes()

@@ -8,20 +8,26 @@ so no token is ever run through the model twice and no logits need storing.
 Every call that changes a session computes in memory first, then writes the
 new token ids, the touched KV blocks and the record in one store transaction;
 if anything fails the in-memory cache is cropped back, so a failed call leaves
-both memory and disk as they were. Calls on one session are serialized by a
-per-session lock; different sessions run concurrently over the shared model.
+both memory and disk as they were. Calls on one session take turns in arrival order
+(memsvc.sessions.hold: one holds the session, a call that would wait past `hold_wait`
+seconds is refused with ABORTED); different sessions run concurrently over the shared model.
 
 Sessions stay in memory between calls, within a byte budget: once the resident
 sessions hold more than `resident_budget` bytes, the least recently used idle
-ones (no call holds their lock) are dropped. Their state is already in the
+ones (no call holds them) are dropped. Their state is already in the
 store, so nothing is lost; the next call on such a session loads it again.
-Each session's resident bytes and tier tokens are measured by the thread that
-holds its lock (after a load, a commit and at the end of every call); the
+Each session's resident bytes and tier tokens are measured by the call that
+holds it (after a load, a commit and at the end of every call); the
 budget, views and metrics read those figures, never a cache another call is
 changing.
 
+Over a store shared by replicas (PostgreSQL), a session in memory is leased (memsvc.sessions.leases): the call
+that loads it takes its lease (ABORTED while another replica holds one), commits carry the lease's fencing
+epoch, and the lease is given up when the session leaves memory. An embedded store needs none.
+
 Sessions expire after `ttl` seconds without a change (memsvc.sessions.expiry).
-The write path of an Append is memsvc.sessions.turns, of a Generate memsvc.sessions.generate.
+The write path of an Append is memsvc.sessions.turns, of a Generate memsvc.sessions.generate; what the manager
+reports for metrics is memsvc.sessions.measures.
 
 Knows the model, the cache and the store; knows nothing about gRPC.
 """
@@ -44,17 +50,20 @@ from memsvc.cache import (Backing, CheckedEntries, DamagedBlock, KVShape, get_po
                           policy_config, record_policy, POLICY_CONFIG)
 from memsvc.cache.tiered.blockcache import BlockCache
 from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing
-from memsvc.store.base import Store
+from memsvc.store.base import Damaged, Store
 from memsvc.store.records import SessionRecord
 
 from .. import chat
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from ..model import LoadedModel
+from ..progress import Progress
 from ..repair import Unrepairable, recorded_feeds, repair_session
 from .expiry import Expiry
 from .generate import Generation
+from .hold import DEFAULT_HOLD_WAIT, Holds, SessionBusy
 from .leases import Leases
 from .live import Counters, SessionView, _Live
+from .measures import Measures
 from .turns import Turns
 
 log = logging.getLogger("memsvc.sessions")
@@ -64,7 +73,7 @@ DEFAULT_BLOCK_CACHE = 256 << 20
 DEFAULT_DECODED_CACHE = 256 << 20
 
 
-class SessionManager(Turns, Generation, Expiry):
+class SessionManager(Turns, Generation, Expiry, Measures):
     """resident_budget: bytes of KV cache that idle sessions may keep in memory (0 = no limit).
     block_cache_bytes: bound of the one LRU of cold blocks read back from the store, shared by every
     tiered session (0 = none; blocks are then parsed again at each read).
@@ -76,8 +85,8 @@ class SessionManager(Turns, Generation, Expiry):
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
                  max_new_tokens: int = 4096, prefill_chunk: int = 512, block_cache_bytes: int = DEFAULT_BLOCK_CACHE,
                  resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0,
-                 decoded_cache_bytes: int = DEFAULT_DECODED_CACHE, lease_seconds: float = 30.0,
-                 lease_renew: bool = True):
+                 decoded_cache_bytes: int = DEFAULT_DECODED_CACHE, hold_wait: float = DEFAULT_HOLD_WAIT,
+                 lease_seconds: float = 30.0, lease_renew: bool = True):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
         for name, v in (("ttl", ttl), ("sweep_every", sweep_every)):
@@ -105,7 +114,7 @@ class SessionManager(Turns, Generation, Expiry):
         self.counters = Counters()
         self._counter_lock = threading.Lock()
         self._live: OrderedDict[str, _Live] = OrderedDict()  # least recently used first
-        self._locks: dict[str, threading.Lock] = {}
+        self.holds = Holds(hold_wait)  # one call per session at a time
         self._global = threading.Lock()
         self.ttl = float(ttl)
         self.on_expire: Callable[[SessionRecord], None] | None = None  # told of each expired session deleted
@@ -116,10 +125,6 @@ class SessionManager(Turns, Generation, Expiry):
                              daemon=True).start()
 
     # ---- bookkeeping -------------------------------------------------------------
-
-    def _lock(self, sid: str) -> threading.Lock:
-        with self._global:
-            return self._locks.setdefault(sid, threading.Lock())
 
     def _count(self, **deltas: int) -> None:
         with self._counter_lock:
@@ -155,7 +160,7 @@ class SessionManager(Turns, Generation, Expiry):
         self.leases.close()
 
     def _load(self, sid: str) -> _Live:
-        """The resident session, loading it from the store if needed (caller holds its lock)."""
+        """The resident session, loading it from the store if needed (the caller holds it)."""
         with self._global:
             live = self._live.get(sid)
             if live is not None:
@@ -200,18 +205,24 @@ class SessionManager(Turns, Generation, Expiry):
         with self._global:
             self._live[sid] = live
         self._count(loads=1)
-        self._fit_budget()  # this session is locked: room is made among the others
+        self._fit_budget()  # this session is held: room is made among the others
         return live
 
     def _read_kv(self, policy, rec: SessionRecord, kv_len: int):
         return load_cache(policy, self.shape, rec.layout, kv_len, self._backing(rec.id))
 
     def _repair(self, sid: str, seen: BaseException | None = None) -> SessionRecord:
-        """Rebuild sid's damaged KV entries from its token ids and store them (caller holds its lock; the
+        """Rebuild sid's damaged KV entries from its token ids and store them (the caller holds it; the
         session is not in memory). seen: the failure that sent us here. Returns the stored record;
         DataLoss when the session cannot be rebuilt."""
+        log.warning("session %s: %s; rebuilding its KV cache from its token ids", sid, seen or "damaged KV entries")
+
+        def progress(n: int) -> Progress:  # a line in the log every 10 s and at the end, with the time taken
+            return Progress(f"session {sid}: repair", n, "tokens", line=log.info, every=10.0)
+
         try:
-            done = repair_session(self.store, self.model, sid, prefill_chunk=self.prefill_chunk, force=True)
+            done = repair_session(self.store, self.model, sid, prefill_chunk=self.prefill_chunk, force=True,
+                                  progress=progress)
         except Unrepairable as exc:
             raise DataLoss(f"session {sid!r} is damaged and cannot be repaired: {exc}") from exc
         except CorruptRecord as exc:
@@ -224,14 +235,15 @@ class SessionManager(Turns, Generation, Expiry):
 
     def _repair_after(self, sid: str, exc: DamagedBlock) -> None:
         """A call met a damaged block and was rolled back: drop the session from memory and repair it."""
-        with self._lock(sid):
+        with self.holds.hold(sid, "a repair"):
             self._forget(sid)
             self._repair(sid, exc)
 
     @contextlib.contextmanager
-    def _using(self, sid: str) -> Iterator[_Live]:
-        """The session in memory under its lock; afterwards it is measured and the budget enforced."""
-        with self._lock(sid):
+    def _using(self, sid: str, what: str) -> Iterator[_Live]:
+        """The session in memory, held by this call (what: e.g. "an append"); afterwards it is measured and the
+        budget enforced."""
+        with self.holds.hold(sid, what):
             live = self._load(sid)
             try:
                 yield live
@@ -240,7 +252,7 @@ class SessionManager(Turns, Generation, Expiry):
         self._fit_budget()
 
     def _forget(self, sid: str) -> _Live | None:
-        """Drop a session from memory, and its blocks from the block cache (caller holds its lock)."""
+        """Drop a session from memory, and its blocks from the block cache (the caller holds it)."""
         with self._global:
             live = self._live.pop(sid, None)
         if live is not None:
@@ -260,13 +272,11 @@ class SessionManager(Turns, Generation, Expiry):
         for sid in order:
             if total <= self.resident_budget:
                 return
-            lock = self._lock(sid)
-            if not lock.acquire(blocking=False):
-                continue  # a call is using it
             try:
-                live = self._forget(sid)
-            finally:
-                lock.release()
+                with self.holds.hold(sid, "an unload", wait=0):
+                    live = self._forget(sid)
+            except SessionBusy:
+                continue  # a call is using it
             if live is not None:
                 total -= live.resident_bytes
                 self._count(unloads=1)
@@ -293,7 +303,7 @@ class SessionManager(Turns, Generation, Expiry):
             )
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
-        with self._lock(sid):
+        with self.holds.hold(sid, "a create"):
             try:
                 return self.store.create(rec)
             except SessionExists as exc:
@@ -312,29 +322,30 @@ class SessionManager(Turns, Generation, Expiry):
         return SessionView(rec, False, default_ttl=self.ttl)
 
     def list(self, *, after: str = "", limit: int = 100, labels: dict[str, str] | None = None
-             ) -> tuple[list[SessionView], str]:
+             ) -> tuple[list[SessionView], list[Damaged], str]:
+        """(views, damaged, next page's `after` or ""): a session whose record is damaged does not fail the
+        listing; it is named in `damaged` (id, what failed), in id order, and counts in `limit`."""
         if not 0 <= limit <= 1000:
             raise InvalidArgument(f"page_size must be between 0 and 1000, got {limit}")
         limit = limit or 100
         while True:  # expired sessions go first, so that pages stay full
-            recs = self.store.list(after=after, limit=limit + 1, labels=labels or None)
-            if not sum(self._try_expire(rec.id) for rec in recs if self._expired(rec)):
+            page = self.store.list_page(after=after, limit=limit + 1, labels=labels or None)
+            if not sum(self._try_expire(rec.id) for rec in page.records if self._expired(rec)):
                 break
-        more = len(recs) > limit
-        recs = recs[:limit]
-        views = []
-        for rec in recs:
-            views.append(self._view(rec, self._live.get(rec.id)))
-        return views, (recs[-1].id if more else "")
+        ids = sorted([r.id for r in page.records] + [d.id for d in page.damaged])
+        cut = ids[limit - 1] if len(ids) > limit else None  # more to come: this page ends at cut
+        views = [self._view(rec, self._live.get(rec.id)) for rec in page.records if cut is None or rec.id <= cut]
+        damaged = [d for d in page.damaged if cut is None or d.id <= cut]
+        return views, damaged, cut or ""
 
     def resume(self, sid: str) -> SessionView:
-        with self._using(sid) as live:
+        with self._using(sid, "a resume") as live:
             self._count(resumes=1)
         return self._view(live.record, live)
 
     def fork(self, sid: str, new_sid: str = "", labels: dict[str, str] | None = None) -> SessionRecord:
         new_sid = new_sid or uuid.uuid4().hex
-        with self._lock(sid):
+        with self.holds.hold(sid, "a fork"):
             src = self._stored(sid)
             if self._expired(src) and self._try_expire(sid, locked=True):
                 raise self._gone(sid)
@@ -354,46 +365,7 @@ class SessionManager(Turns, Generation, Expiry):
                 raise NotFound(f"no session {sid!r}") from exc
 
     def delete(self, sid: str) -> None:
-        with self._lock(sid):
+        with self.holds.hold(sid, "a delete"):
             if not self.store.delete(sid):
                 raise NotFound(f"no session {sid!r}")
             self._forget(sid)
-
-    def resident(self) -> tuple[int, int]:
-        """(sessions in memory, bytes of KV cache they hold)."""
-        with self._global:
-            return len(self._live), sum(live.resident_bytes for live in self._live.values())
-
-    def resident_tier_tokens(self) -> dict[str, float]:
-        """Tokens per tier, summed over the sessions in memory."""
-        return self._sum_tiers("tier_tokens")
-
-    def resident_tier_bytes(self) -> dict[str, int]:
-        """Resident bytes per tier, summed over the sessions in memory (they sum to resident()'s bytes)."""
-        return self._sum_tiers("tier_bytes")
-
-    def _sum_tiers(self, measure: str) -> dict:
-        with self._global:
-            lives = list(self._live.values())
-        total: dict = {}
-        for live in lives:
-            for tier, n in getattr(live, measure).items():
-                total[tier] = total.get(tier, 0) + n
-        return total
-
-    def stored_tier_tokens(self) -> dict[str, float]:
-        """Tokens per tier, summed over every stored session as of its last commit (walks every record)."""
-        total: dict[str, float] = {}
-        after = ""
-        while True:
-            recs = self.store.list(after=after, limit=1000)
-            for rec in recs:
-                for tier, n in rec.extra.get("cache", {}).get("tier_tokens", {}).items():
-                    total[tier] = total.get(tier, 0) + n
-            if len(recs) < 1000:
-                return total
-            after = recs[-1].id
-
-    def cold_cache(self) -> tuple[int, int]:
-        """(hits, misses) of the shared cold block cache since the server started."""
-        return self.block_cache.hits, self.block_cache.misses

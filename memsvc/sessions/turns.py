@@ -38,12 +38,17 @@ class Turns:
         given = [x for x in (messages, text, tokens) if x is not None]
         if len(given) != 1:
             raise InvalidArgument("append exactly one of: chat messages, text, token ids")
-        with self._using(sid) as live:
+        if messages is not None:  # refused before waiting for the session
+            if not messages:
+                raise InvalidArgument("empty append: no chat messages given")
+            msgs = [{"role": m.get("role"), "content": m.get("content", "")} for m in messages]
+            try:
+                chat.check_messages(self.model.tokenizer, msgs)
+            except chat.TemplateError as exc:
+                raise InvalidArgument(str(exc)) from exc
+        with self._using(sid, "an append") as live:
             new_messages = live.record.messages
             if messages is not None:
-                if not messages:
-                    raise InvalidArgument("empty append: no chat messages given")
-                msgs = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
                 try:
                     ids = chat.continuation_ids(self.model.tokenizer, live.record.messages, msgs)
                 except chat.TemplateError as exc:
@@ -66,11 +71,12 @@ class Turns:
             if not ids:
                 raise InvalidArgument("empty append: the content tokenizes to no tokens")
             total = live.record.n_tokens + len(ids)
-            if total > self.model.max_positions:
+            limit = live.kv.max_tokens()
+            if limit is not None and total > limit:
                 raise InvalidArgument(
                     f"appending {len(ids)} tokens would make session {sid!r} {total} tokens long, past the "
-                    f"model's context of {self.model.max_positions}; start a new session or fork a shorter one"
-                )
+                    f"model's context of {limit}, which a {live.record.policy!r} session attends whole; start a new "
+                    f"session or fork a shorter one (sessions of the tiered policies outgrow the context)")
             if admit is not None:
                 admit(live.record, len(ids))
             pending = live.tokens[-1:]  # fed now, with all new tokens but the last

@@ -8,6 +8,7 @@
     archive.py   export and import of one session
     check.py     check_session, check_refs, gc, stats
     upgrade.py   format 1 -> 2 in place
+    dirlock.py   who has the data dir to itself (a server, an offline writer)
     store.py     LmdbStore, which puts them behind ../base.py's Store
 """
 from __future__ import annotations

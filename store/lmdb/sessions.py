@@ -43,17 +43,26 @@ def put_record(tx: Txn, rec: SessionRecord, others: int) -> SessionRecord:
     return final
 
 
-def list_records(tx: Txn, after: str, limit: int, wanted: Mapping[str, str]) -> list[SessionRecord]:
+def list_records(tx: Txn, after: str, limit: int, wanted: Mapping[str, str],
+                 damaged: list[tuple[str, str]] | None = None) -> list[SessionRecord]:
+    """Up to `limit` records after `after`. damaged: None raises CorruptRecord at a damaged record; a list
+    gets (id, reason) of each damaged one instead (counted in `limit`), and the listing goes on."""
     out: list[SessionRecord] = []
     cur = tx.cursor("sessions")
     if limit == 0 or not cur.set_range(after.encode() + b"\0" if after else b""):
         return out
     for key, value in cur:
-        rec = SessionRecord.from_bytes(value, key)
-        if any(rec.labels.get(k) != v for k, v in wanted.items()):
-            continue
-        out.append(rec)
-        if len(out) >= limit:
+        try:
+            rec = SessionRecord.from_bytes(value, key)
+        except CorruptRecord as exc:
+            if damaged is None:
+                raise
+            damaged.append((bytes(key).decode("utf-8", "replace"), str(exc)))
+        else:
+            if any(rec.labels.get(k) != v for k, v in wanted.items()):
+                continue
+            out.append(rec)
+        if len(out) + len(damaged or ()) >= limit:
             break
     return out
 

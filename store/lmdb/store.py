@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..archive import Export, check_import
-from ..base import KVKey, Store
+from ..base import Damaged, KVKey, Page, Store
 from ..errors import SessionMissing
 from ..records import SessionRecord
 from ..turn import check_kv_key, check_record, encode_kv, is_int, prepare_commit
@@ -68,6 +68,20 @@ class LmdbStore(Store):
             raise ValueError(f"after must be a session id or empty, got {after!r}")
         wanted = dict(labels or {})
         return self._env.read(lambda tx: sessions.list_records(tx, after, limit, wanted))
+
+    def list_page(self, after: str = "", limit: int = 100, labels: Mapping[str, str] | None = None) -> Page:
+        if not is_int(limit) or limit < 0:
+            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+        if not _possible(after):
+            raise ValueError(f"after must be a session id or empty, got {after!r}")
+        wanted = dict(labels or {})
+
+        def one_pass(tx):
+            bad: list[tuple[str, str]] = []
+            recs = sessions.list_records(tx, after, limit, wanted, bad)
+            return Page(recs, [Damaged(sid, reason) for sid, reason in bad])
+
+        return self._env.read(one_pass)
 
     def session_ids(self) -> list[str]:
         return self._env.read(sessions.session_ids)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def served(data_dir: Path, model, address: str = "127.0.0.1:0", **options):
-    """Yield (server, port); stop it, its metrics endpoint and its store afterwards."""
+    """Yield (server, port); stop it, then close it (its metrics endpoint, store and data dir lock)."""
     from memsvc.server import create_server
 
     server, port = create_server(address, data_dir=data_dir, model=model, **options)
@@ -16,7 +16,7 @@ def served(data_dir: Path, model, address: str = "127.0.0.1:0", **options):
         yield server, port
     finally:
         server.stop(grace=None).wait()
-        server.close()  # the manager (its leases given up), the metrics endpoint, the store
+        server.close()  # the manager (its leases given up), the metrics endpoint, the store and data dir lock
 
 
 def client(port: int, **kwargs):

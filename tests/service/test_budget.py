@@ -67,7 +67,7 @@ def test_a_session_in_use_is_never_dropped(tmp_path, tiny_model):
             c.create_session(sid)
             c.append(sid, tokens=_history(0))
         assert c.stats().sessions_resident == 0  # a 1-byte budget keeps no idle session
-        with m._lock("a"):  # as a call on "a" would
+        with m.holds.hold("a"):  # as a call on "a" would
             m._load("a")
             c.append("b", tokens=[5, 6, 7])  # "b"'s call ends over the budget: only "b" is idle
             assert m.resident()[0] == 1 and m.view("a").resident and not m.view("b").resident

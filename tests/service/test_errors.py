@@ -26,6 +26,7 @@ def seeded(tiny_server):
     client.create_session("s1", labels={"team": "a"})
     client.append("s1", messages=[{"role": "user", "content": "Hello there, how are you?"}])
     client.create_session("s2")
+    client.create_session("f1", policy="full")
     return client, server
 
 
@@ -66,8 +67,8 @@ def test_bad_calls_answer_with_codes_and_change_nothing(seeded):
     _fails(lambda: list(client.list_sessions(page_size=5000)), IA, "page_size")
     # generating from an empty session
     _fails(lambda: client.generate("s2", max_new_tokens=2), grpc.StatusCode.FAILED_PRECONDITION, "empty")
-    # past the model's context (the tiny model has 512 positions)
-    _fails(lambda: client.append("s1", tokens=[5] * 600), IA, "context")
+    # past the model's context (the tiny model has 512 positions), for a policy bounded by it
+    _fails(lambda: client.append("f1", tokens=[5] * 600), IA, "context")
 
     assert store.dump() == before
     s1 = client.get_session("s1")
@@ -120,3 +121,29 @@ def test_a_failed_store_write_rolls_the_session_back(seeded, monkeypatch):
     assert client.get_session("s1").tokens == before_tokens
     # the in-memory cache was cropped back: the session answers exactly as before
     assert client.generate_text("s1", max_new_tokens=6).token_ids == expected
+
+
+def test_chat_roles_and_empty_content_are_checked_against_the_template(seeded):
+    from types import SimpleNamespace
+
+    from memsvc.chat import template_roles
+
+    client, server = seeded
+    before = server.store.dump()
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    roles = "'system', 'user', 'assistant'"
+    _fails(lambda: client.append("s1", messages=[{"role": "wizard", "content": "Abracadabra."}]), IA,
+           "chat message 0 has role 'wizard'", f"this model's chat template takes the roles {roles}")
+    _fails(lambda: client.append("s1", messages=[{"role": "user", "content": "fine"}, {"role": "", "content": "x"}]),
+           IA, "chat message 1 has role ''")
+    _fails(lambda: client.append("s1", messages=[{"role": "tool", "content": "42"}]), IA, "role 'tool'")  # SmolLM2's
+    for empty in ("", "  \n"):
+        _fails(lambda: client.append("s1", messages=[{"role": "user", "content": empty}]), IA,
+               "chat message 0 (role 'user') is empty: a message needs some content")
+    assert server.store.dump() == before  # refused: nothing stored
+    got = client.append("s1", messages=[{"role": "system", "content": "Be brief."},
+                                        {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Hi"}])
+    assert len(got.token_ids) > 0
+    tools = SimpleNamespace(chat_template="{% if message['role'] == 'tool' %}<tool_response>{% endif %}")
+    assert template_roles(tools) == ("system", "user", "assistant", "tool")
+    assert template_roles(SimpleNamespace(chat_template=None)) == ("system", "user", "assistant")

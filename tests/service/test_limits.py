@@ -2,6 +2,7 @@
 limit, and change nothing; a cancelled or expired Generate stops computing."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -62,6 +63,23 @@ def test_request_size_limit(tmp_path, tiny_model):
         _fails(lambda: c.append("s", text="x" * 5000), RE, "4096")
         assert server.store.dump() == before
         c.append("s", text="small enough")
+        with pytest.raises(grpc.RpcError) as err:  # the project's message, not gRPC's "larger than max"
+            c.append("s", tokens=list(range(3000)))
+        assert err.value.code() == RE
+        assert re.fullmatch(r"this AppendRequest is \d+ bytes, over the limit of 4096 bytes per request message "
+                            r"\(the server's --max-request-bytes\); split it into smaller calls, e\.g\. Appends of "
+                            r"fewer messages or tokens", err.value.details()), err.value.details()
+        assert server.metrics.quota_refusals.labels("max_request_bytes")._value.get() == 2
+
+
+def test_the_size_message_answers_the_default_limit(tmp_path, tiny_model):
+    """The issue's case: a 20 MB request against the default 16 MiB limit."""
+    with served(tmp_path / "data", tiny_model) as (server, port), client(port) as c:
+        c.create_session("s")
+        with pytest.raises(grpc.RpcError) as err:
+            c.append("s", text="x" * (20 << 20))
+        assert err.value.code() == RE and "--max-request-bytes" in err.value.details()
+        assert "larger than max" not in err.value.details()
 
 
 def test_session_quota_per_tenant(tmp_path, tiny_model):

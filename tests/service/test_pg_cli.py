@@ -16,7 +16,7 @@ from tests.service.servers import client, served
 def _cli(*args: str) -> str:
     out = CliRunner().invoke(main, list(args))
     assert out.exit_code == 0, out.output
-    return out.output
+    return out.stdout  # stderr: progress (verify, import, upgrade)
 
 
 def test_every_store_command_takes_a_postgresql_url(pg_url, tiny_model, tiny_model_dirs, tmp_path):

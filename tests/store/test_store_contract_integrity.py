@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from memsvc.store.base import Store
 from memsvc.store.errors import CorruptBlock, CorruptRecord, SessionMissing
 from tests.store.backends import rec, snapshot
 
@@ -118,3 +119,30 @@ def test_rewrite_kv_replaces_entries_in_one_transaction(store_factory):
     s.gc()
     assert not any(s.check_refs().values()) and s.kv_blocks("t")[(0, 1)] == b"b" * 64
     assert s.session_blobs("t")["shared"] == 0  # gc set the count s could not drop to the one pointer left
+
+
+@pytest.mark.parametrize("impl", ["backend", "default"])
+def test_list_page_names_a_damaged_record_and_goes_on(store_factory, impl):
+    """list() stops at a damaged record; list_page() leaves it out of the records, names it in damaged, and
+    lists the others (the backend's own list_page, and the base class's default over list/get/session_ids)."""
+    s = store_factory()
+    for sid in ("a", "b", "c", "d"):
+        s.create(rec(sid, labels={} if sid == "c" else {"team": "x"}))
+    store_factory.damage(s, "record", "b")
+    list_page = s.list_page if impl == "backend" else (lambda **kw: Store.list_page(s, **kw))
+    with pytest.raises(CorruptRecord):
+        s.list()
+    page = list_page()
+    assert [r.id for r in page.records] == ["a", "c", "d"] and [d.id for d in page.damaged] == ["b"]
+    assert "checksum" in page.damaged[0].reason and len(page) == 4 and page.last == "d"
+    first = list_page(limit=2)  # a damaged record counts in the limit, and paging goes past it
+    assert [r.id for r in first.records] == ["a"] and [d.id for d in first.damaged] == ["b"] and first.last == "b"
+    rest = list_page(after=first.last, limit=2)
+    assert [r.id for r in rest.records] == ["c", "d"] and not rest.damaged
+    labelled = list_page(labels={"team": "x"})  # a damaged record's labels cannot be read: it is named anyway
+    assert [r.id for r in labelled.records] == ["a", "d"] and [d.id for d in labelled.damaged] == ["b"]
+    assert not list_page(after="d").damaged and len(list_page(limit=0)) == 0
+    store_factory.damage(s, "record", "d")
+    assert [d.id for d in list_page(after="b").damaged] == ["d"]
+    with pytest.raises(ValueError):
+        list_page(limit=-1)

@@ -20,6 +20,9 @@ these per layer; the layer class knows nothing about policy names.
     union_floor  a prompt chunk of n queries attends the union of its queries' retrieved
              blocks, at most retrieve * max(union_floor, ceil(n / block)) tokens of it
     v_skip   sparse-V: cold value blocks whose every weight is below this are not decoded
+    near, far  with moving positions (a session past the model's window): tokens within `near` positions of
+             the query keep their distance, the others are attended at distance `far` (0: the model's
+             window and window - 1)
     exact_dtype  dtype of the exact tiers (None: the model's)
 """
 from __future__ import annotations
@@ -49,6 +52,8 @@ class LayerPlan:
     exact_dtype: str | None = None
     rest: str = "drop"
     union_floor: int = 4
+    near: int = 0
+    far: int = 0
 
     def __post_init__(self):
         if self.sink < 0 or self.block < 1 or self.keep < 0 or self.retrieve < 0:
@@ -71,6 +76,8 @@ class LayerPlan:
             raise ValueError("window must be >= 1 and pool an odd number >= 1")
         if self.rest not in ("drop", "mean"):
             raise ValueError(f"rest must be 'drop' or 'mean', got {self.rest!r}")
+        if self.near < 0 or self.far < 0 or (self.near and self.far >= self.near):
+            raise ValueError(f"near and far must be >= 0 (0 = the window) with far < near, got {self.near}, {self.far}")
         if self.union_floor < 1:
             raise ValueError(f"union_floor must be >= 1, got {self.union_floor}")
         if not 0.0 <= self.v_skip < 1.0:

@@ -43,8 +43,10 @@ class TieredPolicy:
     rest: str = "mean"  # blocks not retrieved: one mean pseudo-token each ("drop": ignore them, as Quest does)
     dense: tuple[int, ...] = ()  # layers that attend every cold block (no retrieval)
     union_floor: int = 4  # a prompt chunk attends at most retrieve * max(union_floor, ceil(n / block)) cold tokens
+    near: int = 0  # past the model's window: tokens within `near` positions keep their distance (0: the window)
+    far: int = 0  # ... and the others are attended at distance `far` (0: near - 1)
     # settings that only change how attention reads the cache: a stored session follows the server's (stored_policy)
-    READ_SIDE: ClassVar[tuple[str, ...]] = ("retrieve", "v_skip", "rest", "dense", "union_floor")
+    READ_SIDE: ClassVar[tuple[str, ...]] = ("retrieve", "v_skip", "rest", "dense", "union_floor", "near", "far")
 
     def __post_init__(self):
         check_budget("sink", self.sink, 0)
@@ -67,7 +69,8 @@ class TieredPolicy:
             cold_k=self.boundary_key_codec if edge else self.key_codec,
             cold_v=self.boundary_value_codec if edge else self.value_codec,
             retrieve=0 if layer in {b % n_layers for b in self.dense} else self.retrieve, rest=self.rest, keep=self.warm, keep_by="attention" if self.warm else "none", keep_bits=8,
-            v_skip=self.v_skip, exact_dtype=self.exact_dtype, union_floor=self.union_floor,
+            v_skip=self.v_skip, exact_dtype=self.exact_dtype, union_floor=self.union_floor, near=self.near,
+            far=self.far,
         )
 
 

@@ -67,7 +67,13 @@ class Attend:
         n_sink, n_keep = self.sink_k.shape[1], self._keep_len()
         te = k_ex.shape[1]
         hot_ok = self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
-        if not self.n_blocks and p.keep_by != "attention" and softcap is None:  # exact tiers, no scores: SDPA
+        last = self.seen - 1
+        pos_ex = torch.cat([torch.arange(n_sink, device=self.device).expand(H, n_sink), self.keep_pos,
+                            self.hot_pos.expand(H, -1)], 1) if self.moving else None  # [H, Te]
+        far_ex = None if pos_ex is None else self.far_exact(pos_ex, last)  # [H, Te] or None
+        q_far = self.far_query(query[0].float().view(H, G, n, D), qpos) \
+            if self.moving and (far_ex is not None or self.far_blocks(last)) else None  # [H, G, n, D]
+        if not self.n_blocks and p.keep_by != "attention" and softcap is None and far_ex is None:  # SDPA
             self._remember_queries(query)
             mask = None
             if not bool(hot_ok.all()):
@@ -75,9 +81,14 @@ class Attend:
                 mask[:, n_sink + n_keep:] = hot_ok
             out = F.scaled_dot_product_attention(query.float(), k_ex.unsqueeze(0), v_ex.unsqueeze(0), attn_mask=mask,
                                                  scale=scaling, enable_gqa=True)  # [1, Hq, n, Dv]
+            self._note_distance(last, pos_ex, None, None)
             return out.transpose(1, 2).to(query.dtype)
         q = query[0].float().reshape(H, G * n, D)  # rows (g, i)
-        logits = _capped(torch.bmm(q, k_ex.transpose(1, 2)).mul_(scaling), softcap).view(H, G, n, te)
+        logits = torch.bmm(q, k_ex.transpose(1, 2)).mul_(scaling)  # [H, G*n, Te]
+        if far_ex is not None:  # exact tokens beyond `near`: met at distance `far`
+            far = self.far_exact_logits(q_far, k_ex, pos_ex, scaling)
+            logits = torch.where(far_ex.unsqueeze(1), far, logits)
+        logits = _capped(logits, softcap).view(H, G, n, te)
         if not bool(hot_ok.all()):
             logits[..., n_sink + n_keep:].masked_fill_(~hot_ok, float("-inf"))
         parts = [logits]  # [H, G, n, *] each: exact tiers, then cold tokens, then left-out blocks
@@ -85,34 +96,34 @@ class Attend:
         # cold tier: the blocks retrieval picks for each query (all of them without retrieval)
         cold = None
         if self.n_blocks:
-            ids, k_cold, visible, chosen = self._cold_keys(q.view(H, G, n, D))
-            kt = k_cold.transpose(1, 2)  # [H, D, U*B]
-            # tokens a query does not see get -inf through the GEMM's bias input (one pass less than a fill)
+            nf = self.far_blocks(last)  # the oldest nf blocks are far: met by q_far, the others by q
+            ids, k_cold, visible, chosen = self._cold_keys(q.view(H, G, n, D), q_far, nf)
+            uf = int((ids < nf).sum()) * p.block  # far columns first (ids ascend)
             bias = None if visible is None else \
                 torch.zeros(visible.shape, dtype=k_cold.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-            gemm_bias = bias if softcap is None else None  # a soft cap goes on the logits, the mask after it
-            if k_cold.dtype == torch.float32:
-                lc = torch.bmm(q, kt).mul_(scaling) if gemm_bias is None else \
-                    torch.baddbmm(gemm_bias, q, kt, alpha=scaling)
-            else:  # bf16 operands, fp32 accumulation, the logits rounded to bf16 once (2^-9 relative)
-                qs = (q * scaling).to(k_cold.dtype)
-                lc = (torch.bmm(qs, kt) if gemm_bias is None else torch.baddbmm(gemm_bias, qs, kt)).float()
-            if softcap is not None:
-                lc = _capped(lc, softcap) if bias is None else _capped(lc, softcap).add_(bias)
-            lc = lc.view(H, G, n, -1)  # [H, G, n, U*B]
-            del k_cold, kt, bias, gemm_bias
+            lc = [self._cold_logits(q_far.reshape(H, G * n, D), self.far_keys(k_cold[:, :uf], ids[:uf // p.block]),
+                                    bias, scaling, softcap, 0)] if uf else []
+            if uf < k_cold.shape[1]:
+                lc.append(self._cold_logits(q, k_cold[:, uf:], bias, scaling, softcap, uf))
+            lc = (lc[0] if len(lc) == 1 else torch.cat(lc, -1)).view(H, G, n, -1)  # [H, G, n, U*B]
+            del k_cold, bias
             parts.append(lc)
             cold = ids
             if chosen is not None and p.rest == "mean":
                 # blocks retrieval left out still count: one pseudo-token each, the block's mean key and
                 # value weighted by its live tokens (exp(q·mean k) <= mean exp(q·k), so mass is never overstated)
-                lr = _capped(torch.bmm(q, _dq8(self.sum_mean_k).permute(1, 2, 0)).mul_(scaling), softcap)
-                lr = lr.view(H, G, n, -1)
+                mean_k = _dq8(self.sum_mean_k)  # [nb, H, D]
+                lr = torch.bmm(q, mean_k[nf:].permute(1, 2, 0))
+                if nf:
+                    lr = torch.cat([torch.bmm(q_far.reshape(H, G * n, D), self.far_means(mean_k[:nf]).transpose(1, 2)),
+                                    lr], -1)
+                lr = _capped(lr.mul_(scaling), softcap).view(H, G, n, -1)
                 count = self.live.sum(-1).T.float()  # [H, nb]
                 lr = lr + count.clamp(min=1).log().view(H, 1, 1, -1)
                 lr.masked_fill_((chosen | (count == 0).unsqueeze(1)).unsqueeze(1), float("-inf"))
                 parts.append(lr)
 
+        self._note_distance(last, pos_ex, far_ex, cold)
         probs = _softmax_parts(parts)  # in place: each part's share of one softmax over all of them
         out = torch.bmm(probs[0].view(H, G * n, te), v_ex)  # [H, G*n, Dv]
         if cold is not None:
@@ -128,6 +139,38 @@ class Attend:
         self._remember_queries(query)
         out = out.view(Hq, n, -1).transpose(0, 1).unsqueeze(0)  # [1, n, Hq, Dv]
         return out.to(query.dtype)
+
+    def _note_distance(self, last: int, pos_ex, far_ex, cold) -> None:
+        """stats["max_distance"]: the farthest distance any query of this call attended at."""
+        if pos_ex is None:  # every token at its own position: the oldest one attended
+            far = last
+        else:
+            d = (last - pos_ex).masked_fill(far_ex, self.far) if far_ex is not None else last - pos_ex
+            far = int(d.max())
+            if cold is not None and cold.numel():
+                nf = self.far_blocks(last)
+                near = cold[cold >= nf]
+                far = max(far, self.far if int((cold < nf).sum()) else 0,
+                          last - int(self.block_start(near.min())) if near.numel() else 0)
+        self.stats["max_distance"] = max(self.stats["max_distance"], far)
+
+    def _cold_logits(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scaling: float,
+                     softcap: float | None, at: int) -> torch.Tensor:
+        """q [H, G*n, D] . k [H, C, D] -> logits [H, G*n, C] of cold columns at.. (bias [H, 1, U*B]: -inf for
+        tokens no query sees)."""
+        kt = k.transpose(1, 2)  # [H, D, C]
+        if bias is not None:
+            bias = bias[..., at:at + k.shape[1]]  # [H, 1, C]: the same for every query of a chunk
+        # tokens a query does not see get -inf through the GEMM's bias input (one pass less than a fill)
+        gemm_bias = bias if softcap is None else None  # a soft cap goes on the logits, the mask after it
+        if k.dtype == torch.float32:
+            lc = torch.bmm(q, kt).mul_(scaling) if gemm_bias is None else torch.baddbmm(gemm_bias, q, kt, alpha=scaling)
+        else:  # bf16 operands, fp32 accumulation, the logits rounded to bf16 once (2^-9 relative)
+            qs = (q * scaling).to(k.dtype)
+            lc = (torch.bmm(qs, kt) if gemm_bias is None else torch.baddbmm(gemm_bias, qs, kt)).float()
+        if softcap is not None:
+            lc = _capped(lc, softcap) if bias is None else _capped(lc, softcap).add_(bias)
+        return lc
 
     def _remember_queries(self, query: torch.Tensor) -> None:
         """SnapKV-style policies keep the last `window` queries [Hq, w, D] for end_prompt."""
@@ -183,10 +226,10 @@ class Attend:
         low = getattr(codec, "bits", 16) <= max_bits and torch.device(self.device).type == "cpu"
         return _LOW_DTYPE if low else torch.float32
 
-    def _cold_keys(self, q: torch.Tensor):
-        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D] (fp32, or bf16 for few-bit codes), visible
-        [H, n or 1, U*B] or None when all are, chosen [H, n, nb] blocks each query retrieved, or None without
-        retrieval)."""
+    def _cold_keys(self, q: torch.Tensor, q_far: torch.Tensor | None = None, nf: int = 0):
+        """q [H, G, n, D] -> (block ids [U], keys [H, U*B, D] as stored (fp32, or bf16 for few-bit codes),
+        visible [H, 1, U*B] or None when all are, chosen [H, n, nb] blocks each query retrieved, or None without
+        retrieval). q_far: the queries moved to `far`, which the first nf (far) blocks are scored with."""
         p, H, B = self.plan, self.H, self.plan.block
         n = q.shape[2]
         nb = self.n_blocks
@@ -195,7 +238,10 @@ class Attend:
             k_sel = p.retrieve // B
             # Quest upper bound per block: sum_d max(q_d * min_d, q_d * max_d), summed over the group's queries
             mn, mx = _dq8(self.sum_min), _dq8(self.sum_max)  # [nb, H, D]
-            ub = torch.einsum("hgnd,bhd->hnb", q.clamp(min=0), mx) + torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn)
+            ub = torch.einsum("hgnd,bhd->hnb", q.clamp(min=0), mx[nf:]) + \
+                torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn[nf:])  # [H, n, nb - nf]: near blocks
+            if nf:  # far blocks: the bound of their moved keys for the moved queries
+                ub = torch.cat([self.far_bounds(q_far, mn[:nf], mx[:nf]), ub], -1)
             cap = k_sel * max(p.union_floor, -(-n // B)) if n > 1 else k_sel
             top = ub.topk(min(cap, nb), dim=-1).indices  # [H, n, r], best first (r >= k_sel: nb > k_sel here)
             chosen = torch.zeros(H, n, nb, dtype=torch.bool, device=dev)

@@ -38,7 +38,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def _stored_shape(layout: dict, shape: KVShape) -> KVShape:
-    return KVShape(layout["layers"], layout["kv_heads"], layout["head_dim"], _DTYPES[layout["dtype"]], shape.device)
+    """The stored session's shape, attended with the running model's window and RoPE."""
+    return KVShape(layout["layers"], layout["kv_heads"], layout["head_dim"], _DTYPES[layout["dtype"]], shape.device,
+                   shape.window, shape.rope)
 
 
 def cold_store(backing: Backing) -> ColdStore:
@@ -53,11 +55,17 @@ def cold_store(backing: Backing) -> ColdStore:
 
 
 class TieredCache(Cache):
+    """Every key is stored at its own position. With a model whose RoPE can be moved (shape.rope) the session
+    may outgrow the model's window: what lies farther than the window is attended at positions inside it
+    (memsvc.cache.tiered.positions); without, the session stays within the window."""
+
     def __init__(self, policy, shape: KVShape, backing: Backing | None = None):
         self.policy = policy
         self.shape = shape
+        moving = shape.rope is not None and shape.window > 0
         self.cold = cold_store(backing or Backing())
-        layers = [TierLayer(policy.plan(i, shape.layers), i, self.cold, shape.dtype) for i in range(shape.layers)]
+        layers = [TierLayer(policy.plan(i, shape.layers), i, self.cold, shape.dtype, shape.rope, shape.window, moving)
+                  for i in range(shape.layers)]
         super().__init__(layers=layers)
         self._stored: dict[tuple[int, int], bytes] = {}  # (layer, part index) -> digest of the stored part
         self._pending: dict[tuple[int, int], bytes] | None = None  # the same after the commit in flight
@@ -154,7 +162,7 @@ class TieredCache(Cache):
         out = {"cold_hits": self.cold.hits, "cold_misses": self.cold.misses}
         for layer in self.layers:
             for k, v in layer.stats.items():
-                out[k] = out.get(k, 0) + v
+                out[k] = max(out.get(k, 0), v) if k == "max_distance" else out.get(k, 0) + v
         return out
 
     def layout(self) -> dict:
@@ -162,6 +170,9 @@ class TieredCache(Cache):
         return {"layers": s.layers, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
                 "dtype": str(s.dtype).removeprefix("torch."), "block_tokens": self.policy.block_tokens,
                 "form": "tiered"}
+
+    def max_tokens(self) -> int | None:
+        return None if self.layers[0].moving else (self.shape.window or None)
 
     # ---- stored form -----------------------------------------------------------------------
 

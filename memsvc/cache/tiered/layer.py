@@ -27,8 +27,10 @@ from transformers.cache_utils import CacheLayerMixin
 from memsvc.kernels.registry import get_codec
 
 from ..policies.plan import LayerPlan
+from ..rope import Rope
 from .attend import Attend
 from .cold import ColdStore
+from .positions import Positions
 from .rows import _dq8, _q8, _q8_rows
 from .settle import Settle
 
@@ -44,13 +46,21 @@ def _codec(name: str, layer: int):
 
 
 
-class TierLayer(Attend, Settle, CacheLayerMixin):
+class TierLayer(Attend, Settle, Positions, CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, plan: LayerPlan, layer_idx: int, cold: ColdStore, dtype: torch.dtype):
+    def __init__(self, plan: LayerPlan, layer_idx: int, cold: ColdStore, dtype: torch.dtype,
+                 rope: Rope | None = None, window: int = 0, moving: bool = False):
+        """moving: what lies farther than `near` (default the model's window) is attended at positions inside
+        it (memsvc.cache.tiered.positions, with the model's `rope`); False: every key at its own position (such
+        a session stays within the window)."""
         super().__init__()
         self.plan = plan
+        self.rope = rope
+        self.moving = moving
+        self.near = plan.near or window
+        self.far = plan.far or self.near - 1
         self.layer_idx = layer_idx
         self.cold = cold
         self.exact_dtype = plan.dtype(dtype)
@@ -61,7 +71,8 @@ class TierLayer(Attend, Settle, CacheLayerMixin):
         self.evicted = 0  # token-heads dropped by an eviction policy
         self.n_blocks = 0
         self.q_window = None  # [Hq, w, D] last prompt queries (SnapKV)
-        self.stats = {"cold_blocks_read": 0, "cold_blocks_reused": 0, "v_blocks_skipped": 0, "attend_calls": 0}
+        self.stats = {"cold_blocks_read": 0, "cold_blocks_reused": 0, "v_blocks_skipped": 0, "attend_calls": 0,
+                      "max_distance": 0}  # the farthest query-key distance attended (positions)
 
     # ---- transformers Cache API --------------------------------------------------------
 
