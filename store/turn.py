@@ -27,6 +27,19 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def possible_id(sid) -> bool:
+    """Whether sid could name a stored session (a miss needs no error for anything else)."""
+    return isinstance(sid, str) and "\0" not in sid
+
+
+def check_page(after, limit) -> None:
+    """ValueError unless (after, limit) ask for a page of a listing: a session id or "", a count >= 0."""
+    if not is_int(limit) or limit < 0:
+        raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+    if not possible_id(after):
+        raise ValueError(f"after must be a session id or empty, got {after!r}")
+
+
 def check_record(record) -> SessionRecord:
     if not isinstance(record, SessionRecord):
         raise ValueError(f"expected a SessionRecord, got {type(record).__name__}")

@@ -19,15 +19,10 @@ from ..archive import Export, check_import
 from ..base import Damaged, KVKey, Page, Store
 from ..errors import SessionMissing
 from ..records import SessionRecord
-from ..turn import check_kv_key, check_record, encode_kv, is_int, prepare_commit
+from ..turn import check_kv_key, check_page, check_record, encode_kv, is_int, possible_id, prepare_commit
 from . import archive, blobs, check, sessions, writes
 from .env import Env
 from .layout import prefix
-
-
-def _possible(sid) -> bool:
-    """Whether sid could name a stored session (a miss needs no error for anything else)."""
-    return isinstance(sid, str) and "\0" not in sid
 
 
 class LmdbStore(Store):
@@ -56,24 +51,18 @@ class LmdbStore(Store):
     # ---- records -----------------------------------------------------------------------
 
     def get(self, sid: str) -> SessionRecord | None:
-        if not _possible(sid):
+        if not possible_id(sid):
             return None
         return self._env.read(lambda tx: sessions.read_record(tx, sid)[0])
 
     def list(self, after: str = "", limit: int = 100, labels: Mapping[str, str] | None = None
              ) -> list[SessionRecord]:
-        if not is_int(limit) or limit < 0:
-            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
-        if not _possible(after):
-            raise ValueError(f"after must be a session id or empty, got {after!r}")
+        check_page(after, limit)
         wanted = dict(labels or {})
         return self._env.read(lambda tx: sessions.list_records(tx, after, limit, wanted))
 
     def list_page(self, after: str = "", limit: int = 100, labels: Mapping[str, str] | None = None) -> Page:
-        if not is_int(limit) or limit < 0:
-            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
-        if not _possible(after):
-            raise ValueError(f"after must be a session id or empty, got {after!r}")
+        check_page(after, limit)
         wanted = dict(labels or {})
 
         def one_pass(tx):
@@ -152,7 +141,7 @@ class LmdbStore(Store):
         return self._env.write(lambda tx: writes.fork(tx, src_id, dst_record))
 
     def delete(self, sid: str, *, expired_at: float | None = None, default_ttl: float = 0.0) -> bool:
-        if not _possible(sid):
+        if not possible_id(sid):
             return False
         self._env.check_writable()
         if not self._env.read(lambda tx: sessions.exists(tx, sid)):

@@ -17,15 +17,10 @@ from ..archive import Export, check_import
 from ..base import KVKey, Lease, Store
 from ..errors import SessionMissing
 from ..records import SessionRecord, check_id
-from ..turn import check_kv_key, check_record, encode_kv, is_int, prepare_commit
+from ..turn import check_kv_key, check_page, check_record, encode_kv, is_int, possible_id, prepare_commit
 from . import blobs, check, leases, sessions, writes
 from .db import Db
 from .migrate import check_schema, migrate
-
-
-def _possible(sid) -> bool:
-    """Whether sid could name a stored session (a miss needs no error for anything else)."""
-    return isinstance(sid, str) and "\0" not in sid
 
 
 def _check_lease_args(sid, owner, seconds) -> None:
@@ -75,16 +70,13 @@ class PgStore(Store):
     # ---- records -----------------------------------------------------------------------
 
     def get(self, sid: str) -> SessionRecord | None:
-        if not _possible(sid):
+        if not possible_id(sid):
             return None
         return self._db.read("get", lambda tx: sessions.read_record(tx, sid))
 
     def list(self, after: str = "", limit: int = 100, labels: Mapping[str, str] | None = None
              ) -> list[SessionRecord]:
-        if not is_int(limit) or limit < 0:
-            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
-        if not _possible(after):
-            raise ValueError(f"after must be a session id or empty, got {after!r}")
+        check_page(after, limit)
         wanted = dict(labels or {})
         return self._db.read("list", lambda tx: sessions.list_records(tx, after, limit, wanted))
 
@@ -161,7 +153,7 @@ class PgStore(Store):
         return self._db.write("fork", lambda tx: writes.fork(tx, src_id, dst_record))
 
     def delete(self, sid: str, *, expired_at: float | None = None, default_ttl: float = 0.0) -> bool:
-        if not _possible(sid):
+        if not possible_id(sid):
             return False
         self._db.check_writable()
         if not self._db.read("delete", lambda tx: sessions.exists(tx, sid)):
