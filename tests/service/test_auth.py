@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 
 import grpc
 import pytest
@@ -15,7 +14,7 @@ from memsvc.auth import KeyRing, Tenant, bearer_key, hash_key, is_loopback
 from memsvc.errors import InvalidArgument
 from memsvc.proto import memsvc_pb2 as pb
 from memsvc.proto import memsvc_pb2_grpc as pb_grpc
-from tests.service.servers import client, served
+from tests.service.servers import client, self_signed_cert, served
 
 ALICE_KEY = "alice-key-0123456789abcdef"
 BOB_KEY = "bob-key-0123456789abcdef-bob"
@@ -230,14 +229,7 @@ def test_paging_stays_inside_the_tenant(tenants):
 
 
 def test_tls_serves_with_a_certificate(tmp_path, tiny_model):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                        str(cert), "-days", "1", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                       check=True, capture_output=True, timeout=60)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a test certificate here: {exc}")
+    cert, key = self_signed_cert(tmp_path)
     with pytest.raises(ValueError, match="both"):
         with served(tmp_path / "d0", tiny_model, tls_cert=cert):
             pass

@@ -1,14 +1,11 @@
 """`memsvc chat` against a server with auth on, and over TLS (issue 25, acceptance 3)."""
 from __future__ import annotations
 
-import subprocess
-
-import pytest
 from click.testing import CliRunner
 
 from memsvc.auth import KeyRing, hash_key
 from memsvc.cli import main
-from tests.service.servers import client, served
+from tests.service.servers import client, self_signed_cert, served
 
 KEY = "carol-key-0123456789abcdef"
 
@@ -39,14 +36,7 @@ def test_chat_sends_its_api_key(tmp_path, tiny_model):
 
 
 def test_chat_over_tls(tmp_path, tiny_model):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                        str(cert), "-days", "1", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                       check=True, capture_output=True, timeout=60)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a test certificate here: {exc}")
+    cert, key = self_signed_cert(tmp_path)
     runner = CliRunner()
     with served(tmp_path / "data", tiny_model, api_keys=_ring(), tls_cert=cert, tls_key=key) as (_, port):
         addr = f"127.0.0.1:{port}"

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import lmdb
 import pytest
@@ -16,7 +15,7 @@ from memsvc.store.blocks import KIND_KV, KIND_TOKENS, decode_block
 from memsvc.store.errors import CorruptBlock, CorruptRecord, StoreError
 from memsvc.store.lmdb import LmdbStore as Store
 from memsvc.store.open import open_store
-from tests.store.backends import LmdbBackend, ids_for, rec
+from tests.store.backends import LmdbBackend, hammer, ids_for, rec
 from tests.store.lmdb_raw import raw_put, session_bytes, session_values, session_values_from
 
 
@@ -194,40 +193,7 @@ def test_reader_process_follows_a_map_grown_by_the_writer(tmp_path):
 
 def test_map_grows_while_threads_write_and_read(tmp_path):
     with Store(tmp_path, map_size=128 << 10, token_block=16) as s:  # small map: it grows while threads run
-        errors: list[BaseException] = []
-        done = threading.Event()
-
-        def writer(sid):
-            try:
-                s.create(rec(sid))
-                for i in range(15):
-                    s.commit(rec(sid), first_token=i * 10, tokens=[i] * 10,
-                             blocks={(0, i): os.urandom(3000), (1, 0): os.urandom(2000 + i)})
-            except BaseException as exc:  # noqa: BLE001 - asserted below
-                errors.append(exc)
-
-        def reader():
-            try:
-                while not done.is_set():
-                    for r in s.list():
-                        toks = s.tokens(r.id)  # checks its count against the record in the same txn
-                        assert toks == [j for j in range(len(toks) // 10) for _ in range(10)]
-                        kv = s.kv_blocks(r.id)  # a later snapshot: at least as far along
-                        assert (len(toks) // 10 + 1 if toks else 0) <= len(kv) <= 16
-                    s.stats()
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        writers = [threading.Thread(target=writer, args=(f"w{i}",)) for i in range(4)]
-        readers = [threading.Thread(target=reader) for _ in range(2)]
-        for t in writers + readers:
-            t.start()
-        for t in writers:
-            t.join()
-        done.set()
-        for t in readers:
-            t.join()
-        assert not errors, errors
+        hammer(s)
         assert s.stats()["map_size"] > 128 << 10
         for i in range(4):
             assert s.tokens(f"w{i}") == [j for j in range(15) for _ in range(10)]

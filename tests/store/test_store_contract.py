@@ -4,13 +4,12 @@ a transaction change nothing), read-only and closed stores, concurrent use. Only
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
 from memsvc.store.base import Store
 from memsvc.store.errors import SessionExists, SessionMissing, StoreError
-from tests.store.backends import InjectedFailure, ids_for, rec, snapshot
+from tests.store.backends import InjectedFailure, hammer, ids_for, rec, snapshot
 
 
 def test_every_backend_implements_the_interface(store_factory):
@@ -213,44 +212,4 @@ def test_closed_store_refuses_calls(store_factory):
 
 
 def test_concurrent_writers_and_readers(store_factory):
-    s = store_factory(token_block=16)
-    errors: list[BaseException] = []
-    done = threading.Event()
-
-    def writer(sid):
-        try:
-            s.create(rec(sid))
-            for i in range(15):
-                s.commit(rec(sid), first_token=i * 10, tokens=[i] * 10,
-                         blocks={(0, i): os.urandom(3000), (1, 0): os.urandom(2000 + i)})
-            s.fork(sid, rec(sid + "f"))
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
-
-    def reader():
-        try:
-            while not done.is_set():
-                for r in s.list():
-                    toks = s.tokens(r.id)  # checks its count against the record in the same snapshot
-                    assert toks == [j for j in range(len(toks) // 10) for _ in range(10)]
-                    kv = s.kv_blocks(r.id)  # a later snapshot: at least as far along
-                    assert (len(toks) // 10 + 1 if toks else 0) <= len(kv) <= 16
-                s.stats()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    writers = [threading.Thread(target=writer, args=(f"w{i}",)) for i in range(4)]
-    readers = [threading.Thread(target=reader) for _ in range(2)]
-    for t in writers + readers:
-        t.start()
-    for t in writers:
-        t.join()
-    done.set()
-    for t in readers:
-        t.join()
-    assert not errors, errors
-    for i in range(4):
-        for sid in (f"w{i}", f"w{i}f"):
-            assert s.tokens(sid) == [j for j in range(15) for _ in range(10)] and len(s.kv_blocks(sid)) == 16
-            assert s.get(sid).stored_bytes == s.session_keys(sid)[1]
-    assert s.stats()["shared_blobs"] == 4 * 16 and not any(s.check_refs().values())
+    hammer(store_factory(token_block=16))
