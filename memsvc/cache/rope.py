@@ -13,6 +13,7 @@ Only RoPE whose frequencies do not depend on the sequence (default, linear, llam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -39,6 +40,11 @@ class Rope:
                 return cls(tuple(float(x) for x in inv.double()))
         return None
 
+    @cached_property
+    def _freq(self) -> torch.Tensor:
+        """The frequencies [R/2] in float64, made once (rotate runs per layer and step)."""
+        return torch.tensor(self.inv_freq, dtype=torch.float64)
+
     @property
     def dims(self) -> int:
         return 2 * len(self.inv_freq)
@@ -49,7 +55,7 @@ class Rope:
         R, half = self.dims, len(self.inv_freq)
         if x.shape[-1] < R:
             raise ValueError(f"a head of {x.shape[-1]} dims cannot take {R} rotary dims")
-        freq = torch.tensor(self.inv_freq, dtype=torch.float64, device=x.device)  # [R/2]
+        freq = self._freq.to(x.device)  # [R/2]
         d = torch.as_tensor(delta, dtype=torch.float64, device=x.device)
         angle = d.unsqueeze(-1) * freq  # [..., T, R/2]
         cos, sin = angle.cos().to(torch.float32), angle.sin().to(torch.float32)
