@@ -170,6 +170,15 @@ class Metrics:
             registry=r)
         self.quota_refusals = Counter("memsvc_limit_refusals", "Calls refused by a limit or quota.", ["limit"],
                                       registry=r)
+        self.session_wait = Histogram(
+            "memsvc_session_wait_seconds", "Time a call waited in line for its session (held by another call).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.first_token = Histogram(
+            "memsvc_generate_first_token_seconds", "Generate: time from the call's start to its first token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram(
+            "memsvc_generate_inter_token_seconds", "Generate: time between consecutive tokens of one reply.",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.collector = _ServiceCollector(manager, store_stats, store_every, store_io)
         r.register(self.collector)
         self._http = None

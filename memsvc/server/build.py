@@ -124,6 +124,7 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
         raise
     manager = SessionManager(store, loaded, **manager_options)
     metrics = Metrics(manager, store_stats=store.stats, store_io=store.io_counters)
+    manager.holds.waited = metrics.session_wait.observe
     servicer = MemoryServicer(manager, keys=api_keys if auth_on else None, limits=limits, metrics=metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memsvc"),

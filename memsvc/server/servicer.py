@@ -3,6 +3,7 @@ the result into a reply (the plumbing around them: memsvc.server.calls)."""
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 
 from memsvc.proto import memsvc_pb2 as pb
@@ -13,6 +14,26 @@ from ..limits import LimitExceeded, Limits, Quotas
 from ..metrics import Metrics
 from ..sessions import GenerateParams, SessionManager
 from .calls import Plumbing, _Call, _session_pb
+
+
+class _TokenClock:
+    """A Generate's time to first token and its gaps between tokens, into the metrics' histograms."""
+
+    def __init__(self, metrics: Metrics | None):
+        self.metrics = metrics
+        self.last = time.perf_counter()  # the call's start, then the last token's time
+        self.first = True
+
+    def tokens(self, n: int) -> None:
+        if self.metrics is None or n == 0:
+            return
+        now = time.perf_counter()
+        if self.first:
+            self.metrics.first_token.observe(now - self.last)
+            self.first = False
+        else:
+            self.metrics.inter_token.observe((now - self.last) / n)
+        self.last = now
 
 
 class MemoryServicer(Plumbing):
@@ -82,10 +103,12 @@ class MemoryServicer(Plumbing):
         )
         call.tokens_out = 0
         before: dict = {}
+        clock = _TokenClock(self.metrics)
         with contextlib.ExitStack() as stack:
             admit = self._admitter(call, context, stack, before, generate=True)
             for chunk in self.m.generate(inner, params, cancelled=lambda: not context.is_active(), admit=admit):
                 call.tokens_out += len(chunk.token_ids)
+                clock.tokens(len(chunk.token_ids))
                 msg = pb.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason)
                 if chunk.record is not None:
                     call.finish = chunk.finish_reason

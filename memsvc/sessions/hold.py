@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import Aborted
 
@@ -51,6 +51,7 @@ class Holds:
         if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not math.isfinite(wait) or wait < 0:
             raise ValueError(f"hold wait must be a finite number of seconds >= 0, got {wait!r}")
         self.wait = float(wait)
+        self.waited: Callable[[float], None] | None = None  # told how long each call waited in line (s)
         self._mutex = threading.Lock()
         self._lines: dict[str, _Line] = {}
 
@@ -71,9 +72,12 @@ class Holds:
                 left = arrived + limit - time.monotonic()
                 if left <= 0:
                     line.tickets.remove(ticket)
+                    self._tell(limit)
                     raise self._busy(sid, line, what, limit)
                 line.turn.wait(left)
             line.what, line.since = what, time.monotonic()
+        if limit > 0:  # a call (housekeeping takes idle sessions only: wait 0)
+            self._tell(line.since - arrived)
         try:
             yield
         finally:
@@ -83,6 +87,10 @@ class Holds:
                     line.turn.notify_all()
                 else:
                     del self._lines[sid]
+
+    def _tell(self, seconds: float) -> None:
+        if self.waited is not None:
+            self.waited(seconds)
 
     def held(self, sid: str) -> bool:
         """Whether a call holds or waits for sid now."""

@@ -170,3 +170,40 @@ def test_one_json_line_per_rpc_without_content(tmp_path, tiny_model, rpc_log):
     assert lines[4]["error"] == "no session 'other'"
     text = rpc_log.getvalue()
     assert secret not in text and "4512" not in text and "Sure" not in text and KEY not in text
+
+
+def test_first_token_inter_token_and_session_wait_are_histograms(tmp_path, tiny_model):
+    """Generate's time to first token (one sample per call) and its gaps between tokens (one per later token),
+    and the time calls wait in line for a session another call holds."""
+    import threading
+
+    with served(tmp_path / "data", tiny_model, metrics_port=0) as (server, port), client(port) as c:
+        c.create_session("s")
+        c.append("s", tokens=list(range(10, 60)))
+        n = len(c.generate_text("s", max_new_tokens=6).token_ids)
+        m = _scrape(server.metrics_port)
+        assert n >= 2
+        assert _get(m, "memsvc_generate_first_token_seconds_count") == 1
+        assert _get(m, "memsvc_generate_first_token_seconds_sum") > 0
+        assert _get(m, "memsvc_generate_inter_token_seconds_count") == n - 1
+        waits0 = _get(m, "memsvc_session_wait_seconds_count")
+        assert waits0 == 3  # CreateSession, Append and Generate each took the session, without waiting
+
+        held = threading.Event()
+        release = threading.Event()
+
+        def hold_it():
+            with server.manager.holds.hold("s", "a test"):
+                held.set()
+                release.wait(10)
+
+        t = threading.Thread(target=hold_it)
+        t.start()
+        held.wait(10)
+        threading.Timer(0.4, release.set).start()
+        c.append("s", tokens=[11, 12])  # waits in line until the holder lets go
+        t.join()
+        m = _scrape(server.metrics_port)
+        assert _get(m, "memsvc_session_wait_seconds_count") == waits0 + 2
+        assert _get(m, "memsvc_session_wait_seconds_sum") >= 0.3
+        assert _get(m, "memsvc_session_wait_seconds_bucket", le="0.25") <= waits0 + 1  # the waiting call is past it
