@@ -92,14 +92,15 @@ def cut_at(n: int, depth: float) -> int:
     return min(n, int(round(depth * n)))
 
 
-def grow(mgr: SessionManager, sid: str, ids: list[int], step: int, fork_of: tuple[str, int] | None = None) -> float:
+def grow(mgr: SessionManager, sid: str, ids: list[int], step: int, fork_of: tuple[str, int] | None = None,
+         policy: str = "tiered") -> float:
     """Make session sid hold ids (continuing a part-built one; a new one forks `fork_of` = (session, its
     length) when given); seconds spent this time."""
     try:
         have = mgr.view(sid).record.n_tokens
     except NotFound:
         if fork_of is None:
-            mgr.create(sid, policy="tiered")
+            mgr.create(sid, policy=policy)
             have = 0
         else:
             mgr.fork(fork_of[0], sid)
@@ -113,12 +114,18 @@ def grow(mgr: SessionManager, sid: str, ids: list[int], step: int, fork_of: tupl
     return time.perf_counter() - t0
 
 
-def build_length(mgr, task: Task, n: int, depths: list[float], keys: list[str], hay: list[int], step: int) -> float:
+def plain_id(task: Task, n: int, policy: str) -> str:
+    """The plain session of n tokens (the default policy's keep the names they were built under)."""
+    return f"unbounded-{task.name}-{n}" + ("" if policy == "tiered" else f"-{policy}")
+
+
+def build_length(mgr, task: Task, n: int, depths: list[float], keys: list[str], hay: list[int], step: int,
+                 policy: str) -> float:
     """The plain session of n essay tokens and one cell per depth; seconds spent."""
     tok = mgr.model.tokenizer
     intro = task.parts(tok)[0]
     hay = intro + hay
-    plain = f"unbounded-{task.name}-{n}"
+    plain = plain_id(task, n, policy)
     secs = 0.0
     for depth, key in sorted(zip(depths, keys)):
         cut = len(intro) + cut_at(n, depth)
@@ -132,10 +139,10 @@ def build_length(mgr, task: Task, n: int, depths: list[float], keys: list[str], 
                                      f"new --data dir")
             except NotFound:
                 pass
-        secs += grow(mgr, plain, hay[:cut], step)
+        secs += grow(mgr, plain, hay[:cut], step, policy=policy)
         ids = hay[:cut] + tok(task.needle(key), add_special_tokens=False).input_ids + hay[cut:len(intro) + n]
         secs += grow(mgr, sid, ids, step, (plain, cut))
-    return secs + grow(mgr, plain, hay[:len(intro) + n], step)
+    return secs + grow(mgr, plain, hay[:len(intro) + n], step, policy=policy)
 
 
 def answer(model, kv, first: list[int], found: str, n_new: int) -> dict:
@@ -168,14 +175,14 @@ def ppl(model, kv, first: int, cont: list[int]) -> float:
 
 
 def measure_tiered(model, store, task: Task, n: int, depths: list[float], keys: list[str], cont: list[int],
-                   n_new: int) -> dict:
+                   n_new: int, policy: str) -> dict:
     tok = model.tokenizer
     mgr = SessionManager(store, model, sweep_every=0)  # a restart: nothing resident
     q = task.parts(tok)[1]
     try:
         rows = []
         for depth, key in zip(depths, keys):
-            sid = f"unbounded-{task.name}-{n}-d{int(depth * 100):03d}"
+            sid = f"{plain_id(task, n, policy)}-d{int(depth * 100):03d}"
             want = answer_ids(tok, task, key)
             mgr.fork(sid, "probe")
             t0 = time.perf_counter()
@@ -192,7 +199,7 @@ def measure_tiered(model, store, task: Task, n: int, depths: list[float], keys: 
             rows.append(r)
             log(f"  tiered {n:,} depth {depth:.2f}: found={r['found']} {r['reply']!r} lp={r['logprob']:.2f} "
                 f"resume->first {r['resume_to_first_s']:.2f}s decode {r['decode_tok_s']:.1f} tok/s")
-        mgr.fork(f"unbounded-{task.name}-{n}", "probe")
+        mgr.fork(plain_id(task, n, policy), "probe")
         live = mgr._load("probe")
         p = ppl(model, live.kv, live.tokens[-1], cont)
         mgr.delete("probe")
@@ -242,7 +249,8 @@ def plot(results: list[dict], reference: dict | None, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("full, needle inside\nits 8k context", [(reference["tokens"], reference["rows"])])] if reference else []
-    for kind in ("tiered", "full-last-window", "streaming"):
+    kinds = list(dict.fromkeys(k for r in results for k in r["kinds"]))  # the policy's first, then the baselines
+    for kind in kinds:
         cols = [(r["tokens"], r["kinds"][kind]["rows"]) for r in results if kind in r["kinds"]]
         if cols:
             panels.append((kind, cols))
@@ -291,6 +299,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--task", choices=sorted(TASKS), default="needle")
+    ap.add_argument("--policy", default="tiered", help="the policy of the long sessions (a tiered one)")
     ap.add_argument("--append", type=int, default=2048, help="tokens per Append while building")
     ap.add_argument("--ppl", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=8)
@@ -334,14 +343,14 @@ def main() -> None:
             mgr = SessionManager(store, model, sweep_every=0)
             try:
                 log(f"build {n:,}: the plain session and {len(depths)} cells")
-                secs = build_length(mgr, task, n, depths, keys, hay, args.append)
+                secs = build_length(mgr, task, n, depths, keys, hay, args.append, args.policy)
             finally:
                 mgr.close()
             if secs > 1:
-                built[f"{task.name}-{n}"] = built.get(f"{task.name}-{n}", 0.0) + secs
+                built[plain_id(task, n, args.policy)[10:]] = built.get(plain_id(task, n, args.policy)[10:], 0.0) + secs
                 built_path.write_text(json.dumps(built, indent=1))
             log(f"measure {n:,}")
-            kinds = {"tiered": measure_tiered(model, store, task, n, depths, keys, cont, args.new_tokens)}
+            kinds = {args.policy: measure_tiered(model, store, task, n, depths, keys, cont, args.new_tokens, args.policy)}
         for b in [x for x in args.baselines.split(",") if x]:
             name = "full-last-window" if b == "full" else b
             rows = []
@@ -350,7 +359,7 @@ def main() -> None:
                 ids = intro + hay[:cut] + tok(task.needle(key), add_special_tokens=False).input_ids + hay[cut:n]
                 rows.append(window_cell(model, task, ids, key, args.new_tokens, b, keep, depth))
             kinds[name] = {"rows": rows, "ppl": window_ppl(model, intro + hay[:n], cont, b, keep)}
-        results.append({"tokens": n, "build_s": built.get(f"{task.name}-{n}"), "kinds": kinds})
+        results.append({"tokens": n, "build_s": built.get(plain_id(task, n, args.policy)[10:]), "kinds": kinds})
         print(table(results[-1:], reference), flush=True)
     print(table(results, reference))
     if args.plot:
