@@ -93,8 +93,9 @@ class Fleet:
         return f"PostgreSQL {self.pg.url('load')} (fsync on, started in {self.pg.startup_seconds:.1f} s)"
 
     def db_snapshot(self) -> dict | None:
-        """The database's counters now (None for LMDB): commits, rollbacks, rows inserted/updated/deleted,
-        WAL records and bytes (server-wide: this server holds only the load test's database), its size."""
+        """The database's counters now (None for LMDB): transactions committed (an autocommit read counts as
+        one) and rolled back, rows inserted/updated/deleted, the WAL position in bytes (server-wide: this server
+        holds only the load test's database), the database's size."""
         if self.url is None:
             return None
         import psycopg
@@ -105,9 +106,9 @@ class Fleet:
                 "SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted, "
                 "pg_database_size(current_database()) FROM pg_stat_database WHERE datname = current_database()"
             ).fetchone()
-            wal = conn.execute("SELECT wal_records, wal_bytes::bigint FROM pg_stat_wal").fetchone()
+            wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint").fetchone()[0]
         keys = ("commits", "rollbacks", "rows_inserted", "rows_updated", "rows_deleted", "database_bytes")
-        return {**dict(zip(keys, (int(v) for v in row))), "wal_records": int(wal[0]), "wal_bytes": int(wal[1])}
+        return {**dict(zip(keys, (int(v) for v in row))), "wal_bytes": int(wal)}
 
     def stored_bytes(self) -> int:
         """The data dir's bytes (LMDB) or the database's (PostgreSQL); call before stop()."""
