@@ -4,9 +4,10 @@ Starts a throwaway PostgreSQL server (tools/pgserver.py, fsync on, synchronous_c
 deployment keeps), opens a PgStore on a fresh database, and times, for --sessions session ids: one acquire
 each, --rounds rounds of one renew each (first one at a time, then from --threads threads at once, as replicas
 renewing side by side would), and one release each. For each kind: operations per second, p50/p99 latency,
-round trips (Store.io_counters) and WAL bytes (the WAL insert position's advance) per operation. A replica renews every resident
-session once per third of its --lease-seconds, so `renewals/s needed = resident sessions x 3 / lease seconds`
-over all replicas; the table prints that for a few fleet sizes beside what was measured.
+round trips (Store.io_counters) and WAL bytes (the WAL insert position's advance) per operation. A replica
+renews every resident session once per third of its --lease-seconds, so `renewals/s needed = resident
+sessions x 3 / lease seconds` over all replicas; the table prints that for a few fleet sizes beside what was
+measured.
 
     python benchmarks/pg_leases.py --sessions 500 --rounds 3 --threads 8
 

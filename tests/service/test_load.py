@@ -13,9 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(model, budget: int, *extra: str) -> tuple[dict, list[str]]:
+def _run(model, budget: int, *extra: str, sessions: int = 3) -> tuple[dict, list[str]]:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--seconds", "5", "--clients", "2",
-           "--sessions", "3", "--model", str(model), "--max-session-tokens", "300",
+           "--sessions", str(sessions), "--model", str(model), "--max-session-tokens", "300",
            "--resident-budget", str(budget), "--progress-every", "2", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     lines = proc.stdout.strip().splitlines()
@@ -39,13 +39,14 @@ def test_load_driver_runs_clean(tiny_model_dirs):
 
 def test_load_driver_runs_clean_on_two_replicas_over_postgresql(tiny_model_dirs):
     budget = 300_000
-    out, lines = _run(tiny_model_dirs[0], budget, "--store", "postgresql", "--replicas", "2", "--sessions", "4")
+    out, lines = _run(tiny_model_dirs[0], budget, "--store", "postgresql", "--replicas", "2", sessions=4)
     assert out["store"] == "postgresql" and out["replicas"] == 2
     assert out["errors"] == 0 and out["errors_by_code"] == {} and out["stuck_clients"] == 0
     assert out["server_exit_codes"] == [0, 0]
     assert set(out["rpcs"]) >= {"Append", "Generate", "Resume"}
     by_replica = out["memory_by_replica"]
     assert len(by_replica) == 2 and all(m["rss_max_bytes"] > 0 and m["within_budget"] for m in by_replica)
+    assert all(m["resident_sessions_max"] >= 1 for m in by_replica)  # each replica served its own sessions
     assert out["server_counters"]["tokens_appended"] > 0
     db = out["database"]  # the run's own commits and WAL, read from the database's statistics
     assert db["commits"] > 0 and db["wal_bytes"] > 0 and db["rows_inserted"] > 0
