@@ -114,6 +114,48 @@ def sample_memory(pid: int, port: int, samples: Samples, stop: threading.Event, 
                 return
 
 
+def memory_summary(samples: Samples, budget: int, after_setup: dict[str, int]) -> dict:
+    """One server's memory over the run: resident session bytes against the budget, RSS and its parts."""
+    resident_max = max(samples.resident, default=0)
+    return {
+        "budget_bytes": budget,
+        "resident_session_bytes_max": resident_max,
+        "resident_session_bytes_mean": round(sum(samples.resident) / len(samples.resident))
+        if samples.resident else 0,
+        "resident_sessions_max": max(samples.sessions_resident, default=0),
+        "within_budget": budget == 0 or resident_max <= budget,
+        "rss_after_setup_bytes": after_setup["VmRSS"],
+        "rss_max_bytes": max(samples.rss, default=0),
+        "rss_last_bytes": samples.rss[-1] if samples.rss else 0,
+        "rss_hwm_bytes": samples.hwm,
+        "rss_anon_after_setup_bytes": after_setup["RssAnon"],
+        "rss_anon_max_bytes": max(samples.anon, default=0),
+        "rss_file_max_bytes": max(samples.file, default=0),
+        "samples": len(samples.rss),
+    }
+
+
+def merged_memory(per_replica: list[dict], stored_bytes: int) -> dict:
+    """The replicas' memory in one dict: each figure the largest of any replica (each has its own budget),
+    within_budget only if every replica stayed within it, samples summed; plus the store's bytes."""
+    out = {k: max(m[k] for m in per_replica) for k in per_replica[0]}
+    out["within_budget"] = all(m["within_budget"] for m in per_replica)
+    out["samples"] = sum(m["samples"] for m in per_replica)
+    out["data_dir_bytes"] = stored_bytes
+    return out
+
+
+COUNTERS = ("session_loads", "sessions_unloaded", "resumes", "tokens_appended", "tokens_generated",
+            "model_tokens_processed")
+
+
+def server_counters(stats: list) -> dict | None:
+    """GetStats' counters summed over the replicas (None when a replica's stats never came)."""
+    if not stats or any(st is None for st in stats):
+        return None
+    return {k: sum(getattr(st, k) for st in stats) for k in COUNTERS}
+
+
 def mib(b: float) -> str:
     return f"{b / (1 << 20):.1f} MiB"
 
@@ -121,25 +163,35 @@ def mib(b: float) -> str:
 def print_table(out: dict) -> None:
     cfg, mem = out["config"], out["memory"]
     print(f"\nLoad test: {cfg['clients']} clients, {cfg['sessions']} sessions, {out['run_s']} s, "
-          f"model {out['model']}, policy {out['policy']}, {out['machine']['cpus']} CPUs")
-    head = f"{'rpc':<24}{'calls':>8}{'ok':>8}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}  errors"
+          f"model {out['model']}, policy {out['policy']}, store {out['store']} x {out['replicas']} "
+          f"replica(s), {out['machine']['cpus']} CPUs")
+    head = f"{'rpc':<24}{'calls':>8}{'ok':>8}{'ok/s':>8}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}  errors"
     print(head)
     print("-" * len(head))
     for name, r in out["rpcs"].items():
         errs = ", ".join(f"{c} {n}" for c, n in sorted(r["errors"].items())) or "-"
         cells = [f"{r[k]:>10.1f}" if r[k] is not None else f"{'-':>10}" for k in ("p50_ms", "p99_ms", "max_ms")]
-        print(f"{name:<24}{r['calls']:>8}{r['ok']:>8}{''.join(cells)}  {errs}")
+        print(f"{name:<24}{r['calls']:>8}{r['ok']:>8}{r['ok'] / max(out['run_s'], 1e-9):>8.2f}{''.join(cells)}  "
+              f"{errs}")
+    by_code = ", ".join(f"{c} {n}" for c, n in sorted(out["errors_by_code"].items())) or "none"
     print(f"\ncalls {out['calls']} ({out['calls'] / max(out['run_s'], 1e-9):.1f}/s), errors {out['errors']} "
-          f"(intended {out['intended_errors']}), sessions replaced at the token cap {out['sessions_replaced']}, "
-          f"setup {out['setup_s']} s")
-    print(f"resident session bytes: max {mib(mem['resident_session_bytes_max'])}, mean "
+          f"(by code: {by_code}; intended {out['intended_errors']}), sessions replaced at the token cap "
+          f"{out['sessions_replaced']}, setup {out['setup_s']} s")
+    per = "" if out["replicas"] == 1 else " (the largest of any replica; each has this budget)"
+    print(f"resident session bytes{per}: max {mib(mem['resident_session_bytes_max'])}, mean "
           f"{mib(mem['resident_session_bytes_mean'])}, budget {mib(mem['budget_bytes'])} "
           f"({'within' if mem['within_budget'] else 'OVER'}); resident sessions max {mem['resident_sessions_max']}")
-    print(f"server RSS: after setup {mib(mem['rss_after_setup_bytes'])}, max {mib(mem['rss_max_bytes'])}, "
+    print(f"server RSS{per}: after setup {mib(mem['rss_after_setup_bytes'])}, max {mib(mem['rss_max_bytes'])}, "
           f"last {mib(mem['rss_last_bytes'])}, peak (VmHWM) {mib(mem['rss_hwm_bytes'])}; "
           f"of it anonymous: after setup {mib(mem['rss_anon_after_setup_bytes'])}, max "
           f"{mib(mem['rss_anon_max_bytes'])}; mapped files max {mib(mem['rss_file_max_bytes'])}; "
           f"{mem['samples']} samples")
-    print(f"data dir at the end: {mib(mem['data_dir_bytes'])}")
+    print(f"{'data dir' if out['store'] == 'lmdb' else 'database'} at the end: {mib(mem['data_dir_bytes'])}")
+    db = out.get("database")
+    if db:
+        print(f"database during the run: {db['commits']} commits ({db['commits_per_s']}/s), {db['rollbacks']} "
+              f"rollbacks, rows inserted/updated/deleted {db['rows_inserted']}/{db['rows_updated']}/"
+              f"{db['rows_deleted']}, WAL {mib(db['wal_bytes'])} ({mib(db['wal_bytes_per_s'])}/s, "
+              f"{db['wal_bytes_per_write_call']} B per Append or Generate)")
     if out["server_counters"]:
         print("server counters: " + ", ".join(f"{k} {v}" for k, v in out["server_counters"].items()))

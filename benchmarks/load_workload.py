@@ -1,11 +1,15 @@
 """The load test's clients: the sessions they pick from, the calls they make, one loop per client thread.
 
 Each client picks a random session and a random call (Append, Generate or Resume, weighted by Config.mix)
-until told to stop; a session past the token cap is replaced by a fresh one under a new id. Knows the
-client only; imports neither torch nor the model.
+until told to stop; a session past the token cap is replaced by a fresh one under a new id. With several
+replicas, each session slot has a home replica (slot i: replica i mod N) that creates the slot's sessions and
+serves every call on them: a client holds a channel to each replica and routes each call by its session, so
+no call meets another replica's lease (an ABORTED here is an error, not a redirection). Knows the client
+only; imports neither torch nor the model.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -61,15 +65,23 @@ class Config:
 
 
 class Sessions:
-    """The session ids the clients pick from; one past the token cap is replaced by a fresh id."""
+    """The session ids the clients pick from; one past the token cap is replaced by a fresh id. Slot i's
+    sessions live on replica i mod `replicas`."""
 
-    def __init__(self, n: int, cap: int):
+    def __init__(self, n: int, cap: int, replicas: int = 1):
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.replicas = replicas
         self.ids = [f"load-{i:03d}" for i in range(n)]
         self.generation = [0] * n
         self.cap = cap
         self.replacing = [False] * n
         self.replaced = 0
         self.lock = threading.Lock()
+
+    def home(self, i: int) -> int:
+        """The replica that serves slot i's sessions."""
+        return i % self.replicas
 
     def pick(self, rng: random.Random) -> tuple[int, str]:
         i = rng.randrange(len(self.ids))
@@ -135,10 +147,12 @@ def new_session(c: MemoryClient, rec: Recorder, sid: str, rng: random.Random) ->
     return None if r is None else r.session.tokens
 
 
-def client_loop(k: int, port: int, cfg: Config, sessions: Sessions, rec: Recorder, stop: threading.Event,
-            budget_calls: list[int], budget_lock: threading.Lock) -> None:
+def client_loop(k: int, ports: list[int], cfg: Config, sessions: Sessions, rec: Recorder, stop: threading.Event,
+                budget_calls: list[int], budget_lock: threading.Lock) -> None:
+    """Client k's calls until stop: one channel per replica (ports[r]), each call to its session's home."""
     rng = random.Random(cfg.seed * 1000 + k)
-    with MemoryClient(f"127.0.0.1:{port}", timeout=cfg.call_timeout) as c:
+    with contextlib.ExitStack() as channels:
+        replicas = [channels.enter_context(MemoryClient(f"127.0.0.1:{p}", timeout=cfg.call_timeout)) for p in ports]
         while not stop.is_set():
             with budget_lock:
                 if budget_calls[0] <= 0:
@@ -146,6 +160,7 @@ def client_loop(k: int, port: int, cfg: Config, sessions: Sessions, rec: Recorde
                     return
                 budget_calls[0] -= 1
             i, sid = sessions.pick(rng)
+            c = replicas[sessions.home(i)]
             rpc = rng.choices(RPCS, weights=cfg.mix)[0]
             if rpc == "Append":
                 r = call(rec, rpc, lambda: c.append(sid, messages=message(rng)))
