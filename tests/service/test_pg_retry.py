@@ -111,3 +111,28 @@ def test_an_append_whose_commit_may_have_landed_is_not_sent_again(own_pg, tiny_m
         assert stored[tokens:] == ids  # PostgreSQL had committed it locally: once, never twice
         after = c.append("s", text="Afterwards.")  # the server reloads the session as stored
         assert after.session.tokens == tokens + len(ids) + len(after.token_ids) == server.store.get("s").n_tokens
+
+
+def test_a_generate_that_fails_after_its_first_chunk_is_not_sent_again(own_pg, tiny_model):
+    url = own_pg.create_database()
+    with served(url, tiny_model) as (server, port), client(port, retry_seconds=60.0) as c:
+        c.create_session("s")
+        tokens = c.append("s", text="Once upon a time there was a lighthouse. " * 3).session.tokens
+        forward = server.manager._forward
+
+        def slow(kv, ids, *rest):  # 200 tokens take >= 4 s: time to stop the database mid-reply
+            time.sleep(0.02)
+            return forward(kv, ids, *rest)
+
+        server.manager._forward = slow
+        stream = c.generate("s", max_new_tokens=200, commit=True)
+        assert next(stream).token_ids
+        own_pg.stop(remove=False)  # the reply's commit finds the database down
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dict(err.value.trailing_metadata()) == {"memsvc-retry-safe": "1"}  # nothing stored, and yet:
+        assert server.metrics.rpcs.labels("Generate", "UNAVAILABLE")._value.get() == 1  # chunks were given
+        own_pg.start_again()
+        assert c.get_session("s").tokens == tokens == server.store.get("s").n_tokens
