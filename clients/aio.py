@@ -24,7 +24,7 @@ class AsyncMemoryClient:
     def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None,
                  tls: bool = False, root_certificates: bytes | None = None,
                  options: Sequence[tuple[str, object]] = (), follow: bool = True, retry_seconds: float = 0.0):
-        self._routes = Routes(address, follow=follow, retry_seconds=retry_seconds)
+        self._routes = Routes(address, follow=follow, retry_seconds=retry_seconds, gone=self._drop)
         self._creds = credentials(tls, root_certificates)
         self._opts = OPTIONS + list(options)
         self._replicas: dict[str, tuple[grpc.aio.Channel, pb_grpc.MemoryServiceStub]] = {}
@@ -39,6 +39,10 @@ class AsyncMemoryClient:
                 else grpc.aio.insecure_channel(address, options=self._opts)
             got = self._replicas[address] = (channel, pb_grpc.MemoryServiceStub(channel))
         return got
+
+    def _drop(self, address: str) -> None:
+        """Forget the channel of a replica that could not be reached (gRPC closes it once no call uses it)."""
+        self._replicas.pop(address, None)
 
     async def _connects(self, address: str) -> bool:
         """Whether the replica at address connects within CONNECT_SECONDS (False at once when it refuses)."""

@@ -44,7 +44,7 @@ class MemoryClient:
     def __init__(self, address: str, *, timeout: float | None = None, channel: grpc.Channel | None = None,
                  api_key: str | None = None, tls: bool = False, root_certificates: bytes | None = None,
                  options: Sequence[tuple[str, object]] = (), follow: bool = True, retry_seconds: float = 0.0):
-        self._routes = Routes(address, follow=follow, retry_seconds=retry_seconds)
+        self._routes = Routes(address, follow=follow, retry_seconds=retry_seconds, gone=self._drop)
         self._creds = credentials(tls, root_certificates)
         self._opts = OPTIONS + list(options)
         self._channel = channel or self._new_channel(address)
@@ -66,6 +66,12 @@ class MemoryClient:
                 channel = self._new_channel(address)
                 got = self._replicas[address] = (channel, pb_grpc.MemoryServiceStub(channel))
             return got
+
+    def _drop(self, address: str) -> None:
+        """Forget the channel of a replica that could not be reached (a new one connects afresh; gRPC closes the
+        old one once no call uses it)."""
+        with self._lock:
+            self._replicas.pop(address, None)
 
     def _connects(self, address: str) -> bool:
         """Whether the replica at address connects within CONNECT_SECONDS (False at once when it refuses)."""

@@ -27,6 +27,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -67,12 +68,14 @@ def failure(err: grpc.RpcError) -> Failure:
 class Routes:
     """The home address, the options, and the replica each followed session was last served by."""
 
-    def __init__(self, home: str, *, follow: bool, retry_seconds: float):
+    def __init__(self, home: str, *, follow: bool, retry_seconds: float,
+                 gone: Callable[[str], None] = lambda address: None):
         if not isinstance(retry_seconds, (int, float)) or isinstance(retry_seconds, bool) \
                 or not math.isfinite(retry_seconds) or retry_seconds < 0:
             raise ValueError(f"retry_seconds must be a finite number of seconds >= 0 (0: no retries), "
                              f"got {retry_seconds!r}")
         self.home, self.follow, self.retry_seconds = home, bool(follow), float(retry_seconds)
+        self.gone = gone  # told of a replica (not home) that could not be reached: its channel is dropped
         self._served: dict[str, str] = {}  # session id -> the replica that served it last (not home)
         self._lock = threading.Lock()
 
@@ -121,10 +124,11 @@ class Attempt:
         self.routes.served(self.sid, self.address)
 
     def unreachable(self) -> None:
-        """Nothing could be sent to the replica at `address`: forget it, go home."""
+        """Nothing could be sent to the replica at `address`: forget it (until the next backoff), go home."""
         self._gone.add(self.address)
         if self.address != self.routes.home:
             self.routes.forget(self.sid)
+            self.routes.gone(self.address)
         self.address, self.following = self.routes.home, False
 
     def retry(self, err: grpc.RpcError) -> float | None:
@@ -144,6 +148,7 @@ class Attempt:
         if left <= 0:
             return None
         wait, self._delay = min(self._delay, left), min(self._delay * 2, MAX_DELAY)
+        self._gone.clear()  # after the wait, a replica that did not answer may have come back
         if owner:
             self.address, self.following = owner, True
         return wait

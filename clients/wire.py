@@ -10,7 +10,9 @@ import grpc
 
 from memsvc.proto import memsvc_pb2 as pb
 
-OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+# reconnect backoff at most 2 s (gRPC's default grows to 120 s): a replica back from a restart is reached soon
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+           ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 @dataclass
