@@ -259,7 +259,7 @@ class Store(ABC):
         range, a payload that is not bytes-like, block_tokens naming an unwritten block, a key both
         written and dropped); inside it SessionMissing, ValueError (first_token), CorruptBlock when
         the stored token blocks or a reference count it must update are damaged. A failed call
-        changes nothing."""
+        changes nothing, but for OutcomeUnknown (a server's connection lost at COMMIT): it may have landed."""
 
     @abstractmethod
     def rewrite_kv(self, sid: str, *, n_tokens: int, blocks: Mapping[KVKey, bytes],
