@@ -9,90 +9,113 @@
 Errors surface as `grpc.RpcError` with the service's status code and message.
 A server with auth on wants `api_key=`; one serving TLS wants `tls=True` (the
 system's roots) or `root_certificates=` (PEM bytes, e.g. a self-signed cert).
+
+Several replicas over one database (memsvc.clients.routes): `follow=True` (the default) sends a call that
+reaches a replica not serving its session to the replica that does, and remembers it for the session's next
+calls (channels kept per address, with the same credentials and key); `retry_seconds=S` (default 0: off) tries
+a call that failed with ABORTED or UNAVAILABLE again, with backoff, for up to S seconds, but only a read or a
+call the server says changed nothing. A streaming Generate is followed or retried only before its first chunk.
+`timeout` bounds each try. AsyncMemoryClient (memsvc.clients.aio) has the same methods, awaitable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+import threading
+import time
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
 from memsvc.proto import memsvc_pb2 as pb
 from memsvc.proto import memsvc_pb2_grpc as pb_grpc
 
-_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+from .aio import AsyncMemoryClient
+from .routes import CONNECT_SECONDS, Routes
+from .wire import (OPTIONS, GenerateResult, append_request, call_metadata, collect, create_request, credentials,
+                   fork_request, generate_request, list_request)
 
-
-@dataclass
-class GenerateResult:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""
-    session: pb.Session | None = None
-
-
-def _append_request(session_id: str, messages, text, tokens) -> pb.AppendRequest:
-    given = sum(x is not None for x in (messages, text, tokens))
-    if given != 1:
-        raise ValueError("append takes exactly one of messages=, text=, tokens=")
-    req = pb.AppendRequest(session_id=session_id)
-    if messages is not None:
-        req.messages.SetInParent()
-        for m in messages:
-            role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-            req.messages.messages.add(role=role, content=content)
-    elif text is not None:
-        req.text = text
-    else:
-        req.tokens.SetInParent()
-        req.tokens.ids.extend(int(t) for t in tokens)
-    return req
-
-
-def _generate_request(session_id: str, max_new_tokens: int, temperature: float, top_p: float,
-                      stop: Sequence[str], seed: int, commit: bool, prefix: str) -> pb.GenerateRequest:
-    return pb.GenerateRequest(session_id=session_id, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, stop=list(stop), seed=seed, commit=commit, prefix=prefix)
-
-
-def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("authorization", f"Bearer {api_key}"),) if api_key else None
-
-
-def _credentials(tls: bool, root_certificates: bytes | None):
-    if root_certificates is not None or tls:
-        return grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    return None
-
-
-def _collect(result: GenerateResult, chunk: pb.GenerateChunk) -> None:
-    result.text += chunk.text
-    result.token_ids.extend(chunk.token_ids)
-    if chunk.finish_reason:
-        result.finish_reason = chunk.finish_reason
-    if chunk.HasField("session"):
-        result.session = chunk.session
+__all__ = ["AsyncMemoryClient", "GenerateResult", "MemoryClient"]
+_SETTLED = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN)
 
 
 class MemoryClient:
-    """Synchronous client."""
+    """Synchronous client. address: the home replica; follow, retry_seconds: see the module's docstring."""
 
     def __init__(self, address: str, *, timeout: float | None = None, channel: grpc.Channel | None = None,
                  api_key: str | None = None, tls: bool = False, root_certificates: bytes | None = None,
-                 options: Sequence[tuple[str, object]] = ()):
-        creds = _credentials(tls, root_certificates)
-        opts = _OPTIONS + list(options)
-        self._channel = channel or (grpc.secure_channel(address, creds, options=opts) if creds
-                                    else grpc.insecure_channel(address, options=opts))
+                 options: Sequence[tuple[str, object]] = (), follow: bool = True, retry_seconds: float = 0.0):
+        self._routes = Routes(address, follow=follow, retry_seconds=retry_seconds, gone=self._drop)
+        self._creds = credentials(tls, root_certificates)
+        self._opts = OPTIONS + list(options)
+        self._channel = channel or self._new_channel(address)
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
+        # address -> (channel, stub): the home replica's, and those of the replicas calls were sent to
+        self._replicas = {address: (self._channel, self._stub)}
+        self._lock = threading.Lock()
         self.timeout = timeout
-        self._md = _metadata(api_key)
+        self._md = call_metadata(api_key)
+
+    def _new_channel(self, address: str) -> grpc.Channel:
+        return grpc.secure_channel(address, self._creds, options=self._opts) if self._creds \
+            else grpc.insecure_channel(address, options=self._opts)
+
+    def _at(self, address: str) -> tuple[grpc.Channel, pb_grpc.MemoryServiceStub]:
+        with self._lock:
+            got = self._replicas.get(address)
+            if got is None:
+                channel = self._new_channel(address)
+                got = self._replicas[address] = (channel, pb_grpc.MemoryServiceStub(channel))
+            return got
+
+    def _drop(self, address: str) -> None:
+        """Forget the channel of a replica that could not be reached (a new one connects afresh; gRPC closes the
+        old one once no call uses it)."""
+        with self._lock:
+            self._replicas.pop(address, None)
+
+    def _connects(self, address: str) -> bool:
+        """Whether the replica at address connects within CONNECT_SECONDS (False at once when it refuses)."""
+        channel, seen = self._at(address)[0], []
+        settled = threading.Event()
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state in _SETTLED and not seen:
+                seen.append(state)
+                settled.set()
+
+        channel.subscribe(watch, try_to_connect=True)
+        try:
+            settled.wait(CONNECT_SECONDS)
+        finally:
+            channel.unsubscribe(watch)
+        return seen[:1] == [grpc.ChannelConnectivity.READY]
 
     def _kw(self) -> dict:
         return {"timeout": self.timeout, "metadata": self._md}
 
+    def _call(self, method: str, request, sid: str | None):
+        """One unary call, followed and retried as the options say."""
+        attempt = self._routes.start(method, sid)
+        while True:
+            if attempt.following and not self._connects(attempt.address):
+                attempt.unreachable()
+                continue
+            try:
+                response = getattr(self._at(attempt.address)[1], method)(request, **self._kw())
+            except grpc.RpcError as err:
+                wait = attempt.retry(err)
+                if wait is None:
+                    raise
+                time.sleep(wait)
+                continue
+            attempt.done()
+            return response
+
     def close(self) -> None:
-        self._channel.close()
+        with self._lock:
+            channels = [channel for channel, _ in self._replicas.values()]
+        for channel in channels:
+            channel.close()
 
     def __enter__(self) -> "MemoryClient":
         return self
@@ -103,34 +126,35 @@ class MemoryClient:
     def wait_ready(self, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
+    def replica(self, session_id: str) -> str:
+        """The address this client sends session_id's calls to (its home, unless it followed the session)."""
+        return self._routes.replica(session_id)
+
     def create_session(self, session_id: str = "", *, policy: str = "", labels: Mapping[str, str] | None = None,
                        ttl_seconds: float = 0.0) -> pb.Session:
-        return self._stub.CreateSession(
-            pb.CreateSessionRequest(session_id=session_id, policy=policy, labels=dict(labels or {}),
-                                    ttl_seconds=ttl_seconds),
-            **self._kw())
+        return self._call("CreateSession", create_request(session_id, policy, labels, ttl_seconds), None)
 
     def append(self, session_id: str, *, messages: Iterable | None = None, text: str | None = None,
                tokens: Sequence[int] | None = None) -> pb.AppendResponse:
-        return self._stub.Append(_append_request(session_id, messages, text, tokens), **self._kw())
+        return self._call("Append", append_request(session_id, messages, text, tokens), session_id)
 
     def generate(self, session_id: str, *, max_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 0.0,
                  stop: Sequence[str] = (), seed: int = 0, commit: bool = False, prefix: str = ""
-                 ) -> Iterator[pb.GenerateChunk]:
-        req = _generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit, prefix)
-        return self._stub.Generate(req, **self._kw())
+                 ) -> "Stream":
+        req = generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit, prefix)
+        return Stream(self, req)
 
     def generate_text(self, session_id: str, **kwargs) -> GenerateResult:
         result = GenerateResult()
         for chunk in self.generate(session_id, **kwargs):
-            _collect(result, chunk)
+            collect(result, chunk)
         return result
 
     def resume(self, session_id: str) -> pb.Session:
-        return self._stub.Resume(pb.ResumeRequest(session_id=session_id), **self._kw())
+        return self._call("Resume", pb.ResumeRequest(session_id=session_id), session_id)
 
     def get_session(self, session_id: str) -> pb.Session:
-        return self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
+        return self._call("GetSession", pb.GetSessionRequest(session_id=session_id), session_id)
 
     def list_sessions(self, *, page_size: int = 100, labels: Mapping[str, str] | None = None,
                       damaged: list | None = None) -> Iterator[pb.Session]:
@@ -138,9 +162,7 @@ class MemoryClient:
         session whose stored record is damaged (those are not in the sessions yielded)."""
         token = ""
         while True:
-            resp = self._stub.ListSessions(
-                pb.ListSessionsRequest(page_size=page_size, page_token=token, labels=dict(labels or {})),
-                **self._kw())
+            resp = self._call("ListSessions", list_request(page_size, token, labels), None)
             if damaged is not None:
                 damaged.extend(resp.damaged)
             yield from resp.sessions
@@ -150,96 +172,53 @@ class MemoryClient:
 
     def fork_session(self, session_id: str, new_session_id: str = "", *,
                      labels: Mapping[str, str] | None = None) -> pb.Session:
-        return self._stub.ForkSession(
-            pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id, labels=dict(labels or {})),
-            **self._kw())
+        return self._call("ForkSession", fork_request(session_id, new_session_id, labels), session_id)
 
     def delete_session(self, session_id: str) -> bool:
-        return self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw()).deleted
+        deleted = self._call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), session_id).deleted
+        self._routes.forget(session_id)
+        return deleted
 
     def stats(self) -> pb.Stats:
-        return self._stub.GetStats(pb.GetStatsRequest(), **self._kw())
+        return self._call("GetStats", pb.GetStatsRequest(), None)
 
 
-class AsyncMemoryClient:
-    """asyncio client (grpc.aio); same methods as MemoryClient, awaitable."""
+class Stream:
+    """A Generate's chunks, iterated; cancel() stops it. The call starts at the first next(): until its first
+    chunk it is followed and retried like a unary call, then it is that one call's stream."""
 
-    def __init__(self, address: str, *, timeout: float | None = None, api_key: str | None = None,
-                 tls: bool = False, root_certificates: bytes | None = None,
-                 options: Sequence[tuple[str, object]] = ()):
-        creds = _credentials(tls, root_certificates)
-        opts = _OPTIONS + list(options)
-        self._channel = (grpc.aio.secure_channel(address, creds, options=opts) if creds
-                         else grpc.aio.insecure_channel(address, options=opts))
-        self._stub = pb_grpc.MemoryServiceStub(self._channel)
-        self.timeout = timeout
-        self._md = _metadata(api_key)
+    def __init__(self, client: MemoryClient, request: pb.GenerateRequest):
+        self._client, self._request = client, request
+        self._call = None  # the gRPC stream of the current try
+        self._started = self._cancelled = False
 
-    def _kw(self) -> dict:
-        return {"timeout": self.timeout, "metadata": self._md}
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def __aenter__(self) -> "AsyncMemoryClient":
+    def __iter__(self) -> "Stream":
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
+    def __next__(self) -> pb.GenerateChunk:
+        if self._started:
+            return next(self._call)
+        c = self._client
+        attempt = c._routes.start("Generate", self._request.session_id)
+        while not self._cancelled:
+            if attempt.following and not c._connects(attempt.address):
+                attempt.unreachable()
+                continue
+            self._call = c._at(attempt.address)[1].Generate(self._request, **c._kw())
+            try:
+                chunk = next(self._call)
+            except grpc.RpcError as err:
+                wait = attempt.retry(err)
+                if wait is None:
+                    raise
+                time.sleep(wait)
+                continue
+            self._started = True
+            attempt.done()
+            return chunk
+        raise StopIteration
 
-    async def create_session(self, session_id: str = "", *, policy: str = "",
-                             labels: Mapping[str, str] | None = None, ttl_seconds: float = 0.0) -> pb.Session:
-        return await self._stub.CreateSession(
-            pb.CreateSessionRequest(session_id=session_id, policy=policy, labels=dict(labels or {}),
-                                    ttl_seconds=ttl_seconds),
-            **self._kw())
-
-    async def append(self, session_id: str, *, messages: Iterable | None = None, text: str | None = None,
-                     tokens: Sequence[int] | None = None) -> pb.AppendResponse:
-        return await self._stub.Append(_append_request(session_id, messages, text, tokens), **self._kw())
-
-    async def generate(self, session_id: str, *, max_new_tokens: int = 0, temperature: float = 0.0,
-                       top_p: float = 0.0, stop: Sequence[str] = (), seed: int = 0, commit: bool = False,
-                       prefix: str = "") -> AsyncIterator[pb.GenerateChunk]:
-        req = _generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit, prefix)
-        async for chunk in self._stub.Generate(req, **self._kw()):
-            yield chunk
-
-    async def generate_text(self, session_id: str, **kwargs) -> GenerateResult:
-        result = GenerateResult()
-        async for chunk in self.generate(session_id, **kwargs):
-            _collect(result, chunk)
-        return result
-
-    async def resume(self, session_id: str) -> pb.Session:
-        return await self._stub.Resume(pb.ResumeRequest(session_id=session_id), **self._kw())
-
-    async def get_session(self, session_id: str) -> pb.Session:
-        return await self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
-
-    async def list_sessions(self, *, page_size: int = 100, labels: Mapping[str, str] | None = None,
-                            damaged: list | None = None) -> list[pb.Session]:
-        out, token = [], ""
-        while True:
-            resp = await self._stub.ListSessions(
-                pb.ListSessionsRequest(page_size=page_size, page_token=token, labels=dict(labels or {})),
-                **self._kw())
-            if damaged is not None:
-                damaged.extend(resp.damaged)
-            out.extend(resp.sessions)
-            token = resp.next_page_token
-            if not token:
-                return out
-
-    async def fork_session(self, session_id: str, new_session_id: str = "", *,
-                           labels: Mapping[str, str] | None = None) -> pb.Session:
-        return await self._stub.ForkSession(
-            pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id, labels=dict(labels or {})),
-            **self._kw())
-
-    async def delete_session(self, session_id: str) -> bool:
-        resp = await self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw())
-        return resp.deleted
-
-    async def stats(self) -> pb.Stats:
-        return await self._stub.GetStats(pb.GetStatsRequest(), **self._kw())
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()

@@ -38,9 +38,14 @@ class DataLoss(ServiceError):
 
 class Aborted(ServiceError):
     """The session is held: by another call past --hold-wait, or by another replica (its lease is live); the
-    message names the holder."""
+    message names the holder. owner, address: the replica holding it and where clients reach it ("" when it is
+    another call of this replica, or unknown). Nothing was done: the same call may be sent again."""
 
     code = "ABORTED"
+
+    def __init__(self, message: str, *, owner: str = "", address: str = ""):
+        super().__init__(message)
+        self.owner, self.address = owner, address
 
 
 class Unavailable(ServiceError):

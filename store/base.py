@@ -259,7 +259,7 @@ class Store(ABC):
         range, a payload that is not bytes-like, block_tokens naming an unwritten block, a key both
         written and dropped); inside it SessionMissing, ValueError (first_token), CorruptBlock when
         the stored token blocks or a reference count it must update are damaged. A failed call
-        changes nothing."""
+        changes nothing, but for OutcomeUnknown (a server's connection lost at COMMIT): it may have landed."""
 
     @abstractmethod
     def rewrite_kv(self, sid: str, *, n_tokens: int, blocks: Mapping[KVKey, bytes],
@@ -331,10 +331,11 @@ class Store(ABC):
 
     # ---- leases (a store shared by several processes) -----------------------------------------
 
-    def acquire_lease(self, sid: str, owner: str, seconds: float) -> Lease | None:
+    def acquire_lease(self, sid: str, owner: str, seconds: float, address: str = "") -> Lease | None:
         """Take (or keep) the lease on sid for `owner` for `seconds` from now: granted when nobody holds it, when
         its holder's expiry has passed (then with a new, greater epoch) or when owner holds it already (same
-        epoch, expiry moved). LeaseHeld naming the holder otherwise. None: this store needs no leases."""
+        epoch, expiry moved). LeaseHeld naming the holder (and the address it gave) otherwise. address: where
+        clients reach the owner (host:port, "" unknown), kept with the lease. None: this store needs no leases."""
         return None
 
     def renew_lease(self, lease: Lease, seconds: float) -> Lease | None:

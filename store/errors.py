@@ -12,7 +12,12 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The backend cannot be reached right now (a database down, restarting or out of connections): nothing was
-    written; the same call may succeed later."""
+    written (but see OutcomeUnknown); the same call may succeed later."""
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """The connection was lost at COMMIT: the write may or may not have landed. Read the session again before
+    repeating it (an Append repeated after one that landed would be stored twice)."""
 
 
 class SessionExists(StoreError):
@@ -49,17 +54,19 @@ class CorruptBlock(CorruptRecord):
 
 class LeaseLost(StoreError):
     """A commit made under a fencing epoch that the session's lease no longer holds: another replica took the
-    session over (or nobody holds it). `found` is the lease's epoch now (None: no lease), `owner` its holder."""
+    session over (or nobody holds it). `found` is the lease's epoch now (None: no lease), `owner` its holder,
+    `address` where clients reach that holder ("" unknown). Nothing was written."""
 
-    def __init__(self, message: str, *, sid: str, epoch: int, found: int | None, owner: str | None):
+    def __init__(self, message: str, *, sid: str, epoch: int, found: int | None, owner: str | None,
+                 address: str = ""):
         super().__init__(message)
-        self.sid, self.epoch, self.found, self.owner = sid, epoch, found, owner
+        self.sid, self.epoch, self.found, self.owner, self.address = sid, epoch, found, owner, address
 
 
 class LeaseHeld(StoreError):
     """Another owner holds a live lease on the session: `owner` holds it `seconds_left` more seconds (by the
-    database's clock)."""
+    database's clock); `address` is where clients reach it ("" unknown)."""
 
-    def __init__(self, message: str, *, sid: str, owner: str, seconds_left: float):
+    def __init__(self, message: str, *, sid: str, owner: str, seconds_left: float, address: str = ""):
         super().__init__(message)
-        self.sid, self.owner, self.seconds_left = sid, owner, seconds_left
+        self.sid, self.owner, self.seconds_left, self.address = sid, owner, seconds_left, address

@@ -216,3 +216,10 @@ def test_version():
 
     out = _cli("--version")
     assert out.output == f"memsvc {version('memsvc')}\n"
+
+
+def test_serve_refuses_an_advertised_address_without_a_port(tmp_path):
+    res = CliRunner().invoke(main, ["serve", "--port", "0", "--data-dir", str(tmp_path), "--advertise", "replica-a"])
+    assert res.exit_code != 0
+    assert "--advertise must be HOST:PORT" in res.output and "'replica-a'" in res.output
+    assert not (tmp_path / "data.mdb").exists()  # refused before touching anything

@@ -51,6 +51,10 @@ from .common import store_option
 @click.option("--lease-seconds", default=30.0, show_default=True, type=float,
               help="A store shared by replicas (PostgreSQL): the term of the lease this replica holds on each session "
                    "in memory, renewed every third of it; another replica takes a session over once it expires.")
+@click.option("--advertise", default=None, metavar="HOST:PORT",
+              help="Where clients reach this server, for a store shared by replicas (PostgreSQL): kept with its "
+                   "leases, and named to a client whose call reaches another replica, which the client follows "
+                   "(default: the address it binds, this machine's name for 0.0.0.0; '' for none).")
 @click.option("--log-rpcs/--no-log-rpcs", default=True, show_default=True,
               help="One JSON line per RPC on stderr (no conversation content).")
 def serve(host: str, port: int, store_spec: str, model: str | None, device: str, max_new_tokens: int, auth: str,
@@ -58,7 +62,7 @@ def serve(host: str, port: int, store_spec: str, model: str | None, device: str,
           metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
           max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, ttl: float,
           block_cache: int, decoded_cache: int, hold_wait: float, context: int | None, lease_seconds: float,
-          log_rpcs: bool) -> None:
+          advertise: str | None, log_rpcs: bool) -> None:
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
     from ..auth import KeyRing
     from ..limits import Limits
@@ -73,7 +77,7 @@ def serve(host: str, port: int, store_spec: str, model: str | None, device: str,
                log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget, ttl=ttl,
                block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, hold_wait=hold_wait,
-               context=context, lease_seconds=lease_seconds)
+               context=context, lease_seconds=lease_seconds, advertise=advertise)
     except ValueError as exc:
         raise click.ClickException(str(exc))
 

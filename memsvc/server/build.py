@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import logging
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -53,6 +54,7 @@ class Service:
     metrics_port: int | None  # the bound metrics endpoint's port; None without one
     auth: bool  # API keys required
     dir_lock: object | None = None  # the data dir's lock while this server runs (store.open.claim)
+    advertise: str = ""  # where clients reach it (host:port), kept with its leases; "" unknown
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -84,11 +86,30 @@ def _auth_enabled(host: str, auth: str, keys: KeyRing | None) -> bool:
     return on
 
 
+def advertised(host: str, port: int) -> str:
+    """Where clients reach a server bound to host:port: that host, or this machine's name when it binds every
+    address (0.0.0.0, ::)."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # a bare IPv6 address
+    return f"{host}:{port}"
+
+
+def _check_advertise(advertise: str) -> str:
+    host, _, port = advertise.rpartition(":")
+    if advertise and not (host and port.isdigit() and 0 < int(port) < 65536 and advertise.isascii()
+                          and advertise.isprintable() and " " not in advertise):
+        raise ValueError(f"--advertise must be HOST:PORT (where clients reach this server), got {advertise!r}")
+    return advertise
+
+
 def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | str | None = None,
                   device: str = "cpu", max_workers: int = 8, auth: str = "auto", api_keys: KeyRing | None = None,
                   tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                   limits: Limits | None = None, metrics_port: int | None = None, metrics_host: str | None = None,
-                  context: int | None = None, **manager_options) -> tuple["Service", int]:
+                  context: int | None = None, advertise: str | None = None,
+                  **manager_options) -> tuple["Service", int]:
     """Build (not start) a server bound to `address` ('host:port', port 0 picks one), over the store `data_dir`
 names (store/open.py: an LMDB directory, or a postgresql:// URL).
 
@@ -96,6 +117,9 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
     metrics_port: serve Prometheus metrics over HTTP there (0 picks a port; None: no endpoint).
     context: tokens a session may hold, in place of the model's max_position_embeddings (None: the
     model's); past the model's own context it runs on positions it was not trained on.
+    advertise: where clients reach this server (host:port), kept with the leases it takes over a shared store
+    and named to clients sent to another replica (None: the address it binds, this machine's name for 0.0.0.0;
+    "": none).
 
     Returns (service, port): a `Service`, which the caller starts, stops and closes.
     """
@@ -110,6 +134,8 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
         except OSError as exc:
             raise ValueError(f"cannot read the TLS certificate or key: {exc}") from exc
     limits = limits or Limits()
+    if advertise is not None:
+        _check_advertise(advertise)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     if context is not None:
         if context < 2:
@@ -148,6 +174,8 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
         if lock is not None:
             lock.release()
         raise OSError(f"could not bind {address}")
+    advertise = advertised(host, port) if advertise is None else advertise
+    manager.leases.address = advertise  # before it serves: no lease is taken yet
     bound_metrics = None
     if metrics_port is not None:
         try:
@@ -158,7 +186,7 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
                 lock.release()
             raise
     return Service(server, port, manager, store, servicer, health_servicer, metrics, bound_metrics, auth_on,
-                   lock), port
+                   lock, advertise), port
 
 
 def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = None, device: str = "cpu",
@@ -186,6 +214,8 @@ def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = Non
     extras = [f"auth {'on' if service.auth else 'off'}", "TLS" if options.get("tls_cert") else "plaintext"]
     if service.metrics_port is not None:
         extras.append(f"metrics on :{service.metrics_port}/metrics")
+    if service.advertise:
+        extras.append(f"advertised as {service.advertise}")
     print(f"memsvc: serving {m.name} ({m.short_fingerprint}) on {host}:{bound}, store {describe(data_dir)} "
           f"({', '.join(extras)})", file=sys.stdout, flush=True)
     stop.wait()

@@ -3,7 +3,12 @@ sample and the log line (a mixin of `MemoryServicer`), and what one call did (`_
 
 The servicer is the only place that turns domain errors into gRPC status codes: a ServiceError names its
 code; a ValueError is bad input (INVALID_ARGUMENT); the store unreachable is UNAVAILABLE; a session another
-replica serves (a lease held or lost) ABORTED; anything else is INTERNAL and logged.
+replica serves (a lease held or lost) ABORTED; anything else is INTERNAL and logged. An ABORTED or UNAVAILABLE
+status also carries trailing metadata for clients (memsvc.proto.trailers): the replica that serves the session
+and its address, and whether the call changed nothing stored (retry-safe). A call is retry-safe when it failed
+with nothing written: refused before any write (a lease held elsewhere, the session busy, the database
+unreachable), or its commit rolled back (a lost lease); not when its write landed (`_Call.landed`, set once the
+manager's write returned) or may have (the database lost at COMMIT: OutcomeUnknown).
 """
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from memsvc.proto import memsvc_pb2 as pb
-from memsvc.store.errors import CorruptRecord, LeaseHeld, LeaseLost, StoreUnavailable
+from memsvc.proto import trailers
+from memsvc.store.errors import CorruptRecord, LeaseHeld, LeaseLost, OutcomeUnknown, StoreUnavailable
 
 from ..auth import Tenant, bearer_key
-from ..errors import Cancelled, InvalidArgument, ServiceError
+from ..errors import Aborted, Cancelled, InvalidArgument, ServiceError, Unavailable
 from ..limits import LimitExceeded
 from ..logs import log_rpc
 from ..sessions import SessionView
@@ -47,6 +53,7 @@ class _Call:
     tokens_out: int | None = None
     finish: str = ""
     limit: str = ""
+    landed: bool = False  # its write is stored: a failure after it must not be called retry-safe
 
 
 def _session_pb(view: SessionView, tenant: Tenant) -> pb.Session:
@@ -71,6 +78,30 @@ def _session_pb(view: SessionView, tenant: Tenant) -> pb.Session:
         ttl_seconds=view.ttl,
         expires_unix=view.expires if math.isfinite(view.expires) else 0.0,
     )
+
+
+def _metadata_value(value: str | None) -> str:
+    """value if gRPC can carry it as a metadata value (printable ASCII), else ""."""
+    return value if value and all(" " <= ch <= "~" for ch in value) else ""
+
+
+def _trailers(exc: BaseException, call: _Call, code: grpc.StatusCode, me: str) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a failed call (memsvc.proto.trailers); me: this replica's lease owner name."""
+    if code not in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE):
+        return ()
+    out = []
+    owner = getattr(exc, "owner", None) if isinstance(exc, (Aborted, LeaseHeld, LeaseLost)) else None
+    owner = _metadata_value(owner)
+    if owner and owner != me:
+        out.append((trailers.OWNER, owner))
+        address = _metadata_value(getattr(exc, "address", ""))
+        if address:
+            out.append((trailers.OWNER_ADDRESS, address))
+    nothing_written = isinstance(exc, (StoreUnavailable, LeaseHeld, LeaseLost, Aborted, Unavailable)) \
+        and not isinstance(exc, OutcomeUnknown)
+    if nothing_written and not call.landed:
+        out.append((trailers.RETRY_SAFE, "1"))
+    return tuple(out)
 
 
 def _stopped(context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -174,10 +205,12 @@ class Plumbing:
                 response = impl(self._parse(req_cls, raw, context), context, call)
             except Exception as exc:
                 code, message = self._status(exc, call, context)
+                failure = exc
             else:
                 self._finish(call, grpc.StatusCode.OK, started, context, "")
                 return response
             self._finish(call, code, started, context, message)
+            context.set_trailing_metadata(_trailers(failure, call, code, self.m.leases.owner))
             context.abort(code, message)
 
         return run
@@ -185,7 +218,7 @@ class Plumbing:
     def _streaming(self, name: str, req_cls, impl):
         def run(raw: bytes, context: grpc.ServicerContext):
             call, started = _Call(name), time.perf_counter()
-            code, message = grpc.StatusCode.OK, ""
+            code, message, failure = grpc.StatusCode.OK, "", None
             try:
                 call.tenant = self._authenticate(context)
                 yield from impl(self._parse(req_cls, raw, context), context, call)
@@ -196,8 +229,10 @@ class Plumbing:
                 raise
             except Exception as exc:
                 code, message = self._status(exc, call, context)
+                failure = exc
             self._finish(call, code, started, context, message)
             if code != grpc.StatusCode.OK:
+                context.set_trailing_metadata(_trailers(failure, call, code, self.m.leases.owner))
                 context.abort(code, message)
 
         return run

@@ -59,6 +59,7 @@ class MemoryServicer(Plumbing):
         inner = t.inner(call.session)
         with self.quotas.hold(t.name, sessions=1):
             rec = self.m.create(inner, request.policy, dict(request.labels), request.ttl_seconds)
+            call.landed = True
             self.quotas.settle(t.name, sessions=1, nbytes=rec.stored_bytes)
         return self._view(t, rec.id)
 
@@ -76,14 +77,15 @@ class MemoryServicer(Plumbing):
         with contextlib.ExitStack() as stack:
             admit = self._admitter(call, context, stack, before, generate=False)
             if kind == "messages":
-                msgs = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-                rec, ids = self.m.append(inner, messages=msgs, admit=admit)
+                content = {"messages": [{"role": m.role, "content": m.content} for m in request.messages.messages]}
             elif kind == "text":
-                rec, ids = self.m.append(inner, text=request.text, admit=admit)
+                content = {"text": request.text}
             elif kind == "tokens":
-                rec, ids = self.m.append(inner, tokens=list(request.tokens.ids), admit=admit)
+                content = {"tokens": list(request.tokens.ids)}
             else:
                 raise InvalidArgument("empty append: set one of messages, text or tokens")
+            rec, ids = self.m.append(inner, admit=admit, **content)
+            call.landed = True
             self.quotas.settle(t.name, nbytes=rec.stored_bytes - before.get("bytes", rec.stored_bytes))
         call.tokens_in = len(ids)
         return pb.AppendResponse(session=self._view(t, rec.id), token_ids=ids)
@@ -111,6 +113,7 @@ class MemoryServicer(Plumbing):
                 clock.tokens(len(chunk.token_ids))
                 msg = pb.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason)
                 if chunk.record is not None:
+                    call.landed = params.commit  # the reply is stored by now
                     call.finish = chunk.finish_reason
                     if "bytes" in before:
                         self.quotas.settle(t.name, nbytes=chunk.record.stored_bytes - before["bytes"])
@@ -152,6 +155,7 @@ class MemoryServicer(Plumbing):
         size = self.m.view(src).record.stored_bytes if self.limits.has_quotas else 0
         with self.quotas.hold(t.name, sessions=1, nbytes=size):
             rec = self.m.fork(src, dst, dict(request.labels))
+            call.landed = True
             self.quotas.settle(t.name, sessions=1, nbytes=rec.stored_bytes)
         return self._view(t, rec.id)
 
@@ -166,6 +170,7 @@ class MemoryServicer(Plumbing):
             except DataLoss:  # a damaged record can still be deleted; the quota scan counted it as 0 bytes
                 size = 0
         self.m.delete(inner)
+        call.landed = True
         self.quotas.settle(t.name, sessions=-1, nbytes=-size)
         return pb.DeleteSessionResponse(deleted=True)
 

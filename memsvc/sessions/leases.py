@@ -7,6 +7,9 @@ that (`keep`); when the session leaves memory the lease is given up (`drop`). A 
 database unreachable (it may or may not have landed), is marked stale: the next call drops it from memory and
 loads it again, under a lease taken anew, so what it serves is what is stored.
 
+A lease carries `address`, where clients reach this replica (`memsvc serve --advertise`), so that a replica
+that cannot take a live lease can name it to the client (Aborted's owner and address).
+
 An embedded store (LMDB) needs no leases (acquire_lease gives None): nothing is held, nothing renewed.
 Knows the store's lease methods; nothing about caches or gRPC. Calls on one session take turns through
 memsvc.sessions.hold, and only a call that holds a session takes, keeps or drops its lease (the renewing thread
@@ -23,7 +26,7 @@ import uuid
 from typing import Callable
 
 from memsvc.store.base import Lease, Store
-from memsvc.store.errors import LeaseHeld, LeaseLost, StoreError
+from memsvc.store.errors import LeaseHeld, LeaseLost, OutcomeUnknown, StoreError, StoreUnavailable
 
 from ..errors import Aborted
 
@@ -37,14 +40,16 @@ def replica_name() -> str:
 
 class Leases:
     """seconds: a lease's term; renew: whether a background thread renews the leases held (off: only calls
-    renew them, as a paused replica would not)."""
+    renew them, as a paused replica would not); address: where clients reach this replica (host:port, ""
+    unknown), kept with each lease taken (the server sets it once bound, before it serves)."""
 
     def __init__(self, store: Store, seconds: float = 30.0, *, owner: str | None = None, renew: bool = True,
-                 resident: Callable[[], list[str]] = list):
+                 resident: Callable[[], list[str]] = list, address: str = ""):
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds <= 86400:
             raise ValueError(f"lease_seconds must be a number of seconds in (0, 86400], got {seconds!r}")
         self.store, self.seconds = store, float(seconds)
         self.owner = owner or replica_name()
+        self.address = address
         self.resident = resident  # the sessions in memory: only theirs are renewed
         self._held: dict[str, tuple[Lease, float]] = {}  # sid -> (lease, monotonic time of its last renewal)
         self._stale: set[str] = set()
@@ -56,10 +61,14 @@ class Leases:
         """Hold sid's lease before it is loaded; its epoch (None: the store needs none). Aborted naming the owner
         while another replica holds a live lease on it."""
         try:
-            lease = self.store.acquire_lease(sid, self.owner, self.seconds)
+            lease = self.store.acquire_lease(sid, self.owner, self.seconds, self.address)
         except LeaseHeld as exc:
-            raise Aborted(f"session {sid!r} is being served by another replica, {exc.owner!r} (its lease runs "
-                          f"{exc.seconds_left:.1f} s more): send the call there, or retry once it expires") from exc
+            at = f" at {exc.address}" if exc.address else ""
+            raise Aborted(f"session {sid!r} is being served by another replica, {exc.owner!r}{at} (its lease runs "
+                          f"{exc.seconds_left:.1f} s more): send the call there, or retry once it expires",
+                          owner=exc.owner, address=exc.address) from exc
+        except OutcomeUnknown as exc:  # only this replica's own lease may have changed: the session did not
+            raise StoreUnavailable(str(exc)) from exc
         with self._lock:
             self._stale.discard(sid)
             if lease is not None:
@@ -103,6 +112,8 @@ class Leases:
     def _renew(self, sid: str, lease: Lease) -> bool:
         try:
             renewed = self.store.renew_lease(lease, self.seconds)
+        except OutcomeUnknown as exc:  # a renewal, repeated at will: the session itself did not change
+            raise StoreUnavailable(str(exc)) from exc
         except LeaseLost as exc:
             log.warning("session %s: %s; it is dropped from memory", sid, exc)
             with self._lock:

@@ -10,7 +10,9 @@ counted per op with the bytes of bytea values sent and received (`IoCounters`); 
 Errors: psycopg's become StoreError naming the database (without its password) and what to do; a database
 that cannot be reached (down, restarting, no connection free within `timeout`) StoreUnavailable; after one,
 each call first probes the database with one connection (still down: StoreUnavailable at once; back: a fresh
-pool replaces the broken one), a read is tried once more, a write is not (the caller may retry it);
+pool replaces the broken one), a read is tried once more, a write is not (the caller may retry it). A write
+whose connection is lost before its COMMIT was sent was rolled back (StoreUnavailable: nothing changed); one
+lost at COMMIT may have landed (OutcomeUnknown, a StoreUnavailable), which the caller must not simply repeat;
 StoreError("... closed") after close(), StoreError("... read-only") for a write on a read-only store.
 Knows psycopg and SQL statements; knows nothing about what the tables hold.
 """
@@ -25,7 +27,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import StoreError, StoreUnavailable
+from ..errors import OutcomeUnknown, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 RETRIES = 3
@@ -192,15 +194,19 @@ class Db:
         if self.readonly:
             raise StoreError(f"the store at {self.where} is open read-only")
 
-    def _failed(self, exc: Exception) -> StoreError:
+    def _failed(self, exc: Exception, at_commit: bool = False) -> StoreError:
+        """The StoreError for a psycopg or pool error; at_commit: it came from a write's COMMIT."""
         if isinstance(exc, PoolTimeout):
             return StoreUnavailable(f"the database {self.where} is unavailable: no connection to it within "
                                     f"{self.pool.timeout:g} s ({exc}); is it running? The call changed nothing; "
                                     f"retry it once the database is back")
+        if unreachable(exc) and at_commit:
+            return OutcomeUnknown(f"the database {self.where} became unavailable at the COMMIT of this write: "
+                                  f"{str(exc).strip()}; it may or may not have landed: read the session again "
+                                  f"once the database is back before repeating the call")
         if unreachable(exc):
             return StoreUnavailable(f"the database {self.where} is unavailable: {str(exc).strip()}; the call "
-                                    f"changed nothing (a commit cut off at COMMIT may have landed: reread the "
-                                    f"session); retry it once the database is back")
+                                    f"changed nothing; retry it once the database is back")
         return StoreError(f"the database {self.where} refused a statement: {type(exc).__name__}: "
                           f"{str(exc).strip()}")
 
@@ -245,12 +251,16 @@ class Db:
         finally:
             self._leave()
 
-    def _transaction(self, op: str, fn: Callable[[Tx], T]) -> T:
+    def _transaction(self, op: str, fn: Callable[[Tx], T], committing: list[bool]) -> T:
+        """fn(tx) in one transaction; committing[0] is set once fn has returned (the COMMIT is next)."""
+        committing[0] = False
         with self._pool().connection() as conn:
             self.io.add(op, 1)  # BEGIN
             try:
                 with conn.transaction():
-                    return fn(Tx(conn, self.io, op))
+                    result = fn(Tx(conn, self.io, op))
+                    committing[0] = True  # leaving the block sends COMMIT
+                return result
             finally:
                 self.io.add(op, 1)  # COMMIT or ROLLBACK
 
@@ -258,11 +268,12 @@ class Db:
         """fn(tx) in one transaction, all or nothing; rerun after a deadlock or serialization failure."""
         self.check_writable()
         self._enter()
+        committing = [False]
         try:
             attempt = 1
             while True:
                 try:
-                    return self._transaction(op, fn)
+                    return self._transaction(op, fn, committing)
                 except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
                     if attempt == RETRIES:
                         raise
@@ -270,6 +281,6 @@ class Db:
                     attempt += 1
         except (psycopg.Error, PoolTimeout) as exc:
             self._lost(exc)
-            raise self._failed(exc) from exc
+            raise self._failed(exc, at_commit=committing[0]) from exc
         finally:
             self._leave()

@@ -2,9 +2,10 @@
 
 Expiry is the database's clock (now()), never a replica's. A new owner gets a new epoch from the sequence
 lease_epochs (migration 003), so epochs only grow and are never reused; an owner that takes its own lease again
-keeps its epoch. A commit checks the epoch inside its transaction (writes.check_epoch, FOR SHARE on the lease
-row): a takeover's UPDATE waits for a commit that has passed the check, and a commit waits for a takeover
-that came first, then fails the check.
+keeps its epoch. A lease keeps the address its owner gave (migration 004: where clients reach it). A commit
+checks the epoch inside its transaction (writes.check_epoch, FOR SHARE on the lease row): a takeover's UPDATE
+waits for a commit that has passed the check, and a commit waits for a takeover that came first, then fails
+the check.
 
 Knows the leases table; nothing about what a session holds.
 """
@@ -15,28 +16,29 @@ from ..errors import LeaseHeld, LeaseLost
 from .db import Tx
 
 _ACQUIRE = """
-INSERT INTO leases AS l (session_id, owner, epoch, expires_at)
-VALUES (%(s)s, %(o)s, nextval('lease_epochs'), now() + make_interval(secs => %(t)s))
+INSERT INTO leases AS l (session_id, owner, epoch, expires_at, address)
+VALUES (%(s)s, %(o)s, nextval('lease_epochs'), now() + make_interval(secs => %(t)s), %(a)s)
 ON CONFLICT (session_id) DO UPDATE
     SET epoch = CASE WHEN l.owner = EXCLUDED.owner THEN l.epoch ELSE EXCLUDED.epoch END,
-        owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+        owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, address = EXCLUDED.address
     WHERE l.owner = EXCLUDED.owner OR l.expires_at <= now()
 RETURNING epoch, extract(epoch FROM expires_at - now())::float8"""
 
 
-def holder(tx: Tx, sid: str) -> tuple[str, int, float] | None:
-    """(owner, epoch, seconds left) of sid's lease, None when there is none."""
-    return tx.one("SELECT owner, epoch, extract(epoch FROM expires_at - now())::float8 FROM leases "
+def holder(tx: Tx, sid: str) -> tuple[str, int, float, str] | None:
+    """(owner, epoch, seconds left, address) of sid's lease, None when there is none."""
+    return tx.one("SELECT owner, epoch, extract(epoch FROM expires_at - now())::float8, address FROM leases "
                   "WHERE session_id = %s", (sid,))
 
 
-def acquire(tx: Tx, sid: str, owner: str, seconds: float) -> Lease:
-    row = tx.one(_ACQUIRE, {"s": sid, "o": owner, "t": seconds})
+def acquire(tx: Tx, sid: str, owner: str, seconds: float, address: str = "") -> Lease:
+    row = tx.one(_ACQUIRE, {"s": sid, "o": owner, "t": seconds, "a": address})
     if row is not None:
         return Lease(sid, owner, row[0], row[1])
     held = holder(tx, sid)  # the row is locked by the INSERT's conflict check until the transaction ends
-    raise LeaseHeld(f"session {sid!r} is served by {held[0]!r}, whose lease runs {max(held[2], 0.0):.1f} s more",
-                    sid=sid, owner=held[0], seconds_left=max(held[2], 0.0))
+    at = f" (at {held[3]})" if held[3] else ""
+    raise LeaseHeld(f"session {sid!r} is served by {held[0]!r}{at}, whose lease runs {max(held[2], 0.0):.1f} s "
+                    f"more", sid=sid, owner=held[0], seconds_left=max(held[2], 0.0), address=held[3])
 
 
 def renew(tx: Tx, lease: Lease, seconds: float) -> Lease:
@@ -49,7 +51,7 @@ def renew(tx: Tx, lease: Lease, seconds: float) -> Lease:
     now = "nobody holds it" if held is None else f"{held[0]!r} holds it at epoch {held[1]}"
     raise LeaseLost(f"the lease of {lease.owner!r} on session {lease.sid!r} at epoch {lease.epoch} was lost: {now}",
                     sid=lease.sid, epoch=lease.epoch, found=None if held is None else held[1],
-                    owner=None if held is None else held[0])
+                    owner=None if held is None else held[0], address="" if held is None else held[3])
 
 
 def release(tx: Tx, lease: Lease) -> None:

@@ -166,9 +166,11 @@ class PgStore(Store):
 
     # ---- leases ------------------------------------------------------------------------------
 
-    def acquire_lease(self, sid: str, owner: str, seconds: float) -> Lease:
+    def acquire_lease(self, sid: str, owner: str, seconds: float, address: str = "") -> Lease:
         _check_lease_args(sid, owner, seconds)
-        return self._db.write("acquire_lease", lambda tx: leases.acquire(tx, sid, owner, float(seconds)))
+        if not isinstance(address, str) or "\0" in address:
+            raise ValueError(f"a lease's address must be a string (host:port, or empty), got {address!r}")
+        return self._db.write("acquire_lease", lambda tx: leases.acquire(tx, sid, owner, float(seconds), address))
 
     def renew_lease(self, lease: Lease, seconds: float) -> Lease:
         _check_lease_args(lease.sid, lease.owner, seconds)

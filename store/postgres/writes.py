@@ -30,12 +30,12 @@ def create(tx: Tx, record: SessionRecord) -> SessionRecord:
 def check_epoch(tx: Tx, sid: str, epoch: int) -> None:
     """LeaseLost unless the session's lease holds `epoch` (the row stays locked FOR SHARE: a takeover, which
     raises the epoch, waits for this transaction)."""
-    row = tx.one("SELECT epoch, owner FROM leases WHERE session_id = %s FOR SHARE", (sid,))
+    row = tx.one("SELECT epoch, owner, address FROM leases WHERE session_id = %s FOR SHARE", (sid,))
     if row is None or row[0] != epoch:
         held = "no lease" if row is None else f"the lease of {row[1]!r} at epoch {row[0]}"
         raise LeaseLost(f"session {sid!r}: this commit holds epoch {epoch}, but the session has {held}: another "
                         f"replica took it over", sid=sid, epoch=epoch, found=None if row is None else row[0],
-                        owner=None if row is None else row[1])
+                        owner=None if row is None else row[1], address="" if row is None else row[2])
 
 
 def commit(tx: Tx, turn: Turn, token_block: int, epoch: int | None) -> SessionRecord:

@@ -18,7 +18,7 @@ TEXT = "The lighthouse keeper counted the ships that passed each night. "
 def test_a_stale_replica_cannot_overwrite_the_new_owners_turns(pg_url, tiny_model):
     with served(pg_url, tiny_model, lease_seconds=1.0, lease_renew=False) as (a, a_port), \
             served(pg_url, tiny_model, lease_seconds=1.0) as (b, b_port), \
-            client(a_port) as ca, client(b_port) as cb:
+            client(a_port, follow=False) as ca, client(b_port, follow=False) as cb:  # the bare statuses
         ca.create_session("s")
         ca.append("s", text=TEXT * 4)
         held = a.manager._live["s"]
@@ -42,6 +42,9 @@ def test_a_stale_replica_cannot_overwrite_the_new_owners_turns(pg_url, tiny_mode
             ca.append("s", text="A again.")
         assert stale.value.code() == grpc.StatusCode.ABORTED
         assert b.manager.leases.owner in stale.value.details()
+        assert dict(stale.value.trailing_metadata()) == {"memsvc-owner": b.manager.leases.owner,
+                                                         "memsvc-owner-address": f"127.0.0.1:{b_port}",
+                                                         "memsvc-retry-safe": "1"}
         assert "s" not in a.manager._live  # dropped from A's memory
 
         stored = b.store.get("s")
