@@ -115,6 +115,8 @@ def test_replicas_profile_runs_postgres_and_two_replicas_with_flags_the_server_h
         published = {p.rsplit(":", 1)[-1] for p in svc["ports"]}
         assert {str(ctx.params["port"]), str(ctx.params["metrics_port"])} <= published
         assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
+        grpc_port = next(p for p in svc["ports"] if p.endswith(f":{ctx.params['port']}"))
+        assert ctx.params["advertise"] == grpc_port.rsplit(":", 1)[0]  # clients told of it reach it from the host
         assert "grpc_health" in " ".join(svc["healthcheck"]["test"])
         owners.add(svc["hostname"])  # the lease owner's name starts with it: each replica its own
     assert len(owners) == 2
