@@ -16,6 +16,7 @@ Knows psycopg and SQL statements; knows nothing about what the tables hold.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -32,14 +33,19 @@ RETRIES = 3
 
 
 def describe(url: str) -> str:
-    """The database a URL names, for messages: postgresql://user@host:port/db (never the password)."""
+    """The database a URL names, for messages: postgresql://user@host:port/db (never the password); a multi-host
+    URL (libpq tries its hosts in turn: a primary and its standbys) as postgresql://user@h1:p1,h2:p2/db."""
     try:
         d = conninfo_to_dict(url)
     except psycopg.ProgrammingError:
         return "postgresql://(unparseable URL)"
     user = f"{d['user']}@" if d.get("user") else ""
-    port = f":{d['port']}" if d.get("port") else ""
-    return f"postgresql://{user}{d.get('host', '')}{port}/{d.get('dbname', '')}"
+    hosts = str(d.get("host", "")).split(",")
+    ports = str(d["port"]).split(",") if d.get("port") else [""]
+    if len(ports) == 1:  # one port for every host
+        ports = ports * len(hosts)
+    where = ",".join(h + (f":{p}" if p else "") for h, p in itertools.zip_longest(hosts, ports, fillvalue=""))
+    return f"postgresql://{user}{where}/{d.get('dbname', '')}"
 
 
 def _nbytes(values) -> int:
