@@ -181,12 +181,7 @@ class PgServer:
 
     def start_again(self) -> None:
         """Start a server stopped with stop(remove=False), or killed with kill(), again: same directory, port and
-        settings (after kill(), postgres first recovers from its WAL). The lock file of a killed postmaster is
-        removed first: where init has not reaped it yet, its pid still answers and postgres would refuse to
-        start (kill() waited until it and every child were dead)."""
-        lock = self.data / "postmaster.pid"
-        if self.pid() is None:
-            lock.unlink(missing_ok=True)
+        settings (after kill(), postgres first recovers from its WAL)."""
         self._pg_ctl_start(check=True)
 
     def kill(self, wait: float = 30.0) -> None:
@@ -203,6 +198,11 @@ class PgServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the processes of the killed server in {self.root} still run after {wait:g} s")
             time.sleep(0.02)
+        # Its lock files name its pid, which postgres checks with kill(pid, 0): until init reaps the dead
+        # postmaster (seconds on some machines, never where PID 1 does not reap), that pid still answers and
+        # start_again would be refused. Every process of the server is dead: the files guard nothing now.
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+        (self.root / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
 
     def start_standby(self, name: str = "standby", *, synchronous: bool = True, attempts: int = 5) -> "PgServer":
         """A streaming-replication standby of this server, started on a port of its own: pg_basebackup -R copies
