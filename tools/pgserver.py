@@ -138,8 +138,9 @@ class PgServer:
     @classmethod
     def start(cls, *, fsync: bool = True, settings: dict[str, str] | None = None, attempts: int = 5) -> "PgServer":
         """initdb and start a server. fsync False also turns off synchronous_commit and full_page_writes:
-        fast, and fine while nothing asks what survives a crash of the machine (a SIGKILL of postgres loses
-        nothing committed either way; an OS crash would). settings: more `-c name=value` options."""
+        fast, and fine while nothing asks what survives a crash: a COMMIT then returns before its WAL is
+        written, so even a SIGKILL of postgres loses the last moments' commits (whole: nothing is torn), and an
+        OS crash may lose more. Tests of durability keep fsync on. settings: more `-c name=value` options."""
         t0 = time.monotonic()
         bindir = find_bindir()
         owner = _os_user()
