@@ -1,11 +1,12 @@
 """A load of Appends through a database outage, and the checks of what it left stored (tests of PostgreSQL's
 death and failover: test_pg_crash.py, test_pg_standby.py).
 
-Each `Writer` is one thread appending token turns to sessions of its own on one replica, through the raw gRPC
-stub (what the service answers, with no client-side retry), until told to stop: it goes on calling while the
-database is down (a pause of PAUSE between failed calls) and records each call's start, seconds and status.
-It keeps, per session, the acknowledged token ids and the first append that failed since the last success
-(cut off at COMMIT, it may have landed whole); the next acknowledged append's token count says whether it did.
+Each `Writer` is one thread appending token turns (and now and then a committing Generate) to sessions of its
+own on one replica, through the raw gRPC stub (what the service answers, with no client-side retry), until
+told to stop: it goes on calling while the database is down (a pause of PAUSE between failed calls) and
+records each call's start, seconds and status. It keeps, per session, the acknowledged token ids and the
+first turn that failed since the last success (cut off at COMMIT, it may have landed whole); the next
+acknowledged turn's token count says whether it did.
 A session near the tiny model's 512 positions is left for a new one.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.service.servers import client, served
 
 PAUSE = 0.05  # seconds between a failed call and the next
 FULL = 400  # tokens after which a writer goes on in a new session
+GENERATES = 0.25  # the share of calls that are a committing Generate (the others: Appends of token ids)
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Call:
     seconds: float
     code: str  # grpc status name
     details: str = ""
+    method: str = ""  # Append, Generate, CreateSession
 
 
 @dataclass
@@ -57,13 +60,30 @@ class Writer:
 
     def _call(self, fn, request):
         t0 = time.monotonic()
+        method = type(request).__name__.removesuffix("Request")
         try:
             reply = fn(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            self.calls.append(Call(t0, time.monotonic() - t0, exc.code().name, exc.details() or ""))
+            self.calls.append(Call(t0, time.monotonic() - t0, exc.code().name, exc.details() or "", method))
             return None, exc.code()
-        self.calls.append(Call(t0, time.monotonic() - t0, "OK"))
+        self.calls.append(Call(t0, time.monotonic() - t0, "OK", method=method))
         return reply, grpc.StatusCode.OK
+
+    def _generate(self, stub, sid: str, n: int) -> tuple[list[int], int, grpc.StatusCode]:
+        """A committing Generate of up to n tokens: (the ids streamed, the session's tokens after, status); a
+        reply streamed whole whose commit then failed may have landed, like an append."""
+        t0, ids, tokens = time.monotonic(), [], 0
+        try:
+            for chunk in stub.Generate(pb.GenerateRequest(session_id=sid, max_new_tokens=n, commit=True),
+                                       timeout=self.timeout):
+                ids.extend(chunk.token_ids)
+                if chunk.HasField("session"):
+                    tokens = chunk.session.tokens
+        except grpc.RpcError as exc:
+            self.calls.append(Call(t0, time.monotonic() - t0, exc.code().name, exc.details() or "", "Generate"))
+            return ids, 0, exc.code()
+        self.calls.append(Call(t0, time.monotonic() - t0, "OK", method="Generate"))
+        return ids, tokens, grpc.StatusCode.OK
 
     def _run(self) -> None:
         rng = random.Random(self.seed)
@@ -84,16 +104,20 @@ class Writer:
                         self.unsure[sid] = []  # a create cut off at COMMIT may have landed
                         time.sleep(PAUSE)
                     continue
-                ids = [rng.randrange(10, 5000) for _ in range(rng.randrange(1, 9))]
-                req = pb.AppendRequest(session_id=sid)
-                req.tokens.ids.extend(ids)
-                reply, code = self._call(stub.Append, req)
+                if rng.random() < GENERATES and self.acked[sid]:
+                    ids, tokens, code = self._generate(stub, sid, rng.randrange(1, 5))
+                else:
+                    ids = [rng.randrange(10, 5000) for _ in range(rng.randrange(1, 9))]
+                    req = pb.AppendRequest(session_id=sid)
+                    req.tokens.ids.extend(ids)
+                    reply, code = self._call(stub.Append, req)
+                    tokens = reply.session.tokens if reply is not None else 0
                 if code != grpc.StatusCode.OK:
                     if self.unsure[sid] is None:
                         self.unsure[sid] = ids
                     time.sleep(PAUSE)
                     continue
-                self._acknowledged(sid, ids, reply.session.tokens)
+                self._acknowledged(sid, ids, tokens)
                 if len(self.acked[sid]) > FULL:
                     made += 1
                     sid, created = f"{self.name}-{made}", False
@@ -108,7 +132,7 @@ class Writer:
             self.acked[sid] = before + maybe + ids  # the failed append had landed whole
             self.landed += 1
         else:
-            self.mismatches.append(f"{sid}: {tokens} tokens after an append of {len(ids)} to {len(before)} "
+            self.mismatches.append(f"{sid}: {tokens} tokens after a turn of {len(ids)} to {len(before)} "
                                    f"acknowledged (unsure: {None if maybe is None else len(maybe)})")
             self.acked[sid] = before + ids
         self.unsure[sid] = None
@@ -160,6 +184,7 @@ def check_statuses(writers: list[Writer], down: float, up: float, slowest: float
             "slowest_while_down_s": round(max(c.seconds for c in while_down), 3),
             "oks_before": sum(1 for c in calls if c.code == "OK" and c.start < down),
             "oks_after": sum(1 for c in calls if c.code == "OK" and c.start >= up),
+            "generates_ok": sum(1 for c in calls if c.code == "OK" and c.method == "Generate"),
             "landed_unacknowledged": sum(w.landed for w in writers)}
 
 
