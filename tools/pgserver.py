@@ -6,6 +6,8 @@ free loopback port, stop and remove.
     ...
     server.stop(remove=False)                  # stops it, keeping its directory (server.start_again())
     server.stop()                              # stops it and removes its directory
+    server.kill(); server.start_again()        # a crash of PostgreSQL (SIGKILL), then its crash recovery
+    standby = server.start_standby()           # a synchronous streaming-replication standby; standby.promote()
 
 PostgreSQL refuses to run as root: run as root (CI, containers), the server runs as a dedicated system
 user (`memsvc-pg`, created with useradd if missing) that owns the temporary directory; run as anyone else, as
@@ -22,7 +24,9 @@ from __future__ import annotations
 import itertools
 import os
 import pwd
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -72,6 +76,36 @@ def _os_user() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def _new_root(owner: tuple[int, int] | None) -> Path:
+    """A new temporary directory for one server, owned by the user it runs as."""
+    root = Path(tempfile.mkdtemp(prefix="memsvc-pg-"))
+    if owner is not None:
+        os.chown(root, *owner)
+    return root
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on right now (it may be taken before postgres binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -90,6 +124,7 @@ class PgServer:
     fsync: bool
     startup_seconds: float = 0.0
     args: str = ""  # the postgres options it was started with (port included), for start_again
+    options: dict[str, str] = field(default_factory=dict)  # its -c options (port aside), for a standby's
     _names: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
 
     @property
@@ -103,15 +138,14 @@ class PgServer:
     @classmethod
     def start(cls, *, fsync: bool = True, settings: dict[str, str] | None = None, attempts: int = 5) -> "PgServer":
         """initdb and start a server. fsync False also turns off synchronous_commit and full_page_writes:
-        fast, and fine while nothing asks what survives a crash of the machine (a SIGKILL of postgres loses
-        nothing committed either way; an OS crash would). settings: more `-c name=value` options."""
+        fast, and fine while nothing asks what survives a crash: a COMMIT then returns before its WAL is
+        written, so even a SIGKILL of postgres loses the last moments' commits (whole: nothing is torn), and an
+        OS crash may lose more. Tests of durability keep fsync on. settings: more `-c name=value` options."""
         t0 = time.monotonic()
         bindir = find_bindir()
         owner = _os_user()
-        root = Path(tempfile.mkdtemp(prefix="memsvc-pg-"))
+        root = _new_root(owner)
         try:
-            if owner is not None:
-                os.chown(root, *owner)
             server = cls(root, 0, bindir, owner, fsync)
             init = [str(bindir / "initdb"), "-D", str(server.data), "-U", DB_USER, "--auth=trust", "-E", "UTF8",
                     "--no-locale", "--no-instructions"] + ([] if fsync else ["--no-sync"])
@@ -121,29 +155,92 @@ class PgServer:
                        **({} if fsync else {"fsync": "off", "synchronous_commit": "off",
                                              "full_page_writes": "off"}),
                        **(settings or {})}
-            for attempt in range(attempts):
-                server.port = free_port()
-                server.args = " ".join([f"-p {server.port}"] + [f"-c {k}={v}" for k, v in options.items()])
-                done = server._pg_ctl_start(check=False)
-                if done.returncode == 0:
-                    break
-                log = server.log.read_text(errors="replace") if server.log.exists() else ""
-                if "could not bind" not in log and "already in use" not in log or attempt == attempts - 1:
-                    raise RuntimeError(f"pg_ctl start failed ({done.returncode}): {done.stdout}{done.stderr}\n"
-                                       f"{log[-2000:]}")
+            server.options = options
+            server._listen(options, attempts)
             server.startup_seconds = time.monotonic() - t0
             return server
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
 
+    def _listen(self, options: dict[str, str], attempts: int) -> None:
+        """pg_ctl start with `options` on a free port (another one if it is taken meanwhile)."""
+        for attempt in range(attempts):
+            self.port = free_port()
+            self.args = " ".join([f"-p {self.port}"] + [f"-c {k}={v}" for k, v in options.items()])
+            done = self._pg_ctl_start(check=False)
+            if done.returncode == 0:
+                return
+            log = self.log.read_text(errors="replace") if self.log.exists() else ""
+            if "could not bind" not in log and "already in use" not in log or attempt == attempts - 1:
+                raise RuntimeError(f"pg_ctl start failed ({done.returncode}): {done.stdout}{done.stderr}\n"
+                                   f"{log[-2000:]}")
+
     def _pg_ctl_start(self, check: bool) -> subprocess.CompletedProcess:
         return self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
                           "-o", self.args, "start"], check=check)
 
     def start_again(self) -> None:
-        """Start a server stopped with stop(remove=False) again: same directory, port and settings."""
+        """Start a server stopped with stop(remove=False), or killed with kill(), again: same directory, port and
+        settings (after kill(), postgres first recovers from its WAL)."""
         self._pg_ctl_start(check=True)
+
+    def kill(self, wait: float = 30.0) -> None:
+        """SIGKILL the postmaster, as a crash of PostgreSQL would (no shutdown, no checkpoint, nothing flushed
+        that was not), then wait until it and its children (backends, WAL writer, WAL senders, ...: they exit
+        when they find it gone) are dead."""
+        pid = self.pid()
+        if pid is None:
+            raise RuntimeError(f"the server in {self.root} is not running")
+        procs = [pid] + _children(pid)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + wait
+        while any(_alive(p) for p in procs):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the processes of the killed server in {self.root} still run after {wait:g} s")
+            time.sleep(0.02)
+        # Its lock files name its pid, which postgres checks with kill(pid, 0): until init reaps the dead
+        # postmaster (seconds on some machines, never where PID 1 does not reap), that pid still answers and
+        # start_again would be refused. Every process of the server is dead: the files guard nothing now.
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+        (self.root / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
+
+    def start_standby(self, name: str = "standby", *, synchronous: bool = True, attempts: int = 5) -> "PgServer":
+        """A streaming-replication standby of this server, started on a port of its own: pg_basebackup -R copies
+        the data directory and has the copy stream this server's WAL as application_name `name`; it answers
+        read-only queries (hot standby) until promote(). synchronous: this server's synchronous_standby_names
+        becomes `name`, so that each commit here returns only once the standby has flushed its WAL (with
+        synchronous_commit on; this waits until the standby is in sync). Its settings are this server's."""
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+            raise ValueError(f"a standby name is a lower-case identifier, got {name!r}")
+        t0 = time.monotonic()
+        root = _new_root(self.owner)
+        try:
+            standby = PgServer(root, 0, self.bindir, self.owner, self.fsync,
+                               options={**self.options, "unix_socket_directories": str(root)})
+            source = f"host=127.0.0.1 port={self.port} user={DB_USER} application_name={name}"
+            standby._run([str(self.bindir / "pg_basebackup"), "-D", str(standby.data), "-d", source, "-R",
+                          "-X", "stream", "-c", "fast"] + ([] if self.fsync else ["--no-sync"]))
+            standby._listen(standby.options, attempts)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        if synchronous:
+            self.admin(f"ALTER SYSTEM SET synchronous_standby_names = '{name}'")
+            self.admin("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 60
+            while self.admin(f"SELECT 1 FROM pg_stat_replication WHERE application_name = '{name}' AND "
+                             f"sync_state = 'sync'") == []:
+                if time.monotonic() > deadline:
+                    standby.stop()
+                    raise RuntimeError(f"the standby {name!r} did not become synchronous within 60 s")
+                time.sleep(0.05)
+        standby.startup_seconds = time.monotonic() - t0
+        return standby
+
+    def promote(self) -> None:
+        """Make a standby a primary (pg_ctl promote, waiting until it accepts writes)."""
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "promote"])
 
     def _run(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
         kw = {} if self.owner is None else {"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
@@ -155,12 +252,14 @@ class PgServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{database}"
 
-    def admin(self, sql: str) -> None:
-        """Run one statement as the superuser in the postgres database (autocommit: CREATE DATABASE may)."""
+    def admin(self, sql: str) -> list[tuple]:
+        """Run one statement as the superuser in the postgres database (autocommit: CREATE DATABASE may); its
+        rows ([] for a statement that returns none)."""
         import psycopg
 
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(sql)
+            cur = conn.execute(sql)
+            return cur.fetchall() if cur.description is not None else []
 
     def create_database(self, name: str | None = None, template: str = "template1") -> str:
         """A new database (a copy of `template`); returns its URL."""
@@ -174,9 +273,10 @@ class PgServer:
     def pid(self) -> int | None:
         """The postmaster's process id (None when it is not running)."""
         try:
-            return int((self.data / "postmaster.pid").read_text().split()[0])
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
+        return pid if _alive(pid) else None
 
     def stop(self, remove: bool = True) -> None:
         """Stop the server (fast shutdown: open connections are closed) and remove its directory."""

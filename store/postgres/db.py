@@ -10,14 +10,16 @@ counted per op with the bytes of bytea values sent and received (`IoCounters`); 
 Errors: psycopg's become StoreError naming the database (without its password) and what to do; a database
 that cannot be reached (down, restarting, no connection free within `timeout`) StoreUnavailable; after one,
 each call first probes the database with one connection (still down: StoreUnavailable at once; back: a fresh
-pool replaces the broken one), a read is tried once more, a write is not (the caller may retry it). A write
-whose connection is lost before its COMMIT was sent was rolled back (StoreUnavailable: nothing changed); one
-lost at COMMIT may have landed (OutcomeUnknown, a StoreUnavailable), which the caller must not simply repeat;
+pool replaces the broken one; one probe at a time, the calls meanwhile answer StoreUnavailable without waiting
+for it), a read is tried once more, a write is not (the caller may retry it). A write whose connection is
+lost before its COMMIT was sent was rolled back (StoreUnavailable: nothing changed); one lost at COMMIT may
+have landed (OutcomeUnknown, a StoreUnavailable), which the caller must not simply repeat;
 StoreError("... closed") after close(), StoreError("... read-only") for a write on a read-only store.
 Knows psycopg and SQL statements; knows nothing about what the tables hold.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -34,14 +36,19 @@ RETRIES = 3
 
 
 def describe(url: str) -> str:
-    """The database a URL names, for messages: postgresql://user@host:port/db (never the password)."""
+    """The database a URL names, for messages: postgresql://user@host:port/db (never the password); a multi-host
+    URL (libpq tries its hosts in turn: a primary and its standbys) as postgresql://user@h1:p1,h2:p2/db."""
     try:
         d = conninfo_to_dict(url)
     except psycopg.ProgrammingError:
         return "postgresql://(unparseable URL)"
     user = f"{d['user']}@" if d.get("user") else ""
-    port = f":{d['port']}" if d.get("port") else ""
-    return f"postgresql://{user}{d.get('host', '')}{port}/{d.get('dbname', '')}"
+    hosts = str(d.get("host", "")).split(",")
+    ports = str(d["port"]).split(",") if d.get("port") else [""]
+    if len(ports) == 1:  # one port for every host
+        ports = ports * len(hosts)
+    where = ",".join(h + (f":{p}" if p else "") for h, p in itertools.zip_longest(hosts, ports, fillvalue=""))
+    return f"postgresql://{user}{where}/{d.get('dbname', '')}"
 
 
 def _nbytes(values) -> int:
@@ -145,7 +152,8 @@ class Db:
         self.closed = False
         self._sizes, self._timeout = (pool_min, pool_max), timeout
         self._down = False  # a call found the database unreachable: the next ones probe it first
-        self._probe_lock = threading.Lock()
+        self._probe_lock = threading.Lock()  # held by the one call probing the database
+        self._last_error = ""  # what the last call that found the database unreachable was told
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ConnectionPool:
@@ -214,14 +222,21 @@ class Db:
         """The pool to take a connection from. While the database is known down, one quick connection first
         tells whether it is back: still down, StoreUnavailable at once (not after the pool's timeout); back, a
         fresh pool replaces the old one, whose connections are broken and whose reconnection attempts are
-        backing off (it is closed aside)."""
+        backing off (it is closed aside). One call probes at a time, and the others do not wait for it: where
+        the server's address swallows connections (a frozen server, a dead machine), a probe takes the whole
+        connect_timeout, and calls queued behind it would each wait for all those before it."""
         if not self._down:
             return self.pool
-        with self._probe_lock:
+        if not self._probe_lock.acquire(blocking=False):
+            raise StoreUnavailable(f"the database {self.where} is unavailable (another call is checking whether it "
+                                   f"is back; the last error: {self._last_error}); the call changed nothing; retry "
+                                   f"it once the database is back")
+        try:
             if self._down:
                 try:
                     psycopg.connect(self.conninfo, autocommit=True).close()
                 except psycopg.Error as exc:
+                    self._last_error = str(exc).strip()
                     raise self._failed(exc) from exc
                 old, self.pool = self.pool, self._new_pool()
                 self.pool.open(wait=False)
@@ -229,9 +244,12 @@ class Db:
                 threading.Thread(target=old.close, kwargs={"timeout": 1.0}, name="memsvc-old-pool",
                                  daemon=True).start()
             return self.pool
+        finally:
+            self._probe_lock.release()
 
     def _lost(self, exc: BaseException) -> None:
         if isinstance(exc, PoolTimeout) or unreachable(exc):
+            self._last_error = str(exc).strip()
             self._down = True
 
     def read(self, op: str, fn: Callable[[Tx], T]) -> T:
@@ -244,7 +262,7 @@ class Db:
                 except psycopg.OperationalError as exc:
                     if attempt == 2 or not unreachable(exc):
                         raise
-                    self._down = True  # a broken pooled connection: the retry probes, then uses a fresh pool
+                    self._lost(exc)  # a broken pooled connection: the retry probes, then uses a fresh pool
         except (psycopg.Error, PoolTimeout) as exc:
             self._lost(exc)
             raise self._failed(exc) from exc
