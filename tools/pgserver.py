@@ -244,7 +244,12 @@ class PgServer:
 
     def _run(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
         kw = {} if self.owner is None else {"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
-        done = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, **kw)
+        for _ in range(3):
+            done = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, **kw)
+            # A child killed by a signal with no output died between fork and exec (seen once: SIGSEGV in the
+            # forked child of a test process full of threads), before the command ran: run it again.
+            if done.returncode >= 0 or done.stdout or done.stderr:
+                break
         if check and done.returncode != 0:
             raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {done.stdout}{done.stderr}")
         return done
