@@ -10,7 +10,14 @@ tokens must agree.
     python benchmarks/pg_resume.py --lengths 8000            # real model (SmolLM2-135M-Instruct)
     python benchmarks/pg_resume.py --lengths 8000 32000 --context 32768
 
-Prints a table and ends with one JSON line.
+With --sessions, exported sessions (`memsvc sessions export`, e.g. of the 8k and 32k sessions the unbounded
+benchmark stored) are imported into each store instead of being built, and --lengths is not used:
+
+    memsvc sessions export unbounded-needle-32768 s32k.memsvc --data-dir COPY_OF_ITS_DATA_DIR
+    python benchmarks/pg_resume.py --threads 1 --sessions s8k.memsvc s32k.memsvc
+
+Round trips are counted for the Resume alone and for Resume + the first token (the first Generate step
+retrieves cold blocks, layer by layer). Prints a table and ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -30,6 +39,8 @@ from memsvc.clients.client import MemoryClient  # noqa: E402
 from memsvc.corpus import haystack_tokens  # noqa: E402
 from memsvc.model import load_model  # noqa: E402
 from memsvc.server import create_server  # noqa: E402
+from memsvc.store.archive import read_export  # noqa: E402
+from memsvc.store.open import open_store  # noqa: E402
 from tools.pgserver import PgServer  # noqa: E402
 
 
@@ -61,19 +72,43 @@ def _build(spec, model, ids: list[int], chunk: int, policy: str, context: int | 
         _stop(server, c)
 
 
+def _import(spec, path: Path) -> tuple[float, int]:
+    """Store the exported session at path as "s": (seconds, its tokens)."""
+    export = read_export(path)
+    with open_store(spec) as store:
+        t0 = time.perf_counter()
+        rec = store.import_session(export, "s")
+        return time.perf_counter() - t0, rec.n_tokens
+
+
 def _resume(spec, model, context: int | None) -> dict:
     server, c = _serve(spec, model, context)
     try:
         trips0, read0 = _trips(server.store.io_counters())
         t0 = time.perf_counter()
         c.resume("s")
+        resumed = time.perf_counter() - t0
+        trips_r, read_r = _trips(server.store.io_counters())
         first = next(iter(c.generate("s", max_new_tokens=1)))
         seconds = time.perf_counter() - t0
         trips1, read1 = _trips(server.store.io_counters())
-        return {"seconds": seconds, "token": list(first.token_ids), "round_trips": trips1 - trips0,
-                "bytes_read": read1 - read0}
+        return {"seconds": seconds, "resume_seconds": resumed, "token": list(first.token_ids),
+                "round_trips": trips1 - trips0, "bytes_read": read1 - read0,
+                "resume_round_trips": trips_r - trips0, "resume_bytes_read": read_r - read0}
     finally:
         _stop(server, c)
+
+
+def _row(store: str, built: tuple[float, int], runs: list[dict], imported: bool) -> dict:
+    last = runs[-1]
+    return {"store": store, "tokens": built[1], "build_seconds": round(built[0], 2),
+            "built_by": "import" if imported else "appends",
+            "resume_first_token_s": round(statistics.median(r["seconds"] for r in runs), 3),
+            "resume_first_token_runs": [round(r["seconds"], 3) for r in runs],
+            "resume_s": round(statistics.median(r["resume_seconds"] for r in runs), 3),
+            "round_trips": last["round_trips"], "bytes_read": last["bytes_read"],
+            "resume_round_trips": last["resume_round_trips"], "resume_bytes_read": last["resume_bytes_read"],
+            "first_token": last["token"]}
 
 
 def main() -> None:
@@ -84,31 +119,47 @@ def main() -> None:
     ap.add_argument("--policy", default="tiered")
     ap.add_argument("--model", default=None, help="as for `memsvc serve` (default SmolLM2-135M-Instruct)")
     ap.add_argument("--context", type=int, default=None, help="as for `memsvc serve --context`")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default; 1 keeps a shared machine's noise down)")
+    ap.add_argument("--sessions", type=Path, nargs="+", default=None,
+                    help="exported sessions to import into each store instead of building (--lengths unused)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model)
     pg = PgServer.start(fsync=True)
     rows = []
+    cases = args.sessions or args.lengths
     try:
         with tempfile.TemporaryDirectory(prefix="memsvc-bench-") as tmp:
-            for n in args.lengths:
-                ids = haystack_tokens(model.tokenizer, n)
-                stores = {"lmdb": Path(tmp) / f"lmdb-{n}", "postgresql": pg.create_database(f"bench_{n}")}
+            for i, case in enumerate(cases):
+                stores = {"lmdb": Path(tmp) / f"lmdb-{i}", "postgresql": pg.create_database(f"bench_{i}")}
+                if not args.sessions:
+                    ids = haystack_tokens(model.tokenizer, case)
+                built = {}
                 for name, spec in stores.items():
-                    built = _build(spec, model, ids, args.chunk, args.policy, args.context)
-                    runs = [_resume(spec, model, args.context) for _ in range(args.repeats)]
-                    rows.append({"store": name, "tokens": n, "build_seconds": round(built, 2),
-                                 "resume_first_token_s": round(statistics.median(r["seconds"] for r in runs), 3),
-                                 "round_trips": runs[-1]["round_trips"], "bytes_read": runs[-1]["bytes_read"],
-                                 "first_token": runs[-1]["token"]})
+                    if args.sessions:
+                        built[name] = _import(spec, case)
+                    else:
+                        built[name] = _build(spec, model, ids, args.chunk, args.policy, args.context), case
+                runs = {name: [] for name in stores}
+                for _ in range(args.repeats):  # alternated, so that the machine's noise falls on both stores
+                    for name, spec in stores.items():
+                        runs[name].append(_resume(spec, model, args.context))
+                for name in stores:
+                    rows.append(_row(name, built[name], runs[name], bool(args.sessions)))
     finally:
         pg.stop()
-    print(f"{'store':<11} {'tokens':>7} {'resume->1st s':>14} {'round trips':>12} {'bytes read':>11}  first token")
+    print(f"{'store':<11} {'tokens':>7} {'resume s':>9} {'trips':>6} {'bytes':>11} {'resume->1st s':>14} "
+          f"{'trips':>6} {'bytes':>11}  first token")
     for r in rows:
-        print(f"{r['store']:<11} {r['tokens']:>7} {r['resume_first_token_s']:>14.3f} {r['round_trips']:>12} "
+        print(f"{r['store']:<11} {r['tokens']:>7} {r['resume_s']:>9.3f} {r['resume_round_trips']:>6} "
+              f"{r['resume_bytes_read']:>11} {r['resume_first_token_s']:>14.3f} {r['round_trips']:>6} "
               f"{r['bytes_read']:>11}  {r['first_token']}")
     same = all(a["first_token"] == b["first_token"] for a, b in zip(rows[::2], rows[1::2]))
-    print(json.dumps({"bench": "pg_resume", "policy": args.policy, "machine": platform.processor() or platform.machine(),
-                      "same_first_tokens": same, "rows": rows}))
+    print(json.dumps({"bench": "pg_resume", "policy": args.policy, "threads": torch.get_num_threads(),
+                      "machine": platform.processor() or platform.machine(), "same_first_tokens": same,
+                      "rows": rows}))
 
 
 if __name__ == "__main__":

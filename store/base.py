@@ -37,7 +37,7 @@ reports its source's size); `stats()` counts what is stored physically.
 
 Round trips: a backend that talks to a server (PostgreSQL) answers each read
 method above with one statement, whatever the number of entries (a Resume reads
-its record, its token ids and each layer's entries with a few), and counts its
+its record, its token ids, and every layer's entries with two kv_blocks_for), and counts its
 round trips and bytes (`io_counters`).
 
 Leases (a store shared by several processes): the process serving a session holds its lease, an expiry it

@@ -24,15 +24,16 @@ def real_model_dir() -> Path:
 
 
 def make_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int, max_positions: int = 512,
-                    initializer_range: float = 0.02) -> Path:
-    """A 2-layer random Llama with the real tokenizer and chat template (GQA 4/2, head dim 16).
+                    initializer_range: float = 0.02, layers: int = 2) -> Path:
+    """A random Llama of `layers` layers (2 by default) with the real tokenizer and chat template (GQA 4/2, head
+    dim 16).
     initializer_range: the weights' std; at 0.3 its replies depend on the context (at the default 0.02 a
     greedy reply is one token over and over, whatever came before)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                       tie_word_embeddings=True, initializer_range=initializer_range)

@@ -1,6 +1,7 @@
 """A session's KV entries in a Store, as the caches read them (`EntrySource`).
 
-`StoreEntries(store, sid)` reads one session's entries (one, a layer's many in one store transaction, or all);
+`StoreEntries(store, sid)` reads one session's entries (one, a layer's many or any keys across layers in one store
+read, or all);
 `CheckedEntries` raises `DamagedBlock` for an entry that fails its checks, so that the session manager can
 tell a damaged entry from other errors, repair the session from its token ids and run the call again. A
 cache never writes through these: a session's entries are written by its commit.
@@ -31,6 +32,10 @@ class StoreEntries:
     def read_many(self, layer: int, indices: list[int]) -> list[bytes | None]:
         return self.store.kv_blocks_at(self.sid, layer, indices)
 
+    def read_keys(self, keys: list[tuple[int, int]]) -> list[bytes | None]:
+        """The entry of each (layer, index), across layers, in one store read (PostgreSQL: one round trip)."""
+        return self.store.kv_blocks_for(self.sid, keys)
+
     def read_all(self) -> dict[tuple[int, int], bytes]:
         return self.store.kv_blocks(self.sid)
 
@@ -59,6 +64,12 @@ class CheckedEntries(StoreEntries):
         except CorruptRecord:  # which one: read them one by one (DamagedBlock names the first)
             return [self.read(layer, index) for index in indices]
 
+    def read_keys(self, keys: list[tuple[int, int]]) -> list[bytes | None]:
+        try:
+            return super().read_keys(keys)
+        except CorruptRecord:  # which one: read them one by one (DamagedBlock names the first)
+            return [self.read(layer, index) for layer, index in keys]
+
     def read_all(self) -> dict[tuple[int, int], bytes]:
         try:
             return super().read_all()
@@ -77,6 +88,9 @@ class NoEntries:
 
     def read_many(self, layer, indices):
         return [None] * len(indices)
+
+    def read_keys(self, keys):
+        return [None] * len(keys)
 
     def read_all(self):
         return {}

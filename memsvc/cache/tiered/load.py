@@ -1,7 +1,8 @@
 """Reading a tiered cache back from its stored entries, and what those entries should be.
 
-`load_tiered(cache, source)` sets each layer from its head and the parts the head lists (one read of the
-layer's parts); cold blocks are not read. A layer stored in an older layout goes through
+`load_tiered(cache, source)` sets each layer from its head and the parts the head lists: one read of every
+layer's head, one of every listed part (a few round trips from PostgreSQL, whatever the layers); cold blocks are
+not read. A layer stored in an older layout goes through
 memsvc.cache.tiered.upgrade. The cache remembers each stored part's digest, so its next commit writes only
 what changes (and every part, in today's layout, of a layer read from an older one).
 `expected_entries` tells from the layer heads which entries a stored session should have (for `verify`);
@@ -22,21 +23,29 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def load_tiered(cache, source):
-    """cache: a new TieredCache of the stored session's policy and shape; source: its EntrySource."""
+    """cache: a new TieredCache of the stored session's policy and shape; source: its EntrySource. Two reads
+    of the store whatever the number of layers: every layer's head, then every part the heads list."""
     device = cache.shape.device
-    for i, layer in enumerate(cache.layers):
-        raw = source.read(i, HEAD_INDEX)
+    n = len(cache.layers)
+    heads = source.read_keys([(i, HEAD_INDEX) for i in range(n)])
+    decoded, wanted = [], []
+    for i, raw in enumerate(heads):
         if raw is None:
             raise ValueError(f"the state of layer {i} is missing")
         head = decode(raw)
         listed = listed_parts(head[1])
+        decoded.append((raw, head, listed))
+        wanted += [(i, index) for index in listed or ()]
+    stored = dict(zip(wanted, source.read_keys(wanted))) if wanted else {}
+    for i, (layer, (raw, head, listed)) in enumerate(zip(cache.layers, decoded)):
         if listed is None:  # stored whole, before parts (or empty): the next commit writes every part
             upgrade.load_whole(layer, raw, device)
             if not layer.is_initialized:
                 cache._stored[(i, HEAD_INDEX)] = digest(head)
             continue
         parts = {}
-        for index, part in zip(listed, source.read_many(i, listed)):  # one read of the layer's parts
+        for index in listed:
+            part = stored[(i, index)]
             if part is None:
                 raise ValueError(f"part {index:#x} of the state of layer {i} is missing")
             parts[index] = decode(part)
