@@ -52,6 +52,11 @@ def test_a_stale_owner_cannot_commit_after_a_takeover(pg_url):
         assert b_store.acquire_lease("s", "replica-b", 30).epoch > c.epoch
 
 
+def _backend_alive(url: str, pid: int) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] > 0
+
+
 def test_a_takeover_does_not_wait_on_a_stopped_owners_transaction(pg_url):
     url = f"{pg_url}?options=-c%20idle_in_transaction_session_timeout%3D1500"  # the store's default is 10 s
     with PgStore(url) as a_store, PgStore(url) as b_store:
@@ -64,7 +69,9 @@ def test_a_takeover_does_not_wait_on_a_stopped_owners_transaction(pg_url):
         with pytest.raises(LeaseHeld, match="being changed by 'replica-a'") as held:
             b_store.acquire_lease("s", "replica-b", 30)
         assert held.value.owner == "replica-a" and time.monotonic() - started < 3  # not a wait without end
-        time.sleep(1.5)  # the database ends the transaction that idled past its timeout
+        deadline = time.monotonic() + 30  # the database ends the transaction that idled past its timeout
+        while _backend_alive(url, stalled.info.backend_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
             stalled.execute("SELECT 1")
         stalled.close()
