@@ -15,6 +15,11 @@ for it), a read is tried once more, a write is not (the caller may retry it). A 
 lost before its COMMIT was sent was rolled back (StoreUnavailable: nothing changed); one lost at COMMIT may
 have landed (OutcomeUnknown, a StoreUnavailable), which the caller must not simply repeat;
 StoreError("... closed") after close(), StoreError("... read-only") for a write on a read-only store.
+
+Every connection has idle_in_transaction_session_timeout set (IDLE_IN_TRANSACTION; a URL's own `options` may
+set another): the database ends a transaction whose client stopped in its middle (a replica paused, or cut off
+from the database), so that its row locks (a lease row a commit holds FOR SHARE) do not hold other replicas off
+for as long as it stays stopped. Its own transactions never idle that long: their statements follow each other.
 Knows psycopg and SQL statements; knows nothing about what the tables hold.
 """
 from __future__ import annotations
@@ -33,6 +38,7 @@ from ..errors import OutcomeUnknown, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 RETRIES = 3
+IDLE_IN_TRANSACTION = 10.0  # seconds a transaction may wait for its client's next statement
 
 
 def describe(url: str) -> str:
@@ -64,11 +70,18 @@ def _nbytes(values) -> int:
 
 def unreachable(exc: BaseException) -> bool:
     """Whether a psycopg error says the database cannot be reached (no SQLSTATE: the connection failed; 08:
-    connection exception; 57: operator intervention, such as a shutdown; 53: too many connections), rather than
-    that a statement failed."""
+    connection exception; 57: operator intervention, such as a shutdown; 53: too many connections; or the
+    connection ended by idle_in_transaction_session_timeout), rather than that a statement failed."""
+    if isinstance(exc, pg_errors.IdleInTransactionSessionTimeout):
+        return True
     if not isinstance(exc, psycopg.OperationalError):
         return False
     return exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57", "53")
+
+
+def locked(exc: StoreError) -> bool:
+    """Whether a StoreError of Db.write came from a statement that waited past its lock_timeout for a row lock."""
+    return isinstance(exc.__cause__, pg_errors.LockNotAvailable)
 
 
 class IoCounters:
@@ -140,7 +153,8 @@ class Db:
         self.where = describe(url)
         self.readonly = readonly
         self.io = IoCounters()
-        options = conninfo_to_dict(url).get("options", "")
+        idle = f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION * 1000)}"
+        options = f"{idle} {conninfo_to_dict(url).get('options', '')}".strip()  # the URL's own come last: they win
         if readonly:
             options = f"{options} -c default_transaction_read_only=on".strip()
         extra = {"options": options} if options else {}
@@ -204,6 +218,10 @@ class Db:
 
     def _failed(self, exc: Exception, at_commit: bool = False) -> StoreError:
         """The StoreError for a psycopg or pool error; at_commit: it came from a write's COMMIT."""
+        if isinstance(exc, pg_errors.IdleInTransactionSessionTimeout):
+            return StoreUnavailable(f"the database {self.where} ended this call's transaction, which had waited "
+                                    f"past idle_in_transaction_session_timeout for this process (paused, or cut off "
+                                    f"from the database): nothing of it was written; retry it")
         if isinstance(exc, PoolTimeout):
             return StoreUnavailable(f"the database {self.where} is unavailable: no connection to it within "
                                     f"{self.pool.timeout:g} s ({exc}); is it running? The call changed nothing; "

@@ -5,7 +5,9 @@ lease_epochs (migration 003), so epochs only grow and are never reused; an owner
 keeps its epoch. A lease keeps the address its owner gave (migration 004: where clients reach it). A commit
 checks the epoch inside its transaction (writes.check_epoch, FOR SHARE on the lease row): a takeover's UPDATE
 waits for a commit that has passed the check, and a commit waits for a takeover that came first, then fails
-the check.
+the check. A takeover waits at most LOCK_WAIT for the lease row: a commit that does not finish (its replica
+paused in its middle) makes it LeaseHeld, naming the owner, rather than a call that hangs; the database ends
+such a transaction once it idles past db.IDLE_IN_TRANSACTION, and the takeover goes through.
 
 Knows the leases table; nothing about what a session holds.
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 from ..base import Lease
 from ..errors import LeaseHeld, LeaseLost
-from .db import Tx
+from .db import IDLE_IN_TRANSACTION, Tx
+
+LOCK_WAIT = "1s"  # lock_timeout of a takeover
 
 _ACQUIRE = """
 INSERT INTO leases AS l (session_id, owner, epoch, expires_at, address)
@@ -32,6 +36,8 @@ def holder(tx: Tx, sid: str) -> tuple[str, int, float, str] | None:
 
 
 def acquire(tx: Tx, sid: str, owner: str, seconds: float, address: str = "") -> Lease:
+    """The lease (LockNotAvailable after LOCK_WAIT while a transaction of another holds its row: see `busy`)."""
+    tx.write(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
     row = tx.one(_ACQUIRE, {"s": sid, "o": owner, "t": seconds, "a": address})
     if row is not None:
         return Lease(sid, owner, row[0], row[1])
@@ -39,6 +45,17 @@ def acquire(tx: Tx, sid: str, owner: str, seconds: float, address: str = "") -> 
     at = f" (at {held[3]})" if held[3] else ""
     raise LeaseHeld(f"session {sid!r} is served by {held[0]!r}{at}, whose lease runs {max(held[2], 0.0):.1f} s "
                     f"more", sid=sid, owner=held[0], seconds_left=max(held[2], 0.0), address=held[3])
+
+
+def busy(tx: Tx, sid: str) -> LeaseHeld:
+    """What a takeover that found the lease row locked past LOCK_WAIT says (read outside that transaction)."""
+    held = holder(tx, sid)
+    owner = "" if held is None else held[0]
+    return LeaseHeld(f"session {sid!r} is being changed by {owner or 'another replica'!r}, whose transaction on it "
+                     f"did not finish within {LOCK_WAIT} (a replica paused or cut off in the middle of a commit: the "
+                     f"database ends it after {IDLE_IN_TRANSACTION:g} s idle); retry", sid=sid, owner=owner,
+                     seconds_left=0.0 if held is None else max(held[2], 0.0),
+                     address="" if held is None else held[3])
 
 
 def renew(tx: Tx, lease: Lease, seconds: float) -> Lease:

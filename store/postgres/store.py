@@ -15,11 +15,11 @@ from typing import Mapping, Sequence
 
 from ..archive import Export, check_import
 from ..base import KVKey, Lease, Store
-from ..errors import SessionMissing
+from ..errors import SessionMissing, StoreError
 from ..records import SessionRecord, check_id
 from ..turn import check_kv_key, check_page, check_record, encode_kv, is_int, possible_id, prepare_commit
 from . import blobs, check, leases, sessions, writes
-from .db import Db
+from .db import Db, locked
 from .migrate import check_schema, migrate
 
 
@@ -170,7 +170,12 @@ class PgStore(Store):
         _check_lease_args(sid, owner, seconds)
         if not isinstance(address, str) or "\0" in address:
             raise ValueError(f"a lease's address must be a string (host:port, or empty), got {address!r}")
-        return self._db.write("acquire_lease", lambda tx: leases.acquire(tx, sid, owner, float(seconds), address))
+        try:
+            return self._db.write("acquire_lease", lambda tx: leases.acquire(tx, sid, owner, float(seconds), address))
+        except StoreError as exc:
+            if not locked(exc):
+                raise
+            raise self._db.read("acquire_lease", lambda tx: leases.busy(tx, sid)) from exc
 
     def renew_lease(self, lease: Lease, seconds: float) -> Lease:
         _check_lease_args(lease.sid, lease.owner, seconds)

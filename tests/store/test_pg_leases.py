@@ -1,11 +1,14 @@
 """Leases with fencing epochs in the PostgreSQL store (issue 23, acceptance 3 at the store's level): a live
 lease is held against another owner, an expired one is taken over with a greater epoch, and a commit made with
-the old owner's epoch is refused inside its transaction, leaving the new owner's turn as stored. LMDB, owned
-by one process, needs no leases."""
+the old owner's epoch is refused inside its transaction, leaving the new owner's turn as stored. An owner
+stopped inside a commit's transaction does not hold a takeover for as long as it stays stopped: the takeover is
+refused at once (LeaseHeld, naming it), and the database ends the idle transaction, after which it goes
+through. LMDB, owned by one process, needs no leases."""
 from __future__ import annotations
 
 import time
 
+import psycopg
 import pytest
 
 from memsvc.store.errors import LeaseHeld, LeaseLost
@@ -47,6 +50,36 @@ def test_a_stale_owner_cannot_commit_after_a_takeover(pg_url):
         assert b_store.delete("s")
         b_store.create(rec("s"))
         assert b_store.acquire_lease("s", "replica-b", 30).epoch > c.epoch
+
+
+def _backend_alive(url: str, pid: int) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] > 0
+
+
+def test_a_takeover_does_not_wait_on_a_stopped_owners_transaction(pg_url):
+    url = f"{pg_url}?options=-c%20idle_in_transaction_session_timeout%3D1500"  # the store's default is 10 s
+    with PgStore(url) as a_store, PgStore(url) as b_store:
+        a_store.create(rec("s"))
+        a = a_store.acquire_lease("s", "replica-a", 0.3)
+        stalled = psycopg.connect(url)  # a commit of A's past its epoch check, whose process then stops
+        stalled.execute("SELECT epoch FROM leases WHERE session_id = 's' FOR SHARE")
+        time.sleep(0.4)  # A's lease has expired meanwhile
+        started = time.monotonic()
+        with pytest.raises(LeaseHeld, match="being changed by 'replica-a'") as held:
+            b_store.acquire_lease("s", "replica-b", 30)
+        assert held.value.owner == "replica-a" and time.monotonic() - started < 3  # not a wait without end
+        deadline = time.monotonic() + 30  # the database ends the transaction that idled past its timeout
+        while _backend_alive(url, stalled.info.backend_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            stalled.execute("SELECT 1")
+        stalled.close()
+        b = b_store.acquire_lease("s", "replica-b", 30)
+        assert b.epoch > a.epoch
+        with pytest.raises(LeaseLost, match="replica-b"):
+            a_store.commit(rec("s"), first_token=0, tokens=[9], blocks={}, epoch=a.epoch)
+        assert b_store.tokens("s") == []
 
 
 def test_lease_arguments_are_checked(pg_url):
