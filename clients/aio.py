@@ -6,6 +6,7 @@ import asyncio
 from typing import AsyncIterator, Iterable, Mapping, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memsvc.proto import memsvc_pb2 as pb
 from memsvc.proto import memsvc_pb2_grpc as pb_grpc
@@ -45,7 +46,8 @@ class AsyncMemoryClient:
         self._replicas.pop(address, None)
 
     async def _connects(self, address: str) -> bool:
-        """Whether the replica at address connects within CONNECT_SECONDS (False at once when it refuses)."""
+        """Whether the replica at address connects and answers a health check, each within CONNECT_SECONDS
+        (False at once when it refuses)."""
         channel = self._at(address)[0]
 
         async def settled() -> grpc.ChannelConnectivity:
@@ -56,9 +58,15 @@ class AsyncMemoryClient:
             return state
 
         try:
-            return await asyncio.wait_for(settled(), CONNECT_SECONDS) == grpc.ChannelConnectivity.READY
+            if await asyncio.wait_for(settled(), CONNECT_SECONDS) != grpc.ChannelConnectivity.READY:
+                return False
         except asyncio.TimeoutError:
             return False
+        try:  # connected is not answering: a stopped process's kernel still accepts the connection
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CONNECT_SECONDS)
+        except grpc.RpcError:
+            return False
+        return True
 
     def _kw(self) -> dict:
         return {"timeout": self.timeout, "metadata": self._md}

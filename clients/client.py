@@ -1,4 +1,4 @@
-"""Clients for MemoryService. They import only the generated stubs and grpc.
+"""Clients for MemoryService. They import only the generated stubs, grpc and its health stubs.
 
     with MemoryClient("127.0.0.1:50051") as c:
         s = c.create_session()
@@ -24,6 +24,7 @@ import time
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memsvc.proto import memsvc_pb2 as pb
 from memsvc.proto import memsvc_pb2_grpc as pb_grpc
@@ -74,7 +75,8 @@ class MemoryClient:
             self._replicas.pop(address, None)
 
     def _connects(self, address: str) -> bool:
-        """Whether the replica at address connects within CONNECT_SECONDS (False at once when it refuses)."""
+        """Whether the replica at address connects and answers a health check, each within CONNECT_SECONDS
+        (False at once when it refuses)."""
         channel, seen = self._at(address)[0], []
         settled = threading.Event()
 
@@ -88,7 +90,13 @@ class MemoryClient:
             settled.wait(CONNECT_SECONDS)
         finally:
             channel.unsubscribe(watch)
-        return seen[:1] == [grpc.ChannelConnectivity.READY]
+        if seen[:1] != [grpc.ChannelConnectivity.READY]:
+            return False
+        try:  # connected is not answering: a stopped process's kernel still accepts the connection
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CONNECT_SECONDS)
+        except grpc.RpcError:
+            return False
+        return True
 
     def _kw(self) -> dict:
         return {"timeout": self.timeout, "metadata": self._md}

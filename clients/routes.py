@@ -6,7 +6,8 @@ call on that session with ABORTED, naming the owner and its address in trailing 
 (memsvc.proto.trailers). With `follow`, the call is sent to that address at once (one hop per try) and the
 session's replica is remembered for its next calls; a remembered replica that cannot be reached is forgotten
 and the call goes to the home address (the one the client was made with) again. A replica named for the first
-time in a try must connect within CONNECT_SECONDS (a paused one would hold the call until its deadline).
+time in a try must connect and answer a health check within CONNECT_SECONDS each (a paused one, whose kernel
+still accepts connections, would hold the call until its deadline).
 
 With `retry_seconds` > 0, a call that fails with ABORTED (nobody reachable holds the session yet: the lease of a
 dead replica not expired, or the session busy) or UNAVAILABLE (the database or a replica down) is tried again

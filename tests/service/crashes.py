@@ -96,7 +96,7 @@ def write(port: int, ledger: Ledger, rng: random.Random, stop: threading.Event, 
     """Append random token turns until the server dies (UNAVAILABLE) or `stop` is set; a session past
     max_tokens is replaced by a new one (the tiny model has 512 positions). Anything else goes to ledger.errors."""
     try:
-        with MemoryClient(f"127.0.0.1:{port}", timeout=30) as c:
+        with MemoryClient(f"127.0.0.1:{port}", timeout=30, follow=False) as c:
             while not stop.is_set():
                 i = rng.randrange(len(ledger.active))
                 sid = ledger.active[i]
@@ -164,7 +164,7 @@ def check(spec: Path | str, port: int, ledger: Ledger, *, takeover: float = 0.0)
         else:
             assert toks == want, (sid, len(toks), len(want), extra and len(extra))
     ledger.inflight = None
-    with MemoryClient(f"127.0.0.1:{port}", timeout=60) as c:
+    with MemoryClient(f"127.0.0.1:{port}", timeout=60, follow=False) as c:
         for sid in stored:
             s = retrying(lambda: c.resume(sid), takeover)
             assert s.tokens == len(ledger.acked[sid])

@@ -46,7 +46,7 @@ def _crash_loop(tmp_path: Path, url: str, model_dir: Path, kills: int, seed: int
     ledger = Ledger(list(SESSIONS))
     procs = [_replica(url, model_dir, tmp_path, "a"), _replica(url, model_dir, tmp_path, "b")]
     try:
-        with MemoryClient(f"127.0.0.1:{procs[0].ready()}", timeout=60) as c:
+        with MemoryClient(f"127.0.0.1:{procs[0].ready()}", timeout=60, follow=False) as c:
             for sid in SESSIONS:
                 c.create_session(sid)
         w = 0  # the writing replica; the other takes over when it dies
@@ -63,7 +63,8 @@ def _crash_loop(tmp_path: Path, url: str, model_dir: Path, kills: int, seed: int
             procs[w] = _replica(url, model_dir, tmp_path, "ab"[w])  # it starts while the other checks and writes
             check(url, procs[1 - w].ready(), ledger, takeover=TAKEOVER)
             w = 1 - w  # the replica that took over writes next
-        with MemoryClient(f"127.0.0.1:{procs[w].port}", timeout=60) as c:  # the last one to take over
+        # the last one to take over
+        with MemoryClient(f"127.0.0.1:{procs[w].port}", timeout=60, follow=False) as c:
             replies = {}
             for sid, toks in ledger.acked.items():
                 assert retrying(lambda: c.resume(sid), TAKEOVER).tokens == len(toks)

@@ -56,8 +56,8 @@ def test_a_stopped_replica_cannot_commit_over_the_new_owners_turns(tmp_path, pg_
                   wait=False) for n in "ab"]
     a, b = procs
     try:
-        with MemoryClient(f"127.0.0.1:{a.ready()}", timeout=120) as ca, \
-                MemoryClient(f"127.0.0.1:{b.ready()}", timeout=120) as cb:
+        with MemoryClient(f"127.0.0.1:{a.ready()}", timeout=120, follow=False) as ca, \
+                MemoryClient(f"127.0.0.1:{b.ready()}", timeout=120, follow=False) as cb:
             ca.create_session("t")
             started = time.monotonic()
             ca.append("t", text=LONG)  # how long such an Append runs here
@@ -152,8 +152,8 @@ def test_a_replica_stopped_inside_a_commit_does_not_hold_the_session_from_the_ot
     a, b = procs
     ledger = Ledger(["s"])
     try:
-        with MemoryClient(f"127.0.0.1:{a.ready()}", timeout=60) as ca, \
-                MemoryClient(f"127.0.0.1:{b.ready()}", timeout=8) as cb:  # a call that hangs fails the test
+        with MemoryClient(f"127.0.0.1:{a.ready()}", timeout=60, follow=False) as ca, \
+                MemoryClient(f"127.0.0.1:{b.ready()}", timeout=8, follow=False) as cb:  # a hang fails the test
             ca.create_session("s")
             ledger.ack("s", list(ca.append("s", text=TEXT).token_ids))
             a_owner, _ = _lease(pg_url, "s")
@@ -186,6 +186,38 @@ def test_a_replica_stopped_inside_a_commit_does_not_hold_the_session_from_the_ot
             verify_store(pg_url)
             assert cb.resume("s").tokens == len(ledger.acked["s"] + ids)
             assert took < 30, took  # the database's idle-in-transaction timeout, A's lease, a loaded machine
+    finally:
+        for p in procs:
+            if p.p.poll() is None:
+                p.signal(signal.SIGCONT)
+            p.kill()
+
+
+def test_a_following_client_does_not_hang_on_a_stopped_owner(tmp_path, pg_url, context_model_dir):
+    """A default client (follow on) at B, for a session whose owner A is stopped: the hop to A fails its health
+    check within CONNECT_SECONDS (A's kernel still accepts the connection), the call goes back to B, and with
+    retry_seconds it lands on B once A's lease has run out; stored once."""
+    from memsvc.clients.routes import CONNECT_SECONDS
+
+    procs = [Proc(pg_url, context_model_dir, tmp_path / f"replica-{n}.log", "--lease-seconds", str(LEASE),
+                  wait=False) for n in "ab"]
+    a, b = procs
+    try:
+        with MemoryClient(f"127.0.0.1:{a.ready()}", timeout=60) as ca, \
+                MemoryClient(f"127.0.0.1:{b.ready()}", timeout=60, retry_seconds=30) as cb:
+            ca.create_session("s")
+            first = list(ca.append("s", text=TEXT * 3).token_ids)
+            a.signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                ids = list(cb.append("s", text="B takes over.").token_ids)
+                took = time.monotonic() - started
+                assert cb.replica("s") == f"127.0.0.1:{b.port}"  # served at home, not at the stopped owner
+                assert took < LEASE + 3 * CONNECT_SECONDS + 10, took
+            finally:
+                a.signal(signal.SIGCONT)
+            with open_store(pg_url, readonly=True) as store:
+                assert store.tokens("s") == first + ids
     finally:
         for p in procs:
             if p.p.poll() is None:
