@@ -39,6 +39,8 @@ OS_USER = "memsvc-pg"
 DB_USER = "memsvc"
 _VERSIONS = ("15", "16", "17", "14")
 
+SETPRIV = shutil.which("setpriv")  # util-linux: run a command as another user
+
 
 def find_bindir(install: bool = True) -> Path:
     """The directory holding initdb, pg_ctl and postgres (installing PostgreSQL 15 if there is none)."""
@@ -243,7 +245,14 @@ class PgServer:
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "promote"])
 
     def _run(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-        kw = {} if self.owner is None else {"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
+        kw: dict = {}
+        if self.owner is not None and SETPRIV:
+            # setpriv switches user in the child after exec: Python then spawns it with vfork, which runs no
+            # fork handlers; asked to switch user itself it forks, and a fork handler (gRPC's, in a test process
+            # full of threads) can crash the child before exec
+            cmd = [SETPRIV, f"--reuid={self.owner[0]}", f"--regid={self.owner[1]}", "--clear-groups", "--"] + cmd
+        elif self.owner is not None:
+            kw = {"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
         for _ in range(3):
             done = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, **kw)
             # A child killed by a signal with no output died between fork and exec (seen once: SIGSEGV in the
