@@ -45,9 +45,9 @@ renews on the database's clock and a fencing epoch that only grows, a new one wi
 given that epoch is refused (LeaseLost) once another owner has taken the session over. An embedded store is
 owned by one process: its lease is held by that process, always (the methods below return None).
 
-Backends: LMDB (lmdb/, embedded, the default) and PostgreSQL (postgres/, one
-database shared by several processes). Open one with `open_store(spec)` (open.py). This module knows only the stdlib and the
-store's plain data types.
+Backends: LMDB (lmdb/, embedded, the default) and PostgreSQL (postgres/, one database shared by several
+processes). Open one with `open_store(spec)` (open.py). This module knows only the stdlib and the store's plain
+data types.
 """
 from __future__ import annotations
 
