@@ -3,7 +3,7 @@ retry_seconds: memsvc.clients.routes). Imported from memsvc.clients.client as we
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterable, Mapping, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -71,14 +71,14 @@ class AsyncMemoryClient:
     def _kw(self) -> dict:
         return {"timeout": self.timeout, "metadata": self._md}
 
-    async def _call(self, method: str, request, sid: str | None):
-        attempt = self._routes.start(method, sid)
+    async def _tried(self, attempt, send: Callable[..., Awaitable]):
+        """await send(stub) of the replica the attempt got to, followed and retried as the options say."""
         while True:
             if attempt.following and not await self._connects(attempt.address):
                 attempt.unreachable()
                 continue
             try:
-                response = await getattr(self._at(attempt.address)[1], method)(request, **self._kw())
+                result = await send(self._at(attempt.address)[1])
             except grpc.RpcError as err:
                 wait = attempt.retry(err)
                 if wait is None:
@@ -86,7 +86,11 @@ class AsyncMemoryClient:
                 await asyncio.sleep(wait)
                 continue
             attempt.done()
-            return response
+            return result
+
+    async def _call(self, method: str, request, sid: str | None):
+        return await self._tried(self._routes.start(method, sid),
+                                 lambda stub: getattr(stub, method)(request, **self._kw()))
 
     async def close(self) -> None:
         for channel, _ in list(self._replicas.values()):
@@ -115,27 +119,17 @@ class AsyncMemoryClient:
                        prefix: str = "") -> AsyncIterator[pb.GenerateChunk]:
         """The reply's chunks; followed and retried until the first one, then that one call's stream."""
         req = generate_request(session_id, max_new_tokens, temperature, top_p, stop, seed, commit, prefix)
-        attempt = self._routes.start("Generate", session_id)
-        while True:
-            if attempt.following and not await self._connects(attempt.address):
-                attempt.unreachable()
-                continue
-            chunks = self._at(attempt.address)[1].Generate(req, **self._kw()).__aiter__()
-            try:
-                first = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-            except grpc.RpcError as err:
-                wait = attempt.retry(err)
-                if wait is None:
-                    raise
-                await asyncio.sleep(wait)
-                continue
-            attempt.done()
-            yield first
-            async for chunk in chunks:
-                yield chunk
+        async def send(stub):
+            chunks = stub.Generate(req, **self._kw()).__aiter__()
+            return chunks, await chunks.__anext__()
+
+        try:
+            chunks, first = await self._tried(self._routes.start("Generate", session_id), send)
+        except StopAsyncIteration:  # a reply of no chunks
             return
+        yield first
+        async for chunk in chunks:
+            yield chunk
 
     async def generate_text(self, session_id: str, **kwargs) -> GenerateResult:
         result = GenerateResult()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -101,15 +101,15 @@ class MemoryClient:
     def _kw(self) -> dict:
         return {"timeout": self.timeout, "metadata": self._md}
 
-    def _call(self, method: str, request, sid: str | None):
-        """One unary call, followed and retried as the options say."""
-        attempt = self._routes.start(method, sid)
-        while True:
+    def _tried(self, attempt, send: Callable, go_on: Callable[[], bool] = lambda: True) -> tuple[bool, object]:
+        """(True, send(stub)) of the replica the attempt got to, followed and retried as the options say while
+        go_on(); (False, None) once it says stop."""
+        while go_on():
             if attempt.following and not self._connects(attempt.address):
                 attempt.unreachable()
                 continue
             try:
-                response = getattr(self._at(attempt.address)[1], method)(request, **self._kw())
+                result = send(self._at(attempt.address)[1])
             except grpc.RpcError as err:
                 wait = attempt.retry(err)
                 if wait is None:
@@ -117,7 +117,13 @@ class MemoryClient:
                 time.sleep(wait)
                 continue
             attempt.done()
-            return response
+            return True, result
+        return False, None
+
+    def _call(self, method: str, request, sid: str | None):
+        """One unary call, followed and retried as the options say."""
+        return self._tried(self._routes.start(method, sid),
+                           lambda stub: getattr(stub, method)(request, **self._kw()))[1]
 
     def close(self) -> None:
         with self._lock:
@@ -207,24 +213,17 @@ class Stream:
         if self._started:
             return next(self._call)
         c = self._client
-        attempt = c._routes.start("Generate", self._request.session_id)
-        while not self._cancelled:
-            if attempt.following and not c._connects(attempt.address):
-                attempt.unreachable()
-                continue
-            self._call = c._at(attempt.address)[1].Generate(self._request, **c._kw())
-            try:
-                chunk = next(self._call)
-            except grpc.RpcError as err:
-                wait = attempt.retry(err)
-                if wait is None:
-                    raise
-                time.sleep(wait)
-                continue
-            self._started = True
-            attempt.done()
-            return chunk
-        raise StopIteration
+
+        def send(stub) -> pb.GenerateChunk:
+            self._call = stub.Generate(self._request, **c._kw())
+            return next(self._call)
+
+        sent, chunk = c._tried(c._routes.start("Generate", self._request.session_id), send,
+                               lambda: not self._cancelled)
+        if not sent:
+            raise StopIteration
+        self._started = True
+        return chunk
 
     def cancel(self) -> None:
         self._cancelled = True
