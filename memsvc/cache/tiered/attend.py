@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from memsvc.errors import FailedPrecondition
 
+from .memo import derived
 from .rows import _capped, _dq8
 
 # cold q.k and p.v operands of few-bit codes: bf16 where oneDNN has bf16 dot products (AVX512-BF16, AMX), else
@@ -62,11 +63,14 @@ class Attend:
         self.stats["attend_calls"] += 1
 
         # exact tiers: sink, kept, hot (hot is causal by position)
-        k_ex = torch.cat([self.sink_k.float(), self._keep_float(self.keep_k), self.hot_k.float()], 1)  # [H, Te, D]
-        v_ex = torch.cat([self.sink_v.float(), self._keep_float(self.keep_v), self.hot_v.float()], 1)
+        k_pre, v_pre = self._exact_prefix()  # [H, s + m, D]: sink and kept rows in fp32
+        k_ex = torch.cat([k_pre, self.hot_k.float()], 1)  # [H, Te, D]
+        v_ex = torch.cat([v_pre, self.hot_v.float()], 1)
         n_sink, n_keep = self.sink_k.shape[1], self._keep_len()
         te = k_ex.shape[1]
-        hot_ok = self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
+        # a single query is the last token: it sees every hot one (positions below seen)
+        hot_ok = None if n == 1 else self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
+        hot_all = hot_ok is None or bool(hot_ok.all())
         last = self.seen - 1
         pos_ex = torch.cat([torch.arange(n_sink, device=self.device).expand(H, n_sink), self.keep_pos,
                             self.hot_pos.expand(H, -1)], 1) if self.moving else None  # [H, Te]
@@ -76,7 +80,7 @@ class Attend:
         if not self.n_blocks and p.keep_by != "attention" and softcap is None and far_ex is None:  # SDPA
             self._remember_queries(query)
             mask = None
-            if not bool(hot_ok.all()):
+            if not hot_all:
                 mask = torch.ones(n, te, dtype=torch.bool, device=self.device)
                 mask[:, n_sink + n_keep:] = hot_ok
             out = F.scaled_dot_product_attention(query.float(), k_ex.unsqueeze(0), v_ex.unsqueeze(0), attn_mask=mask,
@@ -89,7 +93,7 @@ class Attend:
             far = self.far_exact_logits(q_far, k_ex, pos_ex, scaling)
             logits = torch.where(far_ex.unsqueeze(1), far, logits)
         logits = _capped(logits, softcap).view(H, G, n, te)
-        if not bool(hot_ok.all()):
+        if not hot_all:
             logits[..., n_sink + n_keep:].masked_fill_(~hot_ok, float("-inf"))
         parts = [logits]  # [H, G, n, *] each: exact tiers, then cold tokens, then left-out blocks
 
@@ -112,15 +116,15 @@ class Attend:
             if chosen is not None and p.rest == "mean":
                 # blocks retrieval left out still count: one pseudo-token each, the block's mean key and
                 # value weighted by its live tokens (exp(q·mean k) <= mean exp(q·k), so mass is never overstated)
-                mean_k = _dq8(self.sum_mean_k)  # [nb, H, D]
+                mean_k = derived(self, "mean_k", (self.sum_mean_k,), lambda: _dq8(self.sum_mean_k))  # [nb, H, D]
                 lr = torch.bmm(q, mean_k[nf:].permute(1, 2, 0))
                 if nf:
                     lr = torch.cat([torch.bmm(q_far.reshape(H, G * n, D), self.far_means(mean_k[:nf]).transpose(1, 2)),
                                     lr], -1)
                 lr = _capped(lr.mul_(scaling), softcap).view(H, G, n, -1)
-                count = self.live.sum(-1).T.float()  # [H, nb]
-                lr = lr + count.clamp(min=1).log().view(H, 1, 1, -1)
-                lr.masked_fill_((chosen | (count == 0).unsqueeze(1)).unsqueeze(1), float("-inf"))
+                log_count, empty = derived(self, "live_count", (self.live,), self._live_count)
+                lr = lr + log_count
+                lr.masked_fill_((chosen | empty).unsqueeze(1), float("-inf"))
                 parts.append(lr)
 
         self._note_distance(last, pos_ex, far_ex, cold)
@@ -129,7 +133,8 @@ class Attend:
         if cold is not None:
             out = out + self._cold_values(cold, probs[1])
         if len(probs) == 3:
-            out = out + torch.bmm(probs[2].view(H, G * n, -1), _dq8(self.sum_mean_v).transpose(0, 1))
+            mean_v = derived(self, "mean_v", (self.sum_mean_v,), lambda: _dq8(self.sum_mean_v))  # [nb, H, Dv]
+            out = out + torch.bmm(probs[2].view(H, G * n, -1), mean_v.transpose(0, 1))
         probs = probs[0]
 
         if p.keep_by == "attention":  # H2O-style cumulative attention of exact tokens
@@ -139,6 +144,20 @@ class Attend:
         self._remember_queries(query)
         out = out.view(Hq, n, -1).transpose(0, 1).unsqueeze(0)  # [1, n, Hq, Dv]
         return out.to(query.dtype)
+
+    def _exact_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink and kept rows' keys and values in fp32, [H, s + m, D] each (they change only when tokens
+        move between tiers)."""
+        def make():
+            return (torch.cat([self.sink_k.float(), self._keep_float(self.keep_k)], 1),
+                    torch.cat([self.sink_v.float(), self._keep_float(self.keep_v)], 1))
+        return derived(self, "exact_prefix", (self.sink_k, self.keep_k, self.sink_v, self.keep_v), make)
+
+    def _live_count(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """log of each block's live tokens per head (at least 1) [H, 1, 1, nb], and the empty blocks [H, 1, nb]."""
+        H = self.H
+        count = self.live.sum(-1).T.float()  # [H, nb]
+        return count.clamp(min=1).log().view(H, 1, 1, -1), (count == 0).unsqueeze(1)
 
     def _note_distance(self, last: int, pos_ex, far_ex, cold) -> None:
         """stats["max_distance"]: the farthest distance any query of this call attended at."""
@@ -213,11 +232,14 @@ class Attend:
         if missing:
             x = self._decode(codec, self.cold.get_stacked(self.layer_idx, missing, half), dtype)
             x = x.view(H, len(missing), B, -1)  # [H, M, B, D]
-        if len(missing) < len(ids):  # some from the last decode: one gather over it and the new blocks
-            fresh = iter(range(len(last[0]), len(last[0]) + len(missing)))
-            src = last[1] if x is None else torch.cat([last[1], x], 1)
-            order = torch.tensor([at[b] if b in at else next(fresh) for b in ids], device=src.device)
-            x = src.index_select(1, order)
+        if len(missing) < len(ids):  # some from the last decode: one gather from it, the new blocks put in place
+            src = last[1]
+            order = torch.tensor([at.get(b, 0) for b in ids], device=src.device)
+            out = src.index_select(1, order)  # [H, U, B, D]
+            if x is not None:
+                where = torch.tensor([j for j, b in enumerate(ids) if b not in at], device=src.device)
+                out.index_copy_(1, where, x)
+            x = out
         self.cold.remember_decoded(self.layer_idx, half, tuple(ids), x)
         return x.view(H, len(ids) * B, -1)
 
@@ -237,7 +259,8 @@ class Attend:
         if p.retrieve and nb * B > p.retrieve:
             k_sel = p.retrieve // B
             # Quest upper bound per block: sum_d max(q_d * min_d, q_d * max_d), summed over the group's queries
-            mn, mx = _dq8(self.sum_min), _dq8(self.sum_max)  # [nb, H, D]
+            mn, mx = derived(self, "bounds", (self.sum_min, self.sum_max),
+                             lambda: (_dq8(self.sum_min), _dq8(self.sum_max)))  # [nb, H, D]
             ub = torch.einsum("hgnd,bhd->hnb", q.clamp(min=0), mx[nf:]) + \
                 torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn[nf:])  # [H, n, nb - nf]: near blocks
             if nf:  # far blocks: the bound of their moved keys for the moved queries
