@@ -27,6 +27,8 @@ def _cpu_has_bf16_dot() -> bool:
 _LOW_DTYPE = torch.bfloat16 if _cpu_has_bf16_dot() else torch.float32
 KEY_BF16_BITS = 6  # keys of at most 6 bits (a step of 1/63 of the row's range): q.k in bf16
 VALUE_BF16_BITS = 4  # values of at most 4 bits: p.v in bf16; 8-bit values and keys keep fp32
+HELD_ROOM = 2  # a layer's decoded blocks of keys (or values) are held in room for this many times a read's blocks
+HELD_SPARE = 4  # ... and for at most this many blocks more than the layer has (the blocks that go cold next)
 
 
 class CodecMismatch(FailedPrecondition):
@@ -215,33 +217,44 @@ class Attend:
         return out.view(H, U * B, D)
 
     def _cold_tensor(self, half: int, ids: list[int], codec, dtype: torch.dtype) -> torch.Tensor:
-        """Blocks `ids` of this layer's keys (half 0) or values (half 1), decoded: [H, U*B, D] in `dtype`. Blocks
-        the layer's last decode of that half holds (the cold store's decoded cache) are copied from it; only
-        the others are read and decoded. The result becomes the layer's last decode. Callers only read it."""
-        H, B = self.H, self.plan.block
-        last = self.cold.last_decoded(self.layer_idx, half)
-        if last is not None and last[1].dtype != dtype:
-            last = None
-        if last is not None and list(last[0]) == ids:  # the same blocks again (a decode step's usual case)
-            self.stats["cold_blocks_reused"] += len(ids)
-            return last[1].view(H, len(ids) * B, -1)
-        at = {} if last is None else {b: j for j, b in enumerate(last[0])}
+        """Blocks `ids` of this layer's keys (half 0) or values (half 1), decoded: [H, U*B, D] in `dtype`.
+
+        The layer's decoded blocks of that half (the cold store's decoded cache: what its recent reads decoded,
+        in room for HELD_ROOM times a read's blocks) give the blocks they hold; only the others are read and
+        decoded, and join them while there is room (else the held blocks start over from this read's). So a
+        decode step whose retrieval picks blocks it picked a few steps before decodes none. Callers only read
+        the result."""
+        H, B, U = self.H, self.plan.block, len(ids)
+        slab = self.cold.last_decoded(self.layer_idx, half)  # (held blocks, [H, room, B, D])
+        held, data = ((), None) if slab is None or slab[1].dtype != dtype else slab
+        if list(held) == ids:  # exactly the blocks held, in order (every block, without retrieval)
+            self.stats["cold_blocks_reused"] += U
+            return data[:, :U].reshape(H, U * B, -1)
+        at = {b: j for j, b in enumerate(held)}
         missing = [b for b in ids if b not in at]
-        self.stats["cold_blocks_reused"] += len(ids) - len(missing)
+        self.stats["cold_blocks_reused"] += U - len(missing)
         x = None
         if missing:
             x = self._decode(codec, self.cold.get_stacked(self.layer_idx, missing, half), dtype)
             x = x.view(H, len(missing), B, -1)  # [H, M, B, D]
-        if len(missing) < len(ids):  # some from the last decode: one gather from it, the new blocks put in place
-            src = last[1]
-            order = torch.tensor([at.get(b, 0) for b in ids], device=src.device)
-            out = src.index_select(1, order)  # [H, U, B, D]
+        if data is not None and len(held) + len(missing) <= data.shape[1]:  # room: the new blocks join
+            if missing:
+                data[:, len(held):len(held) + len(missing)] = x  # slots no earlier result reads
+                at |= {b: len(held) + j for j, b in enumerate(missing)}
+                self.cold.remember_decoded(self.layer_idx, half, held + tuple(missing), data)
+            return data.index_select(1, torch.tensor([at[b] for b in ids], device=data.device)).view(H, U * B, -1)
+        room = max(U, min(HELD_ROOM * U, self.n_blocks + HELD_SPARE))
+        fresh = torch.empty(H, room, B, x.shape[-1] if x is not None else data.shape[-1], dtype=dtype,
+                            device=self.device)
+        out = fresh[:, :U]  # [H, U, B, D]: this read's blocks, in order
+        if x is not None and len(missing) == U:
+            out.copy_(x)
+        else:  # some held: one gather from them, the new blocks put in place
+            out.copy_(data.index_select(1, torch.tensor([at.get(b, 0) for b in ids], device=data.device)))
             if x is not None:
-                where = torch.tensor([j for j, b in enumerate(ids) if b not in at], device=src.device)
-                out.index_copy_(1, where, x)
-            x = out
-        self.cold.remember_decoded(self.layer_idx, half, tuple(ids), x)
-        return x.view(H, len(ids) * B, -1)
+                out.index_copy_(1, torch.tensor([j for j, b in enumerate(ids) if b not in at], device=data.device), x)
+        self.cold.remember_decoded(self.layer_idx, half, tuple(ids), fresh)
+        return out.reshape(H, U * B, -1)
 
     def _dot_dtype(self, codec, max_bits: int) -> torch.dtype:
         """The operand dtype of the cold tier's products with `codec`'s decoded codes."""

@@ -214,8 +214,9 @@ class ColdStore:
         return out
 
     def last_decoded(self, layer: int, half: int) -> tuple[tuple[int, ...], torch.Tensor] | None:
-        """The last blocks of `layer` whose keys (half 0) or values (half 1) were decoded, and what they decoded
-        to: (block indices, [H, U, B, D]); None without a decoded cache or once it let them go."""
+        """The blocks of `layer` whose keys (half 0) or values (half 1) are held decoded, and what they decoded
+        to: (block indices, [H, room, B, D]), the i-th block in slot i (room >= the blocks); None without a
+        decoded cache or once it let them go."""
         return None if self.decoded is None else self.decoded.get((self.owner, layer, half))
 
     def remember_decoded(self, layer: int, half: int, indices: tuple[int, ...], x: torch.Tensor) -> None:
