@@ -17,8 +17,9 @@ over the model's layers and given per step (median over the steps):
   codec's decode), settle (tiers after attention);
 - other: the rest of the step (embedding, the rotary table, the model's glue, the argmax).
 
-`ops/step` counts the aten operators one step dispatches (a measure of Python-level calls). The last line is
-one JSON object with every row.
+`ops/step` counts the aten operators one step dispatches (a measure of Python-level calls), in a second table
+by section. `decoded_cache_bytes` (JSON) is what the session holds in the decoded cache after the steps. The
+last line is one JSON object with every row.
 """
 from __future__ import annotations
 
@@ -84,12 +85,16 @@ class Sections:
 
 
 class OpCount(TorchDispatchMode):
-    def __init__(self):
+    """aten operators dispatched, by the section open when each ran."""
+
+    def __init__(self, s: Sections):
         super().__init__()
-        self.n = 0
+        self.s = s
+        self.by: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
+        label = self.s.stack[-1][0] if self.s.stack else "other"
+        self.by[label] = self.by.get(label, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
@@ -144,12 +149,15 @@ def profile_steps(run: PolicyRun, cache, logits: torch.Tensor, steps: int, s: Se
         named = sum(s.total.values())
         for k in SECTIONS:
             per[k].append(s.total.get(k, 0.0) if k != "other" else wall - named)
-    counter = OpCount()
+    counter = OpCount(s)
+    s.on = True
     with counter:
         tok = int(run.forward(cache, [tok]).argmax())
+    s.on = False
     ms = {k: 1e3 * statistics.median(v) for k, v in per.items()}
     wall = 1e3 * statistics.median(walls)
-    return {"step_ms": wall, "tok_s": 1e3 / wall, "sections_ms": ms, "ops_per_step": counter.n}
+    return {"step_ms": wall, "tok_s": 1e3 / wall, "sections_ms": ms, "ops_per_step": sum(counter.by.values()),
+            "ops_by_section": counter.by}
 
 
 def main() -> None:
@@ -175,11 +183,14 @@ def main() -> None:
             for t in threads:
                 torch.set_num_threads(t)
                 r = profile_steps(run, cache, logits, args.steps, s)
-                rows.append({"policy": p, "context": n, "threads": t, **r})
+                held = run.decoded_cache.owner_bytes(cache.cold.owner) if hasattr(cache, "cold") else 0
+                rows.append({"policy": p, "context": n, "threads": t, **r, "decoded_cache_bytes": held})
                 print(f"[profile] {n} {p} {t}t: {r['tok_s']:.2f} tok/s, {r['ops_per_step']} ops/step",
                       file=sys.stderr, flush=True)
             cache.close()
     print(table(rows))
+    print()
+    print(op_table(rows))
     print(json.dumps({"decode_profile": rows}))
 
 
@@ -191,6 +202,16 @@ def table(rows: list[dict]) -> str:
         cells = " | ".join(f"{r['sections_ms'][k]:.1f}" for k in used)
         out.append(f"| {r['context']} | {r['policy']} | {r['threads']} | {r['tok_s']:.2f} | {r['step_ms']:.1f} | "
                    f"{cells} | {r['ops_per_step']:,} |")
+    return "\n".join(out)
+
+
+def op_table(rows: list[dict]) -> str:
+    used = [k for k in SECTIONS if any(r["ops_by_section"].get(k, 0) for r in rows)]
+    head = "| context | policy | threads | ops/step | " + " | ".join(used) + " |"
+    out = [head, "|" + "---:|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = " | ".join(f"{r['ops_by_section'].get(k, 0):,}" for k in used)
+        out.append(f"| {r['context']} | {r['policy']} | {r['threads']} | {r['ops_per_step']:,} | {cells} |")
     return "\n".join(out)
 
 

@@ -2,8 +2,8 @@
 
 `Attend` is a mixin of `TierLayer` (memsvc.cache.tiered.layer holds the state it reads). `attend(query)`
 computes one softmax over the sink, warm and hot tokens (exact or 8-bit), the cold blocks each query
-retrieves by its Quest bound over the block summaries (decoded by the codec kernels; the layer's last decode
-is reused for blocks it picked again) and, for `rest="mean"`, one pseudo-token per left-out block.
+retrieves by its Quest bound over the block summaries (decoded by the codec kernels; the blocks the layer's
+recent reads decoded are held and reused) and, for `rest="mean"`, one pseudo-token per left-out block.
 """
 from __future__ import annotations
 

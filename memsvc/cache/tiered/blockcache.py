@@ -1,7 +1,7 @@
 """`BlockCache`: a bounded, thread-safe LRU of byte-sized entries, shared by many cold stores.
 
 The service keeps two: cold blocks' bytes read back from the store (--block-cache) and each tiered layer's
-last decoded cold keys and values (--decoded-cache, `fair`).
+recently decoded cold keys and values (--decoded-cache, `fair`).
 """
 from __future__ import annotations
 

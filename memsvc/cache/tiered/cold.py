@@ -133,8 +133,9 @@ class ColdStore:
     store's resident bytes), read and written under `owner`; without one the store
     keeps a private cache of `cache_bytes`, counted as resident. hits / misses count
     this store's reads (pending blocks and in-memory backends count as hits).
-    decoded: a BlockCache (shared too, bounded on its own) where each layer's last decoded keys and values
-    stay, so that the next call's retrieval, which picks mostly the same blocks, decodes only the new ones;
+    decoded: a BlockCache (shared too, bounded on its own) where each layer's recently decoded keys and values
+    stay (in room for twice a read's blocks), so that the next calls' retrieval, which picks mostly the same
+    blocks, decodes only the new ones, and the layer's tensors derived from its state (memsvc.cache.tiered.memo);
     None: every read decodes.
     """
 

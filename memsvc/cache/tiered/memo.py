@@ -4,7 +4,7 @@ A layer's state tensors are replaced, never written in place (memsvc.cache.tiere
 (the fp32 form of the 8-bit block summaries, of the sink and warm rows, the live counts) stays right for as
 long as the objects it was computed from are the very ones the layer holds: `derived` recomputes it when any
 of them was replaced. The values live in the cold store's decoded cache (bounded, shared by the sessions,
-counted on its own as the layer's last decoded cold blocks are), under (owner, layer, name); without one,
+counted on its own as the layer's decoded cold blocks are), under (owner, layer, name); without one,
 every call computes them.
 """
 from __future__ import annotations
