@@ -39,8 +39,8 @@ from .common import store_option
               help="Bytes of cold KV blocks read back from the store that stay in memory, one LRU shared by "
                    "every tiered session (0 = none).")
 @click.option("--decoded-cache", default=256 << 20, show_default=True, type=int,
-              help="Bytes of decoded cold keys and values that stay in memory, each tiered layer's last read, one "
-                   "LRU shared by every session: the next call decodes only the blocks that read did not (0 = none).")
+              help="Bytes of decoded cold keys and values that stay in memory, each tiered layer's recent reads', "
+                   "one LRU shared by every session: the next call decodes only the blocks they did not (0 = none).")
 @click.option("--hold-wait", default=60.0, show_default=True, type=float,
               help="Seconds a call waits for a session another call holds (calls on one session run one at a "
                    "time, in arrival order); past it the call is refused with ABORTED (0 = refuse at once).")

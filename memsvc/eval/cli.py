@@ -172,7 +172,7 @@ def niah_report_cmd(files, heatmaps, layers, kv_heads, head_dim):
 @click.option("--new", "n_new", default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--threads", default=0)
 @click.option("--decoded-cache", default=256 << 20, show_default=True, type=click.IntRange(min=0),
-              help="Bytes of each tiered layer's last decoded cold keys and values kept (as `serve`; 0 = none).")
+              help="Bytes of each tiered layer's recently decoded cold keys and values kept (as `serve`; 0 = none).")
 def speed_cmd(policies, lengths, n_new, threads, decoded_cache):
     """Decode tokens/s after a prompt of each length (greedy, one token at a time)."""
     from memsvc import corpus

@@ -77,9 +77,9 @@ class SessionManager(Turns, Generation, Expiry, Measures):
     """resident_budget: bytes of KV cache that idle sessions may keep in memory (0 = no limit).
     block_cache_bytes: bound of the one LRU of cold blocks read back from the store, shared by every
     tiered session (0 = none; blocks are then parsed again at each read).
-    decoded_cache_bytes: bound of the one LRU of each tiered layer's last decoded cold keys and values, shared
+    decoded_cache_bytes: bound of the one LRU of each tiered layer's recently decoded cold keys and values, shared
     by every session (0 = none: each read decodes every block it picks; with it, a call decodes only the blocks
-    the layer's previous call did not, such as a question's answer after the question, or a decode step after
+    the layer's recent calls did not, such as a question's answer after the question, or a decode step after
     the one before). lease_seconds, lease_renew: leases on sessions in memory (memsvc.sessions.leases)."""
 
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,

@@ -36,9 +36,10 @@ def test_reads_equal_decoding_everything_and_decode_only_new_blocks():
             want = plain._cold_tensor(half, ids, codec, torch.bfloat16)
             got = memo._cold_tensor(half, ids, codec, torch.bfloat16)
             assert got.shape == (H, len(ids) * B, D) and torch.equal(got, want)
-    # only the blocks the layer's last read of that half did not decode are read and decoded
-    assert [n for half, n in decoded if half == 0] == [4, 1, 2, 4] == [n for half, n in decoded if half == 1]
-    assert memo.stats["cold_blocks_reused"] == 2 * (0 + 2 + 3 + 3 + 0 + 2)
+    # only the blocks the layer's earlier reads of that half did not decode are read and decoded (they are held
+    # in room for twice the first read's 4 blocks: every one of the 6 fits)
+    assert [n for half, n in decoded if half == 0] == [4, 1, 1] == [n for half, n in decoded if half == 1]
+    assert memo.stats["cold_blocks_reused"] == 2 * (0 + 2 + 3 + 3 + 1 + 6)
     assert plain.stats["cold_blocks_reused"] == 0
 
 
@@ -69,11 +70,13 @@ def test_an_undone_step_drops_the_decode_and_another_session_never_sees_it():
 
 
 def test_the_decoded_cache_stays_within_its_bound():
-    one = H * 3 * B * D * 4  # three blocks of fp32 keys
+    one = H * 6 * B * D * 4  # six blocks of fp32 keys: a read of three, held in room for twice as many
     cache = BlockCache(one)
     layer = _layer(cache)
     layer._cold_tensor(0, [0, 1, 2], layer.kcodec, torch.float32)
     assert cache.nbytes == one
+    layer._cold_tensor(0, [3, 4, 5], layer.kcodec, torch.float32)  # joins the held blocks: no more bytes
+    assert cache.nbytes == one and layer.cold.last_decoded(3, 0)[0] == (0, 1, 2, 3, 4, 5)
     layer._cold_tensor(1, [0, 1, 2], layer.vcodec, torch.float32)  # the values push the keys out
     assert cache.nbytes == one and layer.cold.last_decoded(3, 0) is None
     layer._cold_tensor(0, [0, 1, 2, 3], layer.kcodec, torch.float32)  # larger than the bound: not kept

@@ -2,8 +2,8 @@
 
 `Attend` is a mixin of `TierLayer` (memsvc.cache.tiered.layer holds the state it reads). `attend(query)`
 computes one softmax over the sink, warm and hot tokens (exact or 8-bit), the cold blocks each query
-retrieves by its Quest bound over the block summaries (decoded by the codec kernels; the layer's last decode
-is reused for blocks it picked again) and, for `rest="mean"`, one pseudo-token per left-out block.
+retrieves by its Quest bound over the block summaries (decoded by the codec kernels; the blocks the layer's
+recent reads decoded are held and reused) and, for `rest="mean"`, one pseudo-token per left-out block.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from memsvc.errors import FailedPrecondition
 
+from .memo import derived
 from .rows import _capped, _dq8
 
 # cold q.k and p.v operands of few-bit codes: bf16 where oneDNN has bf16 dot products (AVX512-BF16, AMX), else
@@ -26,6 +27,8 @@ def _cpu_has_bf16_dot() -> bool:
 _LOW_DTYPE = torch.bfloat16 if _cpu_has_bf16_dot() else torch.float32
 KEY_BF16_BITS = 6  # keys of at most 6 bits (a step of 1/63 of the row's range): q.k in bf16
 VALUE_BF16_BITS = 4  # values of at most 4 bits: p.v in bf16; 8-bit values and keys keep fp32
+HELD_ROOM = 2  # a layer's decoded blocks of keys (or values) are held in room for this many times a read's blocks
+HELD_SPARE = 4  # ... and for at most this many blocks more than the layer has (the blocks that go cold next)
 
 
 class CodecMismatch(FailedPrecondition):
@@ -62,11 +65,14 @@ class Attend:
         self.stats["attend_calls"] += 1
 
         # exact tiers: sink, kept, hot (hot is causal by position)
-        k_ex = torch.cat([self.sink_k.float(), self._keep_float(self.keep_k), self.hot_k.float()], 1)  # [H, Te, D]
-        v_ex = torch.cat([self.sink_v.float(), self._keep_float(self.keep_v), self.hot_v.float()], 1)
+        k_pre, v_pre = self._exact_prefix()  # [H, s + m, D]: sink and kept rows in fp32
+        k_ex = torch.cat([k_pre, self.hot_k.float()], 1)  # [H, Te, D]
+        v_ex = torch.cat([v_pre, self.hot_v.float()], 1)
         n_sink, n_keep = self.sink_k.shape[1], self._keep_len()
         te = k_ex.shape[1]
-        hot_ok = self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
+        # a single query is the last token: it sees every hot one (positions below seen)
+        hot_ok = None if n == 1 else self.hot_pos.unsqueeze(0) <= qpos.unsqueeze(1)  # [n, h]
+        hot_all = hot_ok is None or bool(hot_ok.all())
         last = self.seen - 1
         pos_ex = torch.cat([torch.arange(n_sink, device=self.device).expand(H, n_sink), self.keep_pos,
                             self.hot_pos.expand(H, -1)], 1) if self.moving else None  # [H, Te]
@@ -76,7 +82,7 @@ class Attend:
         if not self.n_blocks and p.keep_by != "attention" and softcap is None and far_ex is None:  # SDPA
             self._remember_queries(query)
             mask = None
-            if not bool(hot_ok.all()):
+            if not hot_all:
                 mask = torch.ones(n, te, dtype=torch.bool, device=self.device)
                 mask[:, n_sink + n_keep:] = hot_ok
             out = F.scaled_dot_product_attention(query.float(), k_ex.unsqueeze(0), v_ex.unsqueeze(0), attn_mask=mask,
@@ -89,7 +95,7 @@ class Attend:
             far = self.far_exact_logits(q_far, k_ex, pos_ex, scaling)
             logits = torch.where(far_ex.unsqueeze(1), far, logits)
         logits = _capped(logits, softcap).view(H, G, n, te)
-        if not bool(hot_ok.all()):
+        if not hot_all:
             logits[..., n_sink + n_keep:].masked_fill_(~hot_ok, float("-inf"))
         parts = [logits]  # [H, G, n, *] each: exact tiers, then cold tokens, then left-out blocks
 
@@ -112,15 +118,15 @@ class Attend:
             if chosen is not None and p.rest == "mean":
                 # blocks retrieval left out still count: one pseudo-token each, the block's mean key and
                 # value weighted by its live tokens (exp(q·mean k) <= mean exp(q·k), so mass is never overstated)
-                mean_k = _dq8(self.sum_mean_k)  # [nb, H, D]
+                mean_k = derived(self, "mean_k", (self.sum_mean_k,), lambda: _dq8(self.sum_mean_k))  # [nb, H, D]
                 lr = torch.bmm(q, mean_k[nf:].permute(1, 2, 0))
                 if nf:
                     lr = torch.cat([torch.bmm(q_far.reshape(H, G * n, D), self.far_means(mean_k[:nf]).transpose(1, 2)),
                                     lr], -1)
                 lr = _capped(lr.mul_(scaling), softcap).view(H, G, n, -1)
-                count = self.live.sum(-1).T.float()  # [H, nb]
-                lr = lr + count.clamp(min=1).log().view(H, 1, 1, -1)
-                lr.masked_fill_((chosen | (count == 0).unsqueeze(1)).unsqueeze(1), float("-inf"))
+                log_count, empty = derived(self, "live_count", (self.live,), self._live_count)
+                lr = lr + log_count
+                lr.masked_fill_((chosen | empty).unsqueeze(1), float("-inf"))
                 parts.append(lr)
 
         self._note_distance(last, pos_ex, far_ex, cold)
@@ -129,7 +135,8 @@ class Attend:
         if cold is not None:
             out = out + self._cold_values(cold, probs[1])
         if len(probs) == 3:
-            out = out + torch.bmm(probs[2].view(H, G * n, -1), _dq8(self.sum_mean_v).transpose(0, 1))
+            mean_v = derived(self, "mean_v", (self.sum_mean_v,), lambda: _dq8(self.sum_mean_v))  # [nb, H, Dv]
+            out = out + torch.bmm(probs[2].view(H, G * n, -1), mean_v.transpose(0, 1))
         probs = probs[0]
 
         if p.keep_by == "attention":  # H2O-style cumulative attention of exact tokens
@@ -139,6 +146,20 @@ class Attend:
         self._remember_queries(query)
         out = out.view(Hq, n, -1).transpose(0, 1).unsqueeze(0)  # [1, n, Hq, Dv]
         return out.to(query.dtype)
+
+    def _exact_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink and kept rows' keys and values in fp32, [H, s + m, D] each (they change only when tokens
+        move between tiers)."""
+        def make():
+            return (torch.cat([self.sink_k.float(), self._keep_float(self.keep_k)], 1),
+                    torch.cat([self.sink_v.float(), self._keep_float(self.keep_v)], 1))
+        return derived(self, "exact_prefix", (self.sink_k, self.keep_k, self.sink_v, self.keep_v), make)
+
+    def _live_count(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """log of each block's live tokens per head (at least 1) [H, 1, 1, nb], and the empty blocks [H, 1, nb]."""
+        H = self.H
+        count = self.live.sum(-1).T.float()  # [H, nb]
+        return count.clamp(min=1).log().view(H, 1, 1, -1), (count == 0).unsqueeze(1)
 
     def _note_distance(self, last: int, pos_ex, far_ex, cold) -> None:
         """stats["max_distance"]: the farthest distance any query of this call attended at."""
@@ -196,30 +217,44 @@ class Attend:
         return out.view(H, U * B, D)
 
     def _cold_tensor(self, half: int, ids: list[int], codec, dtype: torch.dtype) -> torch.Tensor:
-        """Blocks `ids` of this layer's keys (half 0) or values (half 1), decoded: [H, U*B, D] in `dtype`. Blocks
-        the layer's last decode of that half holds (the cold store's decoded cache) are copied from it; only
-        the others are read and decoded. The result becomes the layer's last decode. Callers only read it."""
-        H, B = self.H, self.plan.block
-        last = self.cold.last_decoded(self.layer_idx, half)
-        if last is not None and last[1].dtype != dtype:
-            last = None
-        if last is not None and list(last[0]) == ids:  # the same blocks again (a decode step's usual case)
-            self.stats["cold_blocks_reused"] += len(ids)
-            return last[1].view(H, len(ids) * B, -1)
-        at = {} if last is None else {b: j for j, b in enumerate(last[0])}
+        """Blocks `ids` of this layer's keys (half 0) or values (half 1), decoded: [H, U*B, D] in `dtype`.
+
+        The layer's decoded blocks of that half (the cold store's decoded cache: what its recent reads decoded,
+        in room for HELD_ROOM times a read's blocks) give the blocks they hold; only the others are read and
+        decoded, and join them while there is room (else the held blocks start over from this read's). So a
+        decode step whose retrieval picks blocks it picked a few steps before decodes none. Callers only read
+        the result."""
+        H, B, U = self.H, self.plan.block, len(ids)
+        slab = self.cold.last_decoded(self.layer_idx, half)  # (held blocks, [H, room, B, D])
+        held, data = ((), None) if slab is None or slab[1].dtype != dtype else slab
+        if list(held) == ids:  # exactly the blocks held, in order (every block, without retrieval)
+            self.stats["cold_blocks_reused"] += U
+            return data[:, :U].reshape(H, U * B, -1)
+        at = {b: j for j, b in enumerate(held)}
         missing = [b for b in ids if b not in at]
-        self.stats["cold_blocks_reused"] += len(ids) - len(missing)
+        self.stats["cold_blocks_reused"] += U - len(missing)
         x = None
         if missing:
             x = self._decode(codec, self.cold.get_stacked(self.layer_idx, missing, half), dtype)
             x = x.view(H, len(missing), B, -1)  # [H, M, B, D]
-        if len(missing) < len(ids):  # some from the last decode: one gather over it and the new blocks
-            fresh = iter(range(len(last[0]), len(last[0]) + len(missing)))
-            src = last[1] if x is None else torch.cat([last[1], x], 1)
-            order = torch.tensor([at[b] if b in at else next(fresh) for b in ids], device=src.device)
-            x = src.index_select(1, order)
-        self.cold.remember_decoded(self.layer_idx, half, tuple(ids), x)
-        return x.view(H, len(ids) * B, -1)
+        if data is not None and len(held) + len(missing) <= data.shape[1]:  # room: the new blocks join
+            if missing:
+                data[:, len(held):len(held) + len(missing)] = x  # slots no earlier result reads
+                at |= {b: len(held) + j for j, b in enumerate(missing)}
+                self.cold.remember_decoded(self.layer_idx, half, held + tuple(missing), data)
+            return data.index_select(1, torch.tensor([at[b] for b in ids], device=data.device)).view(H, U * B, -1)
+        room = max(U, min(HELD_ROOM * U, self.n_blocks + HELD_SPARE))
+        fresh = torch.empty(H, room, B, x.shape[-1] if x is not None else data.shape[-1], dtype=dtype,
+                            device=self.device)
+        out = fresh[:, :U]  # [H, U, B, D]: this read's blocks, in order
+        if x is not None and len(missing) == U:
+            out.copy_(x)
+        else:  # some held: one gather from them, the new blocks put in place
+            out.copy_(data.index_select(1, torch.tensor([at.get(b, 0) for b in ids], device=data.device)))
+            if x is not None:
+                out.index_copy_(1, torch.tensor([j for j, b in enumerate(ids) if b not in at], device=data.device), x)
+        self.cold.remember_decoded(self.layer_idx, half, tuple(ids), fresh)
+        return out.reshape(H, U * B, -1)
 
     def _dot_dtype(self, codec, max_bits: int) -> torch.dtype:
         """The operand dtype of the cold tier's products with `codec`'s decoded codes."""
@@ -237,7 +272,8 @@ class Attend:
         if p.retrieve and nb * B > p.retrieve:
             k_sel = p.retrieve // B
             # Quest upper bound per block: sum_d max(q_d * min_d, q_d * max_d), summed over the group's queries
-            mn, mx = _dq8(self.sum_min), _dq8(self.sum_max)  # [nb, H, D]
+            mn, mx = derived(self, "bounds", (self.sum_min, self.sum_max),
+                             lambda: (_dq8(self.sum_min), _dq8(self.sum_max)))  # [nb, H, D]
             ub = torch.einsum("hgnd,bhd->hnb", q.clamp(min=0), mx[nf:]) + \
                 torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn[nf:])  # [H, n, nb - nf]: near blocks
             if nf:  # far blocks: the bound of their moved keys for the moved queries

@@ -1,7 +1,7 @@
 """`BlockCache`: a bounded, thread-safe LRU of byte-sized entries, shared by many cold stores.
 
 The service keeps two: cold blocks' bytes read back from the store (--block-cache) and each tiered layer's
-last decoded cold keys and values (--decoded-cache, `fair`).
+recently decoded cold keys and values (--decoded-cache, `fair`).
 """
 from __future__ import annotations
 
@@ -40,14 +40,15 @@ class BlockCache:
         self.misses = 0
         self.evictions = 0
 
-    def get(self, key: tuple) -> bytes | None:
+    def get(self, key: tuple, count: bool = True) -> bytes | None:
+        """count=False: not counted in hits / misses (a lookup of something other than a block)."""
         with self._lock:
             hit = self._lru.get(key)
             if hit is None:
-                self.misses += 1
+                self.misses += count
                 return None
             self._lru.move_to_end(key)
-            self.hits += 1
+            self.hits += count
             return hit[0]
 
     def put(self, key: tuple, raw, size: int | None = None) -> None:
@@ -97,9 +98,11 @@ class BlockCache:
                 del self._owner_bytes[key[0]]
 
     def discard(self, owner, layer: int, index: int) -> None:
-        """Forget owner's blocks of `layer` from `index` on."""
+        """Forget owner's blocks of `layer` from `index` on, and the layer's entries named other than by an
+        index (memsvc.cache.tiered.memo)."""
         with self._lock:
-            for key in [k for k in self._owned.get(owner, ()) if k[1] == layer and k[2] >= index]:
+            for key in [k for k in self._owned.get(owner, ()) if k[1] == layer and
+                        (not isinstance(k[2], int) or k[2] >= index)]:
                 self._pop(key)
 
     def drop(self, owner) -> int:

@@ -133,8 +133,9 @@ class ColdStore:
     store's resident bytes), read and written under `owner`; without one the store
     keeps a private cache of `cache_bytes`, counted as resident. hits / misses count
     this store's reads (pending blocks and in-memory backends count as hits).
-    decoded: a BlockCache (shared too, bounded on its own) where each layer's last decoded keys and values
-    stay, so that the next call's retrieval, which picks mostly the same blocks, decodes only the new ones;
+    decoded: a BlockCache (shared too, bounded on its own) where each layer's recently decoded keys and values
+    stay (in room for twice a read's blocks), so that the next calls' retrieval, which picks mostly the same
+    blocks, decodes only the new ones, and the layer's tensors derived from its state (memsvc.cache.tiered.memo);
     None: every read decodes.
     """
 
@@ -214,8 +215,9 @@ class ColdStore:
         return out
 
     def last_decoded(self, layer: int, half: int) -> tuple[tuple[int, ...], torch.Tensor] | None:
-        """The last blocks of `layer` whose keys (half 0) or values (half 1) were decoded, and what they decoded
-        to: (block indices, [H, U, B, D]); None without a decoded cache or once it let them go."""
+        """The blocks of `layer` whose keys (half 0) or values (half 1) are held decoded, and what they decoded
+        to: (block indices, [H, room, B, D]), the i-th block in slot i (room >= the blocks); None without a
+        decoded cache or once it let them go."""
         return None if self.decoded is None else self.decoded.get((self.owner, layer, half))
 
     def remember_decoded(self, layer: int, half: int, indices: tuple[int, ...], x: torch.Tensor) -> None:
