@@ -71,6 +71,16 @@ def load(model, store, sid: str, overrides: dict):
     return kv, store.tokens(sid)
 
 
+def needle_at(tok, tokens: list[int]) -> int:
+    """Where the essay needle starts in a cell's token ids."""
+    from memsvc.eval.niah import NEEDLE
+    ids = tok(f" {NEEDLE} ", add_special_tokens=False).input_ids[1:7]  # its middle: the same ids in any context
+    for i in range(len(tokens) - len(ids)):
+        if tokens[i:i + len(ids)] == ids:
+            return i
+    raise ValueError("no needle in the cell")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="32768")
@@ -78,6 +88,10 @@ def main() -> None:
     ap.add_argument("--variant", action="append", type=variant, default=None)
     ap.add_argument("--ppl", type=int, default=0, help="tokens of perplexity after the plain session (0: none)")
     ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--full-tail", type=int, default=0,
+                    help="also `full` on the opening instruction + the cell's last N tokens, and on the last N alone")
+    ap.add_argument("--full-at", type=int, default=0, help="with --full-tail N: also `full` on the instruction + N "
+                    "tokens of the cell ending this many tokens after the needle (its distance in the question)")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("MEMSVC_HOME", Path.home() / ".cache/memsvc"))
                     / "bench" / "unbounded" / "data")
     ap.add_argument("--model", default=None)
@@ -109,6 +123,18 @@ def main() -> None:
                                  "seconds": time.perf_counter() - t0})
                     ub.log(f"{n:,} {name} depth {depth:.2f}: found={r['found']} {r['reply']!r} lp={lp:.2f} "
                            f"max distance {dist} ({rows[-1]['seconds']:.0f} s)")
+                for depth, sid in cells if args.full_tail and name == variants[0][0] else ():
+                    intro, tokens = task.parts(tok)[0], store.tokens(sid)
+                    cuts = [("full-intro+tail", intro + tokens[-(args.full_tail - len(intro)):]),
+                            ("full-tail", tokens[-args.full_tail:])]
+                    if args.full_at:
+                        end = needle_at(tok, tokens) + args.full_at
+                        lo = max(len(intro), end - args.full_tail + len(intro))
+                        cuts = [(f"full-at-{args.full_at}", intro + tokens[lo:end])]
+                    for kind, ids in cuts:
+                        r = ub.window_cell(model, task, ids, "", args.new_tokens, "full", len(ids), depth)
+                        rows.append({"tokens": n, "variant": kind, "settings": {}, "depth": depth, "found": r["found"],
+                                     "reply": r["reply"], "logprob": r["logprob"], "max_distance": len(ids)})
                 if args.ppl:
                     kv, tokens = load(model, store, ub.plain_id(task, n, "tiered"), over)
                     cont = haystack_tokens(tok, n + args.ppl)[n:]
