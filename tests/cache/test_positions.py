@@ -66,12 +66,14 @@ def _feed(layer: TierLayer, n: int, g: torch.Generator, H: int = 2) -> tuple[tor
     return k_raw, v
 
 
-@pytest.mark.parametrize("window", [96, 160])
-def test_a_layer_past_its_window_attends_at_the_assigned_positions(window):
+@pytest.mark.parametrize("window,layout", [(96, "shared"), (160, "shared"), (96, "point"), (96, "ordered"),
+                                           (160, "ordered")])
+def test_a_layer_past_its_window_attends_at_the_assigned_positions(window, layout):
     """Every block and token retrieved (retrieve 0), 8-bit cold and warm rows: the layer's output equals naive
-    attention over the same (dequantized) keys placed as the scheme says."""
+    attention over the same (dequantized) keys placed as the scheme says, in each far layout ("ordered" with
+    near at half the window: more far blocks than slots, so the oldest share the last)."""
     plan = LayerPlan(sink=2, hot=16, block=8, cold_k="k8v8_k", cold_v="k8v8_v", keep=6, keep_by="attention",
-                     keep_bits=8)
+                     keep_bits=8, far_layout=layout, near=window // 2 if layout == "ordered" else 0)
     g = torch.Generator().manual_seed(1)
     layer = _layer(window, plan)
     n = 4 * window
@@ -126,7 +128,15 @@ def test_a_layer_past_its_window_attends_at_the_assigned_positions(window):
                                     if layer.live[b, h, j]) for p in pos])
         block_far = in_cold & ((t - starts) >= layer.near)
         assigned[far & ~in_cold] = t - layer.far
-        assigned[block_far] = t - layer.far + (pos - starts)[block_far]
+        if layout == "shared":  # a far block's tokens at far - offset (its start at `far`)
+            assigned[block_far] = t - layer.far + (pos - starts)[block_far]
+        elif layout == "point":  # every far token at `far`
+            assigned[block_far] = t - layer.far
+        else:  # block b's slot: how many far blocks are newer than it, the oldest sharing the last slot
+            nf, slots = layer.far_blocks(t), (layer.far - layer.near) // B
+            slot = (nf - 1 - (starts - plan.sink) // B).clamp(max=slots - 1)
+            assigned[block_far] = (t - layer.near - (slot + 1) * B + 1 + (pos - starts))[block_far]
+            assert slots < nf
         assert int((t - assigned).max()) < window  # no attended distance reaches the window
         k_at = _hf(keys.unsqueeze(0), assigned).squeeze(0)
         for g_ in range(2):
@@ -177,3 +187,23 @@ def test_far_bounds_bound_the_moved_keys():
     logits = torch.einsum("hgnd,hkd->hnk", q_far, keys).view(layer.H, 3, nf, plan.block)  # summed over g
     # the bound sums over the group's queries of each query row; the moved keys' logits never exceed it
     assert bool((logits.amax(-1) <= ub + 1e-3).all())
+
+
+def test_a_far_budget_caps_the_far_blocks_each_query_retrieves():
+    """far_retrieve: a decode query retrieves at most far_retrieve // B far blocks, and its other picks are near
+    blocks (the budget of `retrieve` is still spent); without it the same queries pick more far blocks."""
+    got = {}
+    for far_retrieve in (0, 16):
+        plan = LayerPlan(sink=2, hot=16, block=8, cold_k="k8v8_k", cold_v="k8v8_v", retrieve=64,
+                         far_retrieve=far_retrieve)
+        g = torch.Generator().manual_seed(4)
+        layer = _layer(96, plan)
+        _feed(layer, 600, g)
+        t = layer.seen
+        nf = layer.far_blocks(t)
+        assert 8 < nf < layer.n_blocks - 8
+        q = _hf(torch.randn(layer.H, 2, 1, D, generator=g), torch.tensor([t]))
+        _, _, _, chosen = layer._cold_keys(q, layer.far_query(q, torch.tensor([t])), nf)  # [H, 1, nb]
+        assert bool((chosen.sum(-1) == 8).all())  # retrieve // B blocks each
+        got[far_retrieve] = chosen[..., :nf].sum(-1)
+    assert bool((got[16] <= 2).all()) and int(got[0].max()) > 2

@@ -23,6 +23,10 @@ these per layer; the layer class knows nothing about policy names.
     near, far  with moving positions (a session past the model's window): tokens within `near` positions of
              the query keep their distance, the others are attended at distance `far` (0: the model's
              window and window - 1)
+    far_layout  where far cold blocks sit: "shared" (each block's keys at 0..B-1, the query at `far`),
+             "point" (every far key at 0, InfLLM's), "ordered" (the retrieved far blocks end to end in their
+             order between distances `near` and `far`, the newest nearest; far > near here, 0: window - 1)
+    far_retrieve  far cold tokens a query retrieves at most (0: no separate budget)
     exact_dtype  dtype of the exact tiers (None: the model's)
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 KEEP_BY = ("none", "attention", "window")
+FAR_LAYOUTS = ("shared", "point", "ordered")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -54,6 +59,8 @@ class LayerPlan:
     union_floor: int = 4
     near: int = 0
     far: int = 0
+    far_layout: str = "shared"
+    far_retrieve: int = 0
 
     def __post_init__(self):
         if self.sink < 0 or self.block < 1 or self.keep < 0 or self.retrieve < 0:
@@ -76,8 +83,14 @@ class LayerPlan:
             raise ValueError("window must be >= 1 and pool an odd number >= 1")
         if self.rest not in ("drop", "mean"):
             raise ValueError(f"rest must be 'drop' or 'mean', got {self.rest!r}")
-        if self.near < 0 or self.far < 0 or (self.near and self.far >= self.near):
-            raise ValueError(f"near and far must be >= 0 (0 = the window) with far < near, got {self.near}, {self.far}")
+        if self.far_layout not in FAR_LAYOUTS:
+            raise ValueError(f"far_layout must be one of {FAR_LAYOUTS}, got {self.far_layout!r}")
+        ordered = self.far_layout == "ordered"
+        if self.near < 0 or self.far < 0 or (self.near and self.far and (self.far <= self.near) == ordered):
+            rel = "far > near" if ordered else "far < near"
+            raise ValueError(f"near and far must be >= 0 (0 = the window) with {rel}, got {self.near}, {self.far}")
+        if self.far_retrieve < 0 or (self.far_retrieve and self.far_retrieve < self.block):
+            raise ValueError(f"far_retrieve must be 0 or at least one block ({self.block}), got {self.far_retrieve}")
         if self.union_floor < 1:
             raise ValueError(f"union_floor must be >= 1, got {self.union_floor}")
         if not 0.0 <= self.v_skip < 1.0:

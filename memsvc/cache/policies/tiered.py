@@ -44,9 +44,12 @@ class TieredPolicy:
     dense: tuple[int, ...] = ()  # layers that attend every cold block (no retrieval)
     union_floor: int = 4  # a prompt chunk attends at most retrieve * max(union_floor, ceil(n / block)) cold tokens
     near: int = 0  # past the model's window: tokens within `near` positions keep their distance (0: the window)
-    far: int = 0  # ... and the others are attended at distance `far` (0: near - 1)
+    far: int = 0  # ... and the others are attended at distance `far` (0: near - 1; "ordered": window - 1)
+    far_layout: str = "shared"  # far cold blocks: "shared" positions 0..B-1, "point" (all at 0), "ordered"
+    far_retrieve: int = 0  # far cold tokens a query retrieves at most (0: no separate budget)
     # settings that only change how attention reads the cache: a stored session follows the server's (stored_policy)
-    READ_SIDE: ClassVar[tuple[str, ...]] = ("retrieve", "v_skip", "rest", "dense", "union_floor", "near", "far")
+    READ_SIDE: ClassVar[tuple[str, ...]] = ("retrieve", "v_skip", "rest", "dense", "union_floor", "near", "far",
+                                               "far_layout", "far_retrieve")
 
     def __post_init__(self):
         check_budget("sink", self.sink, 0)
@@ -70,7 +73,7 @@ class TieredPolicy:
             cold_v=self.boundary_value_codec if edge else self.value_codec,
             retrieve=0 if layer in {b % n_layers for b in self.dense} else self.retrieve, rest=self.rest, keep=self.warm, keep_by="attention" if self.warm else "none", keep_bits=8,
             v_skip=self.v_skip, exact_dtype=self.exact_dtype, union_floor=self.union_floor, near=self.near,
-            far=self.far,
+            far=self.far, far_layout=self.far_layout, far_retrieve=self.far_retrieve,
         )
 
 

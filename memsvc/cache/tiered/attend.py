@@ -278,10 +278,18 @@ class Attend:
                 torch.einsum("hgnd,bhd->hnb", q.clamp(max=0), mn[nf:])  # [H, n, nb - nf]: near blocks
             if nf:  # far blocks: the bound of their moved keys for the moved queries
                 ub = torch.cat([self.far_bounds(q_far, mn[:nf], mx[:nf]), ub], -1)
+            capped = bool(nf) and 0 < p.far_retrieve // B < nf
+            if capped:  # a separate far budget: each query's other far blocks are out of reach
+                fu = ub[..., :nf]
+                fu = fu.masked_fill(fu < fu.topk(p.far_retrieve // B, dim=-1).values[..., -1:], float("-inf"))
+                ub = torch.cat([fu, ub[..., nf:]], -1)
             cap = k_sel * max(p.union_floor, -(-n // B)) if n > 1 else k_sel
-            top = ub.topk(min(cap, nb), dim=-1).indices  # [H, n, r], best first (r >= k_sel: nb > k_sel here)
+            best = ub.topk(min(cap, nb), dim=-1)
+            top = best.indices  # [H, n, r], best first (r >= k_sel: nb > k_sel here)
             chosen = torch.zeros(H, n, nb, dtype=torch.bool, device=dev)
             chosen.scatter_(2, top[..., :k_sel], True)
+            if capped:
+                chosen &= torch.isfinite(ub)
             if n > 1:
                 # a prompt chunk decodes the union of its queries' blocks anyway; every query attends all of
                 # them (masking each query back to its own top-k compounds errors through the prompt's layers).
@@ -298,6 +306,8 @@ class Attend:
                     # rank better and it is never kept)
                     r = top.shape[-1]
                     at = torch.arange(r, device=dev).expand_as(top)
+                    if capped:  # a block out of reach ranks last
+                        at = at.masked_fill(~torch.isfinite(best.values), r)
                     rank = torch.full((nb,), r, dtype=torch.long, device=dev).scatter_reduce_(
                         0, top.flatten(), at.flatten(), "amin")  # [nb]
                     order = ub.amax(dim=(0, 1)).argsort(descending=True)  # by bound, then stably by best rank

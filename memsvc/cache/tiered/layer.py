@@ -59,8 +59,9 @@ class TierLayer(Attend, Settle, Positions, CacheLayerMixin):
         self.plan = plan
         self.rope = rope
         self.moving = moving
+        self.window = window
         self.near = plan.near or window
-        self.far = plan.far or self.near - 1
+        self.far = plan.far or (window - 1 if plan.far_layout == "ordered" else self.near - 1)
         self.layer_idx = layer_idx
         self.cold = cold
         self.exact_dtype = plan.dtype(dtype)

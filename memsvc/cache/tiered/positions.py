@@ -9,9 +9,16 @@ layer whose session stays within `near` positions attends exactly as it did befo
 
 - exact tiers (sinks, warm rows): a far one is moved back to position 0 and met by the query moved to `far`
   (`far_exact_logits`);
-- cold blocks: the first `far_blocks()` are far: their keys are moved to 0..B-1 (`far_keys`) and met by the
-  query moved to `far`; their Quest bounds are taken on the stored boxes with that query moved forward by each
-  block's start (`far_bounds`), which is the bound of the block's moved keys; near blocks are untouched.
+- cold blocks: the first `far_blocks()` are far: their keys are moved (`far_keys`) and met by the query moved
+  to `far`; their Quest bounds are taken on the stored boxes with that query moved forward by each block's
+  start (`far_bounds`), which is the bound of the block's keys moved to 0..B-1; near blocks are untouched.
+  Where the retrieved far blocks' keys go is the plan's `far_layout`: "shared" (the default) moves every
+  block's keys to 0..B-1, so all far blocks share the distances far - (B-1) .. far; "point" moves every far
+  key to 0 (distance `far`, InfLLM's scheme); "ordered" lays the retrieved far blocks end to end in their
+  order, the newest at distances near .. near + B-1, the next one B farther, ..., so far - near positions
+  hold (far - near) // B slots; blocks beyond the last slot (the oldest) share it. Retrieval scores far
+  blocks as "shared" places them in every layout, and the mean pseudo-token of a block left out (`rest`)
+  sits at the block's position 0.
 """
 from __future__ import annotations
 
@@ -26,7 +33,11 @@ class Positions:
         if self.rope is None:
             raise ValueError("attending beyond the model's window needs its RoPE, which this model does not have "
                              "(or cannot move)")
-        if not 0 < self.far < self.near:
+        if self.plan.far_layout == "ordered":
+            if not 0 < self.near <= self.far - self.plan.block:
+                raise ValueError(f"the ordered far layout needs 0 < near ({self.near}) and a block "
+                                 f"({self.plan.block}) of positions below far ({self.far})")
+        elif not 0 < self.far < self.near:
             raise ValueError(f"moving positions needs 0 < far ({self.far}) < near ({self.near}) positions: give "
                              f"the model's window or the plan's near and far")
         return self.rope
@@ -63,11 +74,22 @@ class Positions:
         return torch.bmm(q_far.reshape(H, G * n, D), k0.transpose(1, 2)).mul_(scaling)
 
     def far_keys(self, k: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Keys [H, U*B, D] of far blocks [U], stored at their positions -> moved to 0..B-1 (a new tensor)."""
+        """Keys [H, U*B, D] of far blocks [U] (ascending), stored at their positions -> moved where the plan's
+        far layout puts them for the query at `far` (a new tensor)."""
         if not blocks.numel():
             return k
-        start = self.block_start(blocks).repeat_interleave(self.plan.block)  # [U*B]
-        return self._rope().rotate(k, -start)
+        B = self.plan.block
+        start = self.block_start(blocks)  # [U]
+        layout = self.plan.far_layout
+        if layout == "point":  # every key to 0
+            delta = -(start.unsqueeze(1) + torch.arange(B, device=start.device)).flatten()
+        elif layout == "ordered":  # slot r (0: the newest) starts at far - near - (r + 1) * B + 1
+            slots = (self.far - self.near) // B
+            r = (blocks.numel() - 1 - torch.arange(blocks.numel(), device=start.device)).clamp(max=slots - 1)
+            delta = (self.far - self.near - (r + 1) * B + 1 - start).repeat_interleave(B)
+        else:  # "shared": each block to 0..B-1
+            delta = -start.repeat_interleave(B)
+        return self._rope().rotate(k, delta)  # [U*B] per column
 
     def far_bounds(self, q_far: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
         """Quest bounds [H, n, nf] of the far blocks 0..nf-1 (boxes mn, mx [nf, H, D] of their stored keys) for
