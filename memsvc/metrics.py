@@ -179,6 +179,15 @@ class Metrics:
         self.inter_token = Histogram(
             "memsvc_generate_inter_token_seconds", "Generate: time between consecutive tokens of one reply.",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.step_sessions = Histogram(
+            "memsvc_step_sessions", "Model steps, by the sessions whose tokens one step ran (the batch size).",
+            buckets=(1, 2, 4, 8, 12, 16, 24, 32, 64), registry=r)
+        self.step_tokens = Histogram(
+            "memsvc_step_tokens", "Model steps, by the tokens one step ran (decode tokens and prefill chunks).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), registry=r)
+        self.step_wait = Histogram(
+            "memsvc_step_queue_seconds", "Time a call's next tokens waited for a model step (the step queue).",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.collector = _ServiceCollector(manager, store_stats, store_every, store_io)
         r.register(self.collector)
         self._http = None
@@ -187,6 +196,13 @@ class Metrics:
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.rpcs.labels(method, code).inc()
         self.latency.labels(method, code).observe(seconds)
+
+    def observe_step(self, sessions: int, tokens: int, waits: list[float]) -> None:
+        """One model step of memsvc.sessions.steps: its batch, its tokens and how long each piece waited."""
+        self.step_sessions.observe(sessions)
+        self.step_tokens.observe(tokens)
+        for w in waits:
+            self.step_wait.observe(w)
 
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP endpoint (port 0 picks a free one); returns the bound port."""

@@ -27,6 +27,7 @@ from memsvc.errors import FailedPrecondition
 
 NAME = "memsvc"
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("memsvc_active_cache", default=None)
+_PACKED: contextvars.ContextVar = contextvars.ContextVar("memsvc_packed_parts", default=None)
 
 
 @contextlib.contextmanager
@@ -38,14 +39,33 @@ def active(cache):
         _ACTIVE.reset(token)
 
 
+@contextlib.contextmanager
+def packing(parts):
+    """parts: [(cache, start, end)] in sequence order, the rows [start, end) of the packed call being the next
+    tokens of that cache."""
+    token = _PACKED.set(parts)
+    try:
+        yield parts
+    finally:
+        _PACKED.reset(token)
+
+
 def memsvc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    parts = _PACKED.get()
+    if parts is not None:
+        return _packed_attention(parts, module, query, key, value, scaling, dropout, kwargs), None
+    return _attention(module, query, key, value, attention_mask, scaling, dropout, kwargs), None
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout, kwargs) -> torch.Tensor:
+    """One sequence's attention: the active tiered cache's layer, else SDPA; [1, n, Hq, Dv]."""
     cache = _ACTIVE.get()
     softcap = kwargs.get("softcap")
     if cache is None:
         if softcap is not None:
-            return _softcapped_attention(query, key, value, attention_mask, scaling, softcap), None
+            return _softcapped_attention(query, key, value, attention_mask, scaling, softcap)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+                                      **kwargs)[0]
     layer = cache.layers[module.layer_idx]
     window = kwargs.get("sliding_window")
     if window is not None and layer.seen > window:
@@ -55,7 +75,21 @@ def memsvc_attention(module, query, key, value, attention_mask, scaling=None, dr
             f"model past its window; use the full policy, or a context of at most {window} tokens")
     out = layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5, softcap=softcap)
     layer.settle()
-    return out, None
+    return out
+
+
+def _packed_attention(parts, module, query, key, value, scaling, dropout, kwargs) -> torch.Tensor:
+    """query [1, Hq, T, D], key / value [1, H, T, D] of the packed rows (no cache updated yet) -> [1, T, Hq, Dv]:
+    each part's rows appended to its cache and attended over it, as a call of that part alone would."""
+    outs = []
+    for cache, lo, hi in parts:
+        k, v = cache.update(key[:, :, lo:hi], value[:, :, lo:hi], module.layer_idx)
+        n, T = hi - lo, k.shape[2]
+        # a part's own causal mask: its n queries are the last n of the T tokens its cache now holds
+        mask = None if n == 1 else torch.ones(1, 1, n, T, dtype=torch.bool, device=query.device).tril(T - n)
+        with cache.attending():
+            outs.append(_attention(module, query[:, :, lo:hi], k, v, mask, scaling, dropout, kwargs))
+    return torch.cat(outs, dim=1)
 
 
 def _softcapped_attention(query, key, value, attention_mask, scaling, softcap: float) -> torch.Tensor:
@@ -83,7 +117,7 @@ def _softcapped_attention(query, key, value, attention_mask, scaling, softcap: f
 def memsvc_mask(*args, **kwargs):
     """The SDPA mask, except while a tiered cache is active: its layers mask by position themselves, and a mask
     over a long session's every position (queries x tokens) would cost more than the step."""
-    if _ACTIVE.get() is not None:
+    if _ACTIVE.get() is not None or _PACKED.get() is not None:
         return None
     return sdpa_mask(*args, **kwargs)
 

@@ -55,6 +55,13 @@ from .common import store_option
               help="Where clients reach this server, for a store shared by replicas (PostgreSQL): kept with its "
                    "leases, and named to a client whose call reaches another replica, which the client follows "
                    "(default: the address it binds, this machine's name for 0.0.0.0; '' for none).")
+@click.option("--max-batch", default=16, show_default=True, type=int,
+              help="Sessions whose tokens one model step runs together (continuous batching: decode tokens of every "
+                   "streaming Generate and chunks of pending Appends share the weights' read); 1 = one at a time.")
+@click.option("--step-tokens", default=512, show_default=True, type=int,
+              help="Tokens one model step runs at most (decode tokens and prefill chunks; a long Append is cut in "
+                   "chunks of at most this many): lower it to keep streams' inter-token latency low beside long "
+                   "Appends, at some cost to the Appends' speed.")
 @click.option("--log-rpcs/--no-log-rpcs", default=True, show_default=True,
               help="One JSON line per RPC on stderr (no conversation content).")
 def serve(host: str, port: int, store_spec: str, model: str | None, device: str, max_new_tokens: int, auth: str,
@@ -62,22 +69,24 @@ def serve(host: str, port: int, store_spec: str, model: str | None, device: str,
           metrics_host: str | None, max_append_tokens: int, max_session_tokens: int, max_request_bytes: int,
           max_sessions_per_tenant: int, max_bytes_per_tenant: int, resident_budget: int, ttl: float,
           block_cache: int, decoded_cache: int, hold_wait: float, context: int | None, lease_seconds: float,
-          advertise: str | None, log_rpcs: bool) -> None:
+          advertise: str | None, max_batch: int, step_tokens: int, log_rpcs: bool) -> None:
     """Serve MemoryService over gRPC (fetches the default model on first use)."""
     from ..auth import KeyRing
     from ..limits import Limits
     from ..server import serve as _serve
+    from ..sessions.steps import StepConfig
 
     try:
         keys = KeyRing.load(api_keys_file)
         limits = Limits(max_append_tokens=max_append_tokens, max_session_tokens=max_session_tokens,
                         max_request_bytes=max_request_bytes, max_sessions_per_tenant=max_sessions_per_tenant,
                         max_bytes_per_tenant=max_bytes_per_tenant)
+        steps = StepConfig(max_batch=max_batch, step_tokens=step_tokens)
         _serve(host, port, data_dir=store_spec, model=model, device=device, max_new_tokens=max_new_tokens,
                log_rpcs=log_rpcs, auth=auth, api_keys=keys, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                metrics_port=metrics_port, metrics_host=metrics_host, resident_budget=resident_budget, ttl=ttl,
                block_cache_bytes=block_cache, decoded_cache_bytes=decoded_cache, hold_wait=hold_wait,
-               context=context, lease_seconds=lease_seconds, advertise=advertise)
+               context=context, lease_seconds=lease_seconds, advertise=advertise, steps=steps)
     except ValueError as exc:
         raise click.ClickException(str(exc))
 

@@ -105,7 +105,7 @@ def _check_advertise(advertise: str) -> str:
 
 
 def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | str | None = None,
-                  device: str = "cpu", max_workers: int = 8, auth: str = "auto", api_keys: KeyRing | None = None,
+                  device: str = "cpu", max_workers: int = 64, auth: str = "auto", api_keys: KeyRing | None = None,
                   tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                   limits: Limits | None = None, metrics_port: int | None = None, metrics_host: str | None = None,
                   context: int | None = None, advertise: str | None = None,
@@ -114,6 +114,8 @@ def create_server(address: str, *, data_dir: str | Path, model: LoadedModel | st
 names (store/open.py: an LMDB directory, or a postgresql:// URL).
 
     auth: 'auto' (on when keys are given or the host is not loopback), 'on' or 'off'.
+    max_workers: calls served at once (a streaming Generate holds one while it streams; the model's steps batch
+    them: memsvc.sessions.steps).
     metrics_port: serve Prometheus metrics over HTTP there (0 picks a port; None: no endpoint).
     context: tokens a session may hold, in place of the model's max_position_embeddings (None: the
     model's); past the model's own context it runs on positions it was not trained on.
@@ -151,6 +153,7 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
     manager = SessionManager(store, loaded, **manager_options)
     metrics = Metrics(manager, store_stats=store.stats, store_io=store.io_counters)
     manager.holds.waited = metrics.session_wait.observe
+    manager.steps.observe = metrics.observe_step
     servicer = MemoryServicer(manager, keys=api_keys if auth_on else None, limits=limits, metrics=metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memsvc"),

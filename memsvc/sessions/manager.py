@@ -62,6 +62,7 @@ from .expiry import Expiry
 from .generate import Generation
 from .hold import DEFAULT_HOLD_WAIT, Holds, SessionBusy
 from .leases import Leases
+from .steps import StepConfig, Steps
 from .live import Counters, SessionView, _Live
 from .measures import Measures
 from .turns import Turns
@@ -80,13 +81,14 @@ class SessionManager(Turns, Generation, Expiry, Measures):
     decoded_cache_bytes: bound of the one LRU of each tiered layer's recently decoded cold keys and values, shared
     by every session (0 = none: each read decodes every block it picks; with it, a call decodes only the blocks
     the layer's recent calls did not, such as a question's answer after the question, or a decode step after
-    the one before). lease_seconds, lease_renew: leases on sessions in memory (memsvc.sessions.leases)."""
+    the one before). lease_seconds, lease_renew: leases on sessions in memory (memsvc.sessions.leases).
+    steps: how the model's steps batch the calls of many sessions (memsvc.sessions.steps)."""
 
     def __init__(self, store: Store, model: LoadedModel, *, default_new_tokens: int = 256,
                  max_new_tokens: int = 4096, prefill_chunk: int = 512, block_cache_bytes: int = DEFAULT_BLOCK_CACHE,
                  resident_budget: int = DEFAULT_RESIDENT_BUDGET, ttl: float = 0.0, sweep_every: float = 60.0,
                  decoded_cache_bytes: int = DEFAULT_DECODED_CACHE, hold_wait: float = DEFAULT_HOLD_WAIT,
-                 lease_seconds: float = 30.0, lease_renew: bool = True):
+                 lease_seconds: float = 30.0, lease_renew: bool = True, steps: StepConfig | None = None):
         if prefill_chunk < 1 or max_new_tokens < 1 or default_new_tokens < 1:
             raise ValueError("prefill_chunk, max_new_tokens and default_new_tokens must be >= 1")
         for name, v in (("ttl", ttl), ("sweep_every", sweep_every)):
@@ -102,6 +104,7 @@ class SessionManager(Turns, Generation, Expiry, Measures):
         self.default_new_tokens = min(default_new_tokens, max_new_tokens)
         self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk
+        self.steps = Steps(model, steps)  # every model call of a request runs in its steps, beside other sessions'
         # Cold blocks read back from the store, shared by all sessions. A session's blocks are keyed by
         # (session id, n), n new each time it is created or loaded, and dropped when it leaves memory:
         # a deleted, expired, recreated or offline-changed session can never meet stale blocks.
@@ -158,6 +161,7 @@ class SessionManager(Turns, Generation, Expiry, Measures):
         """Stop the ttl sweep, give the leases up (the store is the caller's)."""
         self._stop.set()
         self.leases.close()
+        self.steps.close()
 
     def _load(self, sid: str) -> _Live:
         """The resident session, loading it from the store if needed (the caller holds it)."""

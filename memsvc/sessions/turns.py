@@ -10,7 +10,7 @@ import dataclasses
 import time
 from typing import Sequence
 
-from memsvc.cache import DamagedBlock, run
+from memsvc.cache import DamagedBlock
 from memsvc.store.errors import LeaseLost, StoreUnavailable
 from memsvc.store.records import SessionRecord
 
@@ -85,14 +85,15 @@ class Turns:
             return rec, ids
 
     def _forward(self, kv, ids: Sequence[int], feeds: list[int] | None = None):
-        """Run ids through the model on kv (memsvc.cache.run); the last logits [V]. feeds: the session's log of
-        model calls, extended by each chunk (see memsvc.repair)."""
+        """Run ids through the model on kv in the scheduler's steps (memsvc.sessions.steps, beside other sessions'
+        calls); the last logits [V]. feeds: the session's log of model calls, extended by each chunk (see
+        memsvc.repair)."""
         def ran(n: int) -> None:
             if feeds is not None:
                 feeds.append(n)
             self._count(model_tokens_processed=n)
 
-        return run(self.model, kv, ids, self.prefill_chunk, on_chunk=ran)
+        return self.steps.run(kv, ids, self.prefill_chunk, on_chunk=ran)
 
     def _extend(self, live: _Live, new_ids: list[int], messages: list[dict], feed: list[int]) -> SessionRecord:
         """Feed `feed` (so the cache covers all tokens but the new last one), store, update."""
