@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from .base import Backing, Changes, KVShape
+from .growing import GrowingLayer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,6 +26,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 class FullCache(DynamicCache):
     def __init__(self, policy, shape: KVShape, backing: Backing | None = None):
         super().__init__()
+        self.layer_class_to_replicate = GrowingLayer  # layers grow in place (memsvc.cache.growing)
         self.policy = policy
         self.shape = shape
         self.block_tokens = policy.block_tokens
@@ -73,11 +75,7 @@ class FullCache(DynamicCache):
         pass
 
     def resident_bytes(self) -> int:
-        total = 0
-        for lay in self.layers:
-            if getattr(lay, "keys", None) is not None and lay.keys.numel():
-                total += lay.keys.numel() * lay.keys.element_size() + lay.values.numel() * lay.values.element_size()
-        return total
+        return sum(lay.held_bytes() for lay in self.layers)  # the rows held and the room to grow
 
     def stored_bytes(self) -> int:
         return self.resident_bytes()
