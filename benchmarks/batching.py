@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--skip-together", action="store_true", help="only the prefill part")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the server (0: its default)")
+    ap.add_argument("--serve-flags", default="", help="more `memsvc serve` flags, e.g. '--decoded-cache 2147483648'")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -161,7 +162,7 @@ def main() -> int:
     base_ids = haystack_tokens(tok, args.context)
     tmp = Path(tempfile.mkdtemp(prefix="memsvc-batching-"))
     flags = ["--store", str(tmp / "data"), "--resident-budget", "0", "--no-log-rpcs", "--max-batch",
-             str(args.max_batch), "--step-tokens", str(args.step_tokens)]
+             str(args.max_batch), "--step-tokens", str(args.step_tokens), *args.serve_flags.split()]
     env = None
     if args.threads:
         import os
@@ -199,7 +200,7 @@ def main() -> int:
               f"inter-token p99 {prefill['without']['itl_p99_s']} s without, {prefill['with']['itl_p99_s']} s with "
               f"({prefill['p99_ratio']}x)")
     print(json.dumps({"bench": "batching", "context": args.context, "new": args.new, "max_batch": args.max_batch,
-                      "step_tokens": args.step_tokens, "rows": rows, "prefill": prefill}))
+                      "step_tokens": args.step_tokens, "serve_flags": args.serve_flags, "rows": rows, "prefill": prefill}))
     return 0
 
 

@@ -19,6 +19,7 @@ stream's next token shares the weights' read with every other stream's. Requests
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -29,6 +30,8 @@ import torch
 
 from memsvc.cache.forward import run
 from memsvc.cache.packed import Part, can_pack, run_packed
+
+log = logging.getLogger("memsvc.steps")
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,14 @@ class Steps:
                 step = self._next_step()
                 if step is None:
                     return
-            self._run_step(step)
+            try:
+                self._run_step(step)
+            except BaseException as exc:  # not a piece's own error (those go to their request): fail the step's
+                log.exception("a model step failed outside its pieces")  # requests, and keep serving the others
+                for r in step:
+                    if not r.done.is_set():
+                        r.error = r.error or exc
+                        r.done.set()
 
     def _next_step(self) -> list[_Request] | None:
         """Under the lock: wait for work (and briefly for the last step's streams), then take a step's pieces."""
@@ -197,7 +207,10 @@ class Steps:
         req.at += len(piece)
         req.logits = logits
         if req.on_chunk is not None:
-            req.on_chunk(len(piece))
+            try:
+                req.on_chunk(len(piece))
+            except Exception as exc:  # the caller's bookkeeping failed: its call fails, and restores its cache
+                req.error = exc
 
     def _alone(self, req: _Request, piece: list[int]) -> None:
         try:

@@ -176,3 +176,46 @@ def test_a_long_prefill_does_not_starve_and_is_not_starved(model):
 def test_step_config_is_checked(bad):
     with pytest.raises(ValueError):
         StepConfig(**bad)
+
+
+def test_a_damaged_block_met_in_a_packed_step_fails_only_its_own_session(tmp_path, model):
+    """Two sessions stream side by side; a cold block of one goes bad mid-stream (no block or decoded cache:
+    every step reads the store). The packed step that meets it is undone on both and its pieces run alone:
+    the damaged session is repaired and gives its undamaged copy's reply, the other one the reply it gets
+    alone, and neither reply is sent twice."""
+    from memsvc.cache.tiered.pages import is_cold_block
+    from memsvc.repair import check_session
+    from tests.service.test_repair import HISTORY, _copy, _flip_live
+
+    store = LmdbStore(tmp_path / "data")
+    m = SessionManager(store, model, sweep_every=0, block_cache_bytes=0, decoded_cache_bytes=0,
+                       steps=StepConfig(max_batch=4, gather_s=0.05))
+    try:
+        m.create("s", policy="tiered")
+        m.append("s", tokens=HISTORY)
+        m.create("o", policy="full")
+        m.append("o", tokens=_ids(500, 8))
+        _copy(store, "s", "s-ref")
+        _copy(store, "o", "o-ref")
+        params = GenerateParams(max_new_tokens=12)
+        want = {sid: _generate(m, sid + "-ref", params, None)["chunks"] for sid in ("s", "o")}
+        cold = [k for k in store.kv_keys("s") if is_cold_block(k[1])]
+        rng = __import__("random").Random(4)
+        got: dict = {}
+
+        def damage_at(n: int) -> None:
+            if n == 3:
+                _flip_live(store, "s", cold[:3], rng)
+
+        threads = [threading.Thread(target=lambda: got.__setitem__("s", _generate(m, "s", params, None, damage_at))),
+                   threading.Thread(target=lambda: got.__setitem__("o", _generate(m, "o", params, None)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got["s"]["chunks"] == want["s"] and got["o"]["chunks"] == want["o"]
+        assert m.counters.repairs == 1 and not check_session(store, "s").damaged
+        assert m.steps.counts["fallbacks"] >= 1 and m.steps.counts["packed_steps"] > 0
+    finally:
+        m.close()
+        store.close()
