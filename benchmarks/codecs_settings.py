@@ -52,6 +52,8 @@ SETTINGS = [
     Setting("sparse+kivi4", reg("sparse_outliers", dense="kivi4_k"), reg("sparse_outliers", dense="kivi4_v"), "1% largest |x| exact, rest kivi4"),
     Setting("sparse+kivi2", reg("sparse_outliers", dense="kivi2_k"), reg("sparse_outliers", dense="kivi2_v"),
             "1% largest |x| exact, rest kivi2"),
+    Setting("kvq3 K / turbo3 V", reg("kvq3_k"), turbo("turbo3"),
+            "tiered's cold codecs: keys 1% exact + 3-bit per channel (post-RoPE here), values turbo3"),
 ]
 
 # distinct codecs timed on one core: (name, factory, family)
@@ -72,5 +74,7 @@ THROUGHPUT = [
     ("lowrank r32", reg("lowrank", rank=32), "other"),
     ("lowrank r32 k8", reg("lowrank", rank=32, latent_codec="k8v8_k"), "other"),
     ("sparse_outliers", reg("sparse_outliers", dense="kivi4_k"), "other"),
+    ("ch3_k", reg("ch3_k"), "uniform"),
+    ("kvq3_k", reg("kvq3_k"), "other"),
 ]
 TARGETS = {"uniform": (1000.0, None), "turbo": (500.0, 1000.0), "turbo-variant": (500.0, 1000.0)}  # MB/s enc, dec

@@ -23,6 +23,7 @@ from .uniform_codec import UniformCodec
 _K8V8_K = partial(UniformCodec, name="k8v8_k", bits=8, axis="token")
 _KIVI4_K = partial(UniformCodec, name="kivi4_k", bits=4, group_size=32, axis="channel")
 _KIVI4_V = partial(UniformCodec, name="kivi4_v", bits=4, group_size=32, axis="token")
+_CH3_K = partial(UniformCodec, name="ch3_k", bits=3, group_size=64, axis="channel")
 
 CODECS: dict[str, Callable[..., Codec]] = {
     # uniform asymmetric (min/max, fp16 scale + min per group); _k / _v: for keys / values
@@ -41,6 +42,10 @@ CODECS: dict[str, Callable[..., Codec]] = {
     # dense-and-sparse (KVQuant): 1% largest |x| exact, the rest 4-bit KIVI (keys per-channel, values per-token)
     "sparse_outliers": partial(SparseOutlierCodec, dense=_KIVI4_K()),
     "sparse_outliers_v": partial(SparseOutlierCodec, name="sparse_outliers_v", dense=_KIVI4_V()),
+    # 3-bit keys per channel, one scale and minimum per channel per 64 tokens (a cold block): 3.5 bits
+    "ch3_k": _CH3_K,
+    # tiered's cold keys (stored before RoPE): 1% largest |x| exact, the rest ch3_k; 4.0 bits all-in
+    "kvq3_k": partial(SparseOutlierCodec, name="kvq3_k", dense=_CH3_K()),
     # TurboQuant: keys and values are named separately by a policy (e.g. K "turbo4", V "turbo3")
     "turbo": TurboQuant,  # 3-bit MSE, Hadamard, norm-corrected
     "turbo2": partial(TurboQuant, name="turbo2", bits=2),

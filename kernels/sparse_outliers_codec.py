@@ -16,6 +16,7 @@ Split and merge go through `dispatch` (Triton on CUDA, the torch reference of
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -68,9 +69,19 @@ class SparseOutlierCodec:
         return Packed(codec=self.name, shape=tuple(x.shape), dtype=x.dtype, tensors=tensors, meta=meta)
 
     def decode(self, p: Packed) -> torch.Tensor:
+        """p -> x [p.shape]. p may be U records of one layout stacked on a first axis (`stack_packed`): shape
+        [U, *block], the dense parts stacked and the sparse lists concatenated, each of a block's own flat
+        positions."""
         inner = unnest_packed("dense", p, p.meta["dense"])
+        U = math.prod(p.shape) // max(math.prod(inner.shape), 1)  # records stacked
+        index = p.tensors["outlier_index"]
+        if U > 1:
+            inner = dataclasses.replace(inner, shape=(U, *inner.shape))
+            flat = (index.to(torch.int64) & 0xFFFF) if index.dtype == torch.int16 else index.to(torch.int64)
+            per = math.prod(p.shape) // U  # entries of one record
+            index = (flat.view(U, -1) + torch.arange(U, device=flat.device).unsqueeze(1) * per).flatten()
         dense = self.dense.decode(inner).to(p.dtype).reshape(p.shape)
-        return merge_outliers(dense, p.tensors["outlier_index"], p.tensors["outlier_value"])
+        return merge_outliers(dense, index, p.tensors["outlier_value"])
 
     def nbytes(self, p: Packed) -> int:
         return p.nbytes()

@@ -4,10 +4,11 @@ forward path (forward.py) and where the caches read stored entries (storage.py).
 from .base import Backing, Changes, KVShape, SessionCache, fp16_bytes_per_token
 from .factory import cache_class, entry_name, expected_entries, is_final, load_cache, new_cache, same_entry
 from .forward import run
-from .policies import DEFAULT_POLICY, EVICTION, POLICIES, POLICY_CONFIG, get_policy, policy_config, record_policy
+from .policies import (DEFAULT_POLICY, EVICTION, POLICIES, POLICY_CONFIG, fit_policy, get_policy, policy_config,
+                       record_policy)
 from .storage import CheckedEntries, DamagedBlock, NoEntries, StoreEntries
 
 __all__ = ["Backing", "Changes", "KVShape", "SessionCache", "fp16_bytes_per_token", "cache_class", "entry_name", "expected_entries",
            "is_final", "load_cache", "new_cache", "same_entry", "run", "DEFAULT_POLICY", "EVICTION", "POLICIES",
-           "POLICY_CONFIG", "get_policy", "policy_config", "record_policy", "CheckedEntries", "DamagedBlock",
+           "POLICY_CONFIG", "fit_policy", "get_policy", "policy_config", "record_policy", "CheckedEntries", "DamagedBlock",
            "NoEntries", "StoreEntries"]

@@ -14,7 +14,7 @@ import time
 
 import click
 
-ALL = "full,k8v8,k6v4,kivi2,kivi4,turbo3,tiered,tiered-v8,streaming,h2o,snapkv,pyramidkv"
+ALL = "full,k8v8,k6v4,kivi2,kivi4,turbo3,tiered,tiered-v8,tiered-k6,streaming,h2o,snapkv,pyramidkv"
 EVICTION = ("streaming", "h2o", "snapkv", "pyramidkv")
 
 

@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 
 from safetensors import SafetensorError
 
-from memsvc.cache import (Backing, CheckedEntries, DamagedBlock, KVShape, get_policy, load_cache, new_cache,
+from memsvc.cache import (Backing, CheckedEntries, DamagedBlock, KVShape, fit_policy, get_policy, load_cache, new_cache,
                           policy_config, record_policy, POLICY_CONFIG)
 from memsvc.cache.tiered.blockcache import BlockCache
 from memsvc.store.errors import CorruptRecord, SessionExists, SessionMissing
@@ -291,7 +291,7 @@ class SessionManager(Turns, Generation, Expiry, Measures):
                ttl: float = 0.0) -> SessionRecord:
         """ttl: seconds without a change after which this session expires (0: the manager's ttl)."""
         try:
-            pol = get_policy(policy)
+            pol = fit_policy(get_policy(policy), self.shape.rope is not None)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
         if not (isinstance(ttl, (int, float)) and math.isfinite(ttl) and ttl >= 0):

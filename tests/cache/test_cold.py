@@ -8,7 +8,7 @@ from memsvc.cache.tiered.cold import ColdStore, FileBlocks, MemoryBlocks, block_
 from memsvc.kernels.registry import get_codec
 
 POLICY_CODECS = ["turbo3", "turbo4", "k8v8_k", "k8v8_v", "k6v4_k", "k6v4_v", "kivi2_k", "kivi2_v", "kivi4_k",
-                 "kivi4_v"]
+                 "kivi4_v", "ch3_k", "kvq3_k"]
 
 
 @pytest.mark.parametrize("name", POLICY_CODECS)

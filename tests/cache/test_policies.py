@@ -26,6 +26,7 @@ SMALL = {
     "turbo3": {"hot": 16, "block_tokens": 8},
     "tiered": {"sink": 2, "hot": 16, "warm": 8, "retrieve": 24, "block_tokens": 8},
     "tiered-v8": {"sink": 2, "hot": 16, "warm": 8, "retrieve": 24, "block_tokens": 8},
+    "tiered-k6": {"sink": 2, "hot": 16, "warm": 8, "retrieve": 24, "block_tokens": 8},
     "streaming": {"budget": 40, "sink": 2},
     "h2o": {"budget": 40},
     "snapkv": {"budget": 40, "window": 8},
@@ -261,7 +262,8 @@ def test_layer_state_from_before_8bit_summaries_loads(tiny):
 def test_tiered_v8_is_tiered_with_8bit_cold_values_a_wider_retrieve_and_128_token_windows():
     p, base = get_policy("tiered-v8"), get_policy("tiered")
     assert (p.name, p.hot, p.warm, p.retrieve, p.value_codec) == ("tiered-v8", 128, 128, 3072, "k8v8_v")
-    assert (p.key_codec, p.block_tokens, p.sink) == (base.key_codec, base.block_tokens, base.sink)
+    assert (p.block_tokens, p.sink) == (base.block_tokens, base.sink)
+    assert (p.key_codec, p.pre_rope_keys) == ("k6v4_k", False)  # the keys its recall was measured with
     assert p.plan(5, 30).cold_v == "k8v8_v" and p.plan(5, 30).retrieve == 3072
     assert get_policy("tiered-v8", hot=64).hot == 64
     with pytest.raises(ValueError, match="hot"):

@@ -66,14 +66,18 @@ def _feed(layer: TierLayer, n: int, g: torch.Generator, H: int = 2) -> tuple[tor
     return k_raw, v
 
 
-@pytest.mark.parametrize("window,layout", [(96, "shared"), (160, "shared"), (96, "point"), (96, "ordered"),
-                                           (160, "ordered")])
-def test_a_layer_past_its_window_attends_at_the_assigned_positions(window, layout):
+@pytest.mark.parametrize("window,layout,pre_rope", [(96, "shared", False), (160, "shared", False),
+                                                    (96, "point", False), (96, "ordered", False),
+                                                    (160, "ordered", False), (96, "shared", True),
+                                                    (96, "ordered", True), (160, "point", True)])
+def test_a_layer_past_its_window_attends_at_the_assigned_positions(window, layout, pre_rope):
     """Every block and token retrieved (retrieve 0), 8-bit cold and warm rows: the layer's output equals naive
     attention over the same (dequantized) keys placed as the scheme says, in each far layout ("ordered" with
-    near at half the window: more far blocks than slots, so the oldest share the last)."""
+    near at half the window: more far blocks than slots, so the oldest share the last), with cold keys stored
+    at their positions or before RoPE (pre_rope: the stored codes are of the raw keys)."""
     plan = LayerPlan(sink=2, hot=16, block=8, cold_k="k8v8_k", cold_v="k8v8_v", keep=6, keep_by="attention",
-                     keep_bits=8, far_layout=layout, near=window // 2 if layout == "ordered" else 0)
+                     keep_bits=8, far_layout=layout, near=window // 2 if layout == "ordered" else 0,
+                     pre_rope_keys=pre_rope)
     g = torch.Generator().manual_seed(1)
     layer = _layer(window, plan)
     n = 4 * window
@@ -87,7 +91,7 @@ def test_a_layer_past_its_window_attends_at_the_assigned_positions(window, layou
     # what the layer holds, as positions and raw keys per head, before this step
     rows = []  # per head: (assigned positions [T], raw keys [T, D], values [T, D])
     cold = layer.cold.get_stacked(0, list(range(layer.n_blocks)), 0)
-    k_abs = layer.kcodec.decode(cold).float()  # [nb, H, B, D], at their positions
+    k_abs = layer.kcodec.decode(cold).float()  # [nb, H, B, D], at their positions (raw with pre_rope)
     v_cold = layer.vcodec.decode(layer.cold.get_stacked(0, list(range(layer.n_blocks)), 1)).float()
     B = plan.block
     for h in range(H):
@@ -106,7 +110,8 @@ def test_a_layer_past_its_window_attends_at_the_assigned_positions(window, layou
             for j in range(B):
                 if layer.live[b, h, j]:
                     pos.append(start + j)
-                    keys.append(_hf(k_abs[b, h, j].view(1, 1, D), torch.tensor([-(start + j)])).view(D))
+                    keys.append(k_abs[b, h, j] if pre_rope else
+                                _hf(k_abs[b, h, j].view(1, 1, D), torch.tensor([-(start + j)])).view(D))
                     vals.append(v_cold[b, h, j])
         for j, p in enumerate(layer.hot_pos.tolist()):
             pos.append(p)
@@ -167,6 +172,37 @@ def test_within_the_window_a_moving_layer_attends_bit_for_bit_as_before():
         outs.append(layer.attend(q.unsqueeze(0), D ** -0.5))
     assert torch.equal(outs[0], outs[1])
     assert math.isclose(layer.far, layer.near - 1)
+
+
+def test_pre_rope_cold_keys_hold_the_raw_keys_within_the_codes_step():
+    """pre_rope_keys: a cold block's key codes decode to the keys before RoPE (the model's keys rotated back by
+    their positions), each within half a step of its row's 8-bit codes; the Quest boxes still bound the keys
+    at their positions; and within the window the layer attends as one storing them rotated does, up to the
+    codes' error."""
+    outs, layers = [], []
+    for pre in (True, False):
+        plan = LayerPlan(sink=2, hot=16, block=8, cold_k="k8v8_k", cold_v="k8v8_v", retrieve=32, pre_rope_keys=pre)
+        g = torch.Generator().manual_seed(2)
+        layer = TierLayer(plan, 0, ColdStore(), torch.float32, Rope(FREQ), 512, moving=True)
+        k_raw, _ = _feed(layer, 300, g)
+        q = _hf(torch.randn(2 * layer.H, 1, D, generator=g), torch.tensor([300]))
+        layer.update(_hf(torch.randn(layer.H, 1, D, generator=g), torch.tensor([300])).unsqueeze(0),
+                     torch.randn(layer.H, 1, D, generator=g).unsqueeze(0))
+        outs.append(layer.attend(q.unsqueeze(0), D ** -0.5))
+        layers.append((layer, k_raw))
+    layer, k_raw = layers[0]
+    nb, B, s = layer.n_blocks, 8, 2
+    stored = layer.kcodec.decode(layer.cold.get_stacked(0, list(range(nb)), 0)).float()  # [nb, H, B, D]
+    want = k_raw[:, s:s + nb * B].reshape(layer.H, nb, B, D).transpose(0, 1)  # raw keys of the cold positions
+    step = (want.amax(-1, keepdim=True) - want.amin(-1, keepdim=True)) / 255  # per token row
+    assert bool(((stored - want).abs() <= step / 2 + 1e-3).all())
+    from memsvc.cache.tiered.rows import _dq8
+    at_pos = layer._cold_tensor(0, list(range(nb)), layer.kcodec, torch.float32).view(layer.H, nb, B, D)
+    mn, mx = _dq8(layer.sum_min), _dq8(layer.sum_max)  # [nb, H, D] boxes of the keys at their positions
+    slack = 2 * step.transpose(0, 1).amax() + 1e-3
+    assert bool((at_pos.transpose(0, 1) >= mn.unsqueeze(2) - slack).all())
+    assert bool((at_pos.transpose(0, 1) <= mx.unsqueeze(2) + slack).all())
+    assert torch.allclose(outs[0], outs[1], atol=2e-2) and not torch.equal(outs[0], outs[1])
 
 
 def test_far_bounds_bound_the_moved_keys():

@@ -116,3 +116,20 @@ def test_bad_input_is_a_value_error():
         c.encode(torch.zeros(4, 64, dtype=torch.int32))
     with pytest.raises(ValueError):
         c.encode(torch.zeros(64))
+
+
+@pytest.mark.parametrize("dense", ["kivi4_k", "kivi2_v", "k8v8_v"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stacked_blocks_decode_as_each_alone(dense, dtype):
+    """Blocks of one layout stacked on a first axis (as the tiered cache reads many cold blocks in one decode:
+    shaped tensors stacked, the sparse lists concatenated) decode to each block's own decode, bit for bit."""
+    from memsvc.cache.tiered.cold import stack_packed
+
+    codec = SparseOutlierCodec(dense=get_codec(dense))
+    blocks = [_heavy_tailed((3, 64, 64), seed=s).to(dtype) for s in range(5)]
+    packed = [codec.encode(b) for b in blocks]
+    want = torch.stack([codec.decode(p) for p in packed])
+    for stacked in (stack_packed(packed), Packed.stack_from_bytes([p.to_bytes() for p in packed])):
+        assert stacked.shape == (5, 3, 64, 64)
+        assert torch.equal(codec.decode(stacked), want)
+    assert torch.equal(codec.decode(stack_packed(packed[:1]))[0], want[0])

@@ -1,7 +1,8 @@
 """A session's record keeps its policy's settings, and the session is read back with them: a default changed in
 a later memsvc (codecs, tier sizes) cannot misread what the session stored, while read-side settings (retrieval
-budgets) follow the server, settings the record lacks take today's defaults and settings that no longer exist
-are ignored."""
+budgets) follow the server, settings the record lacks take today's defaults (or, for those the policy lists in
+STORED_BEFORE, what sessions stored before them were written with) and settings that no longer exist are
+ignored."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,14 @@ def test_every_policy_round_trips_through_its_stored_settings():
         config = policy_config(policy)
         assert stored_policy(name, config) == policy, name
         assert all(not isinstance(v, tuple) for v in config.values())  # JSON types: tuples are lists
-    assert stored_policy("tiered", None) == stored_policy("tiered", {}) == TieredPolicy()  # records before settings
+    # records before settings: today's defaults, but the cold keys every tiered session stored before them
+    before = TieredPolicy(key_codec="k6v4_k", pre_rope_keys=False)
+    assert TieredPolicy.STORED_BEFORE == {"key_codec": "k6v4_k", "pre_rope_keys": False}
+    assert stored_policy("tiered", None) == stored_policy("tiered", {}) == before
+    # a record from before pre-RoPE keys existed: its pinned codec, keys at their positions
+    older = {k: v for k, v in policy_config(before).items() if k != "pre_rope_keys"}
+    assert stored_policy("tiered", older) == before
+    assert stored_policy("tiered", {**older, "key_codec": "k8v8_k"}).pre_rope_keys is False
     assert stored_policy("tiered", {**policy_config(TieredPolicy()), "gone": 3}) == TieredPolicy()  # dropped setting
     with pytest.raises(ValueError, match="unknown codec"):
         stored_policy("tiered", {"key_codec": "nope"})
@@ -75,9 +83,18 @@ def test_a_stored_session_keeps_its_settings_when_the_defaults_change(tmp_path, 
     assert "settings as stored: today's defaults" in show.output, show.output
 
 
-def _old_session(data, model):
-    """Session "s" of HISTORY whose record lacks its settings, as a memsvc before `policy_config` wrote it.
-    Returns (its sampled reply, its export as stored)."""
+OLD_TIERED = {"key_codec": "k6v4_k", "pre_rope_keys": False}  # tiered's cold keys before 3-bit pre-RoPE ones
+
+
+def _old_session(data, model, monkeypatch):
+    """Session "s" of HISTORY whose record lacks its settings, as a memsvc before `policy_config` wrote it (with
+    that memsvc's cold keys). Returns (its sampled reply, its export as stored)."""
+    with monkeypatch.context() as m:
+        m.setitem(POLICIES, "tiered", lambda **kw: TieredPolicy(**{**OLD_TIERED, **kw}))
+        return _old_session_made(data, model)
+
+
+def _old_session_made(data, model):
     with running_server(data, model) as (c, _):
         c.create_session("s", policy="tiered")
         c.append("s", tokens=HISTORY)
@@ -97,7 +114,7 @@ def test_without_its_settings_the_old_record_reads_with_todays_defaults(tmp_path
     """A record written before records kept settings is read as before: with the current defaults. If those
     changed the stored codecs, the call is refused as FAILED_PRECONDITION (not misread, nothing changed)."""
     data = tmp_path / "d"
-    before, _ = _old_session(data, long_model)
+    before, _ = _old_session(data, long_model, monkeypatch)
     with running_server(data, long_model) as (c, _):
         assert _greedy(c, "s") == before
     monkeypatch.setitem(POLICIES, "tiered", lambda **kw: TieredPolicy(**{"boundary_key_codec": "k6v4_k", **kw}))
@@ -117,7 +134,7 @@ def test_upgrade_pins_the_settings_of_old_records(tmp_path, long_model, monkeypa
     """`sessions upgrade` gives a record without settings the ones it is read with now, changing nothing else:
     a later change of the defaults then no longer reaches it."""
     data = tmp_path / "d"
-    before, exp = _old_session(data, long_model)
+    before, exp = _old_session(data, long_model, monkeypatch)
     with LmdbStore(data, readonly=True) as store:
         old = store.get("s")
     out = CliRunner().invoke(main, ["sessions", "upgrade", "--data-dir", str(data)])
@@ -125,7 +142,7 @@ def test_upgrade_pins_the_settings_of_old_records(tmp_path, long_model, monkeypa
     with LmdbStore(data, readonly=True) as store:
         rec = store.get("s")
         now = store.export("s")
-    assert rec.layout == {**old.layout, "policy_config": policy_config(TieredPolicy())}
+    assert rec.layout == {**old.layout, "policy_config": policy_config(TieredPolicy(**OLD_TIERED))}
     # timestamps, tokens, messages: unchanged; the bytes stored grow by the longer record only
     assert dataclasses.replace(rec, layout=old.layout, stored_bytes=old.stored_bytes) == old
     assert 0 < rec.stored_bytes - old.stored_bytes < 1000

@@ -16,7 +16,7 @@ from .pyramidkv import PyramidKVPolicy
 from .quantized import QuantizedPolicy, quantized
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
-from .tiered import TieredPolicy, tiered_v8
+from .tiered import TieredPolicy, tiered_k6, tiered_v8
 
 POLICIES: dict[str, Callable] = {
     "full": FullPolicy,
@@ -27,6 +27,7 @@ POLICIES: dict[str, Callable] = {
     "turbo3": quantized("turbo3", "turbo3", "turbo3"),
     "tiered": TieredPolicy,
     "tiered-v8": tiered_v8,
+    "tiered-k6": tiered_k6,
     "streaming": StreamingPolicy,
     "h2o": H2OPolicy,
     "snapkv": SnapKVPolicy,
@@ -62,18 +63,28 @@ def stored_policy(name: str, config: dict | None = None):
     `policy_config` wrote them when it was created), so that a default changed since cannot misread what it
     stored. Settings the policy lists as READ_SIDE (how attention reads the cache, not what is stored: retrieval
     budgets, say) follow this server's defaults, and so do settings the config lacks (a session created before
-    they existed, or before records kept settings). Settings this memsvc no longer has are ignored. ValueError for
-    an unknown name or settings the policy refuses."""
+    they existed, or before records kept settings), except those the policy lists in STORED_BEFORE: what every
+    session stored before the setting existed (or changed its default) was written with. Settings this memsvc
+    no longer has are ignored. ValueError for an unknown name or settings the policy refuses."""
     policy = get_policy(name)
-    if not config:
-        return policy
+    config = config or {}
     fields = {f.name for f in dataclasses.fields(policy)} - {"name"} - set(getattr(policy, "READ_SIDE", ()))
-    pinned = {}
+    pinned = {k: v for k, v in getattr(policy, "STORED_BEFORE", {}).items() if k not in config}
+    if not config and not pinned:
+        return policy
     for key, value in config.items():
         if key in fields:
             pinned[key] = tuple(value) if isinstance(value, list) and isinstance(getattr(policy, key), tuple) \
                 else value
     return get_policy(name, **pinned)
+
+
+def fit_policy(policy, rope_movable: bool):
+    """A new session's policy with the settings its model cannot use turned off: cold keys stored before RoPE
+    need a RoPE that can be moved (memsvc.cache.rope)."""
+    if not rope_movable and getattr(policy, "pre_rope_keys", False):
+        return dataclasses.replace(policy, pre_rope_keys=False)
+    return policy
 
 
 def record_policy(rec):
@@ -82,5 +93,5 @@ def record_policy(rec):
     return stored_policy(rec.policy, rec.layout.get(POLICY_CONFIG))
 
 
-__all__ = ["POLICY_CONFIG", "record_policy", "POLICIES", "DEFAULT_POLICY", "EVICTION", "LayerPlan", "get_policy", "policy_config", "stored_policy",
+__all__ = ["POLICY_CONFIG", "fit_policy", "record_policy", "POLICIES", "DEFAULT_POLICY", "EVICTION", "LayerPlan", "get_policy", "policy_config", "stored_policy",
            "FullPolicy", "QuantizedPolicy", "TieredPolicy", "StreamingPolicy", "H2OPolicy", "SnapKVPolicy", "PyramidKVPolicy"]

@@ -28,6 +28,8 @@ these per layer; the layer class knows nothing about policy names.
              order between distances `near` and `far`, the newest nearest; far > near here, 0: window - 1)
     far_retrieve  far cold tokens a query retrieves at most (0: no separate budget)
     exact_dtype  dtype of the exact tiers (None: the model's)
+    pre_rope_keys  cold keys are stored before RoPE (rotated back by their positions; per-channel codes then
+             see each channel's own range, not one spun by the position) and rotated forward when read
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class LayerPlan:
     far: int = 0
     far_layout: str = "shared"
     far_retrieve: int = 0
+    pre_rope_keys: bool = False
 
     def __post_init__(self):
         if self.sink < 0 or self.block < 1 or self.keep < 0 or self.retrieve < 0:

@@ -5,9 +5,10 @@ Per layer and KV head:
 - hot: the last `hot` tokens (plus a partial block), exact;
 - warm: up to `warm` tokens per head whose cumulative attention (H2O-style,
   summed while they were hot or warm) is highest, at 8 bits per value;
-- cold: everything else, `block_tokens` at a time, keys 6-bit per token and
-  values TurboQuant 3-bit (4-bit TurboQuant keys lost the passkey even with
-  every block attended; 6-bit kept it), each block with a resident 8-bit key
+- cold: everything else, `block_tokens` at a time, keys stored before RoPE
+  (`pre_rope_keys`) as `kvq3_k` (1% largest exact, the rest 3-bit per channel
+  per block: 4.0 bits, where the 6-bit per-token keys before it took 6.6;
+  benchmarks/cold_keys.py) and values TurboQuant 3-bit, each block with a resident 8-bit key
   summary (per-channel min/max, Quest); every decode query attends the
   `retrieve` cold tokens whose blocks score highest for it (a prompt chunk's
   queries all attend the union of their picks, at most `retrieve` tokens per
@@ -33,7 +34,7 @@ class TieredPolicy:
     warm: int = 256
     retrieve: int = 2048
     block_tokens: int = 64
-    key_codec: str = "k6v4_k"
+    key_codec: str = "kvq3_k"
     value_codec: str = "turbo3"
     boundary: tuple[int, ...] = (0, -1)
     boundary_key_codec: str = "k8v8_k"
@@ -47,7 +48,10 @@ class TieredPolicy:
     far: int = 0  # ... and the others are attended at distance `far` (0: near - 1; "ordered": window - 1)
     far_layout: str = "shared"  # far cold blocks: "shared" positions 0..B-1, "point" (all at 0), "ordered"
     far_retrieve: int = 0  # far cold tokens a query retrieves at most (0: no separate budget)
+    pre_rope_keys: bool = True  # cold keys stored before RoPE (rotated back by their positions)
     # settings that only change how attention reads the cache: a stored session follows the server's (stored_policy)
+    # what sessions stored before a setting existed or changed its default were written with (stored_policy)
+    STORED_BEFORE: ClassVar[dict] = {"key_codec": "k6v4_k", "pre_rope_keys": False}
     READ_SIDE: ClassVar[tuple[str, ...]] = ("retrieve", "v_skip", "rest", "dense", "union_floor", "near", "far",
                                                "far_layout", "far_retrieve")
 
@@ -74,12 +78,20 @@ class TieredPolicy:
             retrieve=0 if layer in {b % n_layers for b in self.dense} else self.retrieve, rest=self.rest, keep=self.warm, keep_by="attention" if self.warm else "none", keep_bits=8,
             v_skip=self.v_skip, exact_dtype=self.exact_dtype, union_floor=self.union_floor, near=self.near,
             far=self.far, far_layout=self.far_layout, far_retrieve=self.far_retrieve,
+            pre_rope_keys=self.pre_rope_keys,
         )
 
 
 def tiered_v8(**overrides) -> TieredPolicy:
     """`tiered-v8`: hot and warm 128, cold values 8-bit, 3,072 retrieved tokens. In the peers run (issue 7) it
     kept every NIAH cell `full` answers (27 of 27, and 9 of 9 at held-out depths) where the defaults missed essay
-    needles at 4k (26/27, 7/9), at fewer resident bytes; its cold blocks store about 47% more per token."""
+    needles at 4k (26/27, 7/9), at fewer resident bytes. It keeps the cold keys it was measured with (6-bit
+    per token, at their positions)."""
     return TieredPolicy(**{"name": "tiered-v8", "hot": 128, "warm": 128, "retrieve": 3072, "value_codec": "k8v8_v",
-                           **overrides})
+                           "key_codec": "k6v4_k", "pre_rope_keys": False, **overrides})  # the keys it was measured with
+
+
+def tiered_k6(**overrides) -> TieredPolicy:
+    """`tiered-k6`: tiered as it was before cold keys went below 6 bits: keys 6-bit per token, at their
+    positions (6.6 bits per value where `tiered`'s take 4.0)."""
+    return TieredPolicy(**{"name": "tiered-k6", "key_codec": "k6v4_k", "pre_rope_keys": False, **overrides})

@@ -42,6 +42,29 @@ class Positions:
                              f"the model's window or the plan's near and far")
         return self.rope
 
+    def _key_rope(self):
+        if self.rope is None:
+            raise ValueError("cold keys stored before RoPE (pre_rope_keys) need the model's RoPE, which this model "
+                             "does not have (or cannot move): use pre_rope_keys=False")
+        return self.rope
+
+    def key_to_store(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        """Keys [H, B, D] of the cold block starting at position `start` -> as the block stores them: rotated
+        back to position 0 with pre_rope_keys (a new tensor), else k itself."""
+        if not self.plan.pre_rope_keys:
+            return k
+        pos = torch.arange(start, start + k.shape[1], device=k.device)
+        return self._key_rope().rotate(k.float(), -pos).to(k.dtype)
+
+    def keys_read(self, k: torch.Tensor, blocks: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Decoded keys [H, U*B, D] (fp32) of cold blocks `blocks` -> at their own positions, in `dtype`."""
+        if self.plan.pre_rope_keys:
+            B = self.plan.block
+            start = self.block_start(torch.tensor(blocks, dtype=torch.long, device=k.device))  # [U]
+            pos = (start.unsqueeze(1) + torch.arange(B, device=k.device)).flatten()  # [U*B]
+            k = self._key_rope().rotate(k, pos)
+        return k if k.dtype == dtype else k.to(dtype)
+
     def far_blocks(self, last: int) -> int:
         """How many cold blocks (the oldest) are farther than `near` from position `last`: 0 without moving."""
         if not self.moving:

@@ -93,7 +93,7 @@ class Settle:
         if start != p.sink + self.n_blocks * p.block:
             raise RuntimeError(f"cold block {self.n_blocks} would start at token {start}, expected "
                                f"{p.sink + self.n_blocks * p.block}")
-        kf = k.to(self.model_dtype)
+        kf = self.key_to_store(k.to(self.model_dtype), start)
         self.cold.put(self.layer_idx, self.n_blocks, self.kcodec.encode(kf), self.vcodec.encode(v.to(self.model_dtype)))
         kk = k.float()
         self.sum_min = _cat3(self.sum_min, _q8_rows(kk.amin(1).unsqueeze(0), "down"))
