@@ -58,7 +58,7 @@ def test_error_shrinks_with_bits(name, kv_like):
     x = kv_like((2, 64, 64))
     c = get_codec(name)
     rel = ((c.decode(c.encode(x)) - x).norm() / x.norm()).item()
-    bound = {2: 0.7, 4: 0.15, 6: 0.04, 8: 0.01}[c.bits]  # heavy channels widen per-token ranges
+    bound = {2: 0.7, 3: 0.35, 4: 0.15, 6: 0.04, 8: 0.01}[c.bits]  # heavy channels widen per-token ranges
     assert rel < bound
 
 
