@@ -73,12 +73,12 @@ class SparseOutlierCodec:
         [U, *block], the dense parts stacked and the sparse lists concatenated, each of a block's own flat
         positions."""
         inner = unnest_packed("dense", p, p.meta["dense"])
-        U = math.prod(p.shape) // max(math.prod(inner.shape), 1)  # records stacked
+        per = max(math.prod(inner.shape), 1)  # entries of one record
+        U = math.prod(p.shape) // per  # records stacked
         index = p.tensors["outlier_index"]
         if U > 1:
             inner = dataclasses.replace(inner, shape=(U, *inner.shape))
             flat = (index.to(torch.int64) & 0xFFFF) if index.dtype == torch.int16 else index.to(torch.int64)
-            per = math.prod(p.shape) // U  # entries of one record
             index = (flat.view(U, -1) + torch.arange(U, device=flat.device).unsqueeze(1) * per).flatten()
         dense = self.dense.decode(inner).to(p.dtype).reshape(p.shape)
         return merge_outliers(dense, index, p.tensors["outlier_value"])

@@ -235,11 +235,11 @@ class Attend:
         self.stats["cold_blocks_reused"] += U - len(missing)
         x = None
         if missing:
+            packed = self.cold.get_stacked(self.layer_idx, missing, half)
             if half == 0 and self.plan.pre_rope_keys:  # rotated to their positions in fp32, then to dtype
-                x = self.keys_read(self._decode(codec, self.cold.get_stacked(self.layer_idx, missing, 0)), missing,
-                                   dtype)
+                x = self.keys_read(self._decode(codec, packed), missing, dtype)
             else:
-                x = self._decode(codec, self.cold.get_stacked(self.layer_idx, missing, half), dtype)
+                x = self._decode(codec, packed, dtype)
             x = x.view(H, len(missing), B, -1)  # [H, M, B, D]
         if data is not None and len(held) + len(missing) <= data.shape[1]:  # room: the new blocks join
             if missing:

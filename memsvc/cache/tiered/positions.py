@@ -54,7 +54,7 @@ class Positions:
         if not self.plan.pre_rope_keys:
             return k
         pos = torch.arange(start, start + k.shape[1], device=k.device)
-        return self._key_rope().rotate(k.float(), -pos).to(k.dtype)
+        return self._key_rope().rotate(k, -pos)  # in fp32, back in k's dtype
 
     def keys_read(self, k: torch.Tensor, blocks: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Decoded keys [H, U*B, D] (fp32) of cold blocks `blocks` -> at their own positions, in `dtype`."""
