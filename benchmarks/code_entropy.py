@@ -37,7 +37,7 @@ import zstandard  # noqa: E402
 
 from memsvc.cache.rope import Rope  # noqa: E402
 from memsvc.corpus import haystack_tokens  # noqa: E402
-from memsvc.kernels.dispatch import pack_bits, unpack_bits  # noqa: E402
+from memsvc.kernels.dispatch import unpack_bits  # noqa: E402
 from memsvc.kernels.registry import get_codec  # noqa: E402
 from memsvc.model import load_model  # noqa: E402
 
@@ -62,18 +62,20 @@ def histogram(codes: torch.Tensor) -> torch.Tensor:
     return one_hot.sum(-2).double()
 
 
-def block_codes(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """One cold block k, v [H, 64, D] (k pre-RoPE) -> (key codes [H, 64, D], value codes [H, 64, Dp], key bytes,
-    value bytes all-in as packed records)."""
+def block_codes(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """One cold block k, v [H, 64, D] (k pre-RoPE) -> ((key codes [H, 64, D], their packed bytes), (value codes
+    [H, 64, Dp], their packed bytes), key bytes, value bytes all-in as packed records)."""
     pk = get_codec("kvq3_k").encode(k)
     pv = get_codec("turbo3", layer=layer).encode(v)
     H, T, D = k.shape
-    kc = unpack_bits(pk.tensors["dense.codes"], BITS, H * T * D).reshape(H, T, D)
+    kpacked = pk.tensors["dense.codes"]
+    kc = unpack_bits(kpacked, BITS, H * T * D).reshape(H, T, D)
     vpacked = pv.tensors["codes"]  # [H, T, Dp*3/8]
     dp = vpacked.shape[-1] * 8 // BITS
     vc = unpack_bits(vpacked, BITS, dp).reshape(H, T, dp)
     nb = lambda p: sum(t.numel() * t.element_size() for t in p.tensors.values())  # noqa: E731
-    return kc, vc, nb(pk), nb(pv)
+    raw = lambda t: t.contiguous().numpy().tobytes()  # noqa: E731
+    return (kc, raw(kpacked)), (vc, raw(vpacked)), nb(pk), nb(pv)
 
 
 def zstd_bits(blobs: list[bytes], n_codes: int) -> float:
@@ -81,11 +83,12 @@ def zstd_bits(blobs: list[bytes], n_codes: int) -> float:
     return 8 * sum(len(cctx.compress(b)) for b in blobs) / n_codes
 
 
-def ways(per_layer: dict[int, list[torch.Tensor]]) -> dict[str, float]:
-    """per_layer: layer -> its blocks' codes [H, 64, C] in position order -> bits per code each way."""
+def ways(per_layer: dict[int, list[tuple[torch.Tensor, bytes]]]) -> dict[str, float]:
+    """per_layer: layer -> its blocks' (codes [H, 64, C], packed bytes as stored) in position order -> bits per
+    code each way."""
     n_all, static_bits, block_bits, packed_blobs, byte_blobs = 0, 0.0, 0.0, [], []
     for blocks in per_layer.values():
-        codes = torch.stack(blocks)  # [B, H, 64, C]
+        codes = torch.stack([c for c, _ in blocks])  # [B, H, 64, C]
         B = codes.shape[0]
         per_channel = codes.permute(1, 3, 0, 2)  # [H, C, B, 64]
         calib, held = per_channel[:, :, : B // 2], per_channel[:, :, B // 2:]
@@ -95,8 +98,8 @@ def ways(per_layer: dict[int, list[torch.Tensor]]) -> dict[str, float]:
         n_held = held.numel()
         static_bits += float(-(hist_held * logp).sum()) / n_held * codes.numel()  # charged at the held-out rate
         block_bits += float(entropy_bits(histogram(per_channel)).sum()) * BLOCK  # [H, C, B] entropies x 64 codes
-        for blk in blocks:
-            packed_blobs.append(bytes(pack_bytes(blk)))
+        for blk, packed in blocks:
+            packed_blobs.append(packed)
             byte_blobs.append(blk.contiguous().numpy().tobytes())
         n_all += codes.numel()
     return {
@@ -106,10 +109,6 @@ def ways(per_layer: dict[int, list[torch.Tensor]]) -> dict[str, float]:
         "static table": static_bits / n_all,
         "block entropy": block_bits / n_all,
     }
-
-
-def pack_bytes(codes: torch.Tensor) -> bytes:
-    return pack_bits(codes.reshape(-1).contiguous(), BITS).numpy().tobytes()
 
 
 def main() -> None:
@@ -144,12 +143,12 @@ def main() -> None:
             key_bytes, value_bytes = key_bytes + kb, value_bytes + vb
         log(f"layer {layer}: {len(keys[layer])} blocks")
     n_blocks = sum(len(b) for b in keys.values())
-    H, _, D = keys[1][0].shape
+    H, _, D = keys[1][0][0].shape
     elems = n_blocks * H * BLOCK * D  # per stream
     result = {"keys": ways(keys), "values": ways(values)}
     # all-in bits per value of each record, and what they become when only the codes change
     allin = {"keys": 8 * key_bytes / elems, "values": 8 * value_bytes / elems}
-    code_share = {"keys": BITS, "values": BITS * values[1][0].shape[-1] / D}  # turbo pads D to a power of 2
+    code_share = {"keys": BITS, "values": BITS * values[1][0][0].shape[-1] / D}  # turbo pads D to a power of 2
     print(f"\ncode entropy of tiered's cold blocks: {args.tokens} essay tokens, layers 1..{n_layers - 2}, "
           f"{n_blocks} blocks of {BLOCK} tokens x {H} heads")
     print("bits per 3-bit code, and the cold record's all-in bits per value if its codes were coded that way\n")
