@@ -11,9 +11,11 @@ Errors: psycopg's become StoreError naming the database (without its password) a
 that cannot be reached (down, restarting, no connection free within `timeout`) StoreUnavailable; after one,
 each call first probes the database with one connection (still down: StoreUnavailable at once; back: a fresh
 pool replaces the broken one; one probe at a time, the calls meanwhile answer StoreUnavailable without waiting
-for it), a read is tried once more, a write is not (the caller may retry it). A write whose connection is
-lost before its COMMIT was sent was rolled back (StoreUnavailable: nothing changed); one lost at COMMIT may
-have landed (OutcomeUnknown, a StoreUnavailable), which the caller must not simply repeat;
+for it). A read whose connection is lost is tried once more, and so is a write whose connection is lost before
+its COMMIT was sent: the database rolled it back, nothing of it landed (a pooled connection the database ended
+meanwhile, by a restart or by idle_in_transaction_session_timeout while this process was paused, costs the
+caller nothing). Lost again, StoreUnavailable: nothing changed, the caller may retry. A write lost at COMMIT may
+have landed (OutcomeUnknown, a StoreUnavailable), which is not tried again and the caller must not simply repeat;
 StoreError("... closed") after close(), StoreError("... read-only") for a write on a read-only store.
 
 Every connection has idle_in_transaction_session_timeout set (IDLE_IN_TRANSACTION; a URL's own `options` may
@@ -38,6 +40,8 @@ from ..errors import OutcomeUnknown, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 RETRIES = 3
+# what a call meets on a connection the database ended or lost: unreachable() tells which of these it was
+_LOST = (psycopg.OperationalError, pg_errors.IdleInTransactionSessionTimeout)
 IDLE_IN_TRANSACTION = 10.0  # seconds a transaction may wait for its client's next statement
 
 
@@ -228,8 +232,8 @@ class Db:
                                     f"retry it once the database is back")
         if unreachable(exc) and at_commit:
             return OutcomeUnknown(f"the database {self.where} became unavailable at the COMMIT of this write: "
-                                  f"{str(exc).strip()}; it may or may not have landed: read the session again "
-                                  f"once the database is back before repeating the call")
+                                  f"{str(exc).strip()}; it may or may not have landed: once the database is back, "
+                                  f"read the session again, and retry the call only if it did not land")
         if unreachable(exc):
             return StoreUnavailable(f"the database {self.where} is unavailable: {str(exc).strip()}; the call "
                                     f"changed nothing; retry it once the database is back")
@@ -277,7 +281,7 @@ class Db:
                 try:
                     with self._pool().connection() as conn:
                         return fn(Tx(conn, self.io, op))
-                except psycopg.OperationalError as exc:
+                except _LOST as exc:
                     if attempt == 2 or not unreachable(exc):
                         raise
                     self._lost(exc)  # a broken pooled connection: the retry probes, then uses a fresh pool
@@ -301,12 +305,13 @@ class Db:
                 self.io.add(op, 1)  # COMMIT or ROLLBACK
 
     def write(self, op: str, fn: Callable[[Tx], T]) -> T:
-        """fn(tx) in one transaction, all or nothing; rerun after a deadlock or serialization failure."""
+        """fn(tx) in one transaction, all or nothing; rerun after a deadlock or serialization failure, and once
+        after its connection was lost before the COMMIT was sent."""
         self.check_writable()
         self._enter()
         committing = [False]
         try:
-            attempt = 1
+            attempt, reconnected = 1, False
             while True:
                 try:
                     return self._transaction(op, fn, committing)
@@ -315,6 +320,11 @@ class Db:
                         raise
                     time.sleep(0.01 * attempt)
                     attempt += 1
+                except _LOST as exc:
+                    if committing[0] or reconnected or not unreachable(exc):
+                        raise  # lost at COMMIT (it may have landed), lost twice, or a statement refused
+                    self._lost(exc)  # rolled back: once more, after a probe, on a fresh pool
+                    reconnected = True
         except (psycopg.Error, PoolTimeout) as exc:
             self._lost(exc)
             raise self._failed(exc, at_commit=committing[0]) from exc
