@@ -26,6 +26,7 @@ from memsvc.store.base import Store
 from memsvc.store.open import claim, describe, open_store
 
 from ..alloc import keep_heap
+from ..threads import single_threaded
 from ..auth import KeyRing, is_loopback
 from ..limits import Limits
 from ..logs import configure_rpc_log
@@ -156,7 +157,9 @@ names (store/open.py: an LMDB directory, or a postgresql:// URL).
     manager.steps.observe = metrics.observe_step
     servicer = MemoryServicer(manager, keys=api_keys if auth_on else None, limits=limits, metrics=metrics)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memsvc"),
+        # the calls' own torch work (loads, forks, commits, sampling) on one thread each: torch's threads are the
+        # model's (the step scheduler's), whose steps would otherwise wait on woken threads (memsvc.threads)
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memsvc", initializer=single_threaded),
         options=[("grpc.max_receive_message_length", min(limits.max_request_bytes + WIRE_SLACK, 2**31 - 1)),
                  ("grpc.max_send_message_length", MAX_SEND_BYTES)],
     )
@@ -213,6 +216,7 @@ def serve(host: str, port: int, *, data_dir: str | Path, model: str | None = Non
     # pass could add 0.2 s; median 1.44 -> 1.30 s over 5 runs in one process). Unfrozen at exit.
     gc.freeze()
     service.start()
+    single_threaded()  # this thread only waits from here on (memsvc.threads)
     m = service.manager.model
     extras = [f"auth {'on' if service.auth else 'off'}", "TLS" if options.get("tls_cert") else "plaintext"]
     if service.metrics_port is not None:
