@@ -24,14 +24,14 @@ log = logging.getLogger("memsvc.threads")
 
 @functools.lru_cache(maxsize=1)
 def _setters() -> tuple:
-    """(omp_set_num_threads, mkl_set_num_threads_local or None) of the libraries this process loaded, or ()."""
+    """(omp_set_num_threads, MKL_Set_Num_Threads_Local or None) of the libraries this process loaded, or ()."""
     paths = {}
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps") as f:  # the files mapped: the very libgomp torch uses, not another copy
             for line in f:
-                path = line.split()[-1] if line.rstrip().endswith(".so") or ".so." in line else ""
+                path = line.split()[-1]
                 for lib in ("libgomp", "libtorch_cpu"):
-                    if lib in path:
+                    if f"/{lib}" in path and ".so" in path:
                         paths.setdefault(lib, path)
     except OSError:
         return ()
