@@ -97,10 +97,10 @@ def _db_cost(before: dict | None, after: dict | None, run_s: float, rec: Recorde
 
 
 def run(cfg: Config, model: str | None = None, store: str = "lmdb", replicas: int = 1,
-        lease_seconds: float = 30.0) -> dict:
+        lease_seconds: float = 30.0, serve_flags: tuple[str, ...] = ()) -> dict:
     """The whole load test; returns the JSON summary."""
     t_start = time.perf_counter()
-    fleet = Fleet.start(store, replicas, cfg.resident_budget, model, lease_seconds)
+    fleet = Fleet.start(store, replicas, cfg.resident_budget, model, lease_seconds, tuple(serve_flags))
     print(f"{len(fleet.servers)} server(s), pid(s) {fleet.pids} on 127.0.0.1 port(s) {fleet.ports} (started in "
           f"{time.perf_counter() - t_start:.1f} s), {fleet.where()}", flush=True)
     setup, rec = Recorder(), Recorder()
@@ -169,6 +169,7 @@ def run(cfg: Config, model: str | None = None, store: str = "lmdb", replicas: in
         "replicas": len(fleet.servers),
         "lease_seconds": lease_seconds if store == "postgresql" else None,
         "config": vars(cfg),
+        "serve_flags": list(serve_flags),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "setup_s": round(setup_s, 1),
         "run_s": round(run_s, 1),
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--replicas servers over one database of it")
     ap.add_argument("--replicas", type=int, default=1, help="servers over the one database (--store postgresql)")
     ap.add_argument("--lease-seconds", type=float, default=30.0, help="each replica's --lease-seconds")
+    ap.add_argument("--serve-flags", default="", help="more `memsvc serve` flags, e.g. '--step-tokens 256'")
     args = ap.parse_args(argv)
     try:
         mix = tuple(float(x) for x in args.mix.split(","))
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     if args.replicas < 1 or (args.store == "lmdb" and args.replicas != 1):
         ap.error("--replicas N > 1 needs --store postgresql (an LMDB data dir has one server)")
-    out = run(cfg, model=args.model, store=args.store, replicas=args.replicas, lease_seconds=args.lease_seconds)
+    out = run(cfg, model=args.model, store=args.store, replicas=args.replicas, lease_seconds=args.lease_seconds,
+              serve_flags=tuple(args.serve_flags.split()))
     ok = not out["errors"] and not out["stuck_clients"] and out["memory"]["within_budget"]
     return 0 if ok else 1
 

@@ -28,8 +28,8 @@ class Server(ServeProcess):
     """`memsvc serve` over `store` (a data dir or a URL) with the load test's budget; stderr goes to log."""
 
     def __init__(self, store: str, log: Path, budget: int, model: str | None, lease_seconds: float | None = None,
-                 start_timeout: float = 600):
-        args = ["--store", store, "--resident-budget", str(budget), "--no-log-rpcs"]
+                 start_timeout: float = 600, flags: tuple[str, ...] = ()):
+        args = ["--store", store, "--resident-budget", str(budget), "--no-log-rpcs", *flags]
         if lease_seconds is not None:
             args += ["--lease-seconds", str(lease_seconds)]
         if model:
@@ -58,7 +58,9 @@ class Fleet:
     codes: list[int | None] = field(default_factory=list)  # exit codes, once stopped
 
     @classmethod
-    def start(cls, store: str, replicas: int, budget: int, model: str | None, lease_seconds: float) -> "Fleet":
+    def start(cls, store: str, replicas: int, budget: int, model: str | None, lease_seconds: float,
+              flags: tuple[str, ...] = ()) -> "Fleet":
+        """flags: more `memsvc serve` flags for every server."""
         if store not in STORES:
             raise ValueError(f"store must be one of {STORES}, got {store!r}")
         if replicas < 1 or (store == "lmdb" and replicas != 1):
@@ -67,13 +69,14 @@ class Fleet:
         fleet = cls(store, Path(tempfile.mkdtemp(prefix="memsvc-load-")))
         try:
             if store == "lmdb":
-                fleet.servers.append(Server(str(fleet.tmp / "data"), fleet.tmp / "server.log", budget, model))
+                fleet.servers.append(Server(str(fleet.tmp / "data"), fleet.tmp / "server.log", budget, model,
+                                            flags=flags))
                 return fleet
             fleet.pg = _pg_server_class().start(fsync=True)
             fleet.url = fleet.pg.create_database("load")
             for k in range(replicas):
                 fleet.servers.append(Server(fleet.url, fleet.tmp / f"replica-{k}.log", budget, model,
-                                            lease_seconds=lease_seconds))
+                                            lease_seconds=lease_seconds, flags=flags))
             return fleet
         except BaseException:
             fleet.stop()
