@@ -26,13 +26,13 @@ from memsvc.store.base import Store
 from memsvc.store.open import claim, describe, open_store
 
 from ..alloc import keep_heap
-from ..threads import single_threaded
 from ..auth import KeyRing, is_loopback
 from ..limits import Limits
 from ..logs import configure_rpc_log
 from ..metrics import Metrics
 from ..model import LoadedModel, load_model
 from ..sessions import SessionManager
+from ..threads import single_threaded
 from .calls import SERVICE_NAME, WIRE_SLACK
 from .servicer import MemoryServicer
 
